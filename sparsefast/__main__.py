@@ -1,0 +1,5 @@
+import sys
+
+from sparsefast.cli import main
+
+sys.exit(main())

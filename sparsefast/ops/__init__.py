@@ -1,0 +1,1 @@
+"""Functional ops with backend dispatch (torch | triton | cuda). Each op `<name>` has its torch twin `<name>_ref`."""

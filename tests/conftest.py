@@ -1,0 +1,61 @@
+"""Shared fixtures: the ../shared data and tiny models, and tiny random models of every supported family."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SPARSEFAST_SHARED", REPO.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"../shared not found at {SHARED} (set SPARSEFAST_SHARED)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def story_llama_dir(shared_dir) -> Path:
+    """A small trained LlamaForCausalLM (2 layers, hidden 128, GQA 8/4 heads, vocab 2048) with its tokenizer."""
+    return shared_dir / "models" / "learninglm-story-llama"
+
+
+TINY_FAMILIES = ("llama", "mistral", "qwen2", "opt", "gpt_neox")
+
+
+def tiny_config(family: str, **overrides):
+    """A tiny random config of `family` (2 layers, hidden 64, GQA where the family has it)."""
+    import transformers as tf
+
+    common = dict(vocab_size=256, num_hidden_layers=2, max_position_embeddings=256)
+    if family == "llama":
+        cfg = tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                             **common)
+    elif family == "mistral":
+        cfg = tf.MistralConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                               **common)
+    elif family == "qwen2":
+        cfg = tf.Qwen2Config(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                             **common)
+    elif family == "opt":
+        cfg = tf.OPTConfig(hidden_size=64, ffn_dim=128, num_attention_heads=4, word_embed_proj_dim=64, **common)
+    elif family == "gpt_neox":
+        cfg = tf.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, **common)
+    else:
+        raise ValueError(family)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def tiny_model(family: str, seed: int = 0, **overrides):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(tiny_config(family, **overrides))
+    return model.eval()
