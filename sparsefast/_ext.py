@@ -37,6 +37,8 @@ def load_extension():
     """The compiled module, or None (CPU machine, not built)."""
     global _ERROR
     try:
+        import torch  # noqa: F401  (loads libc10 and friends before the extension)
+
         from sparsefast import _C  # type: ignore[attr-defined]
 
         return _C
