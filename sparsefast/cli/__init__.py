@@ -12,7 +12,8 @@ SUBCOMMANDS = ("prune", "eval", "bench", "prune_structured", "recover")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparsefast", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="sparsefast", description="Prune LLMs fast (Wanda, SparseGPT, LLM-Pruner) and run them fast.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMANDS:
         importlib.import_module(f"sparsefast.cli.{name}").add_parser(sub)

@@ -1,8 +1,9 @@
 """Backend selection shared by every op (DESIGN.md "Backend dispatch").
 
 `auto` picks, in order: `cuda` (compiled extension loaded, tensors on CUDA, op supports the case) → `triton` (tensors
-on CUDA, or TRITON_INTERPRET=1 with triton importable) → `torch`. A forced backend that cannot run raises a clear
-error. The environment variable SPARSEFAST_BACKEND forces one for tests and benchmarks.
+on CUDA, triton importable) → `torch`. CPU tensors always get the torch twin under `auto`, also when TRITON_INTERPRET=1
+is set (the interpreter is for testing the kernels, which force backend="triton"; it is far too slow to prune with).
+A forced backend that cannot run raises a clear error. The environment variable SPARSEFAST_BACKEND forces one for tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def select_backend(op: str, tensor: torch.Tensor, backend: str | None, *, has: t
 
             if load_extension() is not None:
                 return "cuda"
-        if "triton" in has and triton_available() and (on_cuda or triton_interpret()):
+        if "triton" in has and triton_available() and on_cuda:
             return "triton"
         return "torch"
     if backend not in has:
