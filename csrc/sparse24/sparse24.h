@@ -26,6 +26,7 @@ constexpr int kSp24RowBlock = 16;     // rows per MMA tile (N padding unit)
 constexpr int kSp24KChunk = 64;       // dense columns per metadata block (K padding unit)
 constexpr int kSp24DecodeWarps = 8;   // row blocks per decode CTA (128 rows)
 constexpr int kSp24DecodeMaxM = 32;   // the decode kernel handles M <= 32 tokens
+constexpr int kSp24DecodeAutoMaxM = 8;  // auto picks it up to 8 (GEMM v2 was faster at M = 16, 32 on every H100 shape)
 constexpr int kSp24MetaPad = 0x44444444;  // metadata of an all-padding region: kept positions (0, 1) everywhere
 
 struct Sp24Problem {
@@ -54,8 +55,21 @@ Sp24DecodePlan sp24_decode_plan(int M, int N, int K, int num_sms);
 cudaError_t sp24_decode(const Sp24Problem& p, const Sp24DecodePlan& plan, float* workspace, int* counters,
                         cudaStream_t stream);
 
-// Tiled GEMM (any M): 128x128x64 CTA tiles, 8 warps, 3-stage cp.async pipeline, mma.sp m16n8k32.
+// Tiled GEMM version 1 (any M; kernel id 2, kept for A/B timing): 128x128x64 CTA tiles, 8 warps, 3-stage cp.async
+// pipeline, mma.sp m16n8k32.
 cudaError_t sp24_gemm(const Sp24Problem& p, cudaStream_t stream);
+
+// Tiled GEMM version 2 (kernel id 3; sparse24_gemm2.cu): config 0 = 128 rows x 64 tokens (M <= 128), 1 = 128 rows x
+// 128 tokens (v1's tile); 4 cp.async stages; split-K over gridDim.z when the tiles do not fill the SMs. splits > 1 needs an fp32
+// workspace of splits*M*N floats.
+struct Sp24GemmPlan {
+  int config;
+  int splits;
+  int chunks_per_split;
+};
+
+Sp24GemmPlan sp24_gemm2_plan(int M, int N, int K, int num_sms);
+cudaError_t sp24_gemm2(const Sp24Problem& p, const Sp24GemmPlan& plan, float* workspace, cudaStream_t stream);
 
 // Diagnostic: one warp runs exactly the decode kernel's inner step on one packed 16x64 block (values [2, 256],
 // meta [32]) against B given as x[8, 64] (tokens x k); writes out[8 tokens][16 rows] in fp32.

@@ -113,6 +113,7 @@ __global__ void __launch_bounds__(kThreads) sp24_decode_kernel(const T* __restri
     const int n = i / kRows, row = blockIdx.x * kRows + (i - n * kRows);
     if (row < N) {
       float s = 0.f;
+#pragma unroll 8  // independent loads in flight; the adds stay in split order (deterministic)
       for (int sp = 0; sp < splits; ++sp) s += __ldcg(ws + ((size_t)sp * M + n) * Np + row);
       y[(size_t)n * N + row] = TypeTraits<T>::from_float(s);
     }
@@ -139,9 +140,10 @@ Sp24DecodePlan sp24_decode_plan(int M, int N, int K, int num_sms) {
   const int nt = tokens_per_warp_tiles(M);
   Sp24DecodePlan plan{};
   plan.row_ctas = ceil_div(nrb, kSp24DecodeWarps);
-  // Aim at ~4 CTAs (32 warps) per SM; keep >= 2 chunks per warp (>= 4 when M > 8 so the partial sums stay small
-  // next to the weight bytes) and the staged activations <= 33 KB of shared memory.
-  const int max_cps = 32 / nt, min_cps = std::min(M <= 8 ? 2 : 4, KC);
+  // Aim at ~4 CTAs (32 warps) per SM; keep >= 2 chunks per warp (>= 8 when M > 8: the first GPU run had M = 16 at
+  // 16 splits, whose fp32 partials (splits*M*N*4 bytes, 4 MB on 4096x4096) and serial last-CTA reduction cost more
+  // than the split bought) and the staged activations <= 33 KB of shared memory.
+  const int max_cps = 32 / nt, min_cps = std::min(M <= 8 ? 2 : 8, KC);
   const int want_splits = std::max(1, ceil_div(4 * std::max(num_sms, 1), plan.row_ctas));
   int cps = ceil_div(KC, std::min(want_splits, KC));
   cps = std::min(std::max(cps, min_cps), max_cps);

@@ -36,7 +36,7 @@ from sparsefast.ops._dispatch import select_backend
 ROW_BLOCK = 16
 K_CHUNK = 64
 DECODE_MAX_M = 32
-_KERNELS = {"auto": 0, "decode": 1, "gemm": 2}
+_KERNELS = {"auto": 0, "decode": 1, "gemm_v1": 2, "gemm": 3}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -146,7 +146,8 @@ def sparse24_matmul_ref(x: torch.Tensor, values: torch.Tensor, meta: torch.Tenso
 @torch.library.custom_op("sparsefast::sparse24_matmul", mutates_args=())
 def _sparse24_matmul_op(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, out_features: int,
                         in_features: int, kernel: int) -> torch.Tensor:
-    """CUDA kernels: x [M, in] contiguous fp16/bf16, in % 8 == 0 → y [M, out]. kernel 0 auto, 1 decode, 2 gemm."""
+    """CUDA kernels: x [M, in] contiguous fp16/bf16, in % 8 == 0 → y [M, out].
+    kernel 0 auto, 1 decode, 2 gemm v1 (A/B baseline), 3 gemm v2."""
     from sparsefast._ext import extension_error, load_extension
 
     ext = load_extension()
@@ -173,8 +174,9 @@ def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, o
     """y = x Wᵀ with W packed by `pack_sparse24`.
 
     x: [..., in_features] fp16/bf16 (fp32 on the torch path); returns [..., out_features] in x's dtype.
-    backend: auto | cuda | torch (env SPARSEFAST_BACKEND). kernel (cuda only): auto (decode for M <= 32 tokens,
-    else the tiled GEMM) | decode | gemm.
+    backend: auto | cuda | torch (env SPARSEFAST_BACKEND). kernel (cuda only): auto (the decode kernel for M <= 8
+    tokens, else the tiled GEMM v2) | decode (M <= 32) | gemm (v2: 4 stages, a 64-token tile for M <= 128, split-K)
+    | gemm_v1 (the first GEMM, kept for A/B timing).
     """
     if kernel not in _KERNELS:
         raise ValueError(f"sparse24_matmul: kernel must be one of {', '.join(_KERNELS)}, got {kernel!r}")
