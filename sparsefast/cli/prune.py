@@ -1,0 +1,78 @@
+"""`sparsefast prune MODEL`: unstructured or N:M pruning with magnitude, Wanda or SparseGPT, then an atomic save.
+
+Example (the README's quick start): prune SmolLM2-135M-Instruct with Wanda 2:4 and print WikiText-2 perplexity:
+    sparsefast prune smollm2 --method wanda --pattern 2:4 --nsamples 32 --seqlen 512 --eval wikitext2
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from sparsefast.config import METHODS, make_config
+from sparsefast.device import DTYPE_CHOICES
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("prune", help="prune a model (magnitude | wanda | sparsegpt) and save it",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="HF checkpoint dir, hub id, .gguf file, or 'smollm2' (the embedded default)")
+    p.add_argument("--method", default="wanda", help=f"one of {', '.join(METHODS)} (default wanda)")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="fraction pruned per linear in [0, 1); default 0.5; implied by N:M patterns")
+    p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M, e.g. 2:4, 4:8")
+    p.add_argument("--calib", default="c4", help="calibration text: c4 (default), wikitext2 or a local .txt/.jsonl")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration samples (default 128)")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration sample (default 2048)")
+    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration samples per layer forward (default 8)")
+    p.add_argument("--device", default="auto", help="compute device: auto (default), cpu or cuda")
+    p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
+                   help="model dtype (default auto: the checkpoint's; half types become float32 on CPU)")
+    p.add_argument("--backend", default="auto", help="sparsefast.ops backend: auto, torch, triton, cuda")
+    p.add_argument("--scope", default="layer", choices=("layer", "row"),
+                   help="magnitude only: one threshold per linear (layer, default) or per output row")
+    p.add_argument("--blocksize", type=int, default=128, help="sparsegpt only: OBS block size (default 128)")
+    p.add_argument("--percdamp", type=float, default=0.01, help="sparsegpt only: damping fraction (default 0.01)")
+    p.add_argument("--data-dir", default=None, help="directory with datasets (else $SPARSEFAST_DATA, bundled)")
+    p.add_argument("--out", default=None, help="output directory for the pruned HF checkpoint (omit: no save)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--eval", default="", help="comma list of wikitext2, ptb, c4: perplexity before and after")
+    p.add_argument("--eval-seqlen", type=int, default=None, help="perplexity window (default: --seqlen)")
+    p.add_argument("--json", default=None, help="also write the report to this file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+    return p
+
+
+def config_from_args(args: argparse.Namespace):
+    """The validated PruneConfig subclass for the parsed arguments (method-specific options only where they apply)."""
+    kwargs = dict(sparsity=args.sparsity, pattern=args.pattern, nsamples=args.nsamples, seqlen=args.seqlen,
+                  seed=args.seed, calib=args.calib, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+                  backend=args.backend)
+    if args.method == "magnitude":
+        kwargs["scope"] = args.scope
+    elif args.method == "sparsegpt":
+        kwargs.update(blocksize=args.blocksize, percdamp=args.percdamp)
+    return make_config(args.method, **kwargs)
+
+
+def run(args: argparse.Namespace) -> int:
+    from sparsefast.api import prune_pretrained
+    from sparsefast.checkpoint import check_output_file, write_json
+
+    config = config_from_args(args)
+    if args.no_progress:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    datasets = [d.strip() for d in args.eval.split(",") if d.strip()]
+    if args.out is None and args.json is None and not datasets:
+        raise ValueError("nothing to do with the pruned model: give --out DIR, --eval DATASETS or --json FILE")
+    if args.json is not None:
+        check_output_file(args.json)
+    report = prune_pretrained(args.model, config, out=args.out, overwrite=args.overwrite, data_dir=args.data_dir,
+                              eval_datasets=datasets, eval_seqlen=args.eval_seqlen,
+                              progress=not args.no_progress)
+    if args.json is not None:
+        write_json(args.json, report)
+    return 0

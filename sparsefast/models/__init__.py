@@ -1,0 +1,45 @@
+"""Model loading and per-family adapters (LLaMA 1/2/3, Mistral, Qwen2, OPT, GPT-NeoX).
+
+`load_model(name_or_path)` → (model, tokenizer); `get_adapter(model)` → the `ModelAdapter` that says where the
+decoder layers, embeddings, norm and head are and which linears a pruner may touch.
+"""
+
+from sparsefast.device import resolve_device, resolve_dtype
+from sparsefast.models import gpt_neox, llama, opt  # noqa: F401  (registers the adapters)
+from sparsefast.models.base import (
+    ModelAdapter,
+    check_supported,
+    get_adapter,
+    register_adapter,
+    supported_model_types,
+)
+from sparsefast.models.gpt_neox import GPTNeoXAdapter
+from sparsefast.models.llama import LlamaAdapter
+from sparsefast.models.loading import (
+    SMOLLM2_ALIAS,
+    load_config,
+    load_model,
+    model_context,
+    resolve_model_source,
+    smollm2_gguf_path,
+)
+from sparsefast.models.opt import OPTAdapter
+
+__all__ = [
+    "GPTNeoXAdapter",
+    "LlamaAdapter",
+    "ModelAdapter",
+    "OPTAdapter",
+    "SMOLLM2_ALIAS",
+    "check_supported",
+    "get_adapter",
+    "load_config",
+    "load_model",
+    "model_context",
+    "register_adapter",
+    "resolve_device",
+    "resolve_dtype",
+    "resolve_model_source",
+    "smollm2_gguf_path",
+    "supported_model_types",
+]

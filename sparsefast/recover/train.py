@@ -1,0 +1,210 @@
+"""LoRA recovery of a pruned model (LLM-Pruner's post-training, Ma et al., 2023, arXiv:2305.11627; LoRA: Hu et al.,
+2021, arXiv:2106.09685), merged back into the weights.
+
+Numerics: compute runs in bf16 or fp32, never fp16 -- LLM-Pruner's fp16 autocast overflows to NaN on LLaMA-2
+(horseee/LLM-Pruner#13); bf16 has fp32's exponent range. LoRA adapters and AdamW states stay fp32 (peft upcasts
+adapters of a bf16 base), logits are upcast to fp32 for the loss. A non-finite loss or gradient norm stops the run
+with :class:`NonFiniteLossError` before anything is saved.
+
+Loss: token-level cross-entropy averaged over every label token of an optimizer step (all ``grad_accum``
+micro-batches together), so short and long samples weigh the same per token. Schedule: AdamW (no weight decay),
+linear warm-up over ``warmup_ratio`` of the steps then linear decay to 0, gradient clipping at ``max_grad_norm``.
+
+Sparsity: mask-pruned checkpoints (Wanda, SparseGPT, N:M) have exact zeros that the dense LoRA update ``B @ A``
+would fill. The zero mask of every target linear is recorded before training and re-applied after merging, so the
+saved model keeps exactly the same zeros (2:4 stays 2:4). A dense model's few exact zeros are kept too, which is
+harmless. Training itself sees the unmasked update; the re-applied mask changes only the merged weights.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from sparsefast.recover.data import collate
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss or gradient norm became NaN/inf; nothing was saved."""
+
+
+@dataclass
+class RecoverConfig:
+    """LoRA recovery settings (the ``sparsefast recover`` flags). ``batch_size`` is the micro-batch; an optimizer
+    step sees ``batch_size * grad_accum`` samples."""
+
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    cutoff_len: int = 256
+    epochs: int = 2
+    lr: float = 1e-4
+    batch_size: int = 8
+    grad_accum: int = 4
+    max_samples: int | None = None
+    dtype: str = "fp32"
+    gradient_checkpointing: bool = False
+    warmup_ratio: float = 0.05
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+    def validate(self) -> RecoverConfig:
+        """Raise ValueError naming the first bad field and its valid range."""
+        ints = {"lora_r": self.lora_r, "epochs": self.epochs, "batch_size": self.batch_size,
+                "grad_accum": self.grad_accum, "cutoff_len": self.cutoff_len}
+        for name, value in ints.items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.cutoff_len < 2:
+            raise ValueError(f"cutoff_len must be >= 2, got {self.cutoff_len}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ValueError(f"max_samples must be >= 1 (or None for all), got {self.max_samples}")
+        if not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(COMPUTE_DTYPES)} (fp16 diverges to NaN, see "
+                             f"LLM-Pruner#13), got {self.dtype!r}")
+        if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+            raise ValueError(f"target_modules must be non-empty module names, got {self.target_modules!r}")
+        return self
+
+
+def target_linears(model: nn.Module, target_modules: tuple[str, ...]) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` modules whose name ends with one of ``target_modules`` (peft's matching rule).
+
+    Raises ValueError listing the model's linear layer names when nothing matches.
+    """
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    found = {n: m for n, m in linears.items() if any(n == t or n.endswith("." + t) for t in target_modules)}
+    if not found:
+        kinds = sorted({n.rsplit(".", 1)[-1] for n in linears})
+        raise ValueError(f"no linear layer matches --target-modules {','.join(target_modules)}; this model's linear "
+                         f"layers are named {', '.join(kinds)}")
+    return found
+
+
+def record_zero_masks(model: nn.Module, target_modules: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """``{name: bool mask [out, in]}`` (True where the weight is exactly 0), on CPU, for target linears with zeros."""
+    masks = {}
+    for name, lin in target_linears(model, target_modules).items():
+        zero = lin.weight.detach() == 0
+        if zero.any():
+            masks[name] = zero.cpu()
+    return masks
+
+
+@torch.no_grad()
+def reapply_zero_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> int:
+    """Zero every recorded position again; returns how many weights had become non-zero."""
+    refilled = 0
+    for name, zero in masks.items():
+        weight = model.get_submodule(name).weight
+        zero = zero.to(weight.device)
+        refilled += int((weight[zero] != 0).sum())
+        weight.masked_fill_(zero, 0)
+    return refilled
+
+
+def _step_groups(n: int, cfg: RecoverConfig, gen: torch.Generator) -> list[list[list[int]]]:
+    """Per optimizer step, its micro-batches of sample indices (one shuffled pass per epoch)."""
+    steps = []
+    for _ in range(cfg.epochs):
+        order = torch.randperm(n, generator=gen).tolist()
+        micro = [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
+        steps += [micro[i:i + cfg.grad_accum] for i in range(0, len(micro), cfg.grad_accum)]
+    return steps
+
+
+def lora_recover(model: nn.Module, tokenizer, samples: list[dict], config: RecoverConfig, *,
+                 device: str | torch.device = "cpu", progress: bool = True) -> tuple[nn.Module, dict]:
+    """Train LoRA adapters on ``samples`` (from :func:`tokenize_recovery_data`), merge them and return
+    ``(model, stats)``. ``model`` is modified in place and cast to the compute dtype; the returned model is the same
+    transformers module with merged weights (no peft wrappers), in eval mode.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import get_linear_schedule_with_warmup
+
+    config.validate()
+    if not samples:
+        raise ValueError("no training samples")
+    target_linears(model, config.target_modules)  # fail before any work
+    masks = record_zero_masks(model, config.target_modules)
+    model.to(device=device, dtype=COMPUTE_DTYPES[config.dtype])
+    use_cache = getattr(model.config, "use_cache", None)
+    model.config.use_cache = False
+    if config.gradient_checkpointing:  # non-reentrant: works with frozen embeddings (no input grads needed)
+        if hasattr(model, "activation_checkpointing_enable"):  # the transformers 5 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(config.seed)
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, lora)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    steps = _step_groups(len(samples), config, torch.Generator().manual_seed(config.seed))
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * len(steps)), len(steps))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    peft_model.train()
+    losses, n_tokens_total, t0 = [], 0, time.perf_counter()
+    bar = tqdm(steps, desc="lora recover", unit="step", disable=not progress)
+    for step, group in enumerate(bar):
+        batches = [collate([samples[i] for i in micro], pad_id) for micro in group]
+        n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        step_loss = 0.0
+        for b in batches:
+            logits = peft_model(input_ids=b["input_ids"].to(device),
+                                attention_mask=b["attention_mask"].to(device)).logits
+            labels = b["labels"][:, 1:].to(logits.device)
+            loss_sum = nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                                   labels.reshape(-1), ignore_index=-100, reduction="sum")
+            if not torch.isfinite(loss_sum):
+                raise NonFiniteLossError(
+                    f"loss became {loss_sum.item()} at optimizer step {step + 1}/{len(steps)} "
+                    f"(dtype {config.dtype}, lr {config.lr}); training stopped and nothing was saved. "
+                    + ("Use --dtype fp32 or a lower --lr" if config.dtype != "fp32" else "Lower --lr")
+                    + ", and check the input model for NaN/inf weights")
+            (loss_sum / max(n_tokens, 1)).backward()
+            step_loss += loss_sum.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        if not torch.isfinite(grad_norm):
+            raise NonFiniteLossError(f"gradient norm became {grad_norm.item()} at optimizer step {step + 1}/"
+                                     f"{len(steps)}; training stopped and nothing was saved. Lower --lr")
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(step_loss / max(n_tokens, 1))
+        n_tokens_total += n_tokens
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+    seconds = time.perf_counter() - t0
+    model = peft_model.merge_and_unload()
+    refilled = reapply_zero_masks(model, masks)
+    if config.gradient_checkpointing:
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+    model.config.use_cache = use_cache
+    model.eval()
+    seen = len(samples) * config.epochs
+    stats = {
+        "config": {**asdict(config), "target_modules": list(config.target_modules)},
+        "samples": len(samples), "optimizer_steps": len(steps), "label_tokens": n_tokens_total,
+        "seconds": seconds, "samples_per_s": seen / seconds if seconds > 0 else float("inf"),
+        "first_loss": losses[0], "last_loss": losses[-1], "losses": losses,
+        "masked_linears": len(masks), "masked_weights_refilled_then_zeroed": refilled,
+    }
+    return model, stats
