@@ -114,17 +114,18 @@ def prune(model: nn.Module, config: PruneConfig, calib: torch.Tensor | None = No
 
 
 def evaluate(model: nn.Module, tokenizer: Any, datasets: Sequence[str], *, seqlen: int, protocol: str = "gptq",
-             data_dir: str | None = None, device: str = "cpu") -> dict:
-    """Perplexity on `datasets` (wikitext2, ptb, c4) per sparsefast.eval.perplexity."""
+             data_dir: str | None = None, device: str = "cpu", max_windows: int | None = None) -> dict:
+    """Perplexity on `datasets` (wikitext2, ptb, c4) per sparsefast.eval.perplexity (first `max_windows` windows
+    only, if given)."""
     from sparsefast.eval.perplexity import evaluate_perplexity
 
     return evaluate_perplexity(model, tokenizer, list(datasets), seqlen=seqlen, protocol=protocol,
-                               data_dir=data_dir, device=str(compute_device(device)))
+                               data_dir=data_dir, device=str(compute_device(device)), max_windows=max_windows)
 
 
 def prune_pretrained(model_name: str, config: PruneConfig, *, out: str | None = None, overwrite: bool = False,
                      data_dir: str | None = None, eval_datasets: Sequence[str] = (), eval_seqlen: int | None = None,
-                     progress: bool = True, log=print) -> dict[str, Any]:
+                     eval_windows: int | None = None, progress: bool = True, log=print) -> dict[str, Any]:
     """Load `model_name` (HF dir, hub id, .gguf or a registered name), prune it, optionally evaluate perplexity
     before and after, and save it atomically to `out`. Every bad input raises before any file is written."""
     from sparsefast.checkpoint import check_output_dir, save_checkpoint
@@ -137,6 +138,8 @@ def prune_pretrained(model_name: str, config: PruneConfig, *, out: str | None = 
         check_output_dir(out, overwrite)
     for name in eval_datasets:
         check_eval_request(name)
+    if eval_windows is not None and eval_windows < 1:
+        raise ValueError(f"--eval-windows must be >= 1, got {eval_windows}")
     if eval_seqlen is not None and eval_seqlen < 1:
         raise ValueError(f"--eval-seqlen must be >= 1, got {eval_seqlen}")
     load_config(model_name)  # missing path / unsupported architecture, before loading any weights
@@ -150,7 +153,8 @@ def prune_pretrained(model_name: str, config: PruneConfig, *, out: str | None = 
         check_calib(model, adapter, calib)
     before = None
     if eval_datasets:
-        before = evaluate(model, tokenizer, eval_datasets, seqlen=ev_seqlen, data_dir=data_dir, device=config.device)
+        before = evaluate(model, tokenizer, eval_datasets, seqlen=ev_seqlen, data_dir=data_dir, device=config.device,
+                          max_windows=eval_windows)
         log(f"perplexity before pruning: {_fmt_ppl(before)}")
     report = prune(model, config, calib, progress=progress)
     report["model"] = model_name
@@ -158,9 +162,11 @@ def prune_pretrained(model_name: str, config: PruneConfig, *, out: str | None = 
         f"{report['timings']['total_s']:.1f} s (calibration forward {report['timings']['calib_forward_s']:.1f} s, "
         f"metric+mask {report['timings']['metric_mask_s']:.1f} s)")
     if eval_datasets:
-        after = evaluate(model, tokenizer, eval_datasets, seqlen=ev_seqlen, data_dir=data_dir, device=config.device)
+        after = evaluate(model, tokenizer, eval_datasets, seqlen=ev_seqlen, data_dir=data_dir, device=config.device,
+                          max_windows=eval_windows)
         log(f"perplexity after pruning:  {_fmt_ppl(after)}")
-        report["eval"] = {"seqlen": ev_seqlen, "protocol": "gptq", "before": before, "after": after}
+        report["eval"] = {"seqlen": ev_seqlen, "protocol": "gptq", "max_windows": eval_windows, "before": before,
+                          "after": after}
     if out is not None:
         path = save_checkpoint(model, tokenizer, out, report, overwrite=overwrite)
         log(f"saved {path}")

@@ -54,7 +54,7 @@ def save_checkpoint(model: nn.Module, tokenizer: Any, out: str | os.PathLike, re
             tokenizer.save_pretrained(tmp)
         if report is not None:
             (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str))
-        _replace_dir(tmp, path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -85,7 +85,7 @@ def _dequantized_view(model: nn.Module):
             config.quantization_config = qc
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
+def replace_dir(src: Path, dst: Path) -> None:
     """Rename src to dst; an existing dst is moved aside first and removed only after the rename succeeded."""
     if not dst.exists():
         os.replace(src, dst)

@@ -189,3 +189,10 @@ def make_config(method: str, **kwargs) -> PruneConfig:
     cfg = CONFIGS[method](**kwargs)
     cfg.validate()
     return cfg
+
+
+# LLM-Pruner's configuration lives beside its pruner; re-exported so every config is importable from here.
+from sparsefast.prune.structural.config import StructuralConfig  # noqa: E402
+
+__all__ = ["Pattern", "parse_pattern", "PruneConfig", "MagnitudeConfig", "WandaConfig", "SparseGPTConfig",
+           "StructuralConfig", "make_config"]

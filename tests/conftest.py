@@ -29,28 +29,23 @@ TINY_FAMILIES = ("llama", "mistral", "qwen2", "opt", "gpt_neox")
 
 
 def tiny_config(family: str, **overrides):
-    """A tiny random config of `family` (2 layers, hidden 64, GQA where the family has it)."""
+    """A tiny random config of `family` (2 layers, hidden 64, GQA where the family has it). Overrides go to the
+    config's constructor, so derived fields (e.g. Qwen2's per-layer `layer_types`) follow them."""
     import transformers as tf
 
     common = dict(vocab_size=256, num_hidden_layers=2, max_position_embeddings=256)
-    if family == "llama":
-        cfg = tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                             **common)
-    elif family == "mistral":
-        cfg = tf.MistralConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                               **common)
-    elif family == "qwen2":
-        cfg = tf.Qwen2Config(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                             **common)
-    elif family == "opt":
-        cfg = tf.OPTConfig(hidden_size=64, ffn_dim=128, num_attention_heads=4, word_embed_proj_dim=64, **common)
-    elif family == "gpt_neox":
-        cfg = tf.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, **common)
-    else:
-        raise ValueError(family)
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    return cfg
+    gqa = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+    families = {
+        "llama": (tf.LlamaConfig, gqa),
+        "mistral": (tf.MistralConfig, gqa),
+        "qwen2": (tf.Qwen2Config, gqa),
+        "opt": (tf.OPTConfig, dict(hidden_size=64, ffn_dim=128, num_attention_heads=4, word_embed_proj_dim=64)),
+        "gpt_neox": (tf.GPTNeoXConfig, dict(hidden_size=64, intermediate_size=128, num_attention_heads=4)),
+    }
+    if family not in families:
+        raise ValueError(f"unknown family {family!r}; choose from {', '.join(families)}")
+    cls, shape = families[family]
+    return cls(**{**common, **shape, **overrides})
 
 
 def tiny_model(family: str, seed: int = 0, **overrides):

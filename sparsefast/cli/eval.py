@@ -28,6 +28,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--protocol", default="gptq", choices=tuple(PROTOCOL_SEQLEN),
                    help="text preparation: gptq (SparseGPT/Wanda, default) or llm-pruner")
     p.add_argument("--batch-size", type=int, default=1, help="perplexity windows per forward pass (default 1)")
+    p.add_argument("--max-windows", type=int, default=None,
+                   help="perplexity: only the first N windows (quick estimate; default: the full test set)")
     p.add_argument("--data-dir", default=None, help="directory with datasets (else $SPARSEFAST_DATA, bundled)")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="compute device (default auto)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
@@ -120,11 +122,12 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         ppl = evaluate_perplexity(model, tokenizer, datasets, seqlen=seqlen, protocol=args.protocol,
                                   data_dir=args.data_dir, device=device, batch_size=args.batch_size,
-                                  progress=not args.no_progress)
-        result["perplexity"] = {"protocol": args.protocol, "seqlen": seqlen, **ppl}
+                                  progress=not args.no_progress, max_windows=args.max_windows)
+        result["perplexity"] = {"protocol": args.protocol, "seqlen": seqlen, "max_windows": args.max_windows, **ppl}
         result["timings_s"]["perplexity"] = round(time.perf_counter() - t0, 3)
         for name, value in ppl.items():
-            print(f"{name:>10s}  ppl {value:10.4f}  (protocol {args.protocol}, seqlen {seqlen})")
+            limit = f", first {args.max_windows} windows" if args.max_windows else ""
+            print(f"{name:>10s}  ppl {value:10.4f}  (protocol {args.protocol}, seqlen {seqlen}{limit})")
     if tasks:
         from sparsefast.eval.zeroshot import evaluate_zeroshot
 

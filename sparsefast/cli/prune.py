@@ -38,6 +38,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--eval", default="", help="comma list of wikitext2, ptb, c4: perplexity before and after")
     p.add_argument("--eval-seqlen", type=int, default=None, help="perplexity window (default: --seqlen)")
+    p.add_argument("--eval-windows", type=int, default=None,
+                   help="evaluate only the first N perplexity windows (quick estimate; default: the full test set)")
     p.add_argument("--json", default=None, help="also write the report to this file")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -71,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json is not None:
         check_output_file(args.json)
     report = prune_pretrained(args.model, config, out=args.out, overwrite=args.overwrite, data_dir=args.data_dir,
-                              eval_datasets=datasets, eval_seqlen=args.eval_seqlen,
+                              eval_datasets=datasets, eval_seqlen=args.eval_seqlen, eval_windows=args.eval_windows,
                               progress=not args.no_progress)
     if args.json is not None:
         write_json(args.json, report)

@@ -42,6 +42,7 @@ def perplexity(
     batch_size: int = 1,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    max_windows: int | None = None,
 ) -> float:
     """Perplexity of `model` on `tokens` (LongTensor [1, T]) with non-overlapping windows of `seqlen`.
 
@@ -53,6 +54,8 @@ def perplexity(
         batch_size: windows per forward pass (the result does not depend on it beyond float rounding).
         device: where to run ("cpu", "cuda", "auto", ...).
         progress: show a tqdm bar over windows.
+        max_windows: evaluate only the first N windows (a quick estimate on slow hardware; None = all). Results
+            with a limit are not comparable to published full-test-set numbers: report the limit with them.
 
     Returns exp(mean NLL) as a Python float (inf if the mean NLL overflows exp, nan if the model produced nan).
     Raises ValueError for bad shapes or seqlen before any forward pass.
@@ -65,6 +68,8 @@ def perplexity(
         raise ValueError(f"tokens must be a LongTensor of token ids, got {tokens.dtype}")
     if int(seqlen) != seqlen or seqlen < 2:
         raise ValueError(f"seqlen must be an integer ≥ 2 (one prediction needs two tokens), got {seqlen!r}")
+    if max_windows is not None and (int(max_windows) != max_windows or max_windows < 1):
+        raise ValueError(f"max_windows must be an integer ≥ 1 (or None for all), got {max_windows!r}")
     if int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be an integer ≥ 1, got {batch_size!r}")
     context = model_context(model)
@@ -81,7 +86,7 @@ def perplexity(
     model.eval()
     if next(model.parameters()).device != dev:
         model.to(dev)
-    n_windows = total // seqlen
+    n_windows = total // seqlen if max_windows is None else min(total // seqlen, max_windows)
     windows = tokens[0, : n_windows * seqlen].view(n_windows, seqlen)
     nll_sum = torch.zeros((), dtype=torch.float64)
     bar = tqdm(total=n_windows, desc=f"ppl seqlen={seqlen}", unit="win", disable=not progress, leave=False)
@@ -105,6 +110,7 @@ def evaluate_perplexity(
     device: str | torch.device = "cpu",
     batch_size: int = 1,
     progress: bool = True,
+    max_windows: int | None = None,
 ) -> dict[str, float]:
     """Perplexity on each of `datasets` ("wikitext2", "ptb", "c4") under `protocol` ("gptq" or "llm-pruner") →
     {name: ppl}. Every name, the protocol and every data file are checked before the first evaluation, so a typo
@@ -119,7 +125,8 @@ def evaluate_perplexity(
     results: dict[str, float] = {}
     for name in datasets:
         tokens = get_eval_tokens(name, tokenizer, protocol, data_dir, seqlen=seqlen)
-        results[name] = perplexity(model, tokens, seqlen, batch_size=batch_size, device=device, progress=progress)
+        results[name] = perplexity(model, tokens, seqlen, batch_size=batch_size, device=device, progress=progress,
+                                   max_windows=max_windows)
     return results
 
 

@@ -3,7 +3,8 @@
 `auto` picks, in order: `cuda` (compiled extension loaded, tensors on CUDA, op supports the case) → `triton` (tensors
 on CUDA, triton importable) → `torch`. CPU tensors always get the torch twin under `auto`, also when TRITON_INTERPRET=1
 is set (the interpreter is for testing the kernels, which force backend="triton"; it is far too slow to prune with).
-A forced backend that cannot run raises a clear error. The environment variable SPARSEFAST_BACKEND forces one for tests and benchmarks.
+A forced backend that cannot run raises a clear error. The environment variable SPARSEFAST_BACKEND forces one for
+tests and benchmarks.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsefast.checkpoint import REPORT_NAME, _replace_dir, check_output_dir
+from sparsefast.checkpoint import REPORT_NAME, check_output_dir, replace_dir
 from sparsefast.prune.structural.slicing import HEAD_ATTRS, MLP_ATTRS, replace_parameter, sync_module_shapes
 from sparsefast.prune.structural.trace import is_norm_module
 
@@ -98,7 +98,7 @@ def save_structural(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=N
         (tmp / STRUCTURE_FILE).write_text(json.dumps(structure, indent=1))
         if report is not None:
             (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1, default=str))
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -17,7 +17,7 @@ IDS = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(3))
     ("llama", StructuralConfig(ratio=0.5, importance="l2", layers="0-1"), {}),
     ("llama", StructuralConfig(ratio=0.25, importance="l2", strategy="channel"), {"tie_word_embeddings": True}),
     ("qwen2", StructuralConfig(ratio=0.5, importance="random", layers="0-2", strategy="layer"),
-     {"num_hidden_layers": 3, "layer_types": ["full_attention"] * 3}),
+     {"num_hidden_layers": 3}),
     ("opt", StructuralConfig(ratio=0.5, importance="random", layers="1-1"), {}),
     ("gpt_neox", StructuralConfig(ratio=0.25, importance="l2", layers="0-1", gqa="kv_groups"), {}),
 ])
