@@ -200,7 +200,7 @@ void register_sparse24(pybind11::module_& m) {
 std::vector<at::Tensor> structured_gather(const std::vector<at::Tensor>& mats, const std::vector<int64_t>& dims,
                                           const std::vector<at::Tensor>& indices) {
   const char* op = "structured_gather";
-  TORCH_CHECK(mats.size() == dims.size() && mats.size() == indices.size(), op,
+  SF_CHECK_ARG(mats.size() == dims.size() && mats.size() == indices.size(), op,
               ": mats, dims and indices must have the same length");
   std::vector<at::Tensor> outs;
   std::vector<sparsefast::GatherDesc> descs;
@@ -209,15 +209,15 @@ std::vector<at::Tensor> structured_gather(const std::vector<at::Tensor>& mats, c
   for (size_t i = 0; i < mats.size(); ++i) {
     const at::Tensor& m = mats[i];
     const at::Tensor& idx = indices[i];
-    TORCH_CHECK(m.is_cuda() && idx.is_cuda() && m.device() == mats[0].device() && idx.device() == m.device(), op,
+    SF_CHECK_ARG(m.is_cuda() && idx.is_cuda() && m.device() == mats[0].device() && idx.device() == m.device(), op,
                 ": matrix ", i, " and its index must be CUDA tensors on one device");
-    TORCH_CHECK(m.dim() == 1 || m.dim() == 2, op, ": matrix ", i, " must be 1-D or 2-D, got ", m.sizes());
-    TORCH_CHECK(m.is_contiguous() && idx.is_contiguous(), op, ": matrix ", i, " and its index must be contiguous");
-    TORCH_CHECK(idx.scalar_type() == at::kLong && idx.dim() == 1, op, ": index ", i, " must be 1-D int64");
+    SF_CHECK_ARG(m.dim() == 1 || m.dim() == 2, op, ": matrix ", i, " must be 1-D or 2-D, got ", sizes_str(m));
+    SF_CHECK_ARG(m.is_contiguous() && idx.is_contiguous(), op, ": matrix ", i, " and its index must be contiguous");
+    SF_CHECK_ARG(idx.scalar_type() == at::kLong && idx.dim() == 1, op, ": index ", i, " must be 1-D int64");
     const int64_t d = dims[i] < 0 ? dims[i] + m.dim() : dims[i];
-    TORCH_CHECK(d >= 0 && d < m.dim(), op, ": dim ", dims[i], " out of range for matrix ", i);
+    SF_CHECK_ARG(d >= 0 && d < m.dim(), op, ": dim ", dims[i], " out of range for matrix ", i);
     const int64_t eb = m.element_size();
-    TORCH_CHECK(eb == 1 || eb == 2 || eb == 4 || eb == 8, op, ": unsupported element size ", eb);
+    SF_CHECK_ARG(eb == 1 || eb == 2 || eb == 4 || eb == 8, op, ": unsupported element size ", eb);
     std::vector<int64_t> shape(m.sizes().begin(), m.sizes().end());
     shape[d] = idx.numel();
     outs.push_back(at::empty(shape, m.options()));

@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model
 
 from sparsefast.eval.perplexity import perplexity, window_nll
+from tests.conftest import tiny_model
 
 
 def test_max_windows_equals_hand_computation_on_prefix():
