@@ -22,9 +22,10 @@ def compute_device(name: str) -> torch.device:
     return resolve_device(name)
 
 
-def check_prunable(model: nn.Module, config: PruneConfig) -> Any:
+def check_prunable(model: nn.Module, config: PruneConfig, *, check_seqlen: bool = True) -> Any:
     """Every model-dependent check of `config`, before any work: supported architecture, the pattern against every
-    prunable linear, seqlen against the model's context. Returns the model's adapter."""
+    prunable linear, config.seqlen against the model's context (skipped with check_seqlen=False when the caller
+    brings its own calibration ids, whose shape check_calib checks). Returns the model's adapter."""
     from sparsefast.models import get_adapter
 
     config.validate()
@@ -33,7 +34,7 @@ def check_prunable(model: nn.Module, config: PruneConfig) -> Any:
                for n, lin in adapter.prunable_linears(layer).items()}
     config.check_linears(linears)
     max_ctx = adapter.max_context(model)
-    if config.needs_calibration and max_ctx is not None and config.seqlen > max_ctx:
+    if check_seqlen and config.needs_calibration and max_ctx is not None and config.seqlen > max_ctx:
         raise ValueError(f"seqlen {config.seqlen} exceeds the model's context of {max_ctx} tokens; "
                          f"use --seqlen {max_ctx} or less")
     return adapter
@@ -71,7 +72,7 @@ def prune(model: nn.Module, config: PruneConfig, calib: torch.Tensor | None = No
     overall, calibration settings, timings {calib_forward_s, stats_s, metric_mask_s, total_s, per_layer}, damping
     notes (SparseGPT), device, versions.
     """
-    adapter = check_prunable(model, config)
+    adapter = check_prunable(model, config, check_seqlen=False)
     if config.needs_calibration:
         if calib is None:
             raise ValueError(f"{config.method} needs calibration ids: a LongTensor [nsamples, seqlen]")

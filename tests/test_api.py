@@ -106,6 +106,14 @@ class Unsupported(torch.nn.Module):
         model_type = "bert"
 
 
+def test_given_calib_shape_wins_over_config_seqlen():
+    """The API idiom prune(model, WandaConfig(), calib): the default config.seqlen (2048) must not be checked
+    against the model's context when the caller's ids are shorter."""
+    model = tiny_model("llama")
+    report = api.prune(model, WandaConfig(pattern="2:4"), ids(2, 16), progress=False)
+    assert report["calibration"]["seqlen"] == 16
+
+
 @pytest.mark.parametrize("case,msg", [
     ("sparsity", r"sparsity must be a number in \[0, 1\)"),
     ("nm_order", "0 < N < M"),
@@ -151,7 +159,10 @@ def test_bad_inputs_before_any_work(case, msg):
     elif case == "cuda":
         cfg.device = "cuda"
     with pytest.raises(ValueError, match=msg):
-        api.prune(model, cfg, calib, progress=False)
+        if case == "seqlen":  # config.seqlen is what prune_pretrained samples; prune() checks the ids it is given
+            api.check_prunable(model, cfg)
+        else:
+            api.prune(model, cfg, calib, progress=False)
     if case != "arch":
         after = params(model)
         assert all(torch.equal(before[n], after[n]) for n in before)
