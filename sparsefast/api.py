@@ -115,13 +115,15 @@ def prune(model: nn.Module, config: PruneConfig, calib: torch.Tensor | None = No
 
 
 def evaluate(model: nn.Module, tokenizer: Any, datasets: Sequence[str], *, seqlen: int, protocol: str = "gptq",
-             data_dir: str | None = None, device: str = "cpu", max_windows: int | None = None) -> dict:
+             data_dir: str | None = None, device: str = "cpu", max_windows: int | None = None,
+             progress: bool = True) -> dict:
     """Perplexity on `datasets` (wikitext2, ptb, c4) per sparsefast.eval.perplexity (first `max_windows` windows
     only, if given)."""
     from sparsefast.eval.perplexity import evaluate_perplexity
 
     return evaluate_perplexity(model, tokenizer, list(datasets), seqlen=seqlen, protocol=protocol,
-                               data_dir=data_dir, device=str(compute_device(device)), max_windows=max_windows)
+                               data_dir=data_dir, device=str(compute_device(device)), max_windows=max_windows,
+                               progress=progress)
 
 
 def prune_pretrained(model_name: str, config: PruneConfig, *, out: str | None = None, overwrite: bool = False,
@@ -155,7 +157,7 @@ def prune_pretrained(model_name: str, config: PruneConfig, *, out: str | None = 
     before = None
     if eval_datasets:
         before = evaluate(model, tokenizer, eval_datasets, seqlen=ev_seqlen, data_dir=data_dir, device=config.device,
-                          max_windows=eval_windows)
+                          max_windows=eval_windows, progress=progress)
         log(f"perplexity before pruning: {_fmt_ppl(before)}")
     report = prune(model, config, calib, progress=progress)
     report["model"] = model_name
@@ -164,7 +166,7 @@ def prune_pretrained(model_name: str, config: PruneConfig, *, out: str | None = 
         f"metric+mask {report['timings']['metric_mask_s']:.1f} s)")
     if eval_datasets:
         after = evaluate(model, tokenizer, eval_datasets, seqlen=ev_seqlen, data_dir=data_dir, device=config.device,
-                          max_windows=eval_windows)
+                          max_windows=eval_windows, progress=progress)
         log(f"perplexity after pruning:  {_fmt_ppl(after)}")
         report["eval"] = {"seqlen": ev_seqlen, "protocol": "gptq", "max_windows": eval_windows, "before": before,
                           "after": after}
