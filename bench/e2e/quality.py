@@ -7,7 +7,8 @@ Prune times split into calibration forward (incl. statistics hooks) and metric+m
 
     python bench/e2e/quality.py                    # writes bench/results/<date>-cpu-smollm2-quality.json
 
-The JSON is rewritten after every run, so an interrupted benchmark keeps what it measured.
+The JSON is rewritten after every run, so an interrupted benchmark keeps what it measured; `--resume` continues it
+(runs already in --out with the same calibration and evaluation settings are kept, not repeated).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default=None)
+    p.add_argument("--resume", action="store_true", help="keep the runs already measured in --out")
     args = p.parse_args(argv)
     date = datetime.date.today().isoformat()
     device_tag = "cpu" if args.device == "cpu" else "gpu"
@@ -83,6 +85,17 @@ def main(argv: list[str] | None = None) -> int:
         "calibration": {"source": "c4", "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 0},
         "eval": {"dataset": "wikitext2", "protocol": "gptq", "seqlen": args.eval_seqlen}, "runs": [],
     }
+    if args.resume and out.exists():
+        import json
+
+        previous = json.loads(out.read_text())
+        for key in ("model", "calibration", "eval"):
+            if previous[key] != result[key]:
+                p.error(f"--resume: {out} has {key}={previous[key]!r}, this run has {result[key]!r}; "
+                        f"use another --out or the same settings")
+        result["runs"] = previous["runs"]
+        result["resumed_from_commits"] = [*previous.get("resumed_from_commits", []), previous.get("git_commit")]
+    done = {(r["method"], r["pattern"]) for r in result["runs"]}
 
     def ppl() -> tuple[float, float]:
         t = time.perf_counter()
@@ -90,13 +103,16 @@ def main(argv: list[str] | None = None) -> int:
                          device=args.device)["wikitext2"]
         return float(value), time.perf_counter() - t
 
-    dense_ppl, eval_s = ppl()
-    result["runs"].append({"method": "dense", "pattern": "-", "sparsity": 0.0, "wikitext2_ppl": dense_ppl,
-                           "eval_s": eval_s})
-    print(f"dense: wikitext2 ppl {dense_ppl:.3f} (eval {eval_s:.0f} s)", flush=True)
-    write_json(out, result)
-    for method in args.methods.split(","):
-        for pattern in args.patterns.split(","):
+    if ("dense", "-") not in done:
+        dense_ppl, eval_s = ppl()
+        result["runs"].append({"method": "dense", "pattern": "-", "sparsity": 0.0, "wikitext2_ppl": dense_ppl,
+                               "eval_s": eval_s})
+        print(f"dense: wikitext2 ppl {dense_ppl:.3f} (eval {eval_s:.0f} s)", flush=True)
+        write_json(out, result)
+    for pattern in args.patterns.split(","):
+        for method in args.methods.split(","):
+            if (method, pattern) in done:
+                continue
             model.load_state_dict(dense_state)
             cfg = make_config(method, pattern=pattern, sparsity=args.sparsity if pattern == "unstructured" else None,
                               nsamples=args.nsamples, seqlen=args.seqlen, device=args.device)
