@@ -15,37 +15,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 REPO = Path(__file__).resolve().parents[2]
-
-
-def cpu_info() -> dict:
-    info = {"processor": platform.processor(), "nproc": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("Model name", "CPU(s)", "Thread(s) per core", "Architecture"):
-                info[key.strip()] = value.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return info
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
+sys.path.insert(0, str(REPO))
+from bench.micro.common import cpu_info, git_commit  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

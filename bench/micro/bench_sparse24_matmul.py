@@ -25,41 +25,23 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
-import os
 import platform
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "bench"))
-from shapes import all_shapes  # noqa: E402
+sys.path.insert(0, str(ROOT))
+from bench.micro.common import git_commit  # noqa: E402
+from bench.shapes import all_shapes  # noqa: E402
+from sparsefast.checkpoint import write_json  # noqa: E402
 
 M_LIST = [1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 4096]
 BACKENDS = ("dense", "semi_structured", "cuda")
 WARMUP_MS, REP_MS = 5, 25
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        return "unknown"
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
 
 
 def _time(fn, graph: bool) -> float:
@@ -238,10 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     tag = dev.replace(" ", "_").replace("/", "_")
     meta = {"device": dev, "capability": list(torch.cuda.get_device_capability(0)), "torch": torch.__version__,
             "cuda": torch.version.cuda, "triton": triton.__version__, "python": platform.python_version(),
-            "commit": _commit(),
+            "commit": git_commit(),
             "timing": f"triton.testing.do_bench median, L2 flushed, warmup {WARMUP_MS} ms, rep {REP_MS} ms; "
                       "ms = CUDA-graph replay of one call (device time), ms_eager = eager call; 0.5 s GPU warm-up"}
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     results_path = out / f"{stamp}-{tag}-sparse24_matmul.json"
     t_start = time.perf_counter()
     _warm_up_gpu()
@@ -258,15 +241,15 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # one shape failing must not lose the others
                 print(f"{model}-{name} {dtype}: {type(exc).__name__}: {exc}", file=sys.stderr)
         torch.cuda.empty_cache()
-        _write_json(results_path, {**meta, "partial": True, "results": results})  # survives a kill
+        write_json(results_path, {**meta, "partial": True, "results": results})  # survives a kill
     if skipped:
         print(f"budget {args.budget_s:.0f} s reached; skipped {skipped}", file=sys.stderr)
     meta["skipped_shapes"] = skipped
     fp16 = [r for r in results if r["dtype"] == "float16"]
-    _write_json(results_path, {**meta, "results": results})
+    write_json(results_path, {**meta, "results": results})
     if fp16 and not skipped:
         table = {"rows": dispatch_rows(fp16, ms), "source": "bench_sparse24_matmul.py (eager timings)", **meta}
-        _write_json(out / f"{stamp}-{tag}-sparse24_dispatch.json", table)
+        write_json(out / f"{stamp}-{tag}-sparse24_dispatch.json", table)
         print("dispatch table:", table["rows"])
     else:
         print("dispatch table not written: the run did not cover every shape", file=sys.stderr)

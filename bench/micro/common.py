@@ -8,17 +8,17 @@ Results land in bench/results/<date>-<device>-<what>.json (and in $OUT when set,
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import platform
 import re
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from sparsefast.checkpoint import write_json
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS_DIR = REPO / "bench" / "results"
@@ -88,6 +88,21 @@ def git_commit() -> str:
     return (out.stdout.strip() or "no-commit") + ("-dirty" if dirty else "")
 
 
+def cpu_info() -> dict[str, Any]:
+    """The CPU a CPU measurement ran on (lscpu's model name and counts) and torch's thread count."""
+    info: dict[str, Any] = {"processor": platform.processor(), "nproc": os.cpu_count(),
+                            "torch_threads": torch.get_num_threads()}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return info
+    for line in out.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("Model name", "CPU(s)", "Thread(s) per core", "Architecture"):
+            info[key.strip()] = value.strip()
+    return info
+
+
 def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
@@ -122,9 +137,5 @@ def write_result(what: str, payload: dict[str, Any], out_dir: Path | None = None
     paths = []
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, default=str)
-        os.replace(tmp, d / name)
-        paths.append(d / name)
+        paths.append(write_json(d / name, data))
     return paths

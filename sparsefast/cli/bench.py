@@ -15,9 +15,6 @@ Example (GPU): sparsefast bench prune llama-7b-random --layers 4 --json out.json
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
 import time
 from typing import Any
 
@@ -149,19 +146,13 @@ def run_prune_bench(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def write_json(path: str, data: dict[str, Any]) -> None:
-    """Atomic JSON write (temp file in the target directory + os.replace)."""
-    target = os.path.abspath(path)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, default=str)
-    os.replace(tmp, target)
-
-
 def run(args: argparse.Namespace) -> int:
     if args.bench_command != "prune":
         raise ValueError(f"unknown benchmark {args.bench_command!r}; available: prune")
+    from sparsefast.checkpoint import check_output_file, write_json
+
+    if args.json:
+        check_output_file(args.json)  # a bad --json path fails before the benchmark, not after it
     result = run_prune_bench(args)
     if "ratios" in result:
         print(f"ratios vs {result['ratios_vs']} (metric+mask, total): " + ", ".join(

@@ -14,11 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.shapes import all_shapes
 from sparsefast._ext import load_extension
 from sparsefast.ops.sparse24 import DECODE_MAX_M, pack_sparse24, sparse24_matmul, to_sparse24_by_magnitude
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from shapes import all_shapes  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.cuda_ext,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -200,6 +198,7 @@ def test_opcheck(ext, kernel):
 
 _BAD_INPUTS_SCRIPT = """
 import torch
+from bench.shapes import all_shapes
 from sparsefast._ext import load_extension
 from sparsefast.ops.sparse24 import pack_sparse24, to_sparse24_by_magnitude
 ext = load_extension()

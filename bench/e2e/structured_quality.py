@@ -1,0 +1,162 @@
+"""LLM-Pruner results on SmolLM2-135M-Instruct (issue 5): 20% block-wise structural pruning per importance, measured
+without and with LoRA recovery.
+
+Per row (dense first, then every importance, then every importance + LoRA): WikiText-2 and PTB perplexity under the
+"gptq" protocol (seqlen --gptq-seqlen, default 512) and the "llm-pruner" protocol (seqlen 128), the zero-shot acc and
+acc_norm of the 7 tasks (built-in lm-eval-format scorer on ../shared/data), parameters, MACs per token and decode
+latency (batch 1, 128-token prompt, 64 new tokens). All importances share one set of calibration ids (C4, seed 0,
+--nsamples × --seqlen, LLM-Pruner's 10 × 128 by default).
+
+    python bench/e2e/structured_quality.py --data-dir ../shared/data                                # the full protocol
+    python bench/e2e/structured_quality.py --data-dir ../shared/data --zeroshot-limit 200 \\
+        --lora-records 400 --lora-epochs 1                                                          # a CPU budget
+
+The JSON (bench/results/<date>-<cpu|gpu>-smollm2-structured.json) is rewritten after every row; `--resume` keeps
+the rows already there when the settings match, so a long CPU run can be continued.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+from bench.micro.common import cpu_info, git_commit  # noqa: E402
+
+TASKS = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
+
+
+def measure(model, tok, args) -> dict:
+    """Perplexities, zero-shot, size and decode latency of `model` (every number the README table needs)."""
+    from sparsefast.api import evaluate
+    from sparsefast.eval.latency import decode_latency
+    from sparsefast.eval.zeroshot import evaluate_zeroshot
+    from sparsefast.prune.structural import count_parameters, macs_per_token
+
+    row: dict = {"parameters": count_parameters(model), "macs_per_token": macs_per_token(model)["total"]}
+    t = time.perf_counter()
+    for protocol, seqlen in (("gptq", args.gptq_seqlen), ("llm-pruner", 128)):
+        res = evaluate(model, tok, ["wikitext2", "ptb"], seqlen=seqlen, protocol=protocol, data_dir=args.data_dir,
+                       device=args.device, max_windows=args.ppl_max_windows, progress=False)
+        row[f"ppl_{protocol}"] = {k: float(v) for k, v in res.items()}
+    row["ppl_s"] = time.perf_counter() - t
+    zs = evaluate_zeroshot(model, tok, TASKS, limit=args.zeroshot_limit, data_dir=args.data_dir, device=args.device,
+                           backend="builtin", progress=False)
+    row["zeroshot"] = {"average": zs["average"], "tasks": zs["tasks"], "seconds": zs["seconds"]}
+    row["decode_latency"] = decode_latency(model, device=args.device)
+    model.to("cpu")
+    return row
+
+
+def summary(row: dict) -> str:
+    g, lp, zs = row["ppl_gptq"], row["ppl_llm-pruner"], row["zeroshot"]["average"]
+    return (f"params {row['parameters']:,}, wikitext2 {g['wikitext2']:.2f}/{lp['wikitext2']:.2f}, ptb {g['ptb']:.2f}/"
+            f"{lp['ptb']:.2f} (gptq/llm-pruner), zero-shot acc {zs['acc']:.4f} acc_norm {zs['acc_norm']:.4f}, "
+            f"decode {row['decode_latency']['decode_ms_per_token']:.1f} ms/token")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sparsefast.checkpoint import write_json
+    from sparsefast.data import get_calibration
+    from sparsefast.models import load_model
+    from sparsefast.prune.structural import StructuralConfig, prune_structured
+    from sparsefast.recover import RecoverConfig, load_recovery_data, lora_recover, tokenize_recovery_data
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--ratio", type=float, default=0.2)
+    p.add_argument("--importances", default="random,l2,vector,element1,element2")
+    p.add_argument("--aggregation", default="sum")
+    p.add_argument("--layers", default=None, help="decoder layers START-END (default: all but the first and last)")
+    p.add_argument("--nsamples", type=int, default=10, help="calibration samples for the Taylor importances")
+    p.add_argument("--seqlen", type=int, default=128)
+    p.add_argument("--gptq-seqlen", type=int, default=512)
+    p.add_argument("--ppl-max-windows", type=int, default=None, help="first N windows only (default: full sets)")
+    p.add_argument("--zeroshot-limit", type=int, default=None, help="first N items per task (default: all)")
+    p.add_argument("--lora-records", type=int, default=None, help="Alpaca records for LoRA (default: all 2000)")
+    p.add_argument("--lora-epochs", type=int, default=2)
+    p.add_argument("--no-lora", action="store_true")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--out", default=None)
+    p.add_argument("--resume", action="store_true", help="keep the rows already measured in --out")
+    args = p.parse_args(argv)
+    importances = args.importances.split(",")
+    lora_cfg = RecoverConfig(epochs=args.lora_epochs, max_samples=args.lora_records).validate()
+    for imp in importances:  # every name checked before the first measurement
+        StructuralConfig(ratio=args.ratio, importance=imp, aggregation=args.aggregation, nsamples=args.nsamples,
+                         seqlen=args.seqlen, layers=args.layers).validate()
+    date = datetime.date.today().isoformat()
+    device_tag = "cpu" if args.device == "cpu" else "gpu"
+    out = Path(args.out or REPO / "bench" / "results" / f"{date}-{device_tag}-smollm2-structured.json")
+    settings = {"model": args.model, "ratio": args.ratio, "strategy": "block", "aggregation": args.aggregation,
+                "layers": args.layers,
+                "calibration": {"source": "c4", "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 0},
+                "ppl": {"gptq_seqlen": args.gptq_seqlen, "llm_pruner_seqlen": 128, "max_windows": args.ppl_max_windows},
+                "zeroshot": {"tasks": TASKS, "limit": args.zeroshot_limit, "metric": "acc and acc_norm"},
+                "lora": None if args.no_lora else {**asdict(lora_cfg), "target_modules": list(lora_cfg.target_modules),
+                                                   "data": "alpaca"},
+                "device": args.device}
+    from sparsefast.api import versions
+
+    result = {"what": "LLM-Pruner block-wise structural pruning of SmolLM2-135M-Instruct, without and with LoRA",
+              "date": date, "settings": settings, "cpu": cpu_info(), "versions": versions(),
+              "git_commit": git_commit(), "command": " ".join([sys.executable, *sys.argv]), "rows": []}
+    if args.device != "cpu" and torch.cuda.is_available():
+        result["gpu"] = torch.cuda.get_device_name()
+    if args.resume and out.exists():
+        previous = json.loads(out.read_text())
+        if previous["settings"] != settings:
+            p.error(f"--resume: {out} was measured with other settings; use another --out or the same flags")
+        result["rows"] = previous["rows"]
+        result["resumed_from_commits"] = [*previous.get("resumed_from_commits", []), previous.get("git_commit")]
+    done = {(r["importance"], r["lora"]) for r in result["rows"]}
+    samples = None
+    if not args.no_lora:
+        records = load_recovery_data("alpaca", data_dir=args.data_dir, max_samples=args.lora_records)
+
+    def record(row: dict) -> None:
+        result["rows"].append(row)
+        write_json(out, result)
+        print(f"{row['importance']}{' + LoRA' if row['lora'] else ''}: {summary(row)}", flush=True)
+
+    model, tok = load_model(args.model, device="cpu")
+    calib = get_calibration("c4", tok, args.nsamples, args.seqlen, seed=0, data_dir=args.data_dir)
+    if ("dense", False) not in done:
+        record({"importance": "dense", "lora": False, **measure(model, tok, args)})
+    for imp in importances:
+        if {(imp, False), (imp, True)} <= done or (args.no_lora and (imp, False) in done):
+            continue
+        model, tok = load_model(args.model, device="cpu")
+        cfg = StructuralConfig(ratio=args.ratio, importance=imp, aggregation=args.aggregation, nsamples=args.nsamples,
+                               seqlen=args.seqlen, layers=args.layers, seed=0)
+        model.to(args.device)
+        rep = prune_structured(model, tok, cfg, calib)
+        model.to("cpu")
+        pruning = {"seconds": rep["seconds"], "removed": rep["removed"], "parameter_ratio": rep["parameter_ratio"],
+                   "importance_stats": rep["importance"]}
+        if (imp, False) not in done:
+            record({"importance": imp, "lora": False, "pruning": pruning, **measure(model, tok, args)})
+        if args.no_lora:
+            continue
+        if samples is None:
+            samples, dropped = tokenize_recovery_data(records, tok, lora_cfg.cutoff_len)
+        model, stats = lora_recover(model, tok, samples, lora_cfg, device=args.device, progress=False)
+        model.to("cpu")
+        stats = {**{k: v for k, v in stats.items() if k != "config"}, "records": len(records.records),
+                 "dropped_too_long": dropped, "data": records.source}
+        record({"importance": imp, "lora": True, "pruning": pruning, "recovery": stats, **measure(model, tok, args)})
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
