@@ -16,6 +16,8 @@ of calibration sequences; the scale does not change the result since damping is 
        lower; dead input columns make it higher); rows are NOT individually exact;
      - N:M: at the first column of each M-group, the M − N weights of lowest ε in that group of every row.
   Ties: stable sort, the lower (flat, row-major) index is pruned first.
+  With a fixed `mask` (e.g. Wanda's) step 5 is skipped and only the OBS updates run: "mask + SparseGPT's weight
+  update", the ablation of the Wanda paper (Sun et al. 2023, section 5) that separates mask choice from update.
 If a Cholesky factorisation fails the damping is multiplied by 10 (up to `max_damp_retries` times); the damping
 actually used is returned in the per-linear stats.
 """
@@ -58,13 +60,17 @@ def damped_inverse_cholesky(h: torch.Tensor, percdamp: float, max_retries: int =
 @torch.no_grad()
 def sparsegpt_prune_weight(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float,
                            nm: tuple[int, int] | None = None, blocksize: int = 128,
-                           percdamp: float = 0.01) -> tuple[torch.Tensor, dict]:
+                           percdamp: float = 0.01, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Prune and update a weight with SparseGPT.
 
     weight: [out, in] any float dtype (not modified). hessian: [in, in] float32/float64 = 2XXᵀ/n (not modified).
-    Computation runs in the hessian's dtype. Returns (new weight [out, in] in weight's dtype, damping notes).
+    mask: optional bool [out, in] (True = pruned) used instead of SparseGPT's own selection (`sparsity` and `nm` are
+    then ignored). Computation runs in the hessian's dtype. Returns (new weight [out, in] in weight's dtype, damping
+    notes).
     """
     rows, cols = weight.shape
+    if mask is not None and (mask.shape != weight.shape or mask.dtype != torch.bool):
+        raise ValueError(f"sparsegpt: mask must be bool {tuple(weight.shape)}, got {mask.dtype} {tuple(mask.shape)}")
     cdtype = hessian.dtype
     w = weight.to(cdtype).clone()
     h = hessian.clone()
@@ -82,15 +88,15 @@ def sparsegpt_prune_weight(weight: torch.Tensor, hessian: torch.Tensor, *, spars
         err1 = torch.zeros_like(w1)
         u1 = u[b0:b1, b0:b1]
         d1 = torch.diagonal(u1)
-        mask1 = torch.zeros_like(w1, dtype=torch.bool)
-        if nm is None:
+        mask1 = torch.zeros_like(w1, dtype=torch.bool) if mask is None else mask[:, b0:b1].to(w1.device)
+        if mask is None and nm is None:
             k = int(w1.numel() * sparsity)
             if k:
                 score = (w1 * w1 / (d1 * d1)[None, :]).flatten()
                 mask1.view(-1)[torch.sort(score, stable=True).indices[:k]] = True
         for i in range(count):
             col = w1[:, i]
-            if nm is not None and i % nm[1] == 0:
+            if mask is None and nm is not None and i % nm[1] == 0:
                 n, m = nm
                 score = w1[:, i:i + m] ** 2 / (d1[i:i + m] ** 2)[None, :]
                 mask1.scatter_(1, i + torch.sort(score, dim=1, stable=True).indices[:, : m - n], True)
@@ -135,12 +141,18 @@ class SparseGPTPruner(Pruner):
         hessian.mul_(2.0 / self.nseq[name])
         cfg = self.config
         new_w, notes = sparsegpt_prune_weight(linear.weight.data, hessian, sparsity=self.sparsity,
-                                              nm=self.pattern.nm, blocksize=cfg.blocksize, percdamp=cfg.percdamp)
+                                              nm=self.pattern.nm, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
+                                              mask=self.fixed_mask(linear, hessian))
         del hessian
         linear.weight.data.copy_(new_w)
         stats = mask_stats(linear.weight, self.sparsity)
         stats["damping"] = notes
         return stats
+
+    def fixed_mask(self, linear: nn.Linear, hessian: torch.Tensor) -> torch.Tensor | None:
+        """The mask to prune instead of SparseGPT's own choice (None: SparseGPT selects). A subclass returning e.g.
+        Wanda's mask (from diag(hessian) ∝ ‖X_j‖²) gets "Wanda mask + SparseGPT update" (Wanda paper, section 5)."""
+        return None
 
     def end_layer(self) -> None:
         self.hessians = {}

@@ -134,3 +134,27 @@ def test_nan_activation_is_clear_error():
     x[0, 1, 2] = float("nan")
     with pytest.raises(ValueError, match="NaN or inf"):
         p.add_batch("fc", x)
+
+
+@pytest.mark.parametrize("nm,sparsity", [(None, 0.5), ((2, 4), 0.5)])
+def test_fixed_mask_reproduces_own_selection(nm, sparsity):
+    # SparseGPT's own final zero pattern, given back as a fixed mask, yields the same weights: the selection and the
+    # update are separable
+    w, h = random_problem(rows=8, cols=32, seed=5)
+    out, _ = sparsegpt_prune_weight(w.double(), h, sparsity=sparsity, nm=nm, blocksize=16)
+    again, _ = sparsegpt_prune_weight(w.double(), h, sparsity=0.0, blocksize=16, mask=out == 0)
+    torch.testing.assert_close(again, out, rtol=0, atol=1e-12)
+
+
+def test_fixed_mask_update_beats_plain_masking():
+    torch.manual_seed(1)
+    w = torch.randn(16, 64, dtype=torch.float64)
+    x = torch.randn(256, 64, dtype=torch.float64) @ torch.randn(64, 64, dtype=torch.float64)
+    h = 2 * x.T @ x / 256
+    mask = torch.rand(16, 64) < 0.5
+    out, _ = sparsegpt_prune_weight(w, h, sparsity=0.0, blocksize=32, mask=mask)
+    assert torch.equal(out == 0, mask)  # exactly the given zeros, nothing else
+    plain = w.masked_fill(mask, 0.0)
+    assert ((out - w) @ x.T).pow(2).sum() < 0.9 * ((plain - w) @ x.T).pow(2).sum()
+    with pytest.raises(ValueError, match="mask must be bool"):
+        sparsegpt_prune_weight(w, h, sparsity=0.0, mask=mask.float())
