@@ -10,34 +10,9 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out-issue3}"
 export OUT
 mkdir -p "$OUT" bench/results
-unset TRITON_INTERPRET SPARSEFAST_BACKEND
-export PYTHONUNBUFFERED=1
-PY="${PYTHON:-python3}"
+source bench/gpu_common.sh
 LAYERS="${LAYERS:-4}"
-SUMMARY="$OUT/summary.txt"
-: > "$SUMMARY"
 start_all=$(date +%s)
-
-# pytest-benchmark may be missing on the device: then clear the repo's addopts (they name its options)
-PYTEST=("$PY" -m pytest -p no:cacheprovider -o addopts= -q -rfEs)
-if "$PY" -c "import pytest_benchmark" 2>/dev/null; then BENCH_FLAGS=(--benchmark-disable); else BENCH_FLAGS=(); fi
-
-part() {  # part NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.log, record rc and duration
-  local name="$1" limit="$2"; shift 2
-  local t0; t0=$(date +%s)
-  echo "=== $name (limit ${limit}s): $*" | tee -a "$SUMMARY"
-  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
-  local rc=$?
-  echo "=== $name: rc=$rc in $(( $(date +%s) - t0 ))s$([ $rc -eq 124 ] && echo ' (TIMED OUT)')" | tee -a "$SUMMARY"
-  tail -n 25 "$OUT/$name.log"
-}
-
-{
-  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv
-  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
-  git rev-parse HEAD 2>/dev/null || echo "no git commit"
-} > "$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
 
 # 1. correctness on the GPU (~21 kernel compiles + exact comparisons at every LLaMA shape)
 part gpu_tests 170 "${PYTEST[@]}" -m gpu tests/kernels/test_wanda_mask.py tests/kernels/test_sq_norm.py \

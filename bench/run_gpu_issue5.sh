@@ -13,34 +13,11 @@ RETURN_DIR="${OUT:-}"
 OUT="$PWD/out-issue5"
 export OUT
 mkdir -p "$OUT" bench/results
-unset TRITON_INTERPRET SPARSEFAST_BACKEND
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-PY="${PYTHON:-python3}"
+source bench/gpu_common.sh
 MODEL="${MODEL:-smollm2}"
 DATA="${DATA:-../shared/data}"
 TABLE_JSON="${TABLE_JSON:-bench/results/$(date +%F)-gpu-smollm2-structured.json}"
-SUMMARY="$OUT/summary.txt"
-: > "$SUMMARY"
 start_all=$(date +%s)
-PYTEST=("$PY" -m pytest -p no:cacheprovider -o addopts= -q -rfEs)
-if "$PY" -c "import pytest_benchmark" 2>/dev/null; then BENCH_FLAGS=(--benchmark-disable); else BENCH_FLAGS=(); fi
-
-part() {  # part NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.log, record rc and duration
-  local name="$1" limit="$2"; shift 2
-  local t0; t0=$(date +%s)
-  echo "=== $name (limit ${limit}s): $*" | tee -a "$SUMMARY"
-  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
-  local rc=$?
-  echo "=== $name: rc=$rc in $(( $(date +%s) - t0 ))s$([ $rc -eq 124 ] && echo ' (TIMED OUT)')" | tee -a "$SUMMARY"
-  tail -n 25 "$OUT/$name.log"
-}
-
-{
-  nvidia-smi --query-gpu=name,memory.total --format=csv
-  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
-  git rev-parse HEAD 2>/dev/null || echo "no git commit"
-} > "$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
 
 # 1. the extension (the gather kernel) and its tests against the torch twin
 part build 300 "$PY" setup.py build_ext --inplace

@@ -45,20 +45,28 @@ def save_checkpoint(model: nn.Module, tokenizer: Any, out: str | os.PathLike, re
     Zeros stay zeros: weights are saved densely, in the model's dtype. Returns the final path.
     """
     path = check_output_dir(out, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
-    try:
+    with atomic_output_dir(path) as tmp:
         with _dequantized_view(model):
             model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if report is not None:
             (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str))
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: Path):
+    """Yield a new temporary directory beside `path`; when the block succeeds it replaces `path` (replace_dir),
+    when it raises (or is interrupted) the temporary directory is removed and `path` is untouched."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    try:
+        yield tmp
         replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
 
 
 @contextlib.contextmanager

@@ -8,22 +8,14 @@ a wrong kernel — a missed tile, a doubled split, a dropped square — exceeds 
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of a triton kernel
 pytest.importorskip("triton")
 
-from sparsefast.ops.sq_norm import sq_norm_accumulate, sq_norm_accumulate_ref  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 from bench.shapes import MODELS  # noqa: E402
+from sparsefast.ops.sq_norm import sq_norm_accumulate, sq_norm_accumulate_ref  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

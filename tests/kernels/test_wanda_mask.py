@@ -6,22 +6,14 @@ CPU: the kernels run under TRITON_INTERPRET=1 on small odd shapes. GPU (-m gpu):
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of a triton kernel
 pytest.importorskip("triton")
 
-from sparsefast.ops.wanda_mask import wanda_mask, wanda_mask_ref, wanda_prune_  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 from bench.shapes import all_shapes  # noqa: E402
+from sparsefast.ops.wanda_mask import wanda_mask, wanda_mask_ref, wanda_prune_  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ODD_SHAPES = ((1, 1), (1, 17), (7, 1), (5, 97), (3, 131), (2, 1000))

@@ -12,15 +12,13 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from sparsefast.checkpoint import REPORT_NAME, check_output_dir, replace_dir
+from sparsefast.checkpoint import REPORT_NAME, atomic_output_dir, check_output_dir
 from sparsefast.prune.structural.slicing import HEAD_ATTRS, MLP_ATTRS, replace_parameter, sync_module_shapes
 from sparsefast.prune.structural.trace import is_norm_module
 
@@ -86,9 +84,7 @@ def save_structural(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=N
     (temporary dir beside `out_dir`, then rename). Raises ValueError for a non-empty `out_dir` without overwrite."""
     out = check_output_dir(out_dir, overwrite)
     structure = structure_of(model, layers if layers is not None else getattr(model, "sparsefast_layers", None))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_output_dir(out) as tmp:
         kwargs = {}
         if "save_original_format" in inspect.signature(model.save_pretrained).parameters:
             kwargs["save_original_format"] = False  # tensor names = module names (GPT-NeoX: lm_head, not embed_out)
@@ -98,10 +94,6 @@ def save_structural(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=N
         (tmp / STRUCTURE_FILE).write_text(json.dumps(structure, indent=1))
         if report is not None:
             (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1, default=str))
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
