@@ -1,4 +1,4 @@
-"""LLM-Pruner results on SmolLM2-135M-Instruct (issue 5): 20% block-wise structural pruning per importance, measured
+"""LLM-Pruner results on SmolLM2-135M-Instruct: 20% block-wise structural pruning per importance, measured
 without and with LoRA recovery.
 
 Per row (dense first, then each importance without and with LoRA): WikiText-2 and PTB perplexity under the "gptq"
@@ -8,8 +8,11 @@ the 7 tasks (built-in lm-eval-format scorer on ../shared/data), parameters, MACs
 set of calibration ids (C4, seed 0, --nsamples × --seqlen, LLM-Pruner's 10 × 128 by default).
 
     python bench/e2e/structured_quality.py --data-dir ../shared/data                                # the full protocol
-    python bench/e2e/structured_quality.py --data-dir ../shared/data --zeroshot-limit 200 \\
-        --lora-records 400 --lora-epochs 1                                                          # a CPU budget
+    python bench/e2e/structured_quality.py --data-dir ../shared/data --gptq-windows 80 \\
+        --llm-pruner-windows 320 --zeroshot-limit 200 --lora-records 400 --lora-epochs 1            # a CPU budget
+
+The CPU budget evaluates a fixed prefix of each test set: the first 80 windows of 512 tokens (gptq protocol) and
+the first 320 windows of 128 tokens (llm-pruner protocol), 40,960 tokens each.
 
 The JSON (bench/results/<date>-<cpu|gpu>-smollm2-structured.json) is rewritten after every row; `--resume` keeps
 the rows already there when the settings match, so a long CPU run can be continued.
@@ -43,9 +46,10 @@ def measure(model, tok, args) -> dict:
 
     row: dict = {"parameters": count_parameters(model), "macs_per_token": macs_per_token(model)["total"]}
     t = time.perf_counter()
-    for protocol, seqlen in (("gptq", args.gptq_seqlen), ("llm-pruner", 128)):
+    for protocol, seqlen, windows in (("gptq", args.gptq_seqlen, args.gptq_windows),
+                                      ("llm-pruner", 128, args.llm_pruner_windows)):
         res = evaluate(model, tok, ["wikitext2", "ptb"], seqlen=seqlen, protocol=protocol, data_dir=args.data_dir,
-                       device=args.device, max_windows=args.ppl_max_windows, progress=False)
+                       device=args.device, max_windows=windows, progress=False)
         row[f"ppl_{protocol}"] = {k: float(v) for k, v in res.items()}
     row["ppl_s"] = time.perf_counter() - t
     zs = evaluate_zeroshot(model, tok, TASKS, limit=args.zeroshot_limit, data_dir=args.data_dir, device=args.device,
@@ -81,10 +85,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nsamples", type=int, default=10, help="calibration samples for the Taylor importances")
     p.add_argument("--seqlen", type=int, default=128)
     p.add_argument("--gptq-seqlen", type=int, default=512)
-    p.add_argument("--ppl-max-windows", type=int, default=None, help="first N windows only (default: full sets)")
+    p.add_argument("--gptq-windows", type=int, default=None,
+                   help="gptq protocol: first N windows only (default: the full test sets)")
+    p.add_argument("--llm-pruner-windows", type=int, default=None,
+                   help="llm-pruner protocol: first N windows only (default: the full test sets)")
     p.add_argument("--zeroshot-limit", type=int, default=None, help="first N items per task (default: all)")
     p.add_argument("--lora-records", type=int, default=None, help="Alpaca records for LoRA (default: all 2000)")
     p.add_argument("--lora-epochs", type=int, default=2)
+    p.add_argument("--lora-importances", default="element1,element2,l2",
+                   help="importances that also get a LoRA-recovered row (default: %(default)s)")
     p.add_argument("--no-lora", action="store_true")
     p.add_argument("--device", default="cpu")
     p.add_argument("--data-dir", default=None)
@@ -92,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="keep the rows already measured in --out")
     args = p.parse_args(argv)
     importances = args.importances.split(",")
+    lora_importances = [] if args.no_lora else args.lora_importances.split(",")
+    if not set(lora_importances) <= set(importances):
+        p.error(f"--lora-importances {args.lora_importances} must be among --importances {args.importances}")
     lora_cfg = RecoverConfig(epochs=args.lora_epochs, max_samples=args.lora_records).validate()
     for imp in importances:  # every name checked before the first measurement
         StructuralConfig(ratio=args.ratio, importance=imp, aggregation=args.aggregation, nsamples=args.nsamples,
@@ -102,10 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"model": args.model, "ratio": args.ratio, "strategy": "block", "aggregation": args.aggregation,
                 "layers": args.layers,
                 "calibration": {"source": "c4", "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 0},
-                "ppl": {"gptq_seqlen": args.gptq_seqlen, "llm_pruner_seqlen": 128, "max_windows": args.ppl_max_windows},
-                "zeroshot": {"tasks": TASKS, "limit": args.zeroshot_limit, "metric": "acc and acc_norm"},
+                "ppl": {"gptq_seqlen": args.gptq_seqlen, "gptq_windows": args.gptq_windows, "llm_pruner_seqlen": 128,
+                        "llm_pruner_windows": args.llm_pruner_windows},
+                "zeroshot": {"tasks": TASKS, "limit": args.zeroshot_limit, "backend": "builtin",
+                             "metrics": "acc, acc_norm (lm-eval's: by characters; acc where lm-eval defines no "
+                                        "acc_norm: boolq, winogrande), acc_bytes"},
                 "lora": None if args.no_lora else {**asdict(lora_cfg), "target_modules": list(lora_cfg.target_modules),
-                                                   "data": "alpaca"},
+                                                   "data": "alpaca", "importances": lora_importances},
                 "device": args.device}
     from sparsefast.api import versions
 
@@ -135,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     if ("dense", False) not in done:
         record({"importance": "dense", "lora": False, **measure(model, tok, args)})
     for imp in importances:
-        if {(imp, False), (imp, True)} <= done or (args.no_lora and (imp, False) in done):
+        with_lora = imp in lora_importances
+        if (imp, False) in done and (not with_lora or (imp, True) in done):
             continue
         model, tok = load_model(args.model, device="cpu")
         cfg = StructuralConfig(ratio=args.ratio, importance=imp, aggregation=args.aggregation, nsamples=args.nsamples,
@@ -147,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                    "importance_stats": rep["importance"]}
         if (imp, False) not in done:
             record({"importance": imp, "lora": False, "pruning": pruning, **measure(model, tok, args)})
-        if args.no_lora:
+        if not with_lora:
             continue
         if samples is None:
             samples, dropped = tokenize_recovery_data(records, tok, lora_cfg.cutoff_len)

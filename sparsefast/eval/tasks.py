@@ -1,9 +1,9 @@
 """Zero-shot multiple-choice tasks: data adapters that rebuild lm-evaluation-harness's prompts.
 
 Every task turns one dataset row into an :class:`MCExample`: for each answer choice ``i`` one
-log-likelihood request ``(contexts[i], continuations[i])`` and the text whose byte length normalises
-``acc_norm``. The strings are the ones lm-eval (v0.4 task YAMLs) scores, zero-shot, with its default
-target delimiter ``" "``:
+log-likelihood request ``(contexts[i], continuations[i])`` and the text whose length normalises
+``acc_norm`` (characters) and ``acc_bytes`` (UTF-8 bytes). The strings are the ones lm-eval (v0.4 task YAMLs)
+scores, zero-shot, with its default target delimiter ``" "``:
 
 =============  ======================================================  ==========================
 task           context                                                 continuation
@@ -42,7 +42,7 @@ class MCExample:
     """One multiple-choice item: request ``i`` scores ``continuations[i]`` after ``contexts[i]``.
 
     ``choices[i]`` is the answer text without the target delimiter; ``acc_norm`` divides the summed
-    log-likelihood of choice ``i`` by ``len(choices[i].encode("utf-8"))``.
+    log-likelihood of choice ``i`` by ``len(choices[i])`` (characters), ``acc_bytes`` by its UTF-8 byte count.
     """
 
     contexts: tuple[str, ...]
@@ -138,15 +138,17 @@ class TaskSpec:
     hf_split: str
     hf_adapter: Callable[[dict], MCExample]
     labels_file: str | None = None  # PIQA keeps its labels in a separate .lst file
+    has_acc_norm: bool = True  # False where lm-eval's task config reports acc only (boolq, winogrande)
 
 
 TASKS: dict[str, TaskSpec] = {
-    "boolq": TaskSpec("boolq/boolq.jsonl", _boolq_local, "super_glue", "boolq", "validation", _boolq_hf),
+    "boolq": TaskSpec("boolq/boolq.jsonl", _boolq_local, "super_glue", "boolq", "validation", _boolq_hf,
+                      has_acc_norm=False),
     "piqa": TaskSpec("piqa/valid.jsonl", _piqa, "baber/piqa", None, "validation", _piqa,
                      labels_file="piqa/valid-labels.lst"),
     "hellaswag": TaskSpec("hellaswag/hellaswag.jsonl", _hellaswag, "Rowan/hellaswag", None, "validation", _hellaswag),
     "winogrande": TaskSpec("winogrande/winogrande.jsonl", _winogrande_local, "winogrande", "winogrande_xl",
-                           "validation", _winogrande_hf),
+                           "validation", _winogrande_hf, has_acc_norm=False),
     "arc_easy": TaskSpec("arc/arc_easy.jsonl", _mosaic_question, "allenai/ai2_arc", "ARC-Easy", "test", _arc_hf),
     "arc_challenge": TaskSpec("arc/arc_challenge.jsonl", _mosaic_question, "allenai/ai2_arc", "ARC-Challenge",
                               "test", _arc_hf),

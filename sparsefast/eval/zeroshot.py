@@ -1,14 +1,23 @@
 """Zero-shot multiple-choice evaluation by log-likelihood, with lm-evaluation-harness's conventions.
 
 For each item and answer choice ``i`` the model scores ``LL_i = sum_t log p(cont_t | context, cont_<t)``
-over the continuation tokens. ``acc`` picks ``argmax_i LL_i``; ``acc_norm`` picks
-``argmax_i LL_i / bytes(choice_i)`` (UTF-8 byte length of the answer text without the leading space).
-lm-eval divides by ``len(choice)`` in characters, which is the same number for ASCII text; in the
-shared data 57 of ~12k rows have a non-ASCII choice. Prompts: see :mod:`sparsefast.eval.tasks`
-(Gao et al., "A framework for few-shot language model evaluation", lm-evaluation-harness v0.4).
+over the continuation tokens. Three metrics per task, the same set from both backends:
+
+* ``acc`` picks ``argmax_i LL_i``;
+* ``acc_norm`` picks ``argmax_i LL_i / len(choice_i)`` in *characters* (the answer text without the leading space),
+  exactly as lm-eval computes it -- for the tasks whose lm-eval config defines acc_norm (piqa, hellaswag, arc_*,
+  openbookqa). boolq and winogrande define only ``acc`` there, and lm-eval's result has no acc_norm for them; both
+  backends then report ``acc_norm = acc``, so the 7-task ``acc_norm`` average is one number whatever the backend;
+* ``acc_bytes`` picks ``argmax_i LL_i / bytes(choice_i)`` (UTF-8 bytes, lm-eval's optional ``acc_bytes``); it differs
+  from ``acc_norm`` only on non-ASCII choices (57 of ~12k rows of the shared data). The lm-eval backend reports it
+  as None (lm-eval's task configs do not request it).
+
+Prompts: see :mod:`sparsefast.eval.tasks` (Gao et al., "A framework for few-shot language model evaluation",
+lm-evaluation-harness v0.4).
 
 Tokenisation follows lm-eval's HF backend: no BOS/special tokens; trailing spaces of the context move to
-the continuation; ``enc(context + continuation)`` is split at ``len(enc(context))`` (when ``enc(context)`` is not
+the continuation; an empty context is replaced by lm-eval's prefix token (BOS when the tokenizer has one, else EOS);
+``enc(context + continuation)`` is split at ``len(enc(context))`` (when ``enc(context)`` is not
 a prefix of it -- tokenizers whose pieces span the boundary -- the continuation is encoded on its own); sequences
 longer than the model's context keep their last tokens. Requests are sorted by length and scored in right-padded
 batches (one forward per request; the log-softmax is taken only at continuation positions, in fp32).
@@ -62,6 +71,14 @@ def encode_request(tokenizer, context: str, continuation: str) -> tuple[list[int
     return ctx, tokenizer(continuation, add_special_tokens=False)["input_ids"]
 
 
+def prefix_token_id(tokenizer, fallback: int = 0) -> int:
+    """The token lm-eval's HF model puts before an empty context: BOS if the tokenizer has one, else EOS."""
+    for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return tid
+    return fallback
+
+
 def _max_length(model) -> int:
     cfg = getattr(model, "config", None)
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
@@ -89,8 +106,8 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], *, batch_s
         ctx_ids, cont_ids = encode_request(tokenizer, ctx, cont)
         if not cont_ids:
             raise ValueError(f"continuation {cont!r} (after context {ctx[-40:]!r}) encodes to no tokens")
-        if not ctx_ids:  # lm-eval scores an empty context after the end-of-text token
-            ctx_ids = [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else pad_id]
+        if not ctx_ids:
+            ctx_ids = [prefix_token_id(tokenizer, pad_id)]
         full = (ctx_ids + cont_ids)[-(max_len + 1):]
         encoded.append((full, min(len(cont_ids), len(full) - 1)))
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
@@ -124,12 +141,19 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], *, batch_s
     return results
 
 
-def score_example(lls: list[float], example: MCExample) -> tuple[float, float]:
-    """(acc, acc_norm) of one item from its per-choice summed log-likelihoods (ties go to the first choice)."""
-    n_bytes = [max(len(c.encode("utf-8")), 1) for c in example.choices]
-    pred = max(range(len(lls)), key=lambda i: (lls[i], -i))
-    pred_norm = max(range(len(lls)), key=lambda i: (lls[i] / n_bytes[i], -i))
-    return float(pred == example.gold), float(pred_norm == example.gold)
+METRICS = ("acc", "acc_norm", "acc_bytes")
+
+
+def score_example(lls: list[float], example: MCExample, *, has_acc_norm: bool = True) -> dict[str, float]:
+    """``{"acc", "acc_norm", "acc_bytes"}`` of one item from its per-choice summed log-likelihoods (ties go to the
+    first choice, as lm-eval's argmax). ``has_acc_norm=False`` (boolq, winogrande): acc_norm is acc, as lm-eval."""
+
+    def pick(lengths: list[int]) -> float:
+        return float(max(range(len(lls)), key=lambda i: (lls[i] / lengths[i], -i)) == example.gold)
+
+    acc = pick([1] * len(lls))
+    return {"acc": acc, "acc_norm": pick([max(len(c), 1) for c in example.choices]) if has_acc_norm else acc,
+            "acc_bytes": pick([max(len(c.encode("utf-8")), 1) for c in example.choices])}
 
 
 def _stderr(values: list[float]) -> float:
@@ -166,22 +190,25 @@ def _evaluate_builtin(model, tokenizer, tasks: list[str], limit, data_dir, devic
         t0 = time.perf_counter()
         lls = loglikelihoods(model, tokenizer, requests, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
                              device=device, progress=progress)
-        accs, norms, k = [], [], 0
+        hits: dict[str, list[float]] = {m: [] for m in METRICS}
+        k = 0
         for ex in examples:
-            acc, acc_norm = score_example(lls[k: k + len(ex.choices)], ex)
+            scores = score_example(lls[k: k + len(ex.choices)], ex, has_acc_norm=TASKS[name].has_acc_norm)
             k += len(ex.choices)
-            accs.append(acc)
-            norms.append(acc_norm)
-        out["tasks"][name] = {
-            "acc": sum(accs) / len(accs), "acc_stderr": _stderr(accs),
-            "acc_norm": sum(norms) / len(norms), "acc_norm_stderr": _stderr(norms),
-            "n": len(examples), "requests": len(requests), "seconds": time.perf_counter() - t0, "source": source,
-        }
+            for m in METRICS:
+                hits[m].append(scores[m])
+        task: dict = {}
+        for m in METRICS:
+            task[m] = sum(hits[m]) / len(hits[m])
+            task[f"{m}_stderr"] = _stderr(hits[m])
+        out["tasks"][name] = {**task, "n": len(examples), "requests": len(requests),
+                              "seconds": time.perf_counter() - t0, "source": source}
     return out
 
 
 def _evaluate_lm_eval(model, tokenizer, tasks: list[str], limit, device, batch_size) -> dict:
-    """Run lm-evaluation-harness (0-shot) on the in-memory model; winogrande has no acc_norm there: acc is used."""
+    """Run lm-evaluation-harness (0-shot) on the in-memory model. boolq and winogrande have no acc_norm there: acc
+    stands in, as the builtin backend reports it; acc_bytes is not computed by lm-eval's default configs (None)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
@@ -194,7 +221,7 @@ def _evaluate_lm_eval(model, tokenizer, tasks: list[str], limit, device, batch_s
             "acc": float(r["acc,none"]), "acc_stderr": float(r.get("acc_stderr,none", float("nan"))),
             "acc_norm": float(r.get("acc_norm,none", r["acc,none"])),
             "acc_norm_stderr": float(r.get("acc_norm_stderr,none", r.get("acc_stderr,none", float("nan")))),
-            "source": "lm_eval",
+            "acc_bytes": None, "acc_bytes_stderr": None, "source": "lm_eval",
         }
     return out
 
@@ -213,7 +240,8 @@ def evaluate_zeroshot(model, tokenizer, tasks: list[str], *, limit: int | None =
         data_dir: root of the local task files (``boolq/boolq.jsonl`` ...); None: $SPARSEFAST_DATA.
     Returns:
         ``{"backend", "limit", "tasks": {name: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n", ...}},
-        "average": {"acc", "acc_norm"}, "seconds"}`` -- averages are unweighted means over tasks.
+        "average": {"acc", "acc_norm"}, "seconds"}`` -- averages are unweighted means over tasks; see the module
+        docstring for what acc_norm is on tasks without length normalisation.
     """
     tasks = check_task_names(tasks)
     if limit is not None and limit < 1:

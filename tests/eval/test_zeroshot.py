@@ -1,4 +1,4 @@
-"""Zero-shot scorer: prompts per task, log-likelihoods vs a hand computation, acc_norm by bytes, backends."""
+"""Zero-shot scorer: prompts per task, log-likelihoods vs a hand computation, lm-eval's acc_norm, backends."""
 
 from __future__ import annotations
 
@@ -127,13 +127,55 @@ def test_scorer_picks_highest_summed_loglikelihood(story):
     assert out["tasks"]["winogrande"]["acc_norm"] == out["tasks"]["winogrande"]["acc"]
 
 
-def test_acc_norm_divides_by_utf8_bytes():
-    # "abc": 3 chars/3 bytes, "éé": 2 chars/4 bytes. Per byte: -1.0 vs -0.875 -> choice 1;
-    # per character it would be -1.0 vs -1.75 -> choice 0; raw log-likelihood -> choice 0.
+def test_acc_norm_divides_by_characters_acc_bytes_by_bytes():
+    # "abc": 3 chars/3 bytes, "éé": 2 chars/4 bytes; LL -3.0 vs -3.5.
+    # per character (lm-eval's acc_norm): -1.0 vs -1.75 -> choice 0; per byte: -1.0 vs -0.875 -> choice 1.
     ex = T.MCExample(("q",) * 2, (" abc", " éé"), ("abc", "éé"), gold=1)
-    assert Z.score_example([-3.0, -3.5], ex) == (0.0, 1.0)
+    assert Z.score_example([-3.0, -3.5], ex) == {"acc": 0.0, "acc_norm": 0.0, "acc_bytes": 1.0}
     ex0 = T.MCExample(("q",) * 2, (" abc", " éé"), ("abc", "éé"), gold=0)
-    assert Z.score_example([-3.0, -3.5], ex0) == (1.0, 0.0)
+    assert Z.score_example([-3.0, -3.5], ex0) == {"acc": 1.0, "acc_norm": 1.0, "acc_bytes": 0.0}
+    # characters and raw LL disagree: "a" (1 char) -2.0 vs "bbbb" (4 chars) -3.0 -> acc 0, acc_norm 1
+    ex2 = T.MCExample(("q",) * 2, (" a", " bbbb"), ("a", "bbbb"), gold=1)
+    assert Z.score_example([-2.0, -3.0], ex2) == {"acc": 0.0, "acc_norm": 1.0, "acc_bytes": 1.0}
+
+
+def test_tasks_without_acc_norm_in_lm_eval_report_acc(story):
+    # boolq's "no"/"yes" differ in length, so a length-normalised pick could differ from acc; lm-eval has no
+    # acc_norm for boolq (nor winogrande) and neither do we: acc_norm is acc there
+    assert not T.TASKS["boolq"].has_acc_norm and not T.TASKS["winogrande"].has_acc_norm
+    assert all(T.TASKS[t].has_acc_norm for t in ("piqa", "hellaswag", "arc_easy", "arc_challenge", "openbookqa"))
+    ex = T.MCExample(("q",) * 2, (" no", " yes"), ("no", "yes"), gold=1)
+    assert Z.score_example([-2.0, -2.5], ex, has_acc_norm=False)["acc_norm"] == 0.0  # per char it would pick yes
+    assert Z.score_example([-2.0, -2.5], ex)["acc_norm"] == 1.0
+    model, tok = story
+    out = Z.evaluate_zeroshot(model, tok, ["boolq"], limit=3, data_dir=str(LOCAL), backend="builtin", progress=False)
+    r = out["tasks"]["boolq"]
+    assert r["acc_norm"] == r["acc"] and set(Z.METRICS) <= set(r)
+
+
+def test_empty_context_is_prefixed_with_bos_when_the_tokenizer_has_one():
+    class Tok:
+        bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) for c in text]}
+
+    tok = Tok()
+    assert Z.prefix_token_id(tok) == 1
+    tok.bos_token_id = None
+    assert Z.prefix_token_id(tok) == 2
+    tok.bos_token_id = 1
+    seen = []
+
+    class Model(torch.nn.Module):
+        config = types.SimpleNamespace(max_position_embeddings=64)
+
+        def forward(self, input_ids, attention_mask):
+            seen.append(input_ids[0].tolist())
+            return types.SimpleNamespace(logits=torch.zeros(*input_ids.shape, 256))
+
+    Z.loglikelihoods(Model(), tok, [("", "ab")], progress=False)
+    assert seen == [[1, ord("a")]]  # BOS, then the continuation minus its last token
 
 
 def test_all_tasks_limit_and_result_shape(story):
