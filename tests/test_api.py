@@ -84,8 +84,8 @@ def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
 
 def test_overwrite_replaces(tmp_path):
     model = tiny_model("llama")
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "stale.txt").write_text("x")
+    save_checkpoint(model, None, tmp_path / "out", {"method": "old"})
+    (tmp_path / "out" / "stale.txt").write_text("x")  # inside our own output: replaced with it
     with pytest.raises(ValueError, match="not empty.*--overwrite"):
         save_checkpoint(model, None, tmp_path / "out", {})
     save_checkpoint(model, None, tmp_path / "out", {"method": "m"}, overwrite=True)

@@ -111,7 +111,11 @@ def test_overwrite(tmp_path, story_llama_dir, calib_file, capsys):
     out = tmp_path / "o"
     out.mkdir()
     (out / "old.bin").write_text("x")
-    code, _, err = run(["prune", str(story_llama_dir), "--method", "magnitude", "--sparsity", "0.25", "--out",
-                        str(out), "--overwrite", "--no-progress"], capsys)
+    argv = ["prune", str(story_llama_dir), "--method", "magnitude", "--sparsity", "0.25", "--out", str(out),
+            "--overwrite", "--no-progress"]
+    code, _, err = run(argv, capsys)  # not a sparsefast output: --overwrite does not touch it
+    assert code == 2 and "not a sparsefast output" in err and (out / "old.bin").read_text() == "x"
+    (out / "sparsefast.json").write_text("{}")  # an earlier result of ours is replaced
+    code, _, err = run(argv, capsys)
     assert code == 0, err
     assert not (out / "old.bin").exists() and json.loads((out / "sparsefast.json").read_text())["calibration"] is None

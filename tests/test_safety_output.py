@@ -1,0 +1,120 @@
+"""Output safety of the one checkpoint writer: --overwrite replaces only an empty directory or our own output, never
+the model source, the working directory or its parents; two writers to one new directory: exactly one wins; the
+umask is respected; stale partial saves of the same target are removed on the next save."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import stat
+import threading
+
+import pytest
+
+from sparsefast.checkpoint import check_output_dir, load_report, save_checkpoint
+from tests.conftest import tiny_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama")
+
+
+def test_overwrite_refuses_a_directory_that_is_not_our_output(tmp_path, model):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "thesis.tex").write_text("years of work")
+    with pytest.raises(ValueError, match="not a sparsefast output"):
+        save_checkpoint(model, None, work, {"method": "m"}, overwrite=True)
+    assert [p.name for p in work.iterdir()] == ["thesis.tex"]
+    (tmp_path / "empty").mkdir()
+    save_checkpoint(model, None, tmp_path / "empty", {"method": "m"}, overwrite=True)  # an empty dir is fine
+    save_checkpoint(model, None, tmp_path / "empty", {"method": "again"}, overwrite=True)  # our own output too
+    assert load_report(tmp_path / "empty")["method"] == "again"
+    # a structure.json of someone else's format does not make a directory ours
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "structure.json").write_text('{"format": "their-tool"}')
+    with pytest.raises(ValueError, match="not a sparsefast output"):
+        check_output_dir(other, overwrite=True)
+
+
+def test_out_may_not_be_the_cwd_its_parents_or_the_model_source(tmp_path, monkeypatch, model):
+    cwd = tmp_path / "a" / "b"
+    cwd.mkdir(parents=True)
+    monkeypatch.chdir(cwd)
+    for out in (".", "..", str(tmp_path)):
+        with pytest.raises(ValueError, match="current directory"):
+            check_output_dir(out, overwrite=True)
+    src = tmp_path / "models" / "src"
+    save_checkpoint(model, None, src, {"method": "dense original"})
+    for out in (src, src / ".." / "src"):
+        with pytest.raises(ValueError, match="is the model source"):
+            check_output_dir(out, overwrite=True, sources=[src])
+    with pytest.raises(ValueError, match="contains the model source"):
+        check_output_dir(tmp_path / "models", overwrite=True, sources=[src / "model.safetensors"])
+    assert load_report(src)["method"] == "dense original"
+
+
+def test_two_writers_to_one_new_dir_exactly_one_wins(tmp_path):
+    """Both writers are inside save_pretrained at the same time (a barrier), so both passed every existence check
+    before either published: the second rename must fail instead of replacing the first result."""
+    out = tmp_path / "out"
+    barrier = threading.Barrier(2, timeout=60)
+    results: dict[str, object] = {}
+
+    def writer(tag: str) -> None:
+        m = tiny_model("llama", seed=len(tag))
+        real = m.save_pretrained
+
+        def save_in_lockstep(path, **kw):
+            real(path, **kw)
+            barrier.wait()
+
+        m.save_pretrained = save_in_lockstep
+        try:
+            results[tag] = save_checkpoint(m, None, out, {"method": tag})
+        except Exception as exc:  # noqa: BLE001 - the loser's exception is the result under test
+            results[tag] = exc
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in ("one", "two")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    errors = [r for r in results.values() if isinstance(r, BaseException)]
+    assert len(errors) == 1 and isinstance(errors[0], FileExistsError), results
+    winner = next(tag for tag, r in results.items() if not isinstance(r, BaseException))
+    assert load_report(out)["method"] == winner
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the loser's partial dir is gone
+
+
+def test_output_dirs_follow_the_umask(tmp_path, model):
+    old = os.umask(0o022)
+    try:
+        out = save_checkpoint(model, None, tmp_path / "new" / "out", {"method": "m"})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o755
+    assert stat.S_IMODE((out / "sparsefast.json").stat().st_mode) == 0o644
+
+
+def test_stale_partials_of_the_target_are_removed_with_a_message(tmp_path, model, capsys):
+    stale = tmp_path / ".out.partial-k1ll3d"  # left by a SIGKILLed save of `out`
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"\0" * 4096)
+    live = tmp_path / ".out.partial-l1ve"  # another writer is still filling this one: it holds the lock
+    live.mkdir()
+    other = tmp_path / ".other.partial-x"  # a partial of another target is not ours to judge
+    other.mkdir()
+    fd = os.open(live, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        save_checkpoint(model, None, tmp_path / "out", {"method": "m"})
+    finally:
+        os.close(fd)
+    assert not stale.exists() and live.is_dir() and other.is_dir()
+    err = capsys.readouterr().err
+    assert "removed" in err and str(stale) in err and "interrupted" in err
+    assert load_report(tmp_path / "out")["method"] == "m"
