@@ -4,6 +4,9 @@ layers are removed physically), then an atomic save without pickle (safetensors 
 Example: 20% block-wise with element-wise first-order Taylor importance on 10 C4 samples, layers 3-27:
     sparsefast prune-structured smollm2 --ratio 0.2 --importance element1 --strategy block --layers 3-27 \\
         --calib c4 --nsamples 10 --seqlen 128 --out pruned/ --overwrite
+
+LLM-Pruner's published configuration in one flag (options given explicitly still win):
+    sparsefast prune-structured smollm2 --preset llm-pruner --ratio 0.25 --out pruned/
 """
 
 from __future__ import annotations
@@ -11,29 +14,58 @@ from __future__ import annotations
 import argparse
 
 from sparsefast.device import DTYPE_CHOICES
-from sparsefast.prune.structural.config import AGGREGATIONS, GQA_MODES, IMPORTANCES, RANKINGS, STRATEGIES
+from sparsefast.prune.structural.config import (
+    AGGREGATIONS,
+    GQA_MODES,
+    IMPORTANCES,
+    PRESETS,
+    RANKINGS,
+    ROUNDINGS,
+    STRATEGIES,
+    StructuralConfig,
+)
+
+# options a preset may set: parsed with default None so an explicit value can be told from an absent one
+_PRESETTABLE = ("importance", "aggregation", "strategy", "layers", "attn_layers", "mlp_layers", "ranking", "gqa",
+                "rounding", "nsamples", "seqlen", "seed")
+_DEFAULTS = StructuralConfig()
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    d = _DEFAULTS
     p = subparsers.add_parser("prune-structured", help="structural pruning (LLM-Pruner): smaller dense model",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="HF checkpoint dir, hub id, .gguf file, or 'smollm2' (the embedded default)")
-    p.add_argument("--ratio", type=float, default=0.2, help="fraction of units removed, in [0, 1) (default 0.2)")
-    p.add_argument("--importance", default="element1", choices=IMPORTANCES, help="group importance (default element1)")
-    p.add_argument("--aggregation", default="sum", choices=AGGREGATIONS, help="within-group aggregation (default sum)")
-    p.add_argument("--strategy", default="block", choices=STRATEGIES,
+    p.add_argument("--preset", default=None, choices=tuple(PRESETS),
+                   help="start from a published configuration: llm-pruner = element1 (taylor param_first), sum, "
+                        "local, layers 4-29@32, kv_groups, 10 x 64 tokens, seed 42, keep_floor rounding")
+    p.add_argument("--ratio", type=float, default=d.ratio, help=f"fraction of units removed, in [0, 1) "
+                   f"(default {d.ratio})")
+    p.add_argument("--importance", default=None, choices=IMPORTANCES, help=f"group importance (default {d.importance})")
+    p.add_argument("--aggregation", default=None, choices=AGGREGATIONS,
+                   help=f"within-group aggregation (default {d.aggregation})")
+    p.add_argument("--strategy", default=None, choices=STRATEGIES,
                    help="block: heads + MLP channels; channel: hidden size; layer: whole layers (default block)")
     p.add_argument("--layers", default=None,
-                   help="decoder layers START-END inclusive (default: all but the first and the last)")
-    p.add_argument("--ranking", default="local", choices=RANKINGS, help="per-layer (local) or global ranking")
-    p.add_argument("--gqa", default="divisible", choices=GQA_MODES,
+                   help="decoder layers START-END inclusive, or START-END@DEPTH (a range of a DEPTH-layer model "
+                        "scaled to this one); block: sets both --attn-layers and --mlp-layers "
+                        "(default: all but the first and the last)")
+    p.add_argument("--attn-layers", default=None, help="block: layers whose attention heads are pruned (default "
+                   "--layers)")
+    p.add_argument("--mlp-layers", default=None, help="block: layers whose MLP channels are pruned (default --layers)")
+    p.add_argument("--ranking", default=None, choices=RANKINGS, help="per-layer (local, default) or global ranking")
+    p.add_argument("--gqa", default=None, choices=GQA_MODES,
                    help="divisible: drop query heads evenly per KV group (default); kv_groups: drop whole KV groups")
+    p.add_argument("--rounding", default=None, choices=ROUNDINGS,
+                   help="units removed: half_up = round(ratio*n) half up (default); keep_floor = LLM-Pruner's "
+                        "(keep int((1-ratio)*channels), remove the rest in whole heads)")
     p.add_argument("--no-attention", action="store_true", help="block strategy: keep every attention head")
     p.add_argument("--no-mlp", action="store_true", help="block strategy: keep every MLP channel")
     p.add_argument("--calib", default="c4", help="calibration text: c4 (default), wikitext2 or a local file")
-    p.add_argument("--nsamples", type=int, default=10, help="calibration samples (default 10, LLM-Pruner's)")
-    p.add_argument("--seqlen", type=int, default=128, help="tokens per calibration sample (default 128)")
-    p.add_argument("--seed", type=int, default=0, help="calibration / random-importance seed (default 0)")
+    p.add_argument("--nsamples", type=int, default=None, help=f"calibration samples (default {d.nsamples})")
+    p.add_argument("--seqlen", type=int, default=None, help=f"tokens per calibration sample (default {d.seqlen}; "
+                   "at most the model's context)")
+    p.add_argument("--seed", type=int, default=None, help=f"calibration / random-importance seed (default {d.seed})")
     p.add_argument("--no-checkpointing", action="store_true", help="no activation checkpointing for gradients")
     p.add_argument("--device", default="auto", help="compute device: auto (default), cpu or cuda")
     p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
@@ -41,17 +73,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--data-dir", default=None, help="directory with datasets (else $SPARSEFAST_DATA, bundled)")
     p.add_argument("--out", required=True, help="output directory of the pruned checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (loading, saving)")
     p.set_defaults(func=run)
     return p
 
 
-def config_from_args(args: argparse.Namespace):
-    from sparsefast.prune.structural.config import StructuralConfig
-
-    cfg = StructuralConfig(ratio=args.ratio, importance=args.importance, aggregation=args.aggregation,
-                           strategy=args.strategy, layers=args.layers, ranking=args.ranking, gqa=args.gqa,
-                           prune_attention=not args.no_attention, prune_mlp=not args.no_mlp, nsamples=args.nsamples,
-                           seqlen=args.seqlen, seed=args.seed, gradient_checkpointing=not args.no_checkpointing)
+def config_from_args(args: argparse.Namespace) -> StructuralConfig:
+    """The validated config: the preset (if any), then every option given explicitly."""
+    explicit = {name: getattr(args, name) for name in _PRESETTABLE if getattr(args, name) is not None}
+    explicit.update(ratio=args.ratio, prune_attention=not args.no_attention, prune_mlp=not args.no_mlp,
+                    gradient_checkpointing=not args.no_checkpointing)
+    cfg = StructuralConfig.preset(args.preset, **explicit) if args.preset else StructuralConfig(**explicit)
     cfg.validate()
     return cfg
 
@@ -59,17 +91,29 @@ def config_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import json
 
+    import transformers
+
     from sparsefast.checkpoint import check_output_dir
     from sparsefast.device import resolve_dtype
-    from sparsefast.models import load_model
+    from sparsefast.models import load_config, load_model
     from sparsefast.prune.structural import prune_structured, save_structural
 
-    config = config_from_args(args)          # bad ratio / names: before loading anything
+    config = config_from_args(args)          # bad ratio / names / layer ranges: before loading anything
     check_output_dir(args.out, args.overwrite)
-    model, tokenizer = load_model(args.model, dtype=resolve_dtype(args.dtype), device=args.device)
-    report = prune_structured(model, tokenizer, config, calib_source=args.calib, data_dir=args.data_dir)
-    report["model"] = args.model
-    save_structural(model, args.out, tokenizer=tokenizer, report=report, overwrite=args.overwrite)
+    hf_config = load_config(args.model)      # None for GGUF: prune_structured checks the context after loading
+    if hf_config is not None:
+        config.check_context(getattr(hf_config, "max_position_embeddings", None))
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    if args.no_progress:
+        transformers.utils.logging.disable_progress_bar()    # also huggingface_hub's bars
+    try:
+        model, tokenizer = load_model(args.model, dtype=resolve_dtype(args.dtype), device=args.device)
+        report = prune_structured(model, tokenizer, config, calib_source=args.calib, data_dir=args.data_dir)
+        report["model"] = args.model
+        save_structural(model, args.out, tokenizer=tokenizer, report=report, overwrite=args.overwrite)
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     before, after = report["before"], report["after"]
     print(json.dumps({"out": args.out, "parameters": [before["parameters"], after["parameters"]],
                       "macs_per_token": [before["macs_per_token"]["total"], after["macs_per_token"]["total"]],

@@ -87,9 +87,11 @@ def prune_structured(model: nn.Module, tokenizer, config: StructuralConfig,
 
     calib: LongTensor [nsamples, seqlen] of token ids for the gradient importances; None → drawn from
     `calib_source` with `tokenizer` (only when the importance needs gradients). Every check on the request runs
-    before any gradient is computed or weight touched.
+    before any gradient is computed or weight touched, including config.seqlen against the model's context.
     """
     config.validate()
+    if calib is None:
+        config.check_context(getattr(getattr(model, "config", None), "max_position_embeddings", None))
     t0 = time.perf_counter()
     graph = build_graph(model)
     plan = plan_candidates(model, graph, config)
@@ -123,6 +125,8 @@ def prune_structured(model: nn.Module, tokenizer, config: StructuralConfig,
         "method": "llm-pruner-structural",
         "config": config.to_dict(),
         "layer_range": list(plan.layer_range),
+        **({"layer_ranges": {"attention": list(plan.attn_range), "mlp": list(plan.mlp_range)}}
+           if plan.attn_range is not None else {}),
         "groups_found": {"hidden": len(graph.hidden), "attention_groups": sum(map(len, graph.attention.values())),
                          "query_heads": sum(graph.heads(i)[0] for i in graph.attention),
                          "mlp_channels": sum(map(len, graph.mlp.values())), "unclassified": graph.other},

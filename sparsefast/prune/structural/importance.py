@@ -17,6 +17,21 @@ peak memory is the model + gradients of the pruned layers + (element2/mix) one f
 
 Aggregation over members: sum | mean | max | prod (as Σ log, the same order without underflow) | last (the member
 whose module runs last, e.g. down_proj columns or o_proj columns).
+
+Order of the reductions for heads (attention and query units, whose members are head_dim-wide slices): as in
+LLM-Pruner's TaylorImportance + MetaPruner, the members are combined channel by channel first and the result is
+summed over the head's channels: score = Σ_c agg_m s_m[c], where s_m[c] is member m's per-channel score (a member
+spanning several heads, e.g. a KV group's q rows, is first folded onto head_dim by summing its heads, as LLM-Pruner
+folds a longer member onto the shortest). For sum, mean and last the order changes nothing; for max and prod it
+does (max_m Σ_c ≠ Σ_c max_m). prod is kept in log form: log Σ_c Π_m s_m[c] = logsumexp_c Σ_m log s_m[c]. MLP and
+hidden units have one channel per member, so the two orders coincide; a layer unit combines whole-member sums.
+
+GQA, where sparsefast differs from LLM-Pruner on purpose: a KV group g (gqa="kv_groups") is scored from the query
+heads that read it and are removed with it, heads g·n_rep … g·n_rep + n_rep − 1 (n_rep = query heads per KV
+head, HF's repeat_kv layout), plus K/V head g and the matching o_proj columns. LLM-Pruner's Llama-3 path
+(llama3.py, TaylorImportance's fold `imp.view(len // min, min).sum(0)`) instead scores KV group g from query heads
+{g, g + KV, g + 2·KV, …} but then removes heads g·n_rep … g·n_rep + n_rep − 1, so on GQA models its scores and
+its removals belong to different heads. On MHA (n_rep = 1) both are the same.
 """
 
 from __future__ import annotations
@@ -146,6 +161,29 @@ def aggregate(scores: list[float], members: list[Member], how: str) -> float:
     raise ValueError(f"unknown aggregation {how!r}")
 
 
+def aggregate_head(channel_scores_per_member: list[torch.Tensor], members: list[Member], how: str) -> float:
+    """One head unit's score from per-channel member scores (1-D fp64 tensors, each a multiple of head_dim long):
+    fold each onto the shortest length by summing its head_dim blocks, combine members per channel with `how`,
+    then sum over channels (LLM-Pruner's order; see the module docstring). prod is returned as a log."""
+    width = min(v.numel() for v in channel_scores_per_member)
+    if any(v.numel() % width for v in channel_scores_per_member):
+        raise ValueError(f"head unit members of {[v.numel() for v in channel_scores_per_member]} channels cannot be "
+                         f"aligned on {width} channels per head")
+    per_channel = torch.stack([v.reshape(-1, width).sum(0) for v in channel_scores_per_member])   # [members, width]
+    if how == "sum":
+        return float(per_channel.sum())
+    if how == "mean":
+        return float(per_channel.mean(0).sum())
+    if how == "max":
+        return float(per_channel.max(0).values.sum())
+    if how == "prod":
+        return float(torch.logsumexp(per_channel.log().sum(0), 0))
+    if how == "last":
+        last = max(range(len(members)), key=lambda i: (members[i].order, members[i].dim == 1))
+        return float(per_channel[last].sum())
+    raise ValueError(f"unknown aggregation {how!r}")
+
+
 def unit_importance(model: nn.Module, units: list[Unit], config: StructuralConfig,
                     calib: torch.Tensor | None, layers: nn.ModuleList | None = None) -> tuple[list[float], dict]:
     """Importance of every unit (higher = keep). Returns (scores aligned with `units`, stats)."""
@@ -175,6 +213,10 @@ def unit_importance(model: nn.Module, units: list[Unit], config: StructuralConfi
     del grad, fish
     scores = []
     for u in units:
-        member_scores = [float(cache[(m.param, m.dim)][m.index].sum()) for m in u.members]
-        scores.append(aggregate(member_scores, u.members, config.aggregation))
+        if u.kind in ("attention", "query"):
+            channels = [cache[(m.param, m.dim)][m.index] for m in u.members]
+            scores.append(aggregate_head(channels, u.members, config.aggregation))
+        else:
+            member_scores = [float(cache[(m.param, m.dim)][m.index].sum()) for m in u.members]
+            scores.append(aggregate(member_scores, u.members, config.aggregation))
     return scores, stats

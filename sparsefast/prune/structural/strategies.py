@@ -1,9 +1,13 @@
 """What to remove: block-wise, channel-wise and layer-wise strategies (LLM-Pruner, Ma et al. 2023, §3.2 / §4).
 
-Counts are ratio·n rounded half up (0.25 of 2 query heads per KV group removes 1).
+Counts follow `config.rounding`: half_up is ratio·n rounded half up (0.25 of 2 query heads per KV group removes 1);
+keep_floor is LLM-Pruner's MetaPruner rule, computed on channels: of n units of w channels each (w = head_dim for
+heads, 1 for MLP / hidden channels and layers) it keeps int(n·w·(1 − ratio)) channels and removes the rest, floored
+to whole units (ratio 0.2: 6 of 32 heads of 128 channels, 308 of 1536 MLP channels, 0 of 3 KV groups of 64).
 
-* block   — attention heads and MLP channels of the decoder layers in `layers` (default: all but the first and the
-  last, LLM-Pruner's habit): per layer ratio·n units of each kind (local), or one ranking over the range (global;
+* block   — attention heads of the layers in `attn_layers` and MLP channels of those in `mlp_layers` (both default to
+  `layers`, whose own default, every layer but the first and the last, is sparsefast's: LLM-Pruner's scripts pass
+  explicit ranges): per layer ratio·n units of each kind (local), or one ranking over the range (global;
   at least one unit per kind and layer is kept unless allow_empty_layers).
   GQA: `divisible` removes the same number of query heads (ratio·group size) from every KV group and keeps every KV
   head, so num_heads stays a multiple of num_key_value_heads; `kv_groups` removes whole KV heads with their query
@@ -43,16 +47,31 @@ class Bucket:
 class Plan:
     strategy: str
     buckets: list[Bucket] = field(default_factory=list)
-    layer_range: tuple[int, int] = (0, 0)
+    layer_range: tuple[int, int] = (0, 0)          # every layer with a candidate (attention or MLP)
+    attn_range: tuple[int, int] | None = None      # block strategy: the attention and MLP layer ranges
+    mlp_range: tuple[int, int] | None = None
 
     @property
     def units(self) -> list[Unit]:
         return [u for b in self.buckets for u in b.units]
 
 
-def _count(ratio: float, n: int) -> int:
-    """Units removed out of n: ratio·n rounded half up (Python's round() would send 0.5 to 0, 2.5 to 2)."""
+def _count(ratio: float, n: int, rounding: str, width: int = 1) -> int:
+    """Units removed out of n units of `width` channels each (see the module docstring for the two roundings).
+
+    half_up avoids Python's round(), which sends 0.5 to 0 and 2.5 to 2; keep_floor evaluates LLM-Pruner's
+    `n - int(n * (1 - ratio))` in the same floating-point order, so it removes exactly as many as LLM-Pruner.
+    """
+    if rounding == "keep_floor":
+        channels = n * width
+        return (channels - int(channels * (1 - ratio))) // width
     return int(math.floor(ratio * n + 0.5))
+
+
+def _head_width(unit: Unit) -> int:
+    """Channels per head of an attention or query unit: its narrowest member (one head's q rows / o_proj columns,
+    or the single K/V head of a KV group)."""
+    return min(m.index.numel() for m in unit.members)
 
 
 def plan_candidates(model: nn.Module, graph: StructureGraph, config: StructuralConfig) -> Plan:
@@ -65,15 +84,15 @@ def plan_candidates(model: nn.Module, graph: StructureGraph, config: StructuralC
         if getattr(cfg, "head_dim", None) is None:
             raise ValueError(f"channel-wise pruning needs a config with an explicit head_dim; "
                              f"{type(cfg).__name__} derives head size from hidden_size. Use --strategy block")
-        n = _count(r, len(graph.hidden))
+        n = _count(r, len(graph.hidden), config.rounding)
         if n >= len(graph.hidden):
             raise ValueError(f"ratio {r} would remove every hidden channel; lower --ratio")
         plan.buckets.append(Bucket("hidden", None, graph.hidden, n))
         return plan
-    start, stop = parse_layer_range(config.layers, graph.num_layers)
-    plan = Plan(config.strategy, layer_range=(start, stop))
     if config.strategy == "layer":
-        n = _count(r, (stop - start))
+        start, stop = parse_layer_range(config.layers, graph.num_layers)
+        plan = Plan(config.strategy, layer_range=(start, stop))
+        n = _count(r, stop - start, config.rounding)
         if n >= graph.num_layers:
             raise ValueError(f"ratio {r} over layers {start}-{stop - 1} would remove every decoder layer")
         params = dict(model.named_parameters())
@@ -84,30 +103,34 @@ def plan_candidates(model: nn.Module, graph: StructureGraph, config: StructuralC
             units.append(Unit("layer", i, members))
         plan.buckets.append(Bucket("layer", None, units, n))
         return plan
+    attn_range, mlp_range = config.layer_ranges(graph.num_layers)
+    spans = [rng for rng, on in ((attn_range, config.prune_attention), (mlp_range, config.prune_mlp)) if on]
+    start, stop = min(a for a, _ in spans), max(b for _, b in spans)
+    plan = Plan(config.strategy, layer_range=(start, stop), attn_range=attn_range, mlp_range=mlp_range)
     for layer in range(start, stop):
         groups = graph.attention.get(layer, [])
-        if config.prune_attention and groups:
+        if config.prune_attention and groups and attn_range[0] <= layer < attn_range[1]:
             per_group = len(groups[0].queries)
             gqa = per_group > 1 and any(g.queries[0] is not g.unit for g in groups)
             if gqa and config.gqa == "divisible":
                 if any(len(g.queries) != per_group for g in groups):
                     raise ValueError(f"layer {layer}: KV groups of unequal size; use --gqa kv_groups")
-                k = _count(r, per_group)
+                k = _count(r, per_group, config.rounding, _head_width(groups[0].queries[0]))
                 if k >= per_group:
                     raise ValueError(f"ratio {r} would remove all {per_group} query heads of every KV group in layer "
                                      f"{layer} (every head of the layer); lower --ratio")
                 for gi, g in enumerate(groups):
                     plan.buckets.append(Bucket("query", layer, g.queries, k, gi))
             else:
-                k = _count(r, len(groups))
+                k = _count(r, len(groups), config.rounding, _head_width(groups[0].unit))
                 if k >= len(groups):
                     what = "KV group" if gqa else "head"
                     raise ValueError(f"ratio {r} would remove every {what} ({len(groups)}) of layer {layer}; "
                                      "lower --ratio or leave attention out")
                 plan.buckets.append(Bucket("attention", layer, [g.unit for g in groups], k))
         mlp = graph.mlp.get(layer, [])
-        if config.prune_mlp and mlp:
-            k = _count(r, len(mlp))
+        if config.prune_mlp and mlp and mlp_range[0] <= layer < mlp_range[1]:
+            k = _count(r, len(mlp), config.rounding)
             if k >= len(mlp):
                 raise ValueError(f"ratio {r} would remove every MLP channel of layer {layer}; lower --ratio")
             plan.buckets.append(Bucket("mlp", layer, mlp, k))
