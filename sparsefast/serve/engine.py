@@ -1,0 +1,347 @@
+"""GenerationEngine: iteration-level scheduling (Orca, Yu et al., OSDI 2022) over a static-slot KV cache.
+
+One background thread runs steps. Each step: drop cancelled requests, admit waiting requests into free slots (up to
+`max_batch`; each admitted prompt is prefilled and yields its first token), then one batched decode forward for
+every running request. A request that finishes (EOS, stop string, max_tokens) or is cancelled leaves at the step
+boundary and its slot is reused by the next waiting request. Waiting requests sit in a bounded FIFO (`max_queue`).
+
+Why our own scheduler rather than transformers' continuous batching (`generate_batch` / `init_continuous_batching`,
+transformers 5.24, paged cache), measured on this project's CPU (2 cores; bench/results/*-cpu-decode.json records
+it next to this engine, `transformers_cb` rows): on SmolLM2-135M it decodes at the speed of `model.generate` at batch
+1 and batches 8 requests, but (1) its paged cache is sized from `config.num_key_value_heads` for every layer, so a
+structural checkpoint with per-layer KV head counts fails in `index_copy_` ("Destination slice shape: 4 16 ...
+source slice shape: 2 16"), and (2) one GenerationConfig is shared by the whole manager: no per-request
+temperature/top_p/top_k/seed and no stop strings. Static slots sized per layer handle every structural checkpoint.
+
+The model runner (sparsefast.serve.runner) runs the model's own modules, so the one place a sparse linear plugs in
+is the module swap before the engine is built (sparsefast.serve.sparse.prepare_model).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sparsefast.models import model_context
+from sparsefast.serve.detokenize import IncrementalDetokenizer
+from sparsefast.serve.kv_cache import SlotAllocator
+from sparsefast.serve.runner import make_runner
+from sparsefast.serve.sampling import SamplingParams, make_generator, sample_next
+
+__all__ = ["EngineClosedError", "GenerationEngine", "QueueFullError", "RequestStream", "SamplingParams", "TokenEvent"]
+
+DEFAULT_MAX_MODEL_LEN = 2048  # cap when the model's context is longer: the cache is preallocated for every slot
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+    """submit() found max_queue requests already waiting."""
+
+
+class EngineClosedError(RuntimeError):
+    """submit() after shutdown()."""
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """New output of one request since its previous event (see serve_contract: text may be "" while held back)."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    time: float
+
+
+class RequestStream:
+    """The events of one request, readable from a thread (iteration) or an asyncio task (async iteration)."""
+
+    def __init__(self, request_id: str, prompt_tokens: int) -> None:
+        self.request_id = request_id
+        self.submitted = time.perf_counter()
+        self.prompt_tokens = prompt_tokens
+        self._events: collections.deque[TokenEvent] = collections.deque()
+        self._cond = threading.Condition()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._cancel = threading.Event()
+        self._engine_wakeup = None  # set by the engine: wakes its loop so a cancel is seen promptly
+
+    def _push(self, event: TokenEvent) -> None:
+        with self._cond:
+            self._events.append(event)
+            self._cond.notify_all()
+            waiters = list(self._waiters)
+        for loop, flag in waiters:
+            try:
+                loop.call_soon_threadsafe(flag.set)
+            except RuntimeError:  # that event loop is closed; its reader is gone
+                pass
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def cancel(self) -> None:
+        """Idempotent. The engine frees the slot at its next step and ends the stream with "cancelled"."""
+        self._cancel.set()
+        if self._engine_wakeup is not None:
+            self._engine_wakeup()
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        while True:
+            with self._cond:
+                while not self._events:
+                    self._cond.wait()
+                event = self._events.popleft()
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    async def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        loop = asyncio.get_running_loop()
+        flag = asyncio.Event()
+        with self._cond:
+            self._waiters.append((loop, flag))
+        try:
+            while True:
+                flag.clear()  # before draining: a push after the drain sets it again
+                with self._cond:
+                    batch = list(self._events)
+                    self._events.clear()
+                for event in batch:
+                    yield event
+                    if event.finish_reason is not None:
+                        return
+                if not batch:
+                    await flag.wait()
+        finally:
+            with self._cond:
+                self._waiters.remove((loop, flag))
+
+
+class _Request:
+    """Engine-side state of one running request."""
+
+    def __init__(self, stream: RequestStream, prompt: list[int], params: SamplingParams, tokenizer,
+                 device: torch.device) -> None:
+        self.stream, self.prompt, self.params = stream, prompt, params
+        self.generator = make_generator(params, device)
+        self.detok = IncrementalDetokenizer(tokenizer, params.stop)
+        self.output: list[int] = []
+        self.slot = -1
+        self.done = False
+
+    @property
+    def position(self) -> int:
+        """Cache position of the newest token (which is fed in the next decode step)."""
+        return len(self.prompt) + len(self.output) - 1
+
+
+class GenerationEngine:
+    """Batched generation with iteration-level scheduling (serve_contract.md is the interface).
+
+    Args:
+        model: a causal LM as `sparsefast.models.load_model` returns it (dense, mask-pruned, structural with per-layer
+            widths, possibly with sparse linears swapped in), in eval mode on `device`.
+        tokenizer: its tokenizer (detokenization, stop strings, EOS id).
+        max_batch: requests decoded together (KV slots). max_queue: waiting requests before submit raises.
+        max_model_len: prompt + generated tokens per request (KV positions per slot); default min(context, 2048).
+        runner: "auto" (batched for the LLaMA layout, per-request HF forward otherwise) | "batched" | "hf".
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, *, max_batch: int = 8, max_queue: int = 64,
+                 max_model_len: int | None = None, device: str = "cpu", runner: str = "auto") -> None:
+        for name, value in (("max_batch", max_batch), ("max_queue", max_queue)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        context = model_context(model)
+        if max_model_len is None:
+            max_model_len = min(context or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN)
+        if isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or max_model_len < 2:
+            raise ValueError(f"max_model_len must be an integer >= 2, got {max_model_len!r}")
+        if context is not None and max_model_len > context:
+            raise ValueError(f"max_model_len {max_model_len} exceeds the model's context of {context} tokens; "
+                             f"pass max_model_len <= {context}")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.device = torch.device(device)
+        self.max_batch, self.max_queue, self.max_model_len = max_batch, max_queue, max_model_len
+        self.model_name = "sparsefast"
+        self.vocab_size = model.get_input_embeddings().num_embeddings
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.runner = make_runner(model, max_batch, max_model_len, self.device, runner)
+        self._slots = SlotAllocator(max_batch)
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._running: list[_Request] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._ids = itertools.count()
+
+    # ---- public API --------------------------------------------------------------------------------------------
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def start(self) -> None:
+        """Start the step loop in a background thread (idempotent)."""
+        with self._cond:
+            if self._closed:
+                raise EngineClosedError("the engine was shut down; create a new GenerationEngine")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="sparsefast-engine", daemon=True)
+                self._thread.start()
+
+    def shutdown(self) -> None:
+        """Cancel every waiting and running request (their streams end with "cancelled"), join the thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+        else:
+            self._finish_all("cancelled")
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
+        """Queue one request. Raises ValueError (bad prompt/params), QueueFullError, EngineClosedError."""
+        params = params.validate()
+        prompt = [int(i) for i in prompt_ids]
+        if not prompt:
+            raise ValueError("prompt is empty; pass at least one token id")
+        bad = [i for i in prompt if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        if len(prompt) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} exceeds "
+                             f"max_model_len {self.max_model_len}; shorten the prompt or lower max_tokens")
+        stream = RequestStream(f"req-{next(self._ids)}", len(prompt))
+        stream._engine_wakeup = self._wakeup
+        with self._cond:
+            if self._closed:
+                raise EngineClosedError("the engine was shut down; create a new GenerationEngine")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(f"{len(self._waiting)} requests are already waiting (max_queue "
+                                     f"{self.max_queue}); retry later")
+            self._waiting.append(_Request(stream, prompt, params, self.tokenizer, self.device))
+            self._cond.notify_all()
+        return stream
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
+        """Submit and block until done; the generated token ids (EOS included when it ended the request)."""
+        if self._thread is None:
+            raise RuntimeError("the engine is not running; call start() first")
+        out: list[int] = []
+        for event in self.submit(prompt_ids, params):
+            out.extend(event.token_ids)
+            if event.finish_reason == "error":
+                raise RuntimeError(f"generation failed for request {event}")
+        return out
+
+    # ---- the step loop -----------------------------------------------------------------------------------------
+    def _wakeup(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not self._closed and not self._waiting and not self._running:
+                        self._cond.wait()
+                    if self._closed:
+                        break
+                    admitted = []
+                    while self._waiting and len(self._running) + len(admitted) < self.max_batch:
+                        admitted.append(self._waiting.popleft())
+                try:
+                    self._step(admitted)
+                except Exception:  # a failed forward must not kill the server: fail this batch, keep serving
+                    log.exception("generation step failed")
+                    for req in dict.fromkeys(admitted + self._running):
+                        self._finish(req, "error")
+        self._finish_all("cancelled")
+
+    def _step(self, admitted: list[_Request]) -> None:
+        for req in [r for r in self._running if r.stream.cancelled]:
+            self._finish(req, "cancelled")
+        for req in admitted:
+            if req.stream.cancelled:
+                self._finish(req, "cancelled")
+                continue
+            req.slot = self._slots.acquire()
+            self._running.append(req)
+            logits = self.runner.prefill(req.slot, req.prompt)
+            self._accept(req, sample_next(logits, req.params, req.generator))
+        # the requests admitted above already produced this step's token
+        batch = [r for r in self._running if r not in admitted]
+        if not batch:
+            return
+        batch.sort(key=lambda r: r.slot)  # contiguous slots → the attention reads cache views
+        logits = self.runner.decode([r.slot for r in batch], [r.output[-1] for r in batch],
+                                    [r.position for r in batch])
+        for req, row in zip(batch, logits):
+            self._accept(req, sample_next(row, req.params, req.generator))
+
+    def _accept(self, req: _Request, token: int) -> None:
+        req.output.append(token)
+        text = req.detok.add(token)
+        reason = None
+        if req.detok.stopped or (token in self.eos_ids and not req.params.ignore_eos):
+            reason = "stop"
+        elif len(req.output) >= req.params.max_tokens:
+            reason = "length"
+        if reason is not None:
+            text += req.detok.flush()
+            req.done = True
+        req.stream._push(TokenEvent(text, (token,), reason, len(req.prompt), len(req.output), time.perf_counter()))
+        if reason is not None:
+            self._release(req)
+
+    def _release(self, req: _Request) -> None:
+        if req in self._running:
+            self._running.remove(req)
+        if req.slot >= 0:
+            self.runner.release(req.slot)
+            self._slots.release(req.slot)
+            req.slot = -1
+
+    def _finish(self, req: _Request, reason: str) -> None:
+        if req.done:
+            self._release(req)
+            return
+        req.done = True
+        req.stream._push(TokenEvent("", (), reason, len(req.prompt), len(req.output), time.perf_counter()))
+        self._release(req)
+
+    def _finish_all(self, reason: str) -> None:
+        with self._cond:
+            pending = list(self._waiting) + list(self._running)
+            self._waiting.clear()
+        for req in pending:
+            self._finish(req, reason)
+
+
+def _eos_ids(model: nn.Module, tokenizer) -> frozenset[int]:
+    """EOS ids from the generation config (may be a list, e.g. Llama-3) and the tokenizer."""
+    ids: set[int] = set()
+    gen = getattr(model, "generation_config", None)
+    for value in (getattr(gen, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)

@@ -1,0 +1,157 @@
+"""Model runners: one forward over the engine's current batch, with the KV cache kept between steps.
+
+* `LlamaBatchRunner` (LLaMA / Mistral / Qwen2 layout, which includes SmolLM2): runs the model's own modules —
+  embeddings, norms, rotary embedding, q/k/v/o projections, MLP, head — so any linear swapped into the model (a
+  Sparse24Linear, a CPU sparse linear) is what runs. Attention is ours: torch SDPA over a `StaticKVCache` with a
+  per-row position mask, so rows of different lengths decode together in one batched forward. Head counts are read
+  per layer from the projection widths (structural checkpoints keep different counts per layer).
+* `HFRequestRunner` (every other family, e.g. OPT, GPT-NeoX): the HF forward with one HF cache per request, one
+  forward per request per step. Requests still join and leave at step boundaries, but their matmuls are not batched.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from sparsefast.models import LlamaAdapter, get_adapter
+from sparsefast.serve.kv_cache import StaticKVCache
+
+_ATTN_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _sliding_window(config) -> int | None:
+    """The attention window the model was trained with, when its layers use one (Mistral; Qwen2 with
+    use_sliding_window), else None."""
+    window = getattr(config, "sliding_window", None)
+    if config.model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
+        return None
+    return int(window) if window else None
+
+
+def batched_runner_supported(model: nn.Module, max_len: int) -> bool:
+    """True when `LlamaBatchRunner` computes exactly what the model's own forward computes for this context."""
+    if not isinstance(get_adapter(model), LlamaAdapter):
+        return False
+    window = _sliding_window(model.config)
+    if window is not None and window < max_len:
+        return False
+    layers = get_adapter(model).decoder_layers(model)
+    attn = [getattr(layer, "self_attn", None) for layer in layers]
+    return all(a is not None and all(hasattr(a, p) for p in _ATTN_PARTS) and hasattr(a, "head_dim")
+               and not hasattr(a, "q_norm") for a in attn)
+
+
+class LlamaBatchRunner:
+    """Batched prefill/decode for the LLaMA layout over a static per-slot KV cache.
+
+    Args: model (eval mode, on `device`), max_batch slots, max_len positions per slot.
+    """
+
+    def __init__(self, model: nn.Module, max_batch: int, max_len: int, device: torch.device) -> None:
+        adapter = get_adapter(model)
+        self.model, self.device = model, device
+        self.layers = adapter.decoder_layers(model)
+        self.embed = model.get_input_embeddings()
+        self.norm = adapter.final_norm(model)
+        self.head = adapter.lm_head(model)
+        self.rotary = adapter.rotary_embedding(model)
+        self.head_dim = int(self.layers[0].self_attn.head_dim)
+        self.kv_heads = [layer.self_attn.k_proj.out_features // self.head_dim for layer in self.layers]
+        dtype = self.embed.weight.dtype
+        self.cache = StaticKVCache(self.kv_heads, self.head_dim, max_batch, max_len, dtype=dtype, device=device)
+
+    def prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
+        """Run the prompt `ids` into `slot` (positions 0..len-1); logits [vocab] of its last position."""
+        pos = torch.arange(len(ids), device=self.device)[None]
+        return self._forward(torch.tensor([ids], device=self.device), [slot], pos, causal_from_zero=True)[0]
+
+    def decode(self, slots: list[int], ids: list[int], positions: list[int]) -> torch.Tensor:
+        """One new token per slot (ids[b] at positions[b]); logits [B, vocab]."""
+        tokens = torch.tensor(ids, device=self.device)[:, None]
+        return self._forward(tokens, slots, torch.tensor(positions, device=self.device)[:, None],
+                             uniform=len(set(positions)) == 1)
+
+    def release(self, slot: int) -> None:
+        """Nothing to free: a slot's stale keys are masked out (positions beyond the new owner's length)."""
+
+    def _forward(self, ids: torch.Tensor, slots: list[int], positions: torch.Tensor, *,
+                 causal_from_zero: bool = False, uniform: bool = False) -> torch.Tensor:
+        """ids, positions: [B, T] (long); returns the last position's logits [B, vocab]."""
+        b, t = ids.shape
+        length = int(positions.max()) + 1
+        first = slots[0] if slots == list(range(slots[0], slots[0] + b)) else None
+        slot_t = torch.tensor(slots, device=self.device)
+        if causal_from_zero or uniform:
+            mask = None  # prefill from position 0 (is_causal) or every row sees all `length` keys
+        else:
+            keys = torch.arange(length, device=self.device)
+            mask = (keys[None, None, None, :] <= positions[:, None, :, None])  # [B, 1, T, length]
+        hidden = self.embed(ids)
+        cos_sin = self.rotary(hidden, positions)
+        for li, layer in enumerate(self.layers):
+            residual = hidden
+            hidden = self._attention(layer.self_attn, li, layer.input_layernorm(hidden), cos_sin, slot_t, first,
+                                     positions, length, mask, causal_from_zero)
+            hidden = residual + hidden
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        last = hidden[:, -1]
+        if self.norm is not None:
+            last = self.norm(last)
+        return self.head(last)
+
+    def _attention(self, attn: nn.Module, li: int, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
+                   slots: torch.Tensor, first: int | None, positions: torch.Tensor, length: int,
+                   mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = attn.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, *cos_sin)
+        self.cache.write(li, slots, positions, k, v)
+        if causal:
+            keys, values = k, v  # prefill from 0: the prompt's own keys are the whole context
+        else:
+            keys, values = self.cache.read(li, slots, first, length)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal and t > 1,
+                                             scale=attn.scaling, enable_gqa=q.shape[1] != keys.shape[1])
+        return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class HFRequestRunner:
+    """Per-request decoding through the model's own HF forward and cache (families without a batched runner)."""
+
+    def __init__(self, model: nn.Module, max_batch: int, max_len: int, device: torch.device) -> None:
+        self.model, self.device = model, device
+        self.caches: list = [None] * max_batch
+
+    def _step(self, slot: int, ids: list[int]) -> torch.Tensor:
+        out = self.model(input_ids=torch.tensor([ids], device=self.device), past_key_values=self.caches[slot],
+                         use_cache=True)
+        self.caches[slot] = out.past_key_values
+        return out.logits[0, -1]
+
+    def prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
+        self.caches[slot] = None
+        return self._step(slot, ids)
+
+    def decode(self, slots: list[int], ids: list[int], positions: list[int]) -> torch.Tensor:
+        return torch.stack([self._step(s, [i]) for s, i in zip(slots, ids)])
+
+    def release(self, slot: int) -> None:
+        self.caches[slot] = None
+
+
+def make_runner(model: nn.Module, max_batch: int, max_len: int, device: torch.device, kind: str = "auto"):
+    """kind: auto (batched when supported) | batched | hf."""
+    if kind not in ("auto", "batched", "hf"):
+        raise ValueError(f"runner must be auto, batched or hf; got {kind!r}")
+    supported = batched_runner_supported(model, max_len)
+    if kind == "batched" and not supported:
+        raise ValueError(f"the batched runner does not support {type(model).__name__} at max_model_len {max_len}; "
+                         "use runner='hf' or 'auto'")
+    if kind == "batched" or (kind == "auto" and supported):
+        return LlamaBatchRunner(model, max_batch, max_len, device)
+    return HFRequestRunner(model, max_batch, max_len, device)
