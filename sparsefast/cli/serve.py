@@ -1,0 +1,109 @@
+"""`sparsefast serve MODEL`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over the batching engine.
+
+MODEL is anything `sparsefast.models.load_model` takes: `smollm2`, a dense / mask-pruned / structurally pruned
+checkpoint dir, a .gguf file, a hub id. The server binds 127.0.0.1 unless --host says otherwise; /health answers 503
+while the model loads and 200 once it serves. Example:
+
+  sparsefast prune-structured smollm2 --ratio 0.2 --importance element1 --out smollm2-s20
+  sparsefast serve smollm2-s20 --port 8000
+  curl http://127.0.0.1:8000/v1/completions -H 'content-type: application/json' \\
+       -d '{"model": "smollm2-s20", "prompt": "The capital of France is", "max_tokens": 16}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming, metrics)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="smollm2, a checkpoint dir (dense, mask-pruned or structural), a .gguf or a hub id")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--api-key", default=os.environ.get("SPARSEFAST_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $SPARSEFAST_API_KEY, else none)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: MODEL as given)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together per step (default 8)")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429 (default 64)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context length: prompt + generated tokens (default: the model's maximum)")
+    p.add_argument("--max-tokens-limit", type=int, default=None,
+                   help="largest max_tokens a request may ask for (default: only the context bounds it)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit, 413 above (default 1 MiB)")
+    p.add_argument("--chat-template", default=None,
+                   help="Jinja chat template file, for tokenizers without one (or to override it)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.set_defaults(func=run)
+    return p
+
+
+def check_args(args: argparse.Namespace) -> str | None:
+    """Reject bad settings before anything loads; returns the chat template text (or None)."""
+    for name in ("max_batch", "max_queue", "max_body_bytes"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("max_model_len", "max_tokens_limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise ValueError("--api-key is empty; give a non-empty key or leave it out")
+    from sparsefast.models import resolve_model_source
+
+    resolve_model_source(args.model)  # a missing path or unsupported file fails here, before the port opens
+    if args.chat_template is None:
+        return None
+    path = Path(args.chat_template)
+    if not path.is_file():
+        raise FileNotFoundError(f"--chat-template {path}: no such file; give a Jinja template file")
+    return path.read_text()
+
+
+def build_loader(args: argparse.Namespace) -> Any:
+    """() -> (engine, tokenizer): loads the model and wraps it in a GenerationEngine (run in the loader thread)."""
+
+    def load() -> tuple[Any, Any]:
+        from sparsefast.models import load_model
+        from sparsefast.serve.engine import GenerationEngine
+
+        model, tokenizer = load_model(args.model, device=args.device)
+        engine = GenerationEngine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
+                                  max_model_len=args.max_model_len, device=str(next(model.parameters()).device))
+        return engine, tokenizer
+
+    return load
+
+
+def run(args: argparse.Namespace) -> int:
+    template = check_args(args)
+    import uvicorn
+
+    from sparsefast.serve.app import ServerConfig, create_app
+
+    config = ServerConfig(model_name=args.served_model_name or args.model, api_key=args.api_key,
+                          max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
+                          chat_template=template)
+    failure: list[BaseException] = []
+    server: uvicorn.Server | None = None
+
+    def stop_on_load_error(exc: BaseException) -> None:
+        failure.append(exc)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(build_loader(args), config, on_load_error=stop_on_load_error)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=5))
+    server.run()
+    if failure:
+        raise RuntimeError(f"could not load {args.model!r}: {failure[0]}")
+    return 0

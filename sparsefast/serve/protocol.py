@@ -1,0 +1,223 @@
+"""Request and response bodies of the OpenAI-compatible API (pydantic v2).
+
+Field names and defaults follow OpenAI's /v1/completions and /v1/chat/completions (vLLM's
+`entrypoints/openai/protocol.py` is the field's reference), plus vLLM's sampling extensions `top_k` and `ignore_eos`.
+Fields OpenAI defines but this server does not implement (logprobs, echo, n > 1, penalties, tools, ...) are accepted
+only at their "off" value and rejected otherwise with a 400 that names the field, instead of being silently ignored.
+Unknown fields are ignored, as OpenAI's SDK sends extras through `extra_body`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+def new_id(prefix: str) -> str:
+    """An OpenAI-style object id, e.g. "cmpl-3f2a...": prefix + 24 random hex digits."""
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
+    error: ErrorInfo
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _SamplingFields(BaseModel):
+    """Sampling fields shared by both endpoints. Ranges are OpenAI's (temperature in [0, 2], top_p in (0, 1])."""
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="vLLM extension: keep the k most likely tokens; 0 = off")
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = Field(False, description="vLLM extension: generate exactly max_tokens (benchmarks)")
+    n: int = Field(1, ge=1)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    @model_validator(mode="after")
+    def _reject_unimplemented(self) -> "_SamplingFields":
+        # an accepted-but-ignored option would return something other than what the client asked for
+        unsupported = {"n": self.n != 1, "presence_penalty": self.presence_penalty != 0.0,
+                       "frequency_penalty": self.frequency_penalty != 0.0, "logit_bias": bool(self.logit_bias)}
+        for name, bad in unsupported.items():
+            if bad:
+                raise ValueError(f"{name}: not supported by this server; leave it at its default")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed together with stream=true")
+        return self
+
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if any(s == "" for s in stops):
+            raise ValueError("stop: empty stop string; remove it or give a non-empty string")
+        return stops
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_SamplingFields):
+    """POST /v1/completions. `prompt` is a string or a list of token ids (one prompt per request)."""
+    prompt: str | list[int] | list[str]
+    max_tokens: int | None = Field(16, ge=1)
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _reject_unimplemented_completion(self) -> "CompletionRequest":
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):
+            if len(self.prompt) != 1:
+                raise ValueError("prompt: one prompt per request; send a string (or a list with one string)")
+            self.prompt = self.prompt[0]
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ValueError("prompt: empty token list; send a non-empty prompt")
+        for name, bad in {"echo": self.echo, "logprobs": self.logprobs is not None,
+                          "best_of": self.best_of not in (None, 1), "suffix": self.suffix is not None}.items():
+            if bad:
+                raise ValueError(f"{name}: not supported by this server; leave it unset")
+        return self
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        """The message text; list content may only hold {"type": "text", "text": ...} parts."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"messages: content part of type {part.get('type')!r} is not supported; "
+                                 "send text parts only")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """POST /v1/chat/completions. `max_completion_tokens` is OpenAI's newer name for `max_tokens`."""
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    tools: list[dict[str, Any]] | None = None
+
+    @model_validator(mode="after")
+    def _reject_unimplemented_chat(self) -> "ChatCompletionRequest":
+        if self.logprobs:
+            raise ValueError("logprobs: not supported by this server; leave it false")
+        if self.tools:
+            raise ValueError("tools: tool calling is not supported by this server; leave it unset")
+        return self
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ResponseMessage
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: DeltaMessage
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "sparsefast"
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
