@@ -30,3 +30,14 @@ NUM_LAYERS = {"llama-7b": 32, "llama-13b": 40, "llama-70b": 80, "llama-3-8b": 32
 def all_shapes() -> list[tuple[str, str, int, int]]:
     """[(model, linear, out, in)] for every distinct shape."""
     return [(m, name, o, i) for m, d in MODELS.items() for name, (o, i) in d.items()]
+
+
+def select_shapes(models: str | None) -> list[tuple[str, str, int, int]]:
+    """all_shapes() of the models in the comma list `models` (None or "": every model); unknown names are an error."""
+    if not models:
+        return all_shapes()
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    unknown = [m for m in names if m not in MODELS]
+    if unknown:
+        raise ValueError(f"unknown model(s) {', '.join(unknown)} in the shape list; choose from {', '.join(MODELS)}")
+    return [s for s in all_shapes() if s[0] in names]

@@ -18,7 +18,9 @@ work, cuSPARSELt's per-call plan set-up, not its kernel; the first timed row als
   A/B), "cuda_gemm" (v2 where auto picked decode) and "cuda_decode" (decode where auto picked v2, M <= 32).
 Writes bench/results/<date>-<device>-sparse24_matmul.json and the Sparse24Linear dispatch table
 <date>-<device>-sparse24_dispatch.json (best eager backend per M, geometric mean over fp16 shapes).
-Run: python bench/micro/bench_sparse24_matmul.py [--quick] [--bf16] [--budget-s S]
+Run: python bench/micro/bench_sparse24_matmul.py [--quick] [--bf16] [--budget-s S] [--models llama-7b,...]
+[--m-list 1,16,2048]. `--dry-run` (no CUDA needed) runs the same harness on two tiny shapes on the CPU, with the torch
+twin standing in for the CUDA kernels, so the GPU script cannot fail on a typo; its timings mean nothing.
 """
 
 from __future__ import annotations
@@ -36,16 +38,24 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from bench.micro.common import git_commit  # noqa: E402
-from bench.shapes import all_shapes  # noqa: E402
+from bench.shapes import select_shapes  # noqa: E402
 from sparsefast.checkpoint import write_json  # noqa: E402
 
 M_LIST = [1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 4096]
 BACKENDS = ("dense", "semi_structured", "cuda")
 WARMUP_MS, REP_MS = 5, 25
+DRY_RUN_SHAPES = [("tiny", "odd", 40, 96), ("tiny", "wide", 24, 256)]
 
 
 def _time(fn, graph: bool) -> float:
-    """Median ms of fn (eager) or of replaying a CUDA graph of one call (graph)."""
+    """Median ms of fn (eager) or of replaying a CUDA graph of one call (graph). CPU (dry run): median of 5 calls."""
+    if not torch.cuda.is_available():
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return sorted(times)[2]
     from triton.testing import do_bench
 
     for _ in range(3):
@@ -102,21 +112,25 @@ def _semi_fns(variants: dict, x: torch.Tensor) -> dict:
 def bench_shape(n: int, k: int, ms: list[int], dtype: torch.dtype) -> list[dict]:
     from sparsefast.ops.sparse24 import DECODE_MAX_M, pack_sparse24, sparse24_matmul, to_sparse24_by_magnitude
 
-    w = to_sparse24_by_magnitude(torch.randn(n, k, device="cuda") * k**-0.5).to(dtype)
+    dry = not torch.cuda.is_available()  # the dry run: the torch twin stands in for the kernels
+    dev = "cpu" if dry else "cuda"
+    w = to_sparse24_by_magnitude(torch.randn(n, k, device=dev) * k**-0.5).to(dtype)
     values, meta = pack_sparse24(w)
-    variants, semi_errors = _semi_variants(w)
+    variants, semi_errors = ({}, {}) if dry else _semi_variants(w)
     rows = []
     for m in ms:
-        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        x = torch.randn(m, k, device=dev, dtype=dtype)
         fns = {"dense": lambda: torch.nn.functional.linear(x, w),
-               "cuda": lambda: sparse24_matmul(x, values, meta, n, k, backend="cuda")}
-        if m > 4:
-            fns["cuda_gemm_v1"] = lambda: sparse24_matmul(x, values, meta, n, k, backend="cuda", kernel="gemm_v1")
-        if m <= 8:
-            fns["cuda_gemm"] = lambda: sparse24_matmul(x, values, meta, n, k, backend="cuda", kernel="gemm")
-        elif m <= DECODE_MAX_M:
-            fns["cuda_decode"] = lambda: sparse24_matmul(x, values, meta, n, k, backend="cuda", kernel="decode")
-        fns.update(_semi_fns(variants, x))
+               "cuda": lambda: sparse24_matmul(x, values, meta, n, k, backend="torch" if dry else "cuda")}
+        if not dry:  # the individual CUDA kernels, A/B against the auto choice
+            if m > 4:
+                fns["cuda_gemm_v1"] = lambda: sparse24_matmul(x, values, meta, n, k, backend="cuda",
+                                                              kernel="gemm_v1")
+            if m <= 8:
+                fns["cuda_gemm"] = lambda: sparse24_matmul(x, values, meta, n, k, backend="cuda", kernel="gemm")
+            elif m <= DECODE_MAX_M:
+                fns["cuda_decode"] = lambda: sparse24_matmul(x, values, meta, n, k, backend="cuda", kernel="decode")
+            fns.update(_semi_fns(variants, x))
         row = {"M": m, "N": n, "K": k, "dtype": str(dtype).replace("torch.", ""), "ms": {}, "ms_eager": {},
                "errors": dict(semi_errors)}
         for name, fn in fns.items():
@@ -202,32 +216,48 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer shapes and M values")
     ap.add_argument("--bf16", action="store_true", help="also bf16 (llama-7b shapes)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new shapes after this many seconds")
+    ap.add_argument("--models", default=None, help="comma list of bench/shapes.py models (default: all)")
+    ap.add_argument("--m-list", default=None, help="comma list of token counts M (default: %s)" % M_LIST)
+    ap.add_argument("--dry-run", action="store_true", help="no CUDA: tiny shapes on the CPU, torch twin for ours")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_sparse24_matmul: needs a CUDA device", file=sys.stderr)
-        return 2
-    import triton
+    try:
+        m_arg = [int(v) for v in args.m_list.split(",")] if args.m_list else None
+        shapes = DRY_RUN_SHAPES if args.dry_run else select_shapes(args.models)
+    except ValueError as exc:
+        ap.error(f"--m-list / --models: {exc}")
+    if m_arg is not None and (not m_arg or min(m_arg) < 1):
+        ap.error(f"--m-list needs positive token counts, got {args.m_list}")
+    if args.dry_run:
+        dev, capability, triton_version = "dry-run-cpu", None, None
+    else:
+        if not torch.cuda.is_available():
+            print("bench_sparse24_matmul: needs a CUDA device (or --dry-run)", file=sys.stderr)
+            return 2
+        import triton
 
-    from sparsefast._ext import extension_error, load_extension
+        from sparsefast._ext import extension_error, load_extension
 
-    if load_extension() is None:
-        print(f"bench_sparse24_matmul: extension missing: {extension_error()}", file=sys.stderr)
-        return 2
-    shapes = all_shapes()[:4] if args.quick else all_shapes()
-    ms = [1, 16, 128, 2048] if args.quick else M_LIST
-    dev = torch.cuda.get_device_name(0)
+        if load_extension() is None:
+            print(f"bench_sparse24_matmul: extension missing: {extension_error()}", file=sys.stderr)
+            return 2
+        dev, capability, triton_version = (torch.cuda.get_device_name(0), list(torch.cuda.get_device_capability(0)),
+                                           triton.__version__)
+    if args.quick and not args.dry_run:
+        shapes = shapes[:4]
+    ms = m_arg or ([1, 16, 128, 2048] if args.quick else M_LIST)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M")
     tag = dev.replace(" ", "_").replace("/", "_")
-    meta = {"device": dev, "capability": list(torch.cuda.get_device_capability(0)), "torch": torch.__version__,
-            "cuda": torch.version.cuda, "triton": triton.__version__, "python": platform.python_version(),
-            "commit": git_commit(),
+    meta = {"device": dev, "capability": capability, "torch": torch.__version__,
+            "cuda": torch.version.cuda, "triton": triton_version, "python": platform.python_version(),
+            "commit": git_commit(), "dry_run": args.dry_run, "weights": "random 2:4 (timings do not depend on values)",
             "timing": f"triton.testing.do_bench median, L2 flushed, warmup {WARMUP_MS} ms, rep {REP_MS} ms; "
                       "ms = CUDA-graph replay of one call (device time), ms_eager = eager call; 0.5 s GPU warm-up"}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / f"{stamp}-{tag}-sparse24_matmul.json"
     t_start = time.perf_counter()
-    _warm_up_gpu()
+    if not args.dry_run:
+        _warm_up_gpu()
     results, skipped = [], []
     for model, name, n, k in shapes:
         if time.perf_counter() - t_start > args.budget_s:
@@ -240,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
                     results.append({"model": model, "linear": name, **row})
             except Exception as exc:  # one shape failing must not lose the others
                 print(f"{model}-{name} {dtype}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        torch.cuda.empty_cache()
+        if not args.dry_run:
+            torch.cuda.empty_cache()
         write_json(results_path, {**meta, "partial": True, "results": results})  # survives a kill
     if skipped:
         print(f"budget {args.budget_s:.0f} s reached; skipped {skipped}", file=sys.stderr)

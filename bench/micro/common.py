@@ -27,10 +27,11 @@ QUICK_SHAPES = [("tiny", "odd", 5, 96), ("tiny", "wide", 3, 520)]
 
 
 def bench_shapes() -> list[tuple[str, str, int, int]]:
-    """[(model, linear, out, in)]: every distinct LLaMA shape on CUDA, two tiny ones in quick mode (CPU)."""
-    from bench.shapes import all_shapes
+    """[(model, linear, out, in)]: every distinct LLaMA shape on CUDA (only the models named in $BENCH_MODELS, a
+    comma list, when set), two tiny ones in quick mode (CPU)."""
+    from bench.shapes import select_shapes
 
-    return QUICK_SHAPES if QUICK else all_shapes()
+    return QUICK_SHAPES if QUICK else select_shapes(os.environ.get("BENCH_MODELS"))
 
 
 def shape_id(shape: tuple[str, str, int, int]) -> str:

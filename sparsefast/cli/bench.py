@@ -7,8 +7,9 @@ run, and peak device memory. Ratios are against Wanda (triton) when it ran, else
 
 Models: `smollm2` (or any name sparsefast.models.load_model takes) or `llama-7b-random`: a LlamaForCausalLM with
 LLaMA-7B's shapes (hidden 4096, intermediate 11008, 32 heads) and random bf16 weights, built on the device with
-`--layers N` decoder layers. Calibration ids are random tokens. Neither changes the timings: every kernel here does
-the same work whatever the values (the one exception, SparseGPT's damping retries, is reported per linear).
+`--layers N` decoder layers (`llama-tiny-random`: the same with small shapes, for dry runs). Calibration ids are
+random tokens. Neither changes the timings: every kernel here does the same work whatever the values (the one
+exception, SparseGPT's damping retries, is reported per linear).
 Example (GPU): sparsefast bench prune llama-7b-random --layers 4 --json out.json
 """
 
@@ -23,7 +24,10 @@ import torch
 METHOD_CONFIGS = {"wanda-triton": ("wanda", {"backend": "triton"}), "wanda-torch": ("wanda", {"backend": "torch"}),
                   "sparsegpt": ("sparsegpt", {}), "magnitude": ("magnitude", {})}
 RANDOM_MODELS = {"llama-7b-random": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
-                                         num_key_value_heads=32, vocab_size=32000, max_position_embeddings=2048)}
+                                         num_key_value_heads=32, vocab_size=32000, max_position_embeddings=2048),
+                 # the dry run of bench/gpu/run.sh: same code path, shapes small enough for a CPU
+                 "llama-tiny-random": dict(hidden_size=128, intermediate_size=344, num_attention_heads=4,
+                                           num_key_value_heads=4, vocab_size=1024, max_position_embeddings=256)}
 FULL_LAYERS = {"llama-7b-random": 32}
 
 

@@ -5,17 +5,21 @@ forward picks the fastest path for the number of tokens M from a dispatch table:
 * ``semi_structured``: torch.sparse.to_sparse_semi_structured (cuSPARSELt / CUTLASS) on the unpacked weight;
 * ``dense``: F.linear on the unpacked weight (always on CPU, and as the safe fallback).
 
-The table is data: (max_tokens, backend) rows, first match wins. Until a benchmark on the device writes one
-(`bench/micro/bench_sparse24_matmul.py` saves `*-sparse24_dispatch.json`; point SPARSEFAST_SPARSE24_TABLE at it),
-DEFAULT_DISPATCH uses the custom kernels for every M: they are the only path here that reads the packed weight
-without materialising a dense or cuSPARSELt copy, so the default never costs extra memory.
+The table is data: (max_tokens, backend) rows, first match wins. Which table a layer uses, first match wins:
+the `dispatch=` argument; the file named by SPARSEFAST_SPARSE24_TABLE (`bench/micro/bench_sparse24_matmul.py` writes
+`*-sparse24_dispatch.json`); the measured table shipped for the input's device family (sparsefast/nn/dispatch_tables/
+<family>.json, chosen by CUDA device name: h100, h200); else DEFAULT_DISPATCH, the custom kernels for every M (the only
+path that reads the packed weight without materialising a dense or cuSPARSELt copy, so it never costs extra memory).
+The choice is made at the first CUDA forward, so a layer built on the CPU and moved to the GPU gets its GPU's table.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -32,6 +36,8 @@ from sparsefast.ops.sparse24 import (
 
 BACKENDS = ("cuda", "semi_structured", "dense")
 TABLE_ENV = "SPARSEFAST_SPARSE24_TABLE"
+SHIPPED_TABLES = Path(__file__).resolve().parent / "dispatch_tables"
+DEVICE_FAMILIES = (("H100", "h100"), ("H200", "h200"))  # substring of torch.cuda.get_device_name -> table file
 
 
 @dataclass(frozen=True)
@@ -74,9 +80,32 @@ def load_dispatch_table(path: str | os.PathLike) -> DispatchTable:
     return DispatchTable(tuple((int(m), str(b)) for m, b in rows), source=str(path))
 
 
-def _table_from_env() -> DispatchTable:
+def device_family(device_name: str) -> str | None:
+    """The shipped-table family of a CUDA device name ("NVIDIA H100 80GB HBM3" -> "h100"), None if none matches."""
+    for key, family in DEVICE_FAMILIES:
+        if key in device_name:
+            return family
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _shipped_table(family: str) -> DispatchTable | None:
+    path = SHIPPED_TABLES / f"{family}.json"
+    return load_dispatch_table(path) if path.is_file() else None
+
+
+def default_dispatch(device: torch.device | None = None) -> DispatchTable:
+    """The table for a layer without an explicit one: $SPARSEFAST_SPARSE24_TABLE, else the table shipped for
+    `device`'s family (a CUDA device), else DEFAULT_DISPATCH."""
     path = os.environ.get(TABLE_ENV)
-    return load_dispatch_table(path) if path else DEFAULT_DISPATCH
+    if path:
+        return load_dispatch_table(path)
+    if device is not None and device.type == "cuda":
+        family = device_family(torch.cuda.get_device_name(device))
+        table = _shipped_table(family) if family else None
+        if table is not None:
+            return table
+    return DEFAULT_DISPATCH
 
 
 class Sparse24Linear(nn.Module):
@@ -93,7 +122,7 @@ class Sparse24Linear(nn.Module):
         self.register_buffer("values", values)
         self.register_buffer("meta", meta)
         self.register_buffer("bias", bias)
-        self.dispatch = dispatch if dispatch is not None else _table_from_env()
+        self.dispatch = dispatch  # None: default_dispatch(device of the first CUDA input), then kept
         self._cache: dict[tuple, torch.Tensor] = {}  # derived weights (dense, semi-structured), rebuilt on demand
 
     @classmethod
@@ -107,8 +136,9 @@ class Sparse24Linear(nn.Module):
         return cls(linear.in_features, linear.out_features, values, meta, bias, dispatch)
 
     def extra_repr(self) -> str:
+        source = self.dispatch.source if self.dispatch is not None else "per device (chosen at the first CUDA call)"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"dispatch={self.dispatch.source!r}")
+                f"dispatch={source!r}")
 
     def _apply(self, fn, recurse=True):  # .to()/.cuda()/.half(): derived weights are stale afterwards
         self._cache = {}
@@ -136,6 +166,8 @@ class Sparse24Linear(nn.Module):
         """The path forward() takes for this input."""
         if not x.is_cuda:
             return "dense"
+        if self.dispatch is None:
+            self.dispatch = default_dispatch(x.device)
         backend = self.dispatch.backend_for(x.numel() // max(x.shape[-1], 1))
         if backend == "cuda" and not cuda_supported(x, self.values, self.in_features):
             return "dense"

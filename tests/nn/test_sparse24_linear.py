@@ -60,6 +60,32 @@ def test_dispatch_table_rows_and_loading(tmp_path):
         load_dispatch_table(tmp_path / "missing.json")
 
 
+def test_default_dispatch_by_device_family(monkeypatch, tmp_path):
+    from sparsefast.nn import sparse24_linear as S
+
+    assert S.device_family("NVIDIA H100 80GB HBM3") == "h100" and S.device_family("NVIDIA H200") == "h200"
+    assert S.device_family("NVIDIA A100-SXM4-80GB") is None
+    monkeypatch.delenv(S.TABLE_ENV, raising=False)
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    shipped = S.default_dispatch(cuda)
+    assert shipped.source.endswith("dispatch_tables/h100.json")
+    assert shipped.rows == tuple((m, b) for m, b in json.loads((S.SHIPPED_TABLES / "h100.json").read_text())["rows"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    assert S.default_dispatch(cuda) is S.DEFAULT_DISPATCH  # no table measured for this family
+    assert S.default_dispatch(torch.device("cpu")) is S.DEFAULT_DISPATCH
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"rows": [[4, "dense"], [8, "cuda"]]}))
+    monkeypatch.setenv(S.TABLE_ENV, str(path))  # the override wins over the shipped table
+    assert S.default_dispatch(cuda).rows == ((4, "dense"), (8, "cuda"))
+    lin = nn.Linear(16, 8)
+    with torch.no_grad():
+        lin.weight.copy_(to_sparse24_by_magnitude(lin.weight))
+    layer = Sparse24Linear.from_dense(lin)
+    assert layer.dispatch is None and "chosen at the first CUDA call" in repr(layer)
+    assert layer.backend_for(torch.randn(2, 16)) == "dense" and layer.dispatch is None  # CPU input: no table needed
+
+
 def test_swap_tiny_llama_same_greedy_tokens():
     model = tiny_model("llama", seed=1)
     _prune_model_24(model)
