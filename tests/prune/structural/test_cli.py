@@ -63,3 +63,60 @@ def test_layer_range_outside_model(tmp_path, story_llama_dir, capsys):
 def test_choices_are_enforced(tmp_path):
     with pytest.raises(SystemExit):
         main(["prune-structured", "x", "--importance", "taylor", "--out", str(tmp_path)])
+
+
+def test_default_layer_range_on_a_two_layer_model_suggests_layers(tmp_path, story_llama_dir, capsys):
+    rc = main(["prune-structured", str(story_llama_dir), "--importance", "l2", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "skips the first and the last decoder layer" in err and "--layers 0-1" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_seqlen_above_context_is_refused_before_loading(tmp_path, story_llama_dir, capsys, monkeypatch):
+    import sparsefast.models
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("weights loaded before the seqlen check")
+
+    monkeypatch.setattr(sparsefast.models, "load_model", no_load)
+    rc = main(["prune-structured", str(story_llama_dir), "--layers", "0-1", "--seqlen", "513",
+               "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "seqlen 513 exceeds the model's context of 512 tokens" in err and "--seqlen 512" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_no_progress_silences_the_bars(tmp_path, story_llama_dir, capfd):
+    import transformers
+
+    argv = ["prune-structured", str(story_llama_dir), "--importance", "l2", "--layers", "0-1", "--device", "cpu"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    assert "it/s]" in capfd.readouterr().err              # the control: loading and saving draw bars
+    assert main([*argv, "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    captured = capfd.readouterr()
+    assert "it/s]" not in captured.err and "%|" not in captured.err, captured.err
+    assert json.loads(captured.out.strip().splitlines()[-1])["parameters"][1] < 656000
+    assert transformers.utils.logging.is_progress_bar_enabled()        # restored for the rest of the process
+
+
+def test_preset_and_explicit_options(tmp_path):
+    from sparsefast.cli import build_parser
+    from sparsefast.cli.prune_structured import config_from_args
+
+    def config(*extra):
+        return config_from_args(build_parser().parse_args(["prune-structured", "m", "--out", str(tmp_path), *extra]))
+
+    cfg = config("--preset", "llm-pruner")
+    assert (cfg.importance, cfg.nsamples, cfg.seqlen, cfg.seed, cfg.rounding, cfg.layers, cfg.gqa) == (
+        "element1", 10, 64, 42, "keep_floor", "4-29@32", "kv_groups")
+    cfg = config("--preset", "llm-pruner", "--seed", "0", "--attn-layers", "1-2", "--importance", "element2")
+    assert (cfg.seed, cfg.attn_layers, cfg.mlp_layers, cfg.layers, cfg.importance) == (0, "1-2", None, "4-29@32",
+                                                                                     "element2")
+    plain = config("--layers", "0-1", "--mlp-layers", "1-1")
+    assert plain.layer_ranges(2) == ((0, 2), (1, 2)) and (plain.seed, plain.rounding) == (0, "half_up")
+
+
+def test_bad_attention_range_fails_before_loading(tmp_path, capsys):
+    rc = main(["prune-structured", str(tmp_path / "no-such-model"), "--attn-layers", "3", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--attn-layers" in err and "no-such-model" not in err
