@@ -2,8 +2,9 @@
 
 __version__ = "0.1.0"
 
-# The public idiom `sparsefast.prune(model, config, calib)`. This rebinds the package attribute `prune` (the
-# subpackage sparsefast.prune stays importable by its dotted path: `from sparsefast.prune.wanda import ...`).
-from sparsefast.api import prune  # noqa: E402
+# The public idioms `sparsefast.prune(model, config, calib)` and `model, tok = sparsefast.load(path)`. This rebinds
+# the package attribute `prune` (the subpackage sparsefast.prune stays importable by its dotted path:
+# `from sparsefast.prune.wanda import ...`).
+from sparsefast.api import load, prune  # noqa: E402
 
-__all__ = ["prune", "__version__"]
+__all__ = ["load", "prune", "__version__"]

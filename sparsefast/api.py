@@ -1,8 +1,10 @@
-"""The public Python surface: `prune(model, config, calib)` → report, `check_prunable`, `check_calib`, `evaluate`, and
-`prune_pretrained` (load → validate → calibrate → prune → evaluate → save, what `sparsefast prune` runs)."""
+"""The public Python surface: `load(path)` → (model, tokenizer), `prune(model, config, calib)` → report,
+`check_prunable`, `check_calib`, `evaluate`, and `prune_pretrained` (load → validate → calibrate → prune → evaluate →
+save, what `sparsefast prune` runs)."""
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from typing import Any, Sequence
@@ -22,11 +24,26 @@ def compute_device(name: str) -> torch.device:
     return resolve_device(name)
 
 
+def load(path: str | os.PathLike, *, device: str | torch.device = "cpu",
+         dtype: torch.dtype | str | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) of any checkpoint sparsefast reads or writes: a dense, mask-pruned (sparsefast prune) or
+    structurally pruned (prune-structured; structure.json) directory, a `.gguf` file, a hub id or "smollm2".
+
+    The model is a transformers `*ForCausalLM` in eval mode on `device` ("cpu", "cuda", "cuda:N", "auto") that
+    `generate()`s. dtype: a torch.dtype or "float32" / "bfloat16" / "float16" / "auto"; None = the checkpoint's
+    dtype (half types become float32 on CPU). No pickle is executed and no remote code runs
+    (see sparsefast.models.load_model)."""
+    from sparsefast.models import load_model
+
+    return load_model(os.fspath(path), dtype=resolve_dtype(dtype), device=device)
+
+
 def check_prunable(model: nn.Module, config: PruneConfig, *, check_seqlen: bool = True) -> Any:
     """Every model-dependent check of `config`, before any work: supported architecture, the pattern against every
-    prunable linear, config.seqlen against the model's context (skipped with check_seqlen=False when the caller
-    brings its own calibration ids, whose shape check_calib checks). Returns the model's adapter."""
-    from sparsefast.models import get_adapter
+    prunable linear, finite weights (check_finite_weights names the first bad linear), config.seqlen against the
+    model's context (skipped with check_seqlen=False when the caller brings its own calibration ids, whose shape
+    check_calib checks). Returns the model's adapter."""
+    from sparsefast.models import check_finite_weights, get_adapter
 
     config.validate()
     adapter = get_adapter(model)
@@ -37,6 +54,7 @@ def check_prunable(model: nn.Module, config: PruneConfig, *, check_seqlen: bool 
     if check_seqlen and config.needs_calibration and max_ctx is not None and config.seqlen > max_ctx:
         raise ValueError(f"seqlen {config.seqlen} exceeds the model's context of {max_ctx} tokens; "
                          f"use --seqlen {max_ctx} or less")
+    check_finite_weights(model)
     return adapter
 
 
@@ -131,14 +149,16 @@ def prune_pretrained(model_name: str, config: PruneConfig, *, out: str | None = 
                      eval_windows: int | None = None, progress: bool = True, log=print) -> dict[str, Any]:
     """Load `model_name` (HF dir, hub id, .gguf or a registered name), prune it, optionally evaluate perplexity
     before and after, and save it atomically to `out`. Every bad input raises before any file is written."""
-    from sparsefast.checkpoint import check_output_dir, save_checkpoint
-    from sparsefast.data import check_eval_request, get_calibration
-    from sparsefast.models import load_config, load_model
+    from sparsefast.checkpoint import check_output_dir, check_savable, save_checkpoint
+    from sparsefast.data import check_data_dir, check_eval_request, get_calibration
+    from sparsefast.models import load_config, load_model, local_source_paths
 
     config.validate()
     compute_device(config.device)
+    sources = local_source_paths(model_name)
     if out is not None:
-        check_output_dir(out, overwrite)
+        check_output_dir(out, overwrite, sources=sources)
+    check_data_dir(data_dir)
     for name in eval_datasets:
         check_eval_request(name)
     if eval_windows is not None and eval_windows < 1:
@@ -148,6 +168,8 @@ def prune_pretrained(model_name: str, config: PruneConfig, *, out: str | None = 
     load_config(model_name)  # missing path / unsupported architecture, before loading any weights
     model, tokenizer = load_model(model_name, dtype=resolve_dtype(config.dtype), device="cpu")
     adapter = check_prunable(model, config)
+    if out is not None:
+        check_savable(model)
     ev_seqlen = eval_seqlen or min(config.seqlen, adapter.max_context(model) or config.seqlen)
     calib = None
     if config.needs_calibration:
@@ -171,7 +193,7 @@ def prune_pretrained(model_name: str, config: PruneConfig, *, out: str | None = 
         report["eval"] = {"seqlen": ev_seqlen, "protocol": "gptq", "max_windows": eval_windows, "before": before,
                           "after": after}
     if out is not None:
-        path = save_checkpoint(model, tokenizer, out, report, overwrite=overwrite)
+        path = save_checkpoint(model, tokenizer, out, report, overwrite=overwrite, sources=sources)
         log(f"saved {path}")
     return report
 

@@ -3,7 +3,8 @@ the same model with the same calibration ids, in one run, through sparsefast.api
 
 Reported per method: calibration-forward time (layer forwards incl. statistics hooks, plus the layer-0 capture),
 metric+mask time (the pruner's metric, mask and weight update), their total, per decoder layer and for the whole
-run, and peak device memory. Ratios are against Wanda (triton) when it ran, else Wanda (torch).
+run, and peak memory: device memory on CUDA, else the process's peak RSS (cumulative over the methods; always in
+the JSON). Ratios are against Wanda (triton) when it ran, else Wanda (torch).
 
 Models: `smollm2` (or any name sparsefast.models.load_model takes) or `llama-7b-random`: a LlamaForCausalLM with
 LLaMA-7B's shapes (hidden 4096, intermediate 11008, 32 heads) and random bf16 weights, built on the device with
@@ -50,6 +51,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     q.add_argument("--seed", type=int, default=0, help="seed of the random ids and weights (default 0)")
     q.add_argument("--json", default=None, help="write the result JSON here (atomically)")
     q.set_defaults(func=run)
+    from sparsefast.cli.bench_serve import add_serve_parser
+
+    add_serve_parser(sub)
     return p
 
 
@@ -71,6 +75,16 @@ def build_model(name: str, layers: int | None, device: torch.device) -> tuple[to
 
     model, _ = load_model(name, device=device)
     return model, f"{name} ({model.config.num_hidden_layers} layers, {next(model.parameters()).dtype})"
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (getrusage; Linux reports KiB, macOS bytes): on CPU the memory
+    number that matters, and monotonic, so a method's value covers every method before it too."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
 def _method_result(report: dict[str, Any], peak: int | None, wall: float) -> dict[str, Any]:
@@ -107,8 +121,11 @@ def run_prune_bench(args: argparse.Namespace) -> dict[str, Any]:
     unknown = [m for m in methods if m not in METHOD_CONFIGS]
     if unknown or not methods:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHOD_CONFIGS)}")
-    nsamples = args.nsamples or (128 if cuda else 4)
-    seqlen = args.seqlen or (2048 if cuda else 128)
+    nsamples = args.nsamples if args.nsamples is not None else (128 if cuda else 4)
+    seqlen = args.seqlen if args.seqlen is not None else (2048 if cuda else 128)
+    for flag, value in (("--nsamples", nsamples), ("--seqlen", seqlen)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     configs = {m: make_config(METHOD_CONFIGS[m][0], pattern=args.pattern, nsamples=nsamples, seqlen=seqlen,
                               seed=args.seed, device=str(device), batch_size=args.batch_size,
                               **METHOD_CONFIGS[m][1]) for m in methods}  # all validated before any work
@@ -135,12 +152,13 @@ def run_prune_bench(args: argparse.Namespace) -> dict[str, Any]:
         wall = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated(device) if cuda else None
         res = _method_result(report, peak, wall)
+        res["peak_rss_bytes"] = peak_rss_bytes()
         if name in FULL_LAYERS and layers < FULL_LAYERS[name]:
             res["extrapolated_full_model"] = _extrapolate(res, layers, FULL_LAYERS[name])
         out["methods"][m] = res
+        memory = f"peak {peak / 2**30:.2f} GiB" if cuda else f"peak RSS {res['peak_rss_bytes'] / 2**30:.2f} GiB"
         print(f"{m:13s} calib_forward {res['calib_forward_s']:8.3f} s  metric+mask {res['metric_mask_s']:8.3f} s  "
-              f"total {res['total_s']:8.3f} s  peak {peak / 2**30 if peak else 0:.2f} GiB  "
-              f"sparsity {res['achieved_sparsity']:.4f}", flush=True)
+              f"total {res['total_s']:8.3f} s  {memory}  sparsity {res['achieved_sparsity']:.4f}", flush=True)
     base = "wanda-triton" if "wanda-triton" in out["methods"] else "wanda-torch"
     if base in out["methods"]:
         b = out["methods"][base]

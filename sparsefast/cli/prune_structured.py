@@ -93,13 +93,16 @@ def run(args: argparse.Namespace) -> int:
 
     import transformers
 
-    from sparsefast.checkpoint import check_output_dir
+    from sparsefast.checkpoint import check_output_dir, check_savable
+    from sparsefast.data import check_data_dir
     from sparsefast.device import resolve_dtype
-    from sparsefast.models import load_config, load_model
+    from sparsefast.models import load_config, load_model, local_source_paths
     from sparsefast.prune.structural import prune_structured, save_structural
 
     config = config_from_args(args)          # bad ratio / names / layer ranges: before loading anything
-    check_output_dir(args.out, args.overwrite)
+    sources = local_source_paths(args.model)
+    check_output_dir(args.out, args.overwrite, sources=sources)
+    check_data_dir(args.data_dir)
     hf_config = load_config(args.model)      # None for GGUF: prune_structured checks the context after loading
     if hf_config is not None:
         config.check_context(getattr(hf_config, "max_position_embeddings", None))
@@ -108,9 +111,11 @@ def run(args: argparse.Namespace) -> int:
         transformers.utils.logging.disable_progress_bar()    # also huggingface_hub's bars
     try:
         model, tokenizer = load_model(args.model, dtype=resolve_dtype(args.dtype), device=args.device)
+        check_savable(model)
         report = prune_structured(model, tokenizer, config, calib_source=args.calib, data_dir=args.data_dir)
         report["model"] = args.model
-        save_structural(model, args.out, tokenizer=tokenizer, report=report, overwrite=args.overwrite)
+        save_structural(model, args.out, tokenizer=tokenizer, report=report, overwrite=args.overwrite,
+                        sources=sources)
     finally:
         if bars:
             transformers.utils.logging.enable_progress_bar()

@@ -17,7 +17,15 @@ from sparsefast.data.evaluation import (
     get_eval_text,
     get_eval_tokens,
 )
-from sparsefast.data.files import BUNDLED_DIR, DATA_ENV, data_search_dirs, find_data_file, read_documents, tokenize
+from sparsefast.data.files import (
+    BUNDLED_DIR,
+    DATA_ENV,
+    check_data_dir,
+    data_search_dirs,
+    find_data_file,
+    read_documents,
+    tokenize,
+)
 
 __all__ = [
     "BUNDLED_DIR",
@@ -26,6 +34,7 @@ __all__ = [
     "EVAL_DATASETS",
     "PROTOCOLS",
     "calibration_documents",
+    "check_data_dir",
     "check_eval_request",
     "data_search_dirs",
     "eval_data_files",

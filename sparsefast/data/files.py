@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,8 +17,18 @@ BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 DATA_ENV = "SPARSEFAST_DATA"
 
 
+def check_data_dir(data_dir: str | os.PathLike | None) -> None:
+    """An explicit data directory (--data-dir) must exist: a typo would otherwise silently fall back to the bundled
+    copies. Raises FileNotFoundError."""
+    if data_dir and not Path(data_dir).expanduser().is_dir():
+        raise FileNotFoundError(f"--data-dir {data_dir} does not exist or is not a directory; pass the directory "
+                                f"that holds the datasets (or omit it to use ${DATA_ENV} and the bundled copies)")
+
+
 def data_search_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Directories searched for data files, in order: `data_dir`, `$SPARSEFAST_DATA`, the bundled copy."""
+    """Directories searched for data files, in order: `data_dir` (must exist), `$SPARSEFAST_DATA`, the bundled
+    copy."""
+    check_data_dir(data_dir)
     dirs = [Path(data_dir).expanduser()] if data_dir else []
     if os.environ.get(DATA_ENV):
         dirs.append(Path(os.environ[DATA_ENV]).expanduser())
@@ -51,11 +62,21 @@ def find_data_file(relpath: str | Sequence[str], data_dir: str | os.PathLike | N
 
 
 def read_text(path: str | os.PathLike) -> str:
-    """Whole file as UTF-8 text (transparently gunzipped for *.gz). Line ends are kept as in the file."""
+    """Whole file as UTF-8 text (transparently gunzipped for *.gz). Line ends are kept as in the file.
+
+    Raises ValueError naming the file for a *.gz that is not (complete) gzip and for bytes that are not UTF-8."""
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8", newline="") as f:
-        return f.read()
+    gz = path.suffix == ".gz"
+    opener = gzip.open if gz else open
+    try:
+        with opener(path, "rt", encoding="utf-8", newline="") as f:
+            return f.read()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); give a UTF-8 .txt, .json or "
+                         ".jsonl file (optionally .gz)") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise ValueError(f"{path}: not a valid gzip file ({exc}); decompress it or drop the .gz suffix if it is "
+                         "plain text") from None
 
 
 def split_lines(text: str) -> list[str]:

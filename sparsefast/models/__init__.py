@@ -19,11 +19,14 @@ from sparsefast.models.loading import (
     SMOLLM2_ALIAS,
     load_config,
     load_model,
+    local_source_paths,
     model_context,
+    read_local_config,
     resolve_model_source,
     smollm2_gguf_path,
 )
 from sparsefast.models.opt import OPTAdapter
+from sparsefast.models.weights import check_finite_weights, check_weight_files
 
 __all__ = [
     "GPTNeoXAdapter",
@@ -31,11 +34,15 @@ __all__ = [
     "ModelAdapter",
     "OPTAdapter",
     "SMOLLM2_ALIAS",
+    "check_finite_weights",
     "check_supported",
+    "check_weight_files",
     "get_adapter",
     "load_config",
     "load_model",
+    "local_source_paths",
     "model_context",
+    "read_local_config",
     "register_adapter",
     "resolve_device",
     "resolve_dtype",

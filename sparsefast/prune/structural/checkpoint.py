@@ -2,14 +2,16 @@
 
 A checkpoint dir holds the usual transformers files (config.json, model.safetensors, tokenizer files) plus
 `structure.json`, which carries what one config cannot: per-layer head counts and MLP widths, the shape of every
-Linear / Embedding / norm, and the per-module attributes forward() reads. `load_structural` builds the model from
-config.json, shrinks each module to the recorded shape, then loads the safetensors weights (strict: every tensor
-must match) and re-ties tied weights. `sparsefast.models.load_model` delegates here when structure.json exists.
+Linear / Embedding / norm, and the per-module attributes forward() reads. Saving goes through the one checkpoint
+writer (`sparsefast.checkpoint.save_checkpoint`). `load_structural` builds the model from config.json (no remote
+code), checks structure.json strictly against it (known keys, existing modules of the right kind, shapes that only
+shrink, only head/MLP size attributes set to positive ints within the config's bounds), shrinks each module to the
+recorded shape, then loads the safetensors weights (strict: every tensor must match) and re-ties tied weights.
+`sparsefast.models.load_model` delegates here when structure.json exists.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 from pathlib import Path
@@ -18,13 +20,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsefast.checkpoint import REPORT_NAME, atomic_output_dir, check_output_dir
+from sparsefast.checkpoint import STRUCTURE_FILE, save_checkpoint
+from sparsefast.checkpoint import STRUCTURE_FORMAT as FORMAT
 from sparsefast.prune.structural.slicing import HEAD_ATTRS, MLP_ATTRS, replace_parameter, sync_module_shapes
 from sparsefast.prune.structural.trace import is_norm_module
 
-STRUCTURE_FILE = "structure.json"
-FORMAT = "sparsefast-structural"
 VERSION = 1
+REQUIRED_KEYS = ("format", "version", "modules", "attributes")
+OPTIONAL_KEYS = ("architecture", "num_hidden_layers", "hidden_size", "layers")
 
 
 def structure_of(model: nn.Module, layers: list[dict] | None = None) -> dict[str, Any]:
@@ -47,6 +50,73 @@ def structure_of(model: nn.Module, layers: list[dict] | None = None) -> dict[str
             "layers": layers or [], "modules": modules, "attributes": attributes}
 
 
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _kind(mod: nn.Module) -> str | None:
+    if isinstance(mod, nn.Linear):
+        return "linear"
+    if isinstance(mod, nn.Embedding):
+        return "embedding"
+    return "norm" if is_norm_module(mod) else None
+
+
+def check_structure(model: nn.Module, structure: Any) -> None:
+    """Validate a structure record against the freshly built (unpruned-shape) `model` before anything is resized.
+
+    Raises ValueError naming the first offending entry: wrong format/version, unknown or missing keys, a module
+    that does not exist or is of another kind, a shape that is not positive ints or exceeds the module's size from
+    config.json (pruning only shrinks), an attribute other than the head/MLP size fields, or one that is not a
+    positive int within the config's bounds."""
+    where = STRUCTURE_FILE
+    if not isinstance(structure, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(structure).__name__}")
+    if structure.get("format") != FORMAT or structure.get("version") != VERSION:
+        raise ValueError(f"{where}: unknown format {structure.get('format')!r} v{structure.get('version')}; "
+                         f"expected {FORMAT} v{VERSION}")
+    missing = [k for k in REQUIRED_KEYS if k not in structure]
+    unknown = sorted(set(structure) - set(REQUIRED_KEYS) - set(OPTIONAL_KEYS))
+    if missing or unknown:
+        raise ValueError(f"{where}: missing keys {missing}, unknown keys {unknown}")
+    if not isinstance(structure["modules"], dict) or not isinstance(structure["attributes"], dict):
+        raise ValueError(f"{where}: 'modules' and 'attributes' must be JSON objects")
+    names = dict(model.named_modules())
+    arch = type(model).__name__
+    for name, spec in structure["modules"].items():
+        mod = names.get(name)
+        if mod is None:
+            raise ValueError(f"{where}: module {name!r} does not exist in {arch}")
+        kind = _kind(mod)
+        if not isinstance(spec, dict) or spec.get("kind") != kind:
+            raise ValueError(f"{where}: module {name!r} is a {kind or 'container'} in {arch}, the entry says "
+                             f"{spec.get('kind') if isinstance(spec, dict) else spec!r}")
+        if kind == "norm":
+            full, wanted = [next(mod.parameters()).shape[0]], [spec.get("size")]
+        else:
+            full, wanted = list(mod.weight.shape), spec.get("shape")
+        if (not isinstance(wanted, list) or len(wanted) != len(full) or not all(map(_positive_int, wanted))
+                or any(w > f for w, f in zip(wanted, full))):
+            raise ValueError(f"{where}: module {name!r} asks for size {wanted}; only positive ints up to its "
+                             f"size {full} from config.json are allowed")
+    allowed = HEAD_ATTRS + MLP_ATTRS
+    heads = getattr(model.config, "num_attention_heads", None)
+    for name, attrs in structure["attributes"].items():
+        mod = names.get(name)
+        if mod is None or not name:
+            raise ValueError(f"{where}: attributes of module {name!r}, which does not exist in {arch}")
+        if not isinstance(attrs, dict):
+            raise ValueError(f"{where}: attributes of {name!r} must be a JSON object")
+        for attr, value in attrs.items():
+            if attr not in allowed or not isinstance(getattr(mod, attr, None), int):
+                raise ValueError(f"{where}: {name}.{attr} may not be set; only the head/MLP size fields "
+                                 f"{', '.join(allowed)} that the module has")
+            bound = heads if attr in HEAD_ATTRS and isinstance(heads, int) else getattr(mod, attr)
+            if not _positive_int(value) or value > bound:
+                raise ValueError(f"{where}: {name}.{attr} = {value!r}; it must be a positive int <= {bound} "
+                                 "(the config's size)")
+
+
 def _resize(model: nn.Module, p: nn.Parameter, shape: list[int]) -> None:
     """Replace `p` by an uninitialised parameter of `shape` in every module holding it (ties survive)."""
     replace_parameter(model, p, torch.empty(shape, dtype=p.dtype, device=p.device))
@@ -54,15 +124,12 @@ def _resize(model: nn.Module, p: nn.Parameter, shape: list[int]) -> None:
 
 @torch.no_grad()
 def apply_structure(model: nn.Module, structure: dict[str, Any]) -> None:
-    """Shrink the freshly built `model` to `structure` (shapes and attributes); weights are left uninitialised."""
-    if structure.get("format") != FORMAT or structure.get("version") != VERSION:
-        raise ValueError(f"{STRUCTURE_FILE}: unknown format {structure.get('format')!r} v{structure.get('version')}; "
-                         f"expected {FORMAT} v{VERSION}")
+    """Shrink the freshly built `model` to `structure` (shapes and attributes, validated by check_structure first);
+    weights are left uninitialised."""
+    check_structure(model, structure)
     names = dict(model.named_modules())
     for name, spec in structure["modules"].items():
-        mod = names.get(name)
-        if mod is None:
-            raise ValueError(f"{STRUCTURE_FILE}: module {name!r} does not exist in {type(model).__name__}")
+        mod = names[name]
         if spec["kind"] in ("linear", "embedding"):
             if list(mod.weight.shape) != spec["shape"]:
                 _resize(model, mod.weight, spec["shape"])
@@ -73,51 +140,58 @@ def apply_structure(model: nn.Module, structure: dict[str, Any]) -> None:
                 if p is not None and p.shape[0] != spec["size"]:
                     _resize(model, p, [spec["size"]])
     sync_module_shapes(model)
-    for name, attrs in structure.get("attributes", {}).items():
+    for name, attrs in structure["attributes"].items():
         for attr, value in attrs.items():
-            setattr(names[name], attr, int(value))
+            setattr(names[name], attr, value)
 
 
 def save_structural(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None, report: dict | None = None,
-                    layers: list[dict] | None = None, overwrite: bool = False) -> Path:
-    """Write `model` (safetensors + config.json + structure.json [+ tokenizer, sparsefast.json]) atomically
-    (temporary dir beside `out_dir`, then rename). Raises ValueError for a non-empty `out_dir` without overwrite."""
-    out = check_output_dir(out_dir, overwrite)
+                    layers: list[dict] | None = None, overwrite: bool = False,
+                    sources: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """Write `model` (safetensors + config.json + structure.json [+ tokenizer, sparsefast.json]) through the one
+    checkpoint writer (atomic, exclusive; see sparsefast.checkpoint for what `overwrite` may replace)."""
     structure = structure_of(model, layers if layers is not None else getattr(model, "sparsefast_layers", None))
-    with atomic_output_dir(out) as tmp:
-        kwargs = {}
-        if "save_original_format" in inspect.signature(model.save_pretrained).parameters:
-            kwargs["save_original_format"] = False  # tensor names = module names (GPT-NeoX: lm_head, not embed_out)
-        model.save_pretrained(tmp, safe_serialization=True, **kwargs)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / STRUCTURE_FILE).write_text(json.dumps(structure, indent=1))
-        if report is not None:
-            (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1, default=str))
-    return out
+    return save_checkpoint(model, tokenizer, out_dir, report, overwrite=overwrite, structure=structure,
+                           sources=sources)
 
 
 def load_structural(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str = "cpu"):
-    """(model, tokenizer or None) from a checkpoint written by `save_structural`; model in eval mode on `device`."""
+    """(model, tokenizer or None) from a checkpoint written by `save_structural`; model in eval mode on `device`.
+
+    No pickle and no remote code: config.json's model_type must be a supported architecture, every
+    `from_pretrained` runs with trust_remote_code=False, weights come from safetensors only. Raises ValueError
+    (unsupported/corrupt files, structure.json problems) or FileNotFoundError (missing files)."""
     import transformers
     from safetensors.torch import load_file
+
+    from sparsefast.models.loading import read_local_config
+    from sparsefast.models.weights import check_weight_files
 
     root = Path(path)
     if not (root / STRUCTURE_FILE).is_file():
         raise FileNotFoundError(f"{root / STRUCTURE_FILE} not found; is {root} a structurally pruned checkpoint?")
-    structure = json.loads((root / STRUCTURE_FILE).read_text())
-    config = transformers.AutoConfig.from_pretrained(root)
+    try:
+        structure = json.loads((root / STRUCTURE_FILE).read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{root / STRUCTURE_FILE}: not valid JSON ({exc}); re-save the checkpoint") from exc
+    read_local_config(root)  # model_type checked before transformers sees the directory
+    config = transformers.AutoConfig.from_pretrained(root, trust_remote_code=False)
     files = sorted(root.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {root}")
+    check_weight_files(files)
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(str(f)))
     if dtype is None:
         dtype = next(iter(state.values())).dtype
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     apply_structure(model, structure)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # size mismatches
+        raise ValueError(f"{root}: weights do not match {STRUCTURE_FILE}: "
+                         f"{str(exc).strip().splitlines()[-1].strip()}") from exc
     tied = {n for n, p in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
     if unexpected or set(missing) - tied:
         raise ValueError(f"{root}: weights do not match {STRUCTURE_FILE}: missing {sorted(set(missing) - tied)[:5]}, "
@@ -125,5 +199,5 @@ def load_structural(path: str | os.PathLike, *, dtype: torch.dtype | None = None
     model.sparsefast_layers = structure.get("layers", [])
     tokenizer = None
     if (root / "tokenizer_config.json").is_file():
-        tokenizer = transformers.AutoTokenizer.from_pretrained(root)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(root, trust_remote_code=False)
     return model.to(device).eval(), tokenizer

@@ -44,10 +44,13 @@ def test_save_reload_equal_outputs(tmp_path, family, cfg, overrides):
     assert torch.equal(a, b) and b.shape == (1, 14)
 
 
-def test_reload_in_bfloat16_and_through_load_model(tmp_path):
+def test_reload_in_bfloat16_and_through_load_model(tmp_path, story_llama_dir):
+    from transformers import AutoTokenizer
+
     model = tiny_model("mistral").float()
     prune_structured(model, None, StructuralConfig(ratio=0.5, importance="l2", layers="0-1"), None)
-    out = save_structural(model, tmp_path / "m")
+    # load_model needs a tokenizer in the checkpoint (any tokenizer: only the model's outputs are compared)
+    out = save_structural(model, tmp_path / "m", tokenizer=AutoTokenizer.from_pretrained(story_llama_dir))
     loaded, _ = load_structural(out, dtype=torch.bfloat16)
     assert next(loaded.parameters()).dtype == torch.bfloat16
     assert loaded.model.layers[0].self_attn.q_proj.out_features == 32
@@ -65,6 +68,9 @@ def test_save_refuses_to_clobber_and_load_checks_files(tmp_path):
     with pytest.raises(ValueError, match="overwrite"):
         save_structural(model, tmp_path / "full")
     assert (tmp_path / "full" / "keep.txt").read_text() == "x"
+    with pytest.raises(ValueError, match="not a sparsefast output"):  # --overwrite never replaces foreign files
+        save_structural(model, tmp_path / "full", overwrite=True)
+    (tmp_path / "full" / "sparsefast.json").write_text("{}")  # an earlier output of ours is replaced
     save_structural(model, tmp_path / "full", overwrite=True)
     assert not (tmp_path / "full" / "keep.txt").exists()
     with pytest.raises(FileNotFoundError, match="structure.json"):
