@@ -166,3 +166,36 @@ def test_bad_inputs_before_any_work(case, msg):
     if case != "arch":
         after = params(model)
         assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_top_level_load_reads_every_checkpoint_kind(tmp_path, story_llama_dir):
+    """sparsefast.load(path) → (model, tokenizer) that generate()s: dense dir, mask-pruned and structural outputs."""
+    import inspect
+
+    import sparsefast
+    from sparsefast.prune.structural import StructuralConfig, prune_structured, save_structural
+
+    kinds = [p.kind for p in inspect.signature(sparsefast.load).parameters.values()]
+    assert kinds == [inspect.Parameter.POSITIONAL_OR_KEYWORD] + [inspect.Parameter.KEYWORD_ONLY] * 2
+    dense, tok = sparsefast.load(story_llama_dir)
+    assert not dense.training and next(dense.parameters()).device.type == "cpu"
+    prompt = tok("Once upon a time", return_tensors="pt")["input_ids"]
+    assert dense.generate(prompt, max_new_tokens=4, do_sample=False).shape[1] == prompt.shape[1] + 4
+
+    rep = api.prune(dense, MagnitudeConfig(sparsity=0.5), progress=False)
+    save_checkpoint(dense, tok, tmp_path / "masked", rep)
+    masked, tok2 = sparsefast.load(tmp_path / "masked", dtype="bfloat16")
+    q = masked.model.layers[1].self_attn.q_proj.weight
+    assert q.dtype == torch.bfloat16 and (q == 0).float().mean() == 0.5
+    assert tok2("Once upon a time")["input_ids"] == prompt[0].tolist()
+    assert masked.generate(prompt, max_new_tokens=4, do_sample=False).shape[1] == prompt.shape[1] + 4
+
+    sliced, _ = sparsefast.load(story_llama_dir)
+    prune_structured(sliced, tok, StructuralConfig(ratio=0.5, importance="l2", layers="0-1"), None)
+    save_structural(sliced, tmp_path / "structural", tokenizer=tok)
+    small, tok3 = sparsefast.load(str(tmp_path / "structural"), device="cpu", dtype=torch.float32)
+    assert small.model.layers[0].mlp.up_proj.out_features == sliced.model.layers[0].mlp.up_proj.out_features < 384
+    with torch.no_grad():
+        assert torch.equal(small(prompt).logits, sliced(prompt).logits)
+    out = small.generate(prompt, max_new_tokens=4, do_sample=False)
+    assert torch.equal(out, sliced.generate(prompt, max_new_tokens=4, do_sample=False)) and tok3 is not None
