@@ -38,7 +38,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("model", help="HF checkpoint dir, hub id, .gguf file, or 'smollm2' (the embedded default)")
     p.add_argument("--preset", default=None, choices=tuple(PRESETS),
                    help="start from a published configuration: llm-pruner = element1 (taylor param_first), sum, "
-                        "local, layers 4-29@32, kv_groups, 10 x 64 tokens, seed 42, keep_floor rounding")
+                        "local, layers 4-29@32, kv_groups, 10 x 64 tokens, seed 42, keep_floor rounding; --ratio "
+                        "is still yours (LLM-Pruner's ~20%%-of-parameters LLaMA-7B run used 0.25)")
     p.add_argument("--ratio", type=float, default=d.ratio, help=f"fraction of units removed, in [0, 1) "
                    f"(default {d.ratio})")
     p.add_argument("--importance", default=None, choices=IMPORTANCES, help=f"group importance (default {d.importance})")

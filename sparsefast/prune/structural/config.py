@@ -72,8 +72,9 @@ def parse_layer_range(spec: str | tuple[int, int] | None, num_layers: int,
     """
     if spec is None:
         if num_layers <= 2:
-            raise ValueError(f"the default layer range skips the first and the last decoder layer, which leaves none "
-                             f"of this model's {num_layers} decoder layers; pass --layers 0-{num_layers - 1} to prune every layer")
+            raise ValueError(f"the default layer range skips the first and the last decoder layer, which leaves "
+                             f"none of this model's {num_layers} decoder layers; pass --layers 0-{num_layers - 1} "
+                             "to prune every layer")
         start, stop = 1, num_layers - 1
     elif isinstance(spec, tuple):
         start, stop = spec
@@ -172,14 +173,17 @@ class StructuralConfig:
             raise ValueError(f"attn_layers / mlp_layers apply to the block strategy only; with strategy "
                              f"{self.strategy!r} use --layers")
 
-    def layer_ranges(self, num_layers: int) -> tuple[tuple[int, int], tuple[int, int]]:
-        """(attention, MLP) half-open layer ranges on a model of `num_layers` decoder layers."""
-        both = None
-        if self.attn_layers is None or self.mlp_layers is None:
-            both = parse_layer_range(self.layers, num_layers)
-        attn = both if self.attn_layers is None else parse_layer_range(self.attn_layers, num_layers, "--attn-layers")
-        mlp = both if self.mlp_layers is None else parse_layer_range(self.mlp_layers, num_layers, "--mlp-layers")
-        return attn, mlp
+    def layer_ranges(self, num_layers: int) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+        """(attention, MLP) half-open layer ranges on a model of `num_layers` decoder layers; None for a kind that
+        is not pruned (prune_attention / prune_mlp False), whose range is then not checked either."""
+
+        def resolve(spec: str | None, option: str) -> tuple[int, int]:
+            if spec is None:
+                return parse_layer_range(self.layers, num_layers)
+            return parse_layer_range(spec, num_layers, option)
+
+        return (resolve(self.attn_layers, "--attn-layers") if self.prune_attention else None,
+                resolve(self.mlp_layers, "--mlp-layers") if self.prune_mlp else None)
 
     def check_context(self, max_context: int | None) -> None:
         """Calibration windows of `seqlen` tokens must fit the model's context (only gradient importances use them)."""

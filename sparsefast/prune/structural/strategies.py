@@ -48,7 +48,7 @@ class Plan:
     strategy: str
     buckets: list[Bucket] = field(default_factory=list)
     layer_range: tuple[int, int] = (0, 0)          # every layer with a candidate (attention or MLP)
-    attn_range: tuple[int, int] | None = None      # block strategy: the attention and MLP layer ranges
+    attn_range: tuple[int, int] | None = None      # block: the attention and MLP ranges (None: kind not pruned)
     mlp_range: tuple[int, int] | None = None
 
     @property
@@ -104,7 +104,7 @@ def plan_candidates(model: nn.Module, graph: StructureGraph, config: StructuralC
         plan.buckets.append(Bucket("layer", None, units, n))
         return plan
     attn_range, mlp_range = config.layer_ranges(graph.num_layers)
-    spans = [rng for rng, on in ((attn_range, config.prune_attention), (mlp_range, config.prune_mlp)) if on]
+    spans = [rng for rng in (attn_range, mlp_range) if rng is not None]
     start, stop = min(a for a, _ in spans), max(b for _, b in spans)
     plan = Plan(config.strategy, layer_range=(start, stop), attn_range=attn_range, mlp_range=mlp_range)
     for layer in range(start, stop):

@@ -42,6 +42,10 @@ def test_attention_and_mlp_ranges_are_separate():
     assert [per_layer[str(i)]["mlp_channels"] for i in range(4)] == [64] * 4
     assert report["layer_ranges"] == {"attention": [1, 3], "mlp": [0, 4]} and report["layer_range"] == [0, 4]
     assert [info["num_attention_heads"] for info in report["layers"]] == [4, 2, 2, 4]
+    # a kind left unpruned needs no range: the 2-layer default (which leaves no layer) is never consulted
+    report = prune_structured(tiny_model("llama").float(), None, StructuralConfig(
+        ratio=0.5, importance="l2", prune_attention=False, mlp_layers="0-1"))
+    assert report["layer_ranges"] == {"attention": None, "mlp": [0, 2]}
 
 
 @pytest.mark.parametrize("cfg,match", [
