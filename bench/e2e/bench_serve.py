@@ -5,7 +5,7 @@ and the same dense model under `transformers serve` (the peer), at each concurre
 Checkpoints are made under --ckpt-dir when missing, with the project's own commands:
   sparsefast prune-structured smollm2 --ratio 0.2 --importance element1 --out CKPT/smollm2-s20
   sparsefast prune smollm2 --method wanda --pattern 2:4 --nsamples 32 --seqlen 512 --out CKPT/smollm2-w24
-  dense HF dir for transformers serve: load_model("smollm2") + save_pretrained (it takes no GGUF without a hub repo)
+  dense HF dir for transformers serve: load_model("smollm2") + sparsefast.checkpoint.save_checkpoint (fp32)
 Then `sparsefast bench serve` does the measurement (sparsefast.serve.benchmark). Results: bench/results/
 <date>-cpu-serve.json and .png. Example:
   bash /tmp/quiet.sh .venv/bin/python bench/e2e/bench_serve.py --ckpt-dir /tmp/ckpt --concurrency 1,8
@@ -36,13 +36,11 @@ def prepare(ckpt: Path) -> dict[str, Path]:
         subprocess.run(cli + ["prune", "smollm2", "--method", "wanda", "--pattern", "2:4", "--nsamples", "32",
                               "--seqlen", "512", "--out", str(dirs["w24"])], check=True)
     if not dirs["dense"].is_dir():
-        from sparsefast.checkpoint import atomic_output_dir
+        from sparsefast.checkpoint import save_checkpoint
         from sparsefast.models import load_model
 
         model, tok = load_model("smollm2")
-        with atomic_output_dir(dirs["dense"]) as tmp:
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
+        save_checkpoint(model, tok, dirs["dense"])
     return dirs
 
 

@@ -27,7 +27,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -292,8 +292,8 @@ def run_benchmark(variants: list[Variant], *, tokenizer: Any, text: str, concurr
     finally:
         for v in variants:
             stop_server(v)
-    return {"variants": [{**{k: val for k, val in asdict(v).items() if k != "process"}, "levels": results[v.name]}
-                         for v in variants]}
+    keep = ("name", "kind", "target", "base_url", "model_id", "log_path", "load_s", "token_count_source", "error")
+    return {"variants": [{**{k: getattr(v, k) for k in keep}, "levels": results[v.name]} for v in variants]}
 
 
 def _line(s: dict[str, Any]) -> str:
