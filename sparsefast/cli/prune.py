@@ -63,18 +63,23 @@ def run(args: argparse.Namespace) -> int:
     from sparsefast.checkpoint import check_output_file, write_json
 
     config = config_from_args(args)
-    if args.no_progress:
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
     datasets = [d.strip() for d in args.eval.split(",") if d.strip()]
     if args.out is None and args.json is None and not datasets:
         raise ValueError("nothing to do with the pruned model: give --out DIR, --eval DATASETS or --json FILE")
     if args.json is not None:
         check_output_file(args.json)
-    report = prune_pretrained(args.model, config, out=args.out, overwrite=args.overwrite, data_dir=args.data_dir,
-                              eval_datasets=datasets, eval_seqlen=args.eval_seqlen, eval_windows=args.eval_windows,
-                              progress=not args.no_progress)
+    import transformers
+
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    if args.no_progress:
+        transformers.utils.logging.disable_progress_bar()  # loading / saving bars (also huggingface_hub's)
+    try:
+        report = prune_pretrained(args.model, config, out=args.out, overwrite=args.overwrite, data_dir=args.data_dir,
+                                  eval_datasets=datasets, eval_seqlen=args.eval_seqlen,
+                                  eval_windows=args.eval_windows, progress=not args.no_progress)
+    finally:
+        if bars:  # restored for the rest of the process (main() may be called again in-process)
+            transformers.utils.logging.enable_progress_bar()
     if args.json is not None:
         write_json(args.json, report)
     return 0

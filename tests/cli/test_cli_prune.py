@@ -42,6 +42,7 @@ def test_prune_story_llama_and_reload(tmp_path, story_llama_dir, calib_file, cap
         for lin in (layer.self_attn.q_proj, layer.mlp.down_proj):
             assert ((lin.weight != 0).view(lin.weight.shape[0], -1, 4).sum(-1) <= 2).all()
     assert "achieved sparsity 0.5000" in stdout
+    assert transformers.utils.logging.is_progress_bar_enabled()  # --no-progress is undone for the rest of the process
 
 
 def test_gguf_default_model(tmp_path, capsys):
