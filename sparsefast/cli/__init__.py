@@ -9,7 +9,7 @@ import os
 import sys
 
 # subcommand module names under sparsefast.cli, in the order `--help` lists them
-SUBCOMMANDS = ("prune", "eval", "bench", "prune_structured", "recover", "serve")
+SUBCOMMANDS = ("prune", "eval", "bench", "prune_structured", "recover", "serve", "generate")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -125,3 +125,22 @@ def test_opt_family_uses_the_hf_runner():
         engine.shutdown()
     ref = model.generate(torch.tensor([prompt]), max_new_tokens=10, min_new_tokens=10, do_sample=False)
     assert got == ref[0, 4:].tolist()
+
+
+def test_sparse24_swap_decodes_the_same_tokens(story_llama_dir):
+    """prepare_model(sparse="sparse24") puts Sparse24Linear (its torch fallback on CPU) in every 2:4 linear; the
+    engine then runs those modules and still matches generate on the unswapped 2:4 model."""
+    from sparsefast.api import prune
+    from sparsefast.config import MagnitudeConfig
+    from sparsefast.nn import Sparse24Linear
+    from sparsefast.serve.sparse import prepare_model
+
+    model, tok = _load(story_llama_dir)
+    prune(model, MagnitudeConfig(pattern="2:4", device="cpu"), progress=False)
+    expected = [reference(model, tok, p, GREEDY.max_tokens) for p in PROMPTS[:2]]
+    assert prepare_model(model, "auto", "cpu") == []  # CPU auto: no Sparse24Linear (no speedup from its fallback)
+    swapped = prepare_model(model, "sparse24", "cpu")
+    assert len(swapped) == 14 and isinstance(model.model.layers[1].mlp.up_proj, Sparse24Linear)
+    assert served_alone(model, tok, PROMPTS[:2]) == expected
+    with pytest.raises(ValueError, match="sparse must be one of"):
+        prepare_model(model, "on")
