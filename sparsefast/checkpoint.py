@@ -137,8 +137,8 @@ def atomic_output_dir(path: Path, *, overwrite: bool = False) -> Iterator[Path]:
         fd = os.open(tmp, os.O_RDONLY)
         fcntl.flock(fd, fcntl.LOCK_EX)  # held until the end: marks the partial as alive (released if killed)
     try:
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; the published dir follows the umask
         yield tmp
+        _follow_umask(tmp)
         publish_dir(tmp, path, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -203,6 +203,18 @@ def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def _follow_umask(root: Path) -> None:
+    """Give `root` and everything we wrote under it the modes the umask asks for: mkdtemp makes 0700 and some
+    writers (safetensors) make 0600 files, which would hide a checkpoint from the user's group for no reason."""
+    mask = current_umask()
+    os.chmod(root, 0o777 & ~mask)
+    for base, dirs, files in os.walk(root):
+        for d in dirs:
+            os.chmod(os.path.join(base, d), 0o777 & ~mask)
+        for f in files:
+            os.chmod(os.path.join(base, f), 0o666 & ~mask)
 
 
 @contextlib.contextmanager
