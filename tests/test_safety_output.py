@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from sparsefast.checkpoint import check_output_dir, load_report, save_checkpoint
+from sparsefast.checkpoint import check_output_dir, load_report, save_checkpoint, write_json
 from tests.conftest import tiny_model
 
 
@@ -93,8 +93,10 @@ def test_output_dirs_follow_the_umask(tmp_path, model):
     old = os.umask(0o022)
     try:
         out = save_checkpoint(model, None, tmp_path / "new" / "out", {"method": "m"})
+        report = write_json(tmp_path / "report.json", {"method": "m"})
     finally:
         os.umask(old)
+    assert stat.S_IMODE(report.stat().st_mode) == 0o644
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
     assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o755
     for f in out.iterdir():  # safetensors writes 0600 files of its own
