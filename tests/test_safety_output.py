@@ -121,3 +121,48 @@ def test_stale_partials_of_the_target_are_removed_with_a_message(tmp_path, model
     err = capsys.readouterr().err
     assert "removed" in err and str(stale) in err and "interrupted" in err
     assert load_report(tmp_path / "out")["method"] == "m"
+
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from sparsefast.checkpoint import save_checkpoint
+from tests.conftest import tiny_model
+
+out, tag = Path(sys.argv[1]), sys.argv[2]
+model = tiny_model("llama")
+real = model.save_pretrained
+
+def save_then_wait_for_the_other(path, **kw):
+    real(path, **kw)
+    (out.parent / f"ready-{tag}").touch()
+    deadline = time.time() + 120
+    while len(list(out.parent.glob("ready-*"))) < 2 and time.time() < deadline:
+        time.sleep(0.02)
+
+model.save_pretrained = save_then_wait_for_the_other
+try:
+    save_checkpoint(model, None, out, {"method": tag})
+except FileExistsError as exc:
+    print(exc)
+    sys.exit(2)
+"""
+
+
+def test_two_processes_to_one_new_dir_exactly_one_wins(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(out), tag], cwd=repo, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for tag in ("p1", "p2")]
+    results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [0, 2], results
+    loser = next(out_text for code, out_text, _ in results if code == 2)
+    assert "this result was not saved" in loser
+    winner = ("p1", "p2")[[code for code, _, _ in results].index(0)]
+    assert load_report(out)["method"] == winner
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "ready-p1", "ready-p2"]
