@@ -38,6 +38,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--chat-template", default=None,
                    help="Jinja chat template file, for tokenizers without one (or to override it)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    p.add_argument("--sparse", default="auto", choices=("auto", "sparse24", "off"),
+                   help="sparse linears: auto (default; 2:4 layers become Sparse24Linear on CUDA), sparse24 (that "
+                        "swap on any device) or off (serve the model as loaded); see sparsefast.serve.sparse")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=run)
     return p
@@ -73,10 +76,14 @@ def build_loader(args: argparse.Namespace) -> Any:
     def load() -> tuple[Any, Any]:
         from sparsefast.models import load_model
         from sparsefast.serve.engine import GenerationEngine
+        from sparsefast.serve.sparse import prepare_model
 
         model, tokenizer = load_model(args.model, device=args.device)
+        device = str(next(model.parameters()).device)
+        swapped = prepare_model(model, args.sparse, device)
+        logging.getLogger("sparsefast.serve").info("sparse linears swapped in: %d", len(swapped))
         engine = GenerationEngine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
-                                  max_model_len=args.max_model_len, device=str(next(model.parameters()).device))
+                                  max_model_len=args.max_model_len, device=device)
         return engine, tokenizer
 
     return load
