@@ -1,14 +1,26 @@
-"""Load the compiled CUDA extension: prebuilt `sparsefast._C` → JIT build with ninja (SPARSEFAST_JIT=1) → None.
-Importing this module never fails; `load_extension()` returns None where there is no extension, and
-`extension_error()` says why."""
+"""Load the compiled extensions. Importing this module never fails.
+
+* CUDA `sparsefast._C`: prebuilt → JIT build with ninja (SPARSEFAST_JIT=1) → None; `load_extension()` returns the
+  module or None, and `extension_error()` says why.
+* CPU `sparsefast._cpu` (csrc/cpu/, ops registered as torch.ops.sparsefast.*_cpu): prebuilt by `pip install -e .`
+  → JIT build with ninja on first use (needs a C++ compiler; skipped when SPARSEFAST_NO_COMPILER=1) → unavailable,
+  in which case sparse layers run the dense torch path and `load_cpu_extension()` warns once with the reason.
+"""
 
 from __future__ import annotations
 
 import functools
 import glob
+import importlib.util
 import os
+import shutil
+import sys
+import warnings
 
 _ERROR: str | None = None
+_CPU_ERROR: str | None = None
+NO_COMPILER_ENV = "SPARSEFAST_NO_COMPILER"
+CPU_CFLAGS = ["-O3", "-fopenmp", "-Wno-uninitialized", "-Wno-maybe-uninitialized"]  # as setup.py (why: there)
 
 
 def _jit_build():
@@ -58,3 +70,59 @@ def load_extension():
 def extension_error() -> str | None:
     load_extension()
     return _ERROR
+
+
+def _cpu_sources() -> tuple[str, list[str]]:
+    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    return csrc, sorted(glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
+
+
+def _jit_build_cpu() -> None:
+    from torch.utils.cpp_extension import load
+
+    csrc, sources = _cpu_sources()
+    if not sources:
+        raise RuntimeError(f"the JIT build needs the source tree; no {csrc}/cpu/*.cpp")
+    print("sparsefast: compiling the CPU sparse kernels (once, about 30 s)...", file=sys.stderr)
+    load(name="sparsefast_cpu_jit", sources=sources, extra_include_paths=[csrc], extra_cflags=CPU_CFLAGS,
+         extra_ldflags=["-fopenmp"], is_python_module=False, verbose=os.environ.get("SPARSEFAST_JIT_VERBOSE") == "1")
+
+
+@functools.lru_cache(maxsize=None)
+def load_cpu_extension() -> bool:
+    """True when the CPU sparse ops (torch.ops.sparsefast.sparse24_linear_cpu, ...) are registered. On False it has
+    warned once, with the reason, that sparse layers fall back to dense F.linear on CPU."""
+    global _CPU_ERROR
+    import torch
+
+    spec = importlib.util.find_spec("sparsefast._cpu")
+    if spec is not None and spec.origin:
+        try:
+            torch.ops.load_library(spec.origin)
+            return True
+        except OSError as exc:
+            _CPU_ERROR = f"prebuilt {spec.origin} does not load: {exc}"
+    else:
+        _CPU_ERROR = "sparsefast._cpu was not built (no C++ compiler at install time?)"
+    compiler = os.environ.get("CXX", "c++")
+    if os.environ.get(NO_COMPILER_ENV) == "1":
+        _CPU_ERROR += f"; JIT build skipped ({NO_COMPILER_ENV}=1)"
+    elif shutil.which(compiler) is None or shutil.which("ninja") is None:
+        _CPU_ERROR += f"; JIT build needs {compiler} and ninja on PATH"
+    else:
+        try:
+            _jit_build_cpu()
+            _CPU_ERROR = None
+            return True
+        except Exception as exc:  # a failed JIT build must leave the package usable on the torch path
+            _CPU_ERROR += f"; JIT build failed: {exc}"
+    warnings.warn(f"sparsefast: CPU sparse kernels unavailable ({_CPU_ERROR}); sparse layers run as dense F.linear "
+                  "on CPU. Reinstall with a C++ compiler (pip install --no-build-isolation -e .) to get them.",
+                  RuntimeWarning, stacklevel=2)
+    return False
+
+
+def cpu_extension_error() -> str | None:
+    """Why the CPU kernels are unavailable (None when they loaded)."""
+    load_cpu_extension()
+    return _CPU_ERROR

@@ -3,7 +3,10 @@ forward picks the fastest path for the number of tokens M from a dispatch table:
 
 * ``cuda``: sparsefast's kernels (decode kernel for M <= 32, mma.sp GEMM above);
 * ``semi_structured``: torch.sparse.to_sparse_semi_structured (cuSPARSELt / CUTLASS) on the unpacked weight;
-* ``dense``: F.linear on the unpacked weight (always on CPU, and as the safe fallback).
+* ``cpu``: on CPU tensors, sparsefast's CPU kernels (sparsefast.ops.sparse24_cpu) on a CPU-layout copy of the
+  weight derived once (the CUDA-layout buffers stay the saved form; sparsefast.nn.SparseLinear stores only the CPU
+  layout), for M <= 64 (DEFAULT_CPU_DISPATCH; `cpu_dispatch` overrides it);
+* ``dense``: F.linear on the unpacked weight (CPU inputs the kernels do not take, and the safe fallback).
 
 The table is data: (max_tokens, backend) rows, first match wins. Which table a layer uses, first match wins:
 the `dispatch=` argument; the file named by SPARSEFAST_SPARSE24_TABLE (`bench/micro/bench_sparse24_matmul.py` writes
@@ -34,7 +37,7 @@ from sparsefast.ops.sparse24 import (
     unpack_sparse24,
 )
 
-BACKENDS = ("cuda", "semi_structured", "dense")
+BACKENDS = ("cuda", "semi_structured", "dense", "cpu")
 TABLE_ENV = "SPARSEFAST_SPARSE24_TABLE"
 SHIPPED_TABLES = Path(__file__).resolve().parent / "dispatch_tables"
 DEVICE_FAMILIES = (("H100", "h100"), ("H200", "h200"))  # substring of torch.cuda.get_device_name -> table file
@@ -124,6 +127,7 @@ class Sparse24Linear(nn.Module):
         self.register_buffer("bias", bias)
         self.dispatch = dispatch  # None: default_dispatch(device of the first CUDA input), then kept
         self._cache: dict[tuple, torch.Tensor] = {}  # derived weights (dense, semi-structured), rebuilt on demand
+        self.cpu_dispatch: DispatchTable | None = None  # CPU inputs; None: sparsefast.nn.cpu_dispatch's default
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, dispatch: DispatchTable | None = None) -> "Sparse24Linear":
@@ -165,6 +169,14 @@ class Sparse24Linear(nn.Module):
     def backend_for(self, x: torch.Tensor) -> str:
         """The path forward() takes for this input."""
         if not x.is_cuda:
+            from sparsefast._ext import load_cpu_extension
+            from sparsefast.nn.cpu_dispatch import DEFAULT_CPU_DISPATCH
+            from sparsefast.ops.sparse24_cpu import kernel_supported
+
+            table = self.cpu_dispatch or DEFAULT_CPU_DISPATCH
+            if (kernel_supported(x, self.values) and load_cpu_extension()
+                    and table.backend_for(x.numel() // max(x.shape[-1], 1)) == "cpu"):
+                return "cpu"
             return "dense"
         if self.dispatch is None:
             self.dispatch = default_dispatch(x.device)
@@ -182,6 +194,14 @@ class Sparse24Linear(nn.Module):
         if backend == "cuda":
             y = sparse24_matmul(x, self.values, self.meta, self.out_features, self.in_features, backend="cuda")
             return y if self.bias is None else y + self.bias.to(y.dtype)
+        if backend == "cpu":
+            from sparsefast.ops.sparse24_cpu import pack_sparse24_cpu, sparse24_linear_cpu
+
+            key = ("cpu24", self.values.dtype)
+            if key not in self._cache:  # unpacked transiently, not cached: only the CPU layout stays
+                self._cache[key] = pack_sparse24_cpu(
+                    unpack_sparse24(self.values, self.meta, self.out_features, self.in_features))
+            return sparse24_linear_cpu(x, *self._cache[key], self.bias, self.out_features, self.in_features)
         if backend == "semi_structured":
             x2 = x.reshape(-1, self.in_features)
             y = F.linear(x2, self._semi_structured_weight(), self.bias)

@@ -1,8 +1,9 @@
 """Backend selection shared by every op (DESIGN.md "Backend dispatch").
 
 `auto` picks, in order: `cuda` (compiled extension loaded, tensors on CUDA, op supports the case) → `triton` (tensors
-on CUDA, triton importable) → `torch`. CPU tensors always get the torch twin under `auto`, also when TRITON_INTERPRET=1
-is set (the interpreter is for testing the kernels, which force backend="triton"; it is far too slow to prune with).
+on CUDA, triton importable) → `cpu` (the CPU extension's kernels, for ops that have them, on CPU tensors) → `torch`.
+Other CPU tensors get the torch twin under `auto`, also when TRITON_INTERPRET=1 is set (the interpreter is for
+testing the kernels, which force backend="triton"; it is far too slow to prune with).
 A forced backend that cannot run raises a clear error. The environment variable SPARSEFAST_BACKEND forces one for
 tests and benchmarks.
 """
@@ -14,7 +15,7 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "cuda", "triton", "torch")
+BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
 
 
 @functools.lru_cache(maxsize=None)
@@ -34,8 +35,9 @@ def select_backend(op: str, tensor: torch.Tensor, backend: str | None, *, has: t
                    cuda_ok: bool = True) -> str:
     """Return the backend that runs `op` on `tensor`.
 
-    has: the backends this op implements (subset of cuda/triton/torch). cuda_ok: False when the op's CUDA kernel
-    does not support this particular case (dtype, alignment), so `auto` skips it and forcing it errors.
+    has: the backends this op implements (subset of cuda/triton/cpu/torch). cuda_ok: False when the op's compiled
+    kernel (CUDA, or CPU for ops with a `cpu` backend) does not support this particular case (dtype, alignment), so
+    `auto` skips it and forcing it errors.
     """
     if backend is None or backend == "auto":
         backend = os.environ.get("SPARSEFAST_BACKEND", "auto") or "auto"
@@ -50,6 +52,11 @@ def select_backend(op: str, tensor: torch.Tensor, backend: str | None, *, has: t
                 return "cuda"
         if "triton" in has and triton_available() and on_cuda:
             return "triton"
+        if "cpu" in has and tensor.device.type == "cpu" and cuda_ok:
+            from sparsefast._ext import load_cpu_extension
+
+            if load_cpu_extension():
+                return "cpu"
         return "torch"
     if backend not in has:
         raise ValueError(f"{op}: backend {backend!r} is not implemented; available: {', '.join(has)}")
@@ -65,6 +72,17 @@ def select_backend(op: str, tensor: torch.Tensor, backend: str | None, *, has: t
             raise RuntimeError(f"{op}: backend 'cuda' requested but the sparsefast._C extension is not built; "
                                "build it with `pip install --no-build-isolation -e .` on a CUDA machine "
                                "or set SPARSEFAST_JIT=1")
+    if backend == "cpu":
+        from sparsefast._ext import cpu_extension_error, load_cpu_extension
+
+        if tensor.device.type != "cpu":
+            raise ValueError(f"{op}: backend 'cpu' needs CPU tensors, got device {tensor.device}")
+        if not cuda_ok:
+            raise ValueError(f"{op}: the CPU kernel does not support this input (dtype {tensor.dtype}, "
+                             f"shape {tuple(tensor.shape)}); use backend='auto'")
+        if not load_cpu_extension():
+            raise RuntimeError(f"{op}: backend 'cpu' requested but the CPU kernels are unavailable: "
+                               f"{cpu_extension_error()}")
     if backend == "triton":
         if not triton_available():
             raise RuntimeError(f"{op}: backend 'triton' requested but triton is not installed (pip install triton)")

@@ -35,8 +35,12 @@ def test_from_dense_matches_linear(bias):
         lin.weight.copy_(to_sparse24_by_magnitude(lin.weight))
     sp = Sparse24Linear.from_dense(lin)
     x = torch.randn(3, 5, 72)
-    assert sp.backend_for(x) == "dense"
-    assert torch.equal(sp(x), lin(x))
+    from sparsefast._ext import load_cpu_extension
+
+    assert sp.backend_for(x) == ("cpu" if load_cpu_extension() else "dense")  # CPU kernels for M <= 64
+    torch.testing.assert_close(sp(x), lin(x), rtol=1e-5, atol=1e-5)
+    x_many = torch.randn(65, 72)  # above the default CPU table: dense F.linear on the unpacked weight
+    assert sp.backend_for(x_many) == "dense" and torch.equal(sp(x_many), lin(x_many))
     assert "in_features=72" in repr(sp)
 
 
@@ -83,7 +87,7 @@ def test_default_dispatch_by_device_family(monkeypatch, tmp_path):
         lin.weight.copy_(to_sparse24_by_magnitude(lin.weight))
     layer = Sparse24Linear.from_dense(lin)
     assert layer.dispatch is None and "chosen at the first CUDA call" in repr(layer)
-    assert layer.backend_for(torch.randn(2, 16)) == "dense" and layer.dispatch is None  # CPU input: no table needed
+    assert layer.backend_for(torch.randn(2, 16)) != "cuda" and layer.dispatch is None  # CPU input: no CUDA table
 
 
 def test_swap_tiny_llama_same_greedy_tokens():

@@ -1,0 +1,96 @@
+"""Packing twins of the CPU kernels: exact round trips, the documented layouts bit by bit, rejection of weights that
+do not fit and of corrupt packed tensors, the torch twins (no extension needed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparsefast.ops.sparse24_cpu import (
+    cpu_padded_in,
+    pack_sparse24_cpu,
+    sparse24_linear_cpu,
+    unpack_sparse24_cpu,
+)
+from sparsefast.ops.sparse_unstructured import (
+    VALUE_PADDING,
+    pack_sparse_unstructured,
+    sparse_unstructured_linear_cpu,
+    unpack_sparse_unstructured,
+    weight_sparsity,
+)
+from tests.kernels.test_sparse_cpu import random_24, random_unstructured
+
+
+@pytest.mark.parametrize("shape", [(1, 4), (7, 37), (16, 64), (5, 130)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_sparse24_cpu_round_trip_and_layout(shape, dtype):
+    gen = torch.Generator().manual_seed(0)
+    w = random_24(*shape, gen).to(dtype)
+    values, meta = pack_sparse24_cpu(w)
+    k_p = cpu_padded_in(shape[1])
+    assert values.shape == (shape[0], k_p // 2) and values.dtype == dtype
+    assert meta.shape == (shape[0], k_p // 8) and meta.dtype == torch.uint8
+    assert torch.equal(unpack_sparse24_cpu(values, meta, *shape), w)
+    wp = F.pad(w, (0, k_p - shape[1]))
+    for r in range(shape[0]):  # bit j of byte b <-> column 8b + j kept; values in column order, 2 per group
+        for g in range(k_p // 4):
+            nib = (int(meta[r, g // 2]) >> (4 * (g % 2))) & 0xF
+            kept = [i for i in range(4) if nib >> i & 1]
+            assert len(kept) == 2
+            assert all(wp[r, 4 * g + i] == 0 for i in range(4) if i not in kept)
+            assert [values[r, 2 * g + s].item() for s in range(2)] == [wp[r, 4 * g + i].item() for i in kept]
+
+
+def test_sparse24_cpu_rejects_and_detects():
+    w = random_24(6, 32, torch.Generator().manual_seed(1))
+    w[3, 8:12] = torch.tensor([1.0, 2.0, 3.0, 0.0])
+    with pytest.raises(ValueError, match=r"row 3, group 2 \(columns 8..11\) has 3 nonzeros"):
+        pack_sparse24_cpu(w)
+    values, meta = pack_sparse24_cpu(random_24(6, 32, torch.Generator().manual_seed(2)))
+    bad = meta.clone()
+    bad[4, 1] = 0x73  # group 3 of row 4 marks 3 positions
+    with pytest.raises(ValueError, match="meta row 4, group 3 does not mark exactly 2"):
+        unpack_sparse24_cpu(values, bad, 6, 32)
+    with pytest.raises(ValueError, match="values shape"):
+        unpack_sparse24_cpu(values[:, :-1], meta, 6, 32)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unstructured_round_trip_and_layout(sparsity, dtype):
+    gen = torch.Generator().manual_seed(3)
+    w = random_unstructured(9, 45, sparsity, gen).to(dtype)
+    values, mask, offsets = pack_sparse_unstructured(w)
+    nnz = int((w != 0).sum())
+    assert values.shape == (nnz + VALUE_PADDING,) and torch.all(values[nnz:] == 0)
+    assert offsets[0] == 0 and offsets[-1] == nnz and mask.shape == (9, cpu_padded_in(45) // 8)
+    assert torch.equal(unpack_sparse_unstructured(values, mask, offsets, 9, 45), w)
+    r = 4
+    cols = [c for c in range(45) if int(mask[r, c // 8]) >> (c % 8) & 1]
+    assert cols == (w[r] != 0).nonzero().flatten().tolist()
+    assert torch.equal(values[offsets[r]:offsets[r + 1]], w[r, cols])
+    assert abs(weight_sparsity(w) - (1 - nnz / w.numel())) < 1e-12
+
+
+def test_unstructured_detects_corruption_and_bad_weights():
+    values, mask, offsets = pack_sparse_unstructured(random_unstructured(5, 20, 0.5, torch.Generator().manual_seed(4)))
+    bad = offsets.clone()
+    bad[2:] += 1
+    with pytest.raises(ValueError, match="row 1: mask holds"):
+        unpack_sparse_unstructured(torch.cat((values, values[:1])), mask, bad, 5, 20)
+    with pytest.raises(ValueError, match="2-D"):
+        pack_sparse_unstructured(torch.zeros(3))
+    with pytest.raises(ValueError, match="dtype"):
+        pack_sparse_unstructured(torch.zeros(2, 2, dtype=torch.int32))
+
+
+def test_torch_twins_are_dense_with_zeros_linear():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 37, generator=gen)
+    w24, wu = random_24(7, 37, gen), random_unstructured(7, 37, 0.7, gen)
+    b = torch.randn(7, generator=gen)
+    y24 = sparse24_linear_cpu(x, *pack_sparse24_cpu(w24), b, 7, 37, backend="torch")
+    yu = sparse_unstructured_linear_cpu(x, *pack_sparse_unstructured(wu), b, 7, 37, backend="torch")
+    assert torch.equal(y24, F.linear(x, w24, b)) and torch.equal(yu, F.linear(x, wu, b))
