@@ -37,7 +37,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 from bench.micro.common import cpu_info, run_metadata  # noqa: E402
-from sparsefast.checkpoint import write_json  # noqa: E402
+from sparsefast.checkpoint import check_output_file, write_json  # noqa: E402
 from sparsefast.cli.bench import FULL_LAYERS, RANDOM_MODELS, build_model  # noqa: E402
 from sparsefast.serve.engine import GenerationEngine, SamplingParams  # noqa: E402
 from sparsefast.serve.sparse import prepare_model  # noqa: E402
@@ -190,33 +190,55 @@ def engine_batch1(engine: GenerationEngine, prompt: list[int], n: int) -> dict[s
     assert len(events) == n, f"engine produced {len(events)} tokens, expected {n}"
     first, last = events[0].time, events[-1].time
     return {"tokens_per_s": n / (last - stream.submitted), "decode_tokens_per_s": (n - 1) / (last - first)
-            if n > 1 else float("nan"), "ttft_s": first - stream.submitted}
+            if n > 1 else float("nan"), "ttft_s": first - stream.submitted,
+            "median_itl_s": _median_gap([e.time for e in events])}
+
+
+def _median_gap(times: list[float]) -> float:
+    """Median time between consecutive tokens: robust to the few-ms stalls a shared CPU adds to some steps."""
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    return statistics.median(gaps) if gaps else float("nan")
 
 
 def engine_concurrent(engine: GenerationEngine, prompts: list[list[int]], n: int) -> dict[str, float]:
     t0 = time.perf_counter()
     streams = [engine.submit(p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)) for p in prompts]
-    ends, tpots = [], []
+    ends, tpots, itls = [], [], []
     for s in streams:
         events = [e for e in s if e.token_ids]
         assert len(events) == n
         ends.append(events[-1].time)
         tpots.append((events[-1].time - events[0].time) / max(n - 1, 1))
+        itls.append(_median_gap([e.time for e in events]))
     wall = max(ends) - t0
     return {"output_tokens_per_s": len(prompts) * n / wall, "wall_s": wall,
-            "tpot_s_median": statistics.median(tpots)}
+            "tpot_s_median": statistics.median(tpots), "median_itl_s": statistics.median(itls)}
+
+
+class _TokenClock:
+    """A generate() streamer that only timestamps: put() is called with the prompt, then once per new token."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
 
 
 @torch.inference_mode()
 def generate_batch1(model, prompt: list[int], n: int, device: torch.device) -> dict[str, float]:
     ids = torch.tensor([prompt], device=device)
+    clock = _TokenClock()
     _sync(device)
     t0 = time.perf_counter()
-    out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, streamer=clock)
     _sync(device)
     dt = time.perf_counter() - t0
     assert out.shape[1] == len(prompt) + n
-    return {"tokens_per_s": n / dt}
+    return {"tokens_per_s": n / dt, "median_itl_s": _median_gap(clock.times[1:])}
 
 
 def transformers_cb(model, prompts: list[list[int]], n: int) -> dict[str, Any]:
@@ -243,6 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    out_dir = Path(args.out) if args.out else (Path("/tmp") if args.dry_run else REPO / "bench" / "results")
+    tag = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(0).replace(" ", "_")
+    out_path = out_dir / f"{datetime.date.today().isoformat()}-{tag}-decode-{Path(args.model).name}.json"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check_output_file(out_path)  # before any work: a result that cannot be written is a wasted run
     models, tok, notes = load_variants(args, device)
     vocab = models["dense"].get_input_embeddings().num_embeddings
     gen = torch.Generator().manual_seed(0)
@@ -278,10 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             e.shutdown()
     bw = memory_bandwidth(device)
     result = summarize(args, models, notes, raw, cb, bw)
-    out_dir = Path(args.out) if args.out else (Path("/tmp") if args.dry_run else REPO / "bench" / "results")
-    tag = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(0).replace(" ", "_")
-    path = write_json(out_dir / f"{datetime.date.today().isoformat()}-{tag}-decode-{Path(args.model).name}.json",
-                      result)
+    path = write_json(out_path, result)
     for v, s in result["summary"].items():
         print(f"{v}: {s}")
     print(f"wrote {path}")
@@ -294,27 +318,38 @@ def _med(rows: list[dict], key: str) -> float | None:
 
 
 def summarize(args, models, notes, raw, cb, bw) -> dict[str, Any]:
+    """Medians over repeats. Two views of the same runs: wall (tokens / elapsed time) and steady-state (1 / median
+    inter-token latency, which drops the stalls a shared CPU adds to some steps)."""
+    c = args.concurrency
     summary: dict[str, dict[str, Any]] = {}
     for v, m in models.items():
         bytes_tok = weight_bytes_per_token(m)
         b1 = _med(raw[v]["engine_b1"], "tokens_per_s")
         dec = _med(raw[v]["engine_b1"], "decode_tokens_per_s")
+        itl = _med(raw[v]["engine_b1"], "median_itl_s")
         gen_tps = _med(raw[v]["generate_b1"], "tokens_per_s")
+        gen_itl = _med(raw[v]["generate_b1"], "median_itl_s")
         conc = _med(raw[v]["engine_concurrent"], "output_tokens_per_s")
+        conc_itl = _med(raw[v]["engine_concurrent"], "median_itl_s")
+        steady = 1 / itl
         summary[v] = {
             "weight_bytes_per_token": bytes_tok,
             "engine_b1_tokens_per_s": b1, "engine_b1_decode_tokens_per_s": dec,
-            "weight_gbs_decode": bytes_tok * dec / 1e9,
-            "fraction_of_copy_bw": bytes_tok * dec / 1e9 / bw["copy_gbs"],
-            "fraction_of_read_bw": bytes_tok * dec / 1e9 / bw["read_gbs"],
+            "engine_b1_steady_tokens_per_s": steady,
+            "weight_gbs_decode": bytes_tok * dec / 1e9, "weight_gbs_steady": bytes_tok * steady / 1e9,
+            "fraction_of_copy_bw_steady": bytes_tok * steady / 1e9 / bw["copy_gbs"],
+            "fraction_of_read_bw_steady": bytes_tok * steady / 1e9 / bw["read_gbs"],
             "generate_b1_tokens_per_s": gen_tps,
+            "generate_b1_steady_tokens_per_s": 1 / gen_itl if gen_itl else None,
             "engine_vs_generate": b1 / gen_tps if gen_tps else None,
-            f"engine_c{args.concurrency}_tokens_per_s": conc,
-            f"c{args.concurrency}_vs_b1": conc / b1 if conc and b1 else None,
+            "engine_vs_generate_steady": steady * gen_itl if gen_itl else None,
+            f"engine_c{c}_tokens_per_s": conc, f"engine_c{c}_steady_tokens_per_s": c / conc_itl,
+            f"c{c}_vs_b1": conc / b1, f"c{c}_vs_b1_steady": c / conc_itl / steady,
         }
     dense = summary["dense"]
     for v, s in summary.items():
         s["b1_decode_vs_dense"] = s["engine_b1_decode_tokens_per_s"] / dense["engine_b1_decode_tokens_per_s"]
+        s["b1_steady_vs_dense"] = s["engine_b1_steady_tokens_per_s"] / dense["engine_b1_steady_tokens_per_s"]
         s["bytes_vs_dense"] = s["weight_bytes_per_token"] / dense["weight_bytes_per_token"]
     return {"what": "decode", "metadata": run_metadata(), "cpu": cpu_info(), "torch_threads": torch.get_num_threads(),
             "args": {k: v for k, v in vars(args).items()}, "variants": notes, "memory_bandwidth": bw,

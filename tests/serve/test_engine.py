@@ -128,19 +128,36 @@ def test_opt_family_uses_the_hf_runner():
 
 
 def test_sparse24_swap_decodes_the_same_tokens(story_llama_dir):
-    """prepare_model(sparse="sparse24") puts Sparse24Linear (its torch fallback on CPU) in every 2:4 linear; the
-    engine then runs those modules and still matches generate on the unswapped 2:4 model."""
+    """prepare_model(sparse="sparse24") puts Sparse24Linear in every 2:4 linear; the engine then runs those modules
+    and still matches generate on the unswapped 2:4 model. A dense model is left alone by "auto"."""
     from sparsefast.api import prune
     from sparsefast.config import MagnitudeConfig
     from sparsefast.nn import Sparse24Linear
     from sparsefast.serve.sparse import prepare_model
 
+    dense_model, _ = _load(story_llama_dir)
+    assert prepare_model(dense_model, "auto", "cpu") == []
     model, tok = _load(story_llama_dir)
     prune(model, MagnitudeConfig(pattern="2:4", device="cpu"), progress=False)
     expected = [reference(model, tok, p, GREEDY.max_tokens) for p in PROMPTS[:2]]
-    assert prepare_model(model, "auto", "cpu") == []  # CPU auto: no Sparse24Linear (no speedup from its fallback)
     swapped = prepare_model(model, "sparse24", "cpu")
     assert len(swapped) == 14 and isinstance(model.model.layers[1].mlp.up_proj, Sparse24Linear)
     assert served_alone(model, tok, PROMPTS[:2]) == expected
     with pytest.raises(ValueError, match="sparse must be one of"):
         prepare_model(model, "on")
+
+
+def test_cpu_auto_swaps_only_to_sparse_linears_and_decodes_the_same(story_llama_dir):
+    """CPU "auto": the measured swap (SparseLinear where its kernel wins on this machine) on a 2:4 model; whatever
+    it chose, the engine's greedy tokens equal generate on the model before the swap."""
+    from sparsefast.api import prune
+    from sparsefast.config import MagnitudeConfig
+    from sparsefast.nn import SparseLinear
+    from sparsefast.serve.sparse import prepare_model
+
+    model, tok = _load(story_llama_dir)
+    prune(model, MagnitudeConfig(pattern="2:4", device="cpu"), progress=False)
+    expected = [reference(model, tok, p, GREEDY.max_tokens) for p in PROMPTS[:2]]
+    for name in prepare_model(model, "auto", "cpu"):
+        assert isinstance(model.get_submodule(name), SparseLinear), name
+    assert served_alone(model, tok, PROMPTS[:2]) == expected
