@@ -1,6 +1,7 @@
 """Decode speed of the generation engine in gpt-fast's units, side by side in one run: dense, structural 20%
 (block-wise; a checkpoint from `sparsefast prune-structured`, or pruned in memory) and 2:4 (magnitude, in memory;
-Sparse24Linear on CUDA, dense-with-zeros on CPU), with `model.generate` and transformers' continuous batching
+through `prepare_model(sparse="auto")`: Sparse24Linear on CUDA, the measured SparseLinear swap on CPU),
+with `model.generate` and transformers' continuous batching
 (`generate_batch`, paged cache) on the same models as the peers.
 
 Per variant and repeat (variants interleaved, so slow phases of a shared machine hit all of them):
@@ -127,8 +128,9 @@ def load_variants(args: argparse.Namespace, device: torch.device) -> tuple[dict[
         prune(model, MagnitudeConfig(pattern="2:4", device=device.type), progress=False)
         swapped = prepare_model(model, "auto", device)
         models["sparse24"] = model
-        notes["sparse24"] = ("magnitude 2:4; " + (f"{len(swapped)} linears as Sparse24Linear" if swapped else
-                                                  "dense-with-zeros (no CPU sparse linear swapped)"))
+        kind = "Sparse24Linear" if device.type == "cuda" else "SparseLinear (measured CPU swap)"
+        notes["sparse24"] = ("magnitude 2:4; " + (f"{len(swapped)} linears as {kind}" if swapped else
+                                                  "dense-with-zeros (no linear swapped)"))
     return models, tok, notes
 
 
@@ -148,6 +150,14 @@ def weight_bytes_per_token(model) -> int:
     tied = head is not None and getattr(head, "weight", None) is not None and head.weight.data_ptr() == \
         embed.data_ptr()
     seen, total = set(), 0
+    for mod in model.modules():
+        if hasattr(mod, "backend_for") and hasattr(mod, "packed"):  # SparseLinear: count the path a token takes
+            probe = torch.zeros(1, mod.in_features, dtype=embed.dtype, device=embed.device)
+            use_dense = mod.backend_for(probe) == "dense" and getattr(mod, "dense", None) is not None
+            read = [mod.dense] if use_dense else list(mod.packed())
+            read += [mod.bias] if mod.bias is not None else []
+            total += sum(t.numel() * t.element_size() for t in read)
+            seen.update(t.data_ptr() for t in mod.buffers())
     for t in list(model.parameters()) + list(model.buffers()):
         if t.data_ptr() in seen:
             continue

@@ -40,6 +40,7 @@ from sparsefast.serve.sampling import SamplingParams, make_generator, sample_nex
 __all__ = ["EngineClosedError", "GenerationEngine", "QueueFullError", "RequestStream", "SamplingParams", "TokenEvent"]
 
 DEFAULT_MAX_MODEL_LEN = 2048  # cap when the model's context is longer: the cache is preallocated for every slot
+PREFILL_TOKENS = 2048  # padded prompt tokens per prefill forward (bounds its activation memory)
 log = logging.getLogger(__name__)
 
 
@@ -278,14 +279,18 @@ class GenerationEngine:
     def _step(self, admitted: list[_Request]) -> None:
         for req in [r for r in self._running if r.stream.cancelled]:
             self._finish(req, "cancelled")
+        fresh = []
         for req in admitted:
             if req.stream.cancelled:
                 self._finish(req, "cancelled")
                 continue
             req.slot = self._slots.acquire()
             self._running.append(req)
-            logits = self.runner.prefill(req.slot, req.prompt)
-            self._accept(req, sample_next(logits, req.params, req.generator))
+            fresh.append(req)
+        for group in _prefill_groups(fresh):
+            logits = self.runner.prefill([r.slot for r in group], [r.prompt for r in group])
+            for req, row in zip(group, logits):
+                self._accept(req, sample_next(row, req.params, req.generator))
         # the requests admitted above already produced this step's token
         batch = [r for r in self._running if r not in admitted]
         if not batch:
@@ -333,6 +338,20 @@ class GenerationEngine:
             self._waiting.clear()
         for req in pending:
             self._finish(req, reason)
+
+
+def _prefill_groups(requests: list[_Request]) -> list[list[_Request]]:
+    """Consecutive groups whose padded size (rows x longest prompt) stays within PREFILL_TOKENS: prompts admitted
+    together are prefilled in one forward (the weights are read once), a long prompt runs alone."""
+    groups: list[list[_Request]] = []
+    for req in requests:
+        if groups:
+            g = groups[-1]
+            if (len(g) + 1) * max(len(req.prompt), *(len(r.prompt) for r in g)) <= PREFILL_TOKENS:
+                g.append(req)
+                continue
+        groups.append([req])
+    return groups
 
 
 def _eos_ids(model: nn.Module, tokenizer) -> frozenset[int]:

@@ -43,10 +43,12 @@ def served_alone(model, tokenizer, prompts, params=GREEDY, **engine_kw) -> list[
 
 
 def served_together(model, tokenizer, prompts, params_list, **engine_kw) -> list[list[int]]:
+    """All requests queued before the engine starts: its first step admits max_batch of them at once (one padded
+    prefill of prompts of different lengths); the rest join as slots free up."""
     engine = GenerationEngine(model, tokenizer, max_model_len=128, **engine_kw)
-    engine.start()
     try:
         streams = [engine.submit(tokenizer(p)["input_ids"], sp) for p, sp in zip(prompts, params_list)]
+        engine.start()
         return [[t for ev in s for t in ev.token_ids] for s in streams]
     finally:
         engine.shutdown()
