@@ -265,9 +265,14 @@ class GenerationEngine:
                         self._cond.wait()
                     if self._closed:
                         break
+                    dropped = [r for r in self._waiting if r.stream.cancelled]  # leave the queue without a slot
+                    for req in dropped:
+                        self._waiting.remove(req)
                     admitted = []
                     while self._waiting and len(self._running) + len(admitted) < self.max_batch:
                         admitted.append(self._waiting.popleft())
+                for req in dropped:
+                    self._finish(req, "cancelled")
                 try:
                     self._step(admitted)
                 except Exception:  # a failed forward must not kill the server: fail this batch, keep serving

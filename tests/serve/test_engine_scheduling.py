@@ -142,6 +142,24 @@ def test_cancel_frees_the_slot_for_the_next_request(model_tok):
         eng.shutdown()
 
 
+def test_cancel_while_waiting_leaves_the_queue(model_tok):
+    model, tok = model_tok
+    eng = GenerationEngine(model, tok, max_batch=1, max_queue=2, max_model_len=192)
+    eng.start()
+    try:
+        running = eng.submit(ids_of(tok), SamplingParams(max_tokens=150, temperature=0.0, ignore_eos=True))
+        it = iter(running)
+        next(it)
+        waiting = eng.submit(ids_of(tok), SamplingParams(max_tokens=4))
+        waiting.cancel()
+        assert [e.finish_reason for e in waiting] == ["cancelled"]  # ends while the only slot is still busy
+        assert eng.queue_depth == 0 and eng.running == 1
+        running.cancel()
+        assert list(it)[-1].finish_reason == "cancelled"
+    finally:
+        eng.shutdown()
+
+
 def test_queue_full_raises_and_shutdown_cancels_waiting(model_tok):
     model, tok = model_tok
     eng = GenerationEngine(model, tok, max_batch=2, max_queue=2, max_model_len=64)  # not started: nothing runs
