@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -44,18 +45,49 @@ def prepare(ckpt: Path) -> dict[str, Path]:
     return dirs
 
 
+def merge(paths: list[str]) -> dict:
+    """One result from runs that measured different concurrency levels of the same variants (each level's
+    variants were measured side by side within its run); the settings and ratios of each run are kept."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    merged = {k: runs[0][k] for k in ("what", "machine", "versions", "settings")}
+    merged["settings"] = {**merged["settings"], "concurrency": sorted({c for r in runs for c in r["settings"]
+                                                                        ["concurrency"]})}
+    merged["runs"] = [{"file": p, "date": r["date"], "git_commit": r["git_commit"], "settings": r["settings"],
+                       "ratios": r["ratios"]} for p, r in zip(paths, runs)]
+    by_name: dict[str, dict] = {}
+    for r in runs:
+        for v in r["variants"]:
+            entry = by_name.setdefault(v["name"], {**v, "levels": {}})
+            entry["levels"].update(v["levels"])
+    merged["variants"] = list(by_name.values())
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ckpt-dir", required=True, help="where the pruned / dense checkpoints are (made if missing)")
+    ap.add_argument("--plot-runs", nargs="+", default=None, metavar="JSON",
+                    help="no measurement: merge these result files (different concurrency levels) into one plot, "
+                         "written to --out's .png")
+    ap.add_argument("--ckpt-dir", default=None, help="where the pruned / dense checkpoints are (made if missing)")
     ap.add_argument("--concurrency", default="1,8")
     ap.add_argument("--num-prompts", default=None)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--no-peer", action="store_true", help="leave out transformers serve")
     ap.add_argument("--peer-cb", action="store_true",
                     help="also run transformers serve --continuous-batching as a second peer")
     ap.add_argument("--out", default=None, help="result stem (default bench/results/<date>-cpu-serve)")
     args = ap.parse_args(argv)
+    stem = args.out or str(REPO / "bench" / "results" / f"{datetime.date.today():%F}-cpu-serve")
+    if args.plot_runs:
+        from sparsefast.cli.bench_serve import plot
+
+        plot(merge(args.plot_runs), stem + ".png")
+        print(f"wrote {stem}.png")
+        return 0
+    if args.ckpt_dir is None:
+        ap.error("--ckpt-dir is required for a measurement")
     dirs = prepare(Path(args.ckpt_dir))
     variants = ["dense=sparsefast:smollm2", f"structural20=sparsefast:{dirs['s20']}",
                 f"wanda24=sparsefast:{dirs['w24']}"]
@@ -63,12 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         variants.append(f"transformers-serve=transformers:{dirs['dense']}")
     if args.peer_cb:
         variants.append(f"transformers-serve-cb=transformers-cb:{dirs['dense']}")
-    stem = args.out or str(REPO / "bench" / "results" / f"{datetime.date.today():%F}-cpu-serve")
     from sparsefast.cli import build_parser
     from sparsefast.cli.bench_serve import default_metadata, run
 
     cli = ["bench", "serve", "--baseline", "dense", "--concurrency", args.concurrency,
-           "--prompt-len", str(args.prompt_len), "--output-len", str(args.output_len),
+           "--prompt-len", str(args.prompt_len), "--output-len", str(args.output_len), "--rounds", str(args.rounds),
            "--json", stem + ".json", "--plot", stem + ".png"]
     if args.num_prompts:
         cli += ["--num-prompts", args.num_prompts]

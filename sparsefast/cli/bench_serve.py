@@ -28,6 +28,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     q.add_argument("--num-prompts", default=None,
                    help="requests per level: one number, or a comma list matching --concurrency "
                         "(default 4 x concurrency, at least 4)")
+    q.add_argument("--rounds", type=int, default=1,
+                   help="rounds per level, variants round-robin in alternating order; metrics pool all rounds")
     q.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per request (default 128)")
     q.add_argument("--output-len", type=int, default=64, help="generated tokens per request (default 64)")
     q.add_argument("--request-rate", type=float, default=float("inf"),
@@ -79,7 +81,7 @@ def run(args: argparse.Namespace, metadata: dict[str, Any] | None = None) -> int
         counts = counts * len(levels)
     if len(counts) != len(levels):
         raise ValueError(f"--num-prompts lists {len(counts)} values for {len(levels)} concurrency levels")
-    for name in ("prompt_len", "output_len"):
+    for name in ("prompt_len", "output_len", "rounds"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if args.output_len < 2:
@@ -116,14 +118,15 @@ def measure(args: argparse.Namespace, variants: list[Any], levels: list[int], co
     out = run_benchmark(variants, tokenizer=tokenizer, text=text, concurrencies=levels, prompt_len=args.prompt_len,
                         output_len=args.output_len, prompts_per_level=counts, request_rate=args.request_rate,
                         device=args.device, max_batch=max_batch, max_queue=max(64, max(counts.values())),
-                        load_timeout=args.load_timeout, log_dir=log_dir)
+                        load_timeout=args.load_timeout, log_dir=log_dir, rounds=args.rounds)
     baseline = args.baseline or variants[0].name
     return {
         "what": "serving benchmark: streamed /v1/completions, greedy, fixed prompt/output lengths (vLLM metrics)",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **metadata,
         "settings": {"concurrency": levels, "num_prompts": counts, "prompt_len": args.prompt_len,
-                     "output_len": args.output_len, "request_rate": str(args.request_rate), "device": args.device,
+                     "output_len": args.output_len, "rounds": args.rounds,
+                     "request_rate": str(args.request_rate), "device": args.device,
                      "sparsefast_max_batch": max_batch, "tokenizer": args.tokenizer, "prompt_text": "wikitext2"},
         **out, "baseline": baseline, "peer": args.peer, "ratios": ratios(out, baseline, args.peer, levels),
     }

@@ -23,6 +23,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -81,10 +82,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(v: Variant, *, device: str, max_batch: int, max_queue: int, log_dir: Path) -> None:
+def start_server(v: Variant, *, device: str, max_batch: int, max_queue: int, log_dir: Path | None) -> None:
     """Launch the variant's server process (nothing to launch for kind "url")."""
-    if v.kind == "url":
-        v.base_url, v.model_id = v.target.rstrip("/"), ""
+    if v.kind == "url":  # a server someone else started; its model id must be the variant's name
+        v.base_url, v.model_id = v.target.rstrip("/"), v.name
         return
     port = free_port()
     v.base_url = f"http://127.0.0.1:{port}"
@@ -263,35 +264,52 @@ def fill_token_counts(v: Variant, results: list[RequestResult], tokenizer: Any) 
 def run_benchmark(variants: list[Variant], *, tokenizer: Any, text: str, concurrencies: list[int],
                   prompt_len: int, output_len: int, prompts_per_level: dict[int, int], request_rate: float,
                   device: str, max_batch: int, max_queue: int, load_timeout: float, log_dir: Path,
-                  seed: int = 0) -> dict[str, Any]:
-    """Start every server, measure each concurrency level round-robin across variants, stop the servers."""
+                  rounds: int = 1, seed: int = 0) -> dict[str, Any]:
+    """Start every server, measure each concurrency level round-robin across variants (`rounds` times, fresh
+    prompts each round; a level's metrics pool the requests of all rounds, wall time summed), stop the servers."""
     log_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = {v.name: {} for v in variants}
+
+    def terminated(signum: int, _frame: Any) -> None:  # `timeout` / kill: still stop the servers (finally below)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminated)
     try:
         for v in variants:
             start_server(v, device=device, max_batch=max_batch, max_queue=max_queue, log_dir=log_dir)
         for v in variants:
             wait_ready(v, load_timeout)
+            print(f"  {v.name:>20} " + (f"ready after {v.load_s:.1f} s" if v.error is None else v.error), flush=True)
         live = [v for v in variants if v.error is None]
         warm = make_prompts(tokenizer, 1, prompt_len, text, offset=0)
-        for v in live:  # one request each, not measured: first-call allocations and lazy inits
-            wr, _ = asyncio.run(run_level(v, warm, output_len, 1, float("inf"), seed))
+        for v in live:  # one short request each, not measured: first-call allocations and lazy inits
+            wr, _ = asyncio.run(run_level(v, warm, min(output_len, 8), 1, float("inf"), seed))
             if not wr[0].ok:
                 v.error = f"warm-up request failed: {wr[0].error}"
         live = [v for v in live if v.error is None]
         offset = 1
         for c in concurrencies:
-            n = prompts_per_level[c]
-            prompts = make_prompts(tokenizer, n, prompt_len, text, offset=offset)
-            offset += n
+            pooled: dict[str, tuple[list[RequestResult], float, list[dict[str, Any]]]] = {v.name: ([], 0.0, [])
+                                                                                          for v in live}
+            for r in range(rounds):
+                n = prompts_per_level[c]
+                prompts = make_prompts(tokenizer, n, prompt_len, text, offset=offset)
+                offset += n
+                # alternate the order so no variant always runs right after the same neighbour
+                for v in (live if r % 2 == 0 else live[::-1]):
+                    level, wall = asyncio.run(run_level(v, prompts, output_len, c, request_rate, seed))
+                    fill_token_counts(v, level, tokenizer)
+                    reqs, total, per_round = pooled[v.name]
+                    per_round.append(summarize(level, wall))
+                    pooled[v.name] = (reqs + level, total + wall, per_round)
+                    print(f"  {v.name:>20} c={c:<3} round {r + 1}/{rounds} {_line(per_round[-1])}", flush=True)
             for v in live:
-                level, wall = asyncio.run(run_level(v, prompts, output_len, c, request_rate, seed))
-                fill_token_counts(v, level, tokenizer)
-                results[v.name][str(c)] = summarize(level, wall)
-                print(f"  {v.name:>20} c={c:<3} {_line(results[v.name][str(c)])}", flush=True)
+                reqs, total, per_round = pooled[v.name]
+                results[v.name][str(c)] = {**summarize(reqs, total), "rounds": per_round}
     finally:
         for v in variants:
             stop_server(v)
+        signal.signal(signal.SIGTERM, previous)
     keep = ("name", "kind", "target", "base_url", "model_id", "log_path", "load_s", "token_count_source", "error")
     return {"variants": [{**{k: getattr(v, k) for k in keep}, "levels": results[v.name]} for v in variants]}
 
