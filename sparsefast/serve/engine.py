@@ -1,20 +1,25 @@
 """GenerationEngine: iteration-level scheduling (Orca, Yu et al., OSDI 2022) over a static-slot KV cache.
 
 One background thread runs steps. Each step: drop cancelled requests, admit waiting requests into free slots (up to
-`max_batch`; each admitted prompt is prefilled and yields its first token), then one batched decode forward for
-every running request. A request that finishes (EOS, stop string, max_tokens) or is cancelled leaves at the step
-boundary and its slot is reused by the next waiting request. Waiting requests sit in a bounded FIFO (`max_queue`).
+`max_batch`; prompts admitted together are prefilled in one padded forward and yield their first tokens), then one
+batched decode forward for every running request. A request that finishes (EOS, stop string, max_tokens) or is
+cancelled leaves at the step boundary and its slot is reused by the next waiting request. Waiting requests sit in a
+bounded FIFO (`max_queue`).
 
 Why our own scheduler rather than transformers' continuous batching (`generate_batch` / `init_continuous_batching`,
-transformers 5.24, paged cache), measured on this project's CPU (2 cores; bench/results/*-cpu-decode.json records
-it next to this engine, `transformers_cb` rows): on SmolLM2-135M it decodes at the speed of `model.generate` at batch
-1 and batches 8 requests, but (1) its paged cache is sized from `config.num_key_value_heads` for every layer, so a
-structural checkpoint with per-layer KV head counts fails in `index_copy_` ("Destination slice shape: 4 16 ...
-source slice shape: 2 16"), and (2) one GenerationConfig is shared by the whole manager: no per-request
-temperature/top_p/top_k/seed and no stop strings. Static slots sized per layer handle every structural checkpoint.
+transformers 5.24, paged cache), measured on this project's CPU (2-core AMD EPYC, SmolLM2-135M fp32, 32-token random
+prompts, 32 new tokens, same run; bench/results/2026-12-02-cpu-decode-smollm2-continuous-batching.json):
+generate_batch made 2.3 tokens/s for one request and 20.2 for 8 (dense; 3.4 / 21.5 on the structural 20%
+checkpoint), this engine 11.3 and 51.4 (15.4 / 62.3). Its paged cache is sized from `config.num_key_value_heads` for
+every layer, so a structural checkpoint whose layers have different KV head counts fails in `index_copy_`
+("Destination slice shape: 4 16 ... source slice shape: 2 16": the story llama with --gqa kv_groups), and one
+GenerationConfig serves the whole manager: no per-request temperature/top_p/top_k/seed, no stop strings. Static
+slots sized per layer (gpt-fast's static cache) handle every structural checkpoint.
 
 The model runner (sparsefast.serve.runner) runs the model's own modules, so the one place a sparse linear plugs in
-is the module swap before the engine is built (sparsefast.serve.sparse.prepare_model).
+is the module swap before the engine is built (sparsefast.serve.sparse.prepare_model). The decode step runs eagerly
+on every device: no torch.compile or CUDA graphs yet (they could only be measured on a GPU; on CPU the step is
+dominated by the linears' matmuls, see bench/results/2026-12-02-cpu-decode-smollm2.json).
 """
 
 from __future__ import annotations
