@@ -10,7 +10,8 @@ Per variant and repeat (variants interleaved, so slow phases of a shared machine
 * `model.generate(do_sample=False)` batch 1, N tokens (dense; every variant with --generate-all): tokens/s end to
   end (the engine-vs-generate ratio uses the end-to-end figures of both);
 * engine with C concurrent requests (submitted together): output-token throughput = C·N / (last token − submit);
-* once per variant: transformers continuous batching, batch 1 and C (tokens/s, or the error it raised).
+* once per variant, on CPU, not with --dry-run: transformers continuous batching, batch 1 and C (tokens/s, or the
+  error it raised).
 Weight bytes per token: every parameter and buffer the forward reads (shared tensors once; an untied input
 embedding counts one row, the LM head counts whole), so weight GB/s = bytes/token × tokens/s; the roofline is the
 copy bandwidth measured in the same run (torch copy of 256 MiB, bytes read + written) and a read-only pass
@@ -87,9 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("prompt_len", "new_tokens", "concurrency", "repeats"):
         if getattr(args, name) < 1:
             raise SystemExit(f"bench_decode: --{name.replace('_', '-')} must be >= 1")
-    if args.dry_run:
+    if args.dry_run:  # continuous batching is skipped: its manager setup alone takes ~40 s on a CPU
         args.new_tokens, args.repeats, args.prompt_len = min(args.new_tokens, 6), 1, min(args.prompt_len, 8)
-        args.concurrency = min(args.concurrency, 3)
+        args.concurrency, args.no_cb = min(args.concurrency, 3), True
     return args
 
 
