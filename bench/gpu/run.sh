@@ -31,7 +31,7 @@ SUMMARY="$RET/summary.txt"
 unset SPARSEFAST_BACKEND
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" MAX_JOBS="${MAX_JOBS:-16}"
 if [ $DRY -eq 1 ]; then
-  export CUDA_VISIBLE_DEVICES="" TRITON_INTERPRET=1
+  export CUDA_VISIBLE_DEVICES="" TRITON_INTERPRET=1 BENCH_RESULTS_DIR="$WORK/results-dry-run"
   LAYERS=1; E2E_MODEL=llama-tiny-random; TEST_MARK="not gpu and not cuda_ext and not slow"
   CAP_SCALE=4  # the Triton interpreter on a CPU is slow; dry-run timings mean nothing anyway
 else

@@ -21,7 +21,8 @@ import torch
 from sparsefast.checkpoint import write_json
 
 REPO = Path(__file__).resolve().parents[2]
-RESULTS_DIR = REPO / "bench" / "results"
+# $BENCH_RESULTS_DIR redirects results (bench/gpu/run.sh --dry-run, whose timings mean nothing, uses a temp dir)
+RESULTS_DIR = Path(os.environ.get("BENCH_RESULTS_DIR") or REPO / "bench" / "results")
 QUICK = not torch.cuda.is_available()
 QUICK_SHAPES = [("tiny", "odd", 5, 96), ("tiny", "wide", 3, 520)]
 
