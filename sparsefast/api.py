@@ -25,17 +25,26 @@ def compute_device(name: str) -> torch.device:
 
 
 def load(path: str | os.PathLike, *, device: str | torch.device = "cpu",
-         dtype: torch.dtype | str | None = None) -> tuple[Any, Any]:
+         dtype: torch.dtype | str | None = None, sparse: str = "off") -> tuple[Any, Any]:
     """(model, tokenizer) of any checkpoint sparsefast reads or writes: a dense, mask-pruned (sparsefast prune) or
     structurally pruned (prune-structured; structure.json) directory, a `.gguf` file, a hub id or "smollm2".
 
     The model is a transformers `*ForCausalLM` in eval mode on `device` ("cpu", "cuda", "cuda:N", "auto") that
     `generate()`s. dtype: a torch.dtype or "float32" / "bfloat16" / "float16" / "auto"; None = the checkpoint's
     dtype (half types become float32 on CPU). No pickle is executed and no remote code runs
-    (see sparsefast.models.load_model)."""
-    from sparsefast.models import load_model
+    (see sparsefast.models.load_model).
 
-    return load_model(os.fspath(path), dtype=resolve_dtype(dtype), device=device)
+    sparse: "off" (as loaded), "auto" (sparse linears where they are faster: on CPU each linear with >= 30% zeros
+    gets the fastest of dense / 2:4 / unstructured as timed on this machine, on CUDA 2:4 linears become
+    Sparse24Linear) or "sparse24"; see sparsefast.serve.sparse.prepare_model."""
+    from sparsefast.models import load_model
+    from sparsefast.serve.sparse import SPARSE_MODES, prepare_model
+
+    if sparse not in SPARSE_MODES:
+        raise ValueError(f"load: sparse must be one of {', '.join(SPARSE_MODES)}; got {sparse!r}")
+    model, tokenizer = load_model(os.fspath(path), dtype=resolve_dtype(dtype), device=device)
+    prepare_model(model, sparse, next(model.parameters()).device)
+    return model, tokenizer
 
 
 def check_prunable(model: nn.Module, config: PruneConfig, *, check_seqlen: bool = True) -> Any:

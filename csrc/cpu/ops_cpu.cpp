@@ -42,8 +42,13 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& values, const at::Tensor& 
     TORCH_CHECK_VALUE(values.dim() == 1 && values.numel() >= off[out_features].item<int64_t>() + 16,
                       "sparse linear: values must be 1-D with 16 elements of padding after the last row");
   }
-  at::Tensor xf = at::zeros({x.size(0), kp}, x.options().dtype(at::kFloat));
-  xf.narrow(1, 0, in_features).copy_(x);
+  at::Tensor xf;  // fp32 [M, kp], zero-padded: x itself when it already is that
+  if (x.scalar_type() == at::kFloat && x.is_contiguous() && in_features == kp) {
+    xf = x;
+  } else {
+    xf = at::zeros({x.size(0), kp}, x.options().dtype(at::kFloat));
+    xf.narrow(1, 0, in_features).copy_(x);
+  }
   at::Tensor bf;
   if (bias.has_value()) {
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->numel() == out_features && bias->device().is_cpu(),

@@ -65,8 +65,8 @@ def test_choose_sparse_layer_is_measured_and_never_worse_than_its_table():
         return
     assert isinstance(layer, SparseLinear) and layer.layout == record["chosen"]
     assert layer.dispatch.source.startswith("measured here")
-    for t, (max_m, backend) in zip(record["candidates"][layer.layout]["timings"].values(), layer.dispatch.rows):
-        assert backend == ("cpu" if t["kernel_ms"] <= 0.95 * t["dense_ms"] else "dense")
+    for m, t in record["candidates"][layer.layout]["timings"].items():
+        assert layer.dispatch.backend_for(m) == ("cpu" if t["kernel_ms"] <= 0.95 * t["dense_ms"] else "dense")
     assert (layer.dense is not None) == any(b == "dense" for _, b in layer.dispatch.rows)
     x = torch.randn(3, 512)
     assert_within_rule(layer(x), x, lin.weight.detach(), lin.bias.detach())
@@ -105,7 +105,7 @@ def test_swapped_story_llama_generates_the_same_greedy_tokens(story_llama_dir, s
     require_cpu_kernels()
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(story_llama_dir, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(story_llama_dir, dtype=torch.float32).eval()
     _prune(model, sparsity)
     ids = torch.randint(3, model.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(0))
     want = _greedy(model, ids)
@@ -121,7 +121,7 @@ def test_calibrated_swap_keeps_greedy_tokens(story_llama_dir):
     require_cpu_kernels()
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(story_llama_dir, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(story_llama_dir, dtype=torch.float32).eval()
     _prune(model, None)
     ids = torch.randint(3, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(1))
     want = _greedy(model, ids, steps=8)
@@ -132,3 +132,22 @@ def test_calibrated_swap_keeps_greedy_tokens(story_llama_dir):
     x = torch.randn(2, 128)
     q = model.model.layers[0].self_attn.q_proj
     assert type(q) is nn.Linear and torch.equal(q(x), F.linear(x, q.weight, q.bias))
+
+
+def test_load_with_sparse_auto_swaps_a_mask_pruned_checkpoint(tmp_path, story_llama_dir):
+    require_cpu_kernels()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import sparsefast
+
+    model = AutoModelForCausalLM.from_pretrained(story_llama_dir, dtype=torch.float32).eval()
+    _prune(model, 0.7)
+    model.save_pretrained(tmp_path / "pruned")
+    AutoTokenizer.from_pretrained(story_llama_dir).save_pretrained(tmp_path / "pruned")
+    with pytest.raises(ValueError, match="sparse must be one of"):
+        sparsefast.load(tmp_path / "missing", sparse="yes")  # checked before anything is read
+    dense, _ = sparsefast.load(tmp_path / "pruned")
+    swapped, _ = sparsefast.load(tmp_path / "pruned", sparse="auto")
+    assert not any(isinstance(m, SparseLinear) for m in dense.modules())
+    ids = torch.randint(3, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(_greedy(swapped, ids, steps=8), _greedy(dense, ids, steps=8))

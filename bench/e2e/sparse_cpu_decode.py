@@ -1,0 +1,114 @@
+"""Batch-1 CPU decode tokens/s of SmolLM2-135M: dense vs Wanda 2:4 vs Wanda 50% / 70% unstructured, one run.
+
+    bash /tmp/quiet.sh .venv/bin/python bench/e2e/sparse_cpu_decode.py --threads 2
+
+Each pruned model is swapped with `swap_linear_with_sparse` (per-layer dense / 2:4 / unstructured by timings on this
+machine); the embedding-tied lm_head stays dense. Decode speed is sparsefast.eval.latency.decode_latency (a cached
+greedy loop, gpt-fast's measurement), one generation per variant in turn for --repeats rounds, medians. Wanda is
+calibrated on few samples (--nsamples x --seqlen from the bundled C4): the mask pattern, not its quality, sets the
+speed. Weight bytes per token and the measured copy bandwidth are reported next to tokens/s. Writes
+bench/results/<date>-cpu-sparse-decode.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+for p in (REPO / "bench" / "micro", REPO):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+from bench_sparse_cpu import copy_bandwidth_gbs, nbytes  # noqa: E402
+from common import RESULTS_DIR, cpu_info, git_commit  # noqa: E402
+
+from sparsefast.api import prune  # noqa: E402
+from sparsefast.checkpoint import write_json  # noqa: E402
+from sparsefast.config import WandaConfig  # noqa: E402
+from sparsefast.data.calibration import get_calibration  # noqa: E402
+from sparsefast.eval.latency import decode_latency  # noqa: E402
+from sparsefast.models import load_model  # noqa: E402
+from sparsefast.nn import SparseLinear, swap_linear_with_sparse  # noqa: E402
+
+VARIANTS = {"dense": None, "wanda-2:4": ("2:4", 0.5), "wanda-50%": ("unstructured", 0.5),
+            "wanda-70%": ("unstructured", 0.7)}
+
+
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of every linear weight a one-token decode step reads: the packed weight where the layer's table runs
+    the kernel at M = 1, else its dense weight (the lm_head counted once)."""
+    total = 0
+    for mod in model.modules():
+        if isinstance(mod, SparseLinear):
+            total += nbytes(*mod.packed()) if mod.dispatch.backend_for(1) == "cpu" else nbytes(mod.dense_weight())
+        elif isinstance(mod, torch.nn.Linear):
+            total += nbytes(mod.weight)
+    return total
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--nsamples", type=int, default=8)
+    ap.add_argument("--seqlen", type=int, default=128)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    copy_gbs = copy_bandwidth_gbs()
+    records: dict[str, dict] = {}
+    models = {}
+    calib = None
+    for name, spec in VARIANTS.items():
+        model, tok = load_model("smollm2", dtype=torch.float32)
+        rec: dict = {}
+        if spec is not None:
+            pattern, sparsity = spec
+            if calib is None:
+                calib = get_calibration("c4", tok, args.nsamples, args.seqlen)
+            cfg = WandaConfig(sparsity=sparsity, pattern=pattern, nsamples=args.nsamples, seqlen=args.seqlen,
+                              device="cpu")
+            t0 = time.perf_counter()
+            prune(model, cfg, calib, progress=False)
+            rec["prune_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            swaps = swap_linear_with_sparse(model)
+            rec["swap_s"] = time.perf_counter() - t0
+            rec["layers"] = {k: sum(r["chosen"] == k for r in swaps.values()) for k in ("dense", "2:4", "unstructured")}
+        rec["weight_bytes_per_token"] = weight_bytes_per_token(model)
+        models[name], records[name] = model, rec
+    runs: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():  # round-robin over the variants: slow phases of a shared machine hit all alike
+        for r in range(args.repeats):
+            for name, model in models.items():
+                lat = decode_latency(model, prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=1,
+                                     warmup=1 if r == 0 else 0)
+                runs[name].append(lat["decode_ms_per_token"])
+    for name, rec in records.items():
+        ms = statistics.median(runs[name])
+        rec.update(decode_ms_per_token=ms, runs_decode_ms_per_token=runs[name], tokens_per_s=1e3 / ms)
+        rec["weight_gbs"] = rec["weight_bytes_per_token"] * rec["tokens_per_s"] / 1e9
+        print(f"{name}: {rec['tokens_per_s']:.1f} tok/s, {rec['weight_gbs']:.1f} GB/s of weights "
+              f"{rec.get('layers', '')}", flush=True)
+    dense_tps = records["dense"]["tokens_per_s"]
+    for rec in records.values():
+        rec["speedup_vs_dense"] = rec["tokens_per_s"] / dense_tps
+    path = RESULTS_DIR / f"{_dt.date.today().isoformat()}-cpu-sparse-decode.json"
+    write_json(path, {"what": "SmolLM2-135M batch-1 CPU decode, dense vs Wanda 2:4 / 50% / 70% swapped",
+                      "cpu": cpu_info(), "torch": torch.__version__, "git_commit": git_commit(),
+                      "threads": torch.get_num_threads(), "copy_bandwidth_gbs": copy_gbs, "args": vars(args),
+                      "variants": records})
+    print(f"wrote {path}; copy bandwidth {copy_gbs:.1f} GB/s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
