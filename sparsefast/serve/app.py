@@ -304,41 +304,38 @@ def _sse(obj: Mapping[str, Any] | str) -> bytes:
     return f"data: {payload}\n\n".encode()
 
 
-async def _completion_chunks(stream: Any, rid: str, model: str, include_usage: bool) -> AsyncIterator[Any]:
-    created = int(time.time())
-    last = None
-    async for ev in stream:
-        last = ev
-        if ev.finish_reason in ("cancelled", "error"):
-            yield ev, None  # abnormal end: the response sends an error event instead of a chunk
-            return
-        if ev.text or ev.finish_reason is not None:
-            choice = {"index": 0, "text": ev.text, "logprobs": None, "finish_reason": ev.finish_reason}
-            yield ev, {"id": rid, "object": "text_completion", "created": created, "model": model,
-                       "choices": [choice], **({"usage": None} if include_usage else {})}
-    if include_usage and last is not None:
-        yield None, {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
-                     "usage": _usage(last).model_dump()}
-
-
-async def _chat_chunks(stream: Any, rid: str, model: str, include_usage: bool) -> AsyncIterator[Any]:
-    created = int(time.time())
-    head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
+async def _event_chunks(stream: Any, head: dict, include_usage: bool, choice: Callable[[Any], dict],
+                        first: dict | None = None) -> AsyncIterator[Any]:
+    """(event, chunk) pairs of one streamed request: `first` (if any), one chunk per event with text or a finish
+    reason (`choice(event)` builds its choice), then the usage chunk. An abnormal end yields (event, None): the
+    response sends an error event instead of a chunk."""
     extra = {"usage": None} if include_usage else {}
-    yield None, {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                      "finish_reason": None}], **extra}
+    if first is not None:
+        yield None, {**head, "choices": [first], **extra}
     last = None
     async for ev in stream:
         last = ev
         if ev.finish_reason in ("cancelled", "error"):
-            yield ev, None  # abnormal end: the response sends an error event instead of a chunk
+            yield ev, None
             return
         if ev.text or ev.finish_reason is not None:
-            delta = {"content": ev.text} if ev.text else {}
-            yield ev, {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                            "finish_reason": ev.finish_reason}], **extra}
+            yield ev, {**head, "choices": [choice(ev)], **extra}
     if include_usage and last is not None:
         yield None, {**head, "choices": [], "usage": _usage(last).model_dump()}
+
+
+def _completion_chunks(stream: Any, rid: str, model: str, include_usage: bool) -> AsyncIterator[Any]:
+    head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model}
+    return _event_chunks(stream, head, include_usage, lambda ev: {"index": 0, "text": ev.text, "logprobs": None,
+                                                                   "finish_reason": ev.finish_reason})
+
+
+def _chat_chunks(stream: Any, rid: str, model: str, include_usage: bool) -> AsyncIterator[Any]:
+    head = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
+    first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+    return _event_chunks(stream, head, include_usage,
+                         lambda ev: {"index": 0, "delta": {"content": ev.text} if ev.text else {}, "logprobs": None,
+                                     "finish_reason": ev.finish_reason}, first)
 
 
 class EventStream(Response):
