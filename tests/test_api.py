@@ -175,8 +175,9 @@ def test_top_level_load_reads_every_checkpoint_kind(tmp_path, story_llama_dir):
     import sparsefast
     from sparsefast.prune.structural import StructuralConfig, prune_structured, save_structural
 
-    kinds = [p.kind for p in inspect.signature(sparsefast.load).parameters.values()]
-    assert kinds == [inspect.Parameter.POSITIONAL_OR_KEYWORD] + [inspect.Parameter.KEYWORD_ONLY] * 2
+    params = inspect.signature(sparsefast.load).parameters
+    assert [p.kind for p in params.values()] == [inspect.Parameter.POSITIONAL_OR_KEYWORD] + [
+        inspect.Parameter.KEYWORD_ONLY] * 3 and list(params)[1:] == ["device", "dtype", "sparse"]
     dense, tok = sparsefast.load(story_llama_dir)
     assert not dense.training and next(dense.parameters()).device.type == "cpu"
     prompt = tok("Once upon a time", return_tensors="pt")["input_ids"]
