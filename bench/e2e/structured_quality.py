@@ -9,7 +9,8 @@ set of calibration ids (C4, seed 0, --nsamples × --seqlen, LLM-Pruner's 10 × 1
 
     python bench/e2e/structured_quality.py --data-dir ../shared/data                                # the full protocol
     python bench/e2e/structured_quality.py --data-dir ../shared/data --gptq-windows 80 \\
-        --llm-pruner-windows 320 --zeroshot-limit 200 --lora-records 400 --lora-epochs 1            # a CPU budget
+        --llm-pruner-windows 320 --zeroshot-limit 200 --lora-records 400 --lora-epochs 1 \\
+        --lora-lr 1e-3 --lora-batch-size 4 --lora-grad-accum 1                                      # a CPU budget
 
 The CPU budget evaluates a fixed prefix of each test set: the first 80 windows of 512 tokens (gptq protocol) and
 the first 320 windows of 128 tokens (llm-pruner protocol), 40,960 tokens each.
@@ -92,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--zeroshot-limit", type=int, default=None, help="first N items per task (default: all)")
     p.add_argument("--lora-records", type=int, default=None, help="Alpaca records for LoRA (default: all 2000)")
     p.add_argument("--lora-epochs", type=int, default=2)
+    p.add_argument("--lora-lr", type=float, default=RecoverConfig.lr)
+    p.add_argument("--lora-batch-size", type=int, default=RecoverConfig.batch_size)
+    p.add_argument("--lora-grad-accum", type=int, default=RecoverConfig.grad_accum)
     p.add_argument("--lora-importances", default="element1,element2,l2",
                    help="importances that also get a LoRA-recovered row (default: %(default)s)")
     p.add_argument("--no-lora", action="store_true")
@@ -104,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     lora_importances = [] if args.no_lora else args.lora_importances.split(",")
     if not set(lora_importances) <= set(importances):
         p.error(f"--lora-importances {args.lora_importances} must be among --importances {args.importances}")
-    lora_cfg = RecoverConfig(epochs=args.lora_epochs, max_samples=args.lora_records).validate()
+    lora_cfg = RecoverConfig(epochs=args.lora_epochs, max_samples=args.lora_records, lr=args.lora_lr,
+                             batch_size=args.lora_batch_size, grad_accum=args.lora_grad_accum).validate()
     for imp in importances:  # every name checked before the first measurement
         StructuralConfig(ratio=args.ratio, importance=imp, aggregation=args.aggregation, nsamples=args.nsamples,
                          seqlen=args.seqlen, layers=args.layers).validate()
@@ -131,9 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         result["gpu"] = torch.cuda.get_device_name()
     if args.resume and out.exists():
         previous = json.loads(out.read_text())
-        if previous["settings"] != settings:
+        if {**previous["settings"], "lora": None} != {**settings, "lora": None}:
             p.error(f"--resume: {out} was measured with other settings; use another --out or the same flags")
-        result["rows"] = previous["rows"]
+        same_lora = previous["settings"]["lora"] == settings["lora"]
+        if not same_lora:  # the rows without LoRA do not depend on the LoRA settings: keep those, redo the rest
+            print(f"--resume: other LoRA settings than {out}; its LoRA rows are measured again", flush=True)
+        result["rows"] = [r for r in previous["rows"] if same_lora or not r["lora"]]
         result["resumed_from_commits"] = [*previous.get("resumed_from_commits", []), previous.get("git_commit")]
     done = {(r["importance"], r["lora"]) for r in result["rows"]}
     samples = None
