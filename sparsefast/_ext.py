@@ -88,6 +88,18 @@ def _jit_build_cpu() -> None:
          extra_ldflags=["-fopenmp"], is_python_module=False, verbose=os.environ.get("SPARSEFAST_JIT_VERBOSE") == "1")
 
 
+def _register_cpu_fakes() -> None:
+    """Shape functions of the CPU ops (y [..., out_features] in x's dtype), so FakeTensor tracing and torch.compile
+    see through them."""
+    import torch
+
+    def fake(x, *args):  # args end with (..., out_features, in_features, isa)
+        return x.new_empty((*x.shape[:-1], args[-3]))
+
+    for name in ("sparse24_linear_cpu", "sparse_unstructured_linear_cpu"):
+        torch.library.register_fake(f"sparsefast::{name}")(fake)
+
+
 @functools.lru_cache(maxsize=None)
 def load_cpu_extension() -> bool:
     """True when the CPU sparse ops (torch.ops.sparsefast.sparse24_linear_cpu, ...) are registered. On False it has
@@ -99,6 +111,7 @@ def load_cpu_extension() -> bool:
     if spec is not None and spec.origin:
         try:
             torch.ops.load_library(spec.origin)
+            _register_cpu_fakes()
             return True
         except OSError as exc:
             _CPU_ERROR = f"prebuilt {spec.origin} does not load: {exc}"
@@ -112,6 +125,7 @@ def load_cpu_extension() -> bool:
     else:
         try:
             _jit_build_cpu()
+            _register_cpu_fakes()
             _CPU_ERROR = None
             return True
         except Exception as exc:  # a failed JIT build must leave the package usable on the torch path

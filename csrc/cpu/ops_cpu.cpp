@@ -8,6 +8,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <vector>
+
 #include "cpu/sparse_linear_cpu.h"
 
 namespace {
@@ -20,7 +22,7 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& values, const at::Tensor& 
                const std::optional<at::Tensor>& bias, int64_t out_features, int64_t in_features, int64_t isa) {
   const bool is24 = row_offsets == nullptr;
   const int64_t kp = padded_in(in_features);
-  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == in_features, "sparse linear: x must be [M, ", in_features, "]");
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == in_features, "sparse linear: x must be [..., ", in_features, "]");
   TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
                     "sparse linear: x must be float32 or bfloat16");
   TORCH_CHECK_VALUE(values.scalar_type() == at::kFloat || values.scalar_type() == at::kBFloat16,
@@ -39,15 +41,16 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& values, const at::Tensor& 
     TORCH_CHECK_VALUE(off.scalar_type() == at::kLong && off.dim() == 1 && off.numel() == out_features + 1 &&
                           off.is_contiguous() && off.device().is_cpu(),
                       "sparse linear: row_offsets must be int64 [", out_features + 1, "]");
-    TORCH_CHECK_VALUE(values.dim() == 1 && values.numel() >= off[out_features].item<int64_t>() + 16,
+    TORCH_CHECK_VALUE(values.dim() == 1 && values.numel() >= off.data_ptr<int64_t>()[out_features] + 16,
                       "sparse linear: values must be 1-D with 16 elements of padding after the last row");
   }
+  const int64_t m = x.numel() / in_features;  // x [..., in] is read as [M, in]; y gets x's leading dims
   at::Tensor xf;  // fp32 [M, kp], zero-padded: x itself when it already is that
   if (x.scalar_type() == at::kFloat && x.is_contiguous() && in_features == kp) {
-    xf = x;
+    xf = x.view({m, kp});
   } else {
-    xf = at::zeros({x.size(0), kp}, x.options().dtype(at::kFloat));
-    xf.narrow(1, 0, in_features).copy_(x);
+    xf = at::zeros({m, kp}, x.options().dtype(at::kFloat));
+    xf.narrow(1, 0, in_features).copy_(x.reshape({m, in_features}));
   }
   at::Tensor bf;
   if (bias.has_value()) {
@@ -55,13 +58,14 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& values, const at::Tensor& 
                       "sparse linear: bias must be a CPU tensor [", out_features, "]");
     bf = bias->to(at::kFloat).contiguous();
   }
-  at::Tensor y = at::empty({x.size(0), out_features}, xf.options());
+  std::vector<int64_t> y_sizes(x.sizes().begin(), x.sizes().end());
+  y_sizes.back() = out_features;
+  at::Tensor y = at::empty(y_sizes, xf.options());
   SparseWeight w{values.data_ptr(), values.scalar_type() == at::kBFloat16, masks.data_ptr<uint8_t>(),
                  is24 ? nullptr : row_offsets->data_ptr<int64_t>(), is24, out_features, kp};
   const float* xp = xf.data_ptr<float>();
   const float* bp = bias.has_value() ? bf.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
-  const int64_t m = x.size(0);
   const int ichoice = static_cast<int>(isa);
   at::parallel_for(0, out_features, 16, [&](int64_t r0, int64_t r1) {
     sparsefast_cpu::sparse_linear_rows(w, xp, m, bp, yp, r0, r1, ichoice);
@@ -94,6 +98,7 @@ int64_t cpu_best_isa() { return sparsefast_cpu::best_isa(); }
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(sparsefast, m) {
+  // x [..., in_features] float32 | bfloat16 -> y [..., out_features] in x's dtype
   m.def("sparse24_linear_cpu(Tensor x, Tensor values, Tensor meta, Tensor? bias, int out_features, "
         "int in_features, int isa) -> Tensor");
   m.def("sparse_unstructured_linear_cpu(Tensor x, Tensor values, Tensor mask, Tensor row_offsets, Tensor? bias, "

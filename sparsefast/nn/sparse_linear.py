@@ -59,6 +59,7 @@ class SparseLinear(nn.Module):
         self.register_buffer("bias", bias)
         self.register_buffer("dense", dense)
         self.dispatch = dispatch if dispatch is not None else DEFAULT_CPU_DISPATCH
+        self._routes: dict[tuple, tuple | None] = {}  # (numel, dtype, device type) -> (op, isa) | None (dense)
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, layout: str = "unstructured", dispatch: DispatchTable | None = None,
@@ -92,15 +93,6 @@ class SparseLinear(nn.Module):
         fn = sparse24_linear_cpu if self.layout == "2:4" else sparse_unstructured_linear_cpu
         return fn(x, *self.packed(), self.bias, self.out_features, self.in_features)
 
-    def _kernel_unchecked(self, x: torch.Tensor) -> torch.Tensor:
-        # forward() after backend_for said "cpu": the packed tensors were checked when packed and x's width just
-        # now, so the per-call checks of the functional op (a few µs, x 200 linears per decoded token) are skipped
-        op = (torch.ops.sparsefast.sparse24_linear_cpu if self.layout == "2:4"
-              else torch.ops.sparsefast.sparse_unstructured_linear_cpu)
-        y = op(x.reshape(-1, self.in_features), *self.packed(), self.bias, self.out_features, self.in_features,
-               cpu_isa())
-        return y.view(*x.shape[:-1], self.out_features)
-
     def backend_for(self, x: torch.Tensor) -> str:
         """"cpu" or "dense": the path forward() takes for this input."""
         from sparsefast._ext import load_cpu_extension
@@ -110,12 +102,29 @@ class SparseLinear(nn.Module):
         backend = self.dispatch.backend_for(x.numel() // max(x.shape[-1], 1))
         return "cpu" if backend == "cpu" else "dense"
 
+    def _apply(self, fn, recurse=True):  # .to() / .float() / ...: the buffers' dtype or device may change
+        self._routes = {}
+        return super()._apply(fn, recurse)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"SparseLinear: input has {x.shape[-1]} features, expected {self.in_features}")
-        if self.backend_for(x) == "cpu":
-            return self._kernel_unchecked(x)
+        # The path (and the kernel's instruction set) is decided once per input size, dtype and device: a decoded
+        # token calls ~200 of these layers, and at M = 1 a kernel call takes tens of µs, so the per-call Python of
+        # backend_for and the functional op's checks (the packed tensors were checked when packed) would cost as
+        # much as the bytes the sparse layout saves.
+        key = (x.numel(), x.dtype, x.device.type)
+        route = self._routes.get(key)
+        if route is None:
+            route = self._routes[key] = (self._op.default, cpu_isa()) if self.backend_for(x) == "cpu" else None
+        if route is not None:
+            return route[0](x, *self.packed(), self.bias, self.out_features, self.in_features, route[1])
         return F.linear(x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    @property
+    def _op(self):
+        return (torch.ops.sparsefast.sparse24_linear_cpu if self.layout == "2:4"
+                else torch.ops.sparsefast.sparse_unstructured_linear_cpu)
 
 
 def _fits_24(weight: torch.Tensor) -> bool:

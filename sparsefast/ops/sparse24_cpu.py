@@ -120,6 +120,4 @@ def sparse24_linear_cpu(x: torch.Tensor, values: torch.Tensor, meta: torch.Tenso
                             cuda_ok=kernel_supported(x, values))
     if chosen == "torch":
         return sparse24_linear_cpu_ref(x, values, meta, bias, out_features, in_features)
-    y = torch.ops.sparsefast.sparse24_linear_cpu(x.reshape(-1, in_features), values, meta, bias, out_features,
-                                                 in_features, cpu_isa(isa))
-    return y.view(*x.shape[:-1], out_features)
+    return torch.ops.sparsefast.sparse24_linear_cpu(x, values, meta, bias, out_features, in_features, cpu_isa(isa))

@@ -115,6 +115,5 @@ def sparse_unstructured_linear_cpu(x: torch.Tensor, values: torch.Tensor, mask: 
                             cuda_ok=kernel_supported(x, values))
     if chosen == "torch":
         return sparse_unstructured_linear_cpu_ref(x, values, mask, row_offsets, bias, out_features, in_features)
-    y = torch.ops.sparsefast.sparse_unstructured_linear_cpu(x.reshape(-1, in_features), values, mask, row_offsets,
-                                                            bias, out_features, in_features, cpu_isa(isa))
-    return y.view(*x.shape[:-1], out_features)
+    return torch.ops.sparsefast.sparse_unstructured_linear_cpu(x, values, mask, row_offsets, bias, out_features,
+                                                               in_features, cpu_isa(isa))

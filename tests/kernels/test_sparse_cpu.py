@@ -142,3 +142,18 @@ def test_auto_dispatch_and_forced_backend_errors():
         sparse_unstructured_linear_cpu(torch.randn(2, 41), *packed, None, 9, 40)
     with pytest.raises(ValueError, match="instruction set"):
         sparse_unstructured_linear_cpu(torch.randn(2, 40), *packed, None, 9, 40, isa="neon")
+
+
+@pytest.mark.parametrize("layout", ["2:4", "unstructured"])
+def test_ops_pass_opcheck(layout):
+    """Schema, fake (shape) function and dispatcher registration agree with the kernel: FakeTensor tracing and
+    torch.compile see through the ops."""
+    require_cpu_kernels()
+    gen = torch.Generator().manual_seed(6)
+    w = random_24(24, 48, gen)
+    if layout == "2:4":
+        op, packed = torch.ops.sparsefast.sparse24_linear_cpu.default, pack_sparse24_cpu(w)
+    else:
+        op, packed = torch.ops.sparsefast.sparse_unstructured_linear_cpu.default, pack_sparse_unstructured(w)
+    for x in (torch.randn(2, 3, 48, generator=gen), torch.randn(1, 48, generator=gen).bfloat16()):
+        torch.library.opcheck(op, (x, *packed, torch.randn(24, generator=gen), 24, 48, 0))

@@ -42,6 +42,21 @@ def test_sparse_linear_matches_linear(layout, sparsity):
         sp(torch.randn(2, 71))
 
 
+def test_sparse_linear_path_is_decided_again_after_to():
+    """forward() caches its path per input size; a dtype change of the layer (here fp16 weights, which the kernels
+    do not take, then back to fp32) must decide it again, not keep the dense fallback."""
+    require_cpu_kernels()
+    lin = _linear(24, 48, 0.7, seed=5)
+    sp = SparseLinear.from_dense(lin, "unstructured").half()
+    x = torch.randn(2, 48)
+    sp(x.half())
+    assert list(sp._routes.values()) == [None]  # dense F.linear
+    sp.float()
+    y = sp(x)
+    assert [r[0] for r in sp._routes.values()] == [torch.ops.sparsefast.sparse_unstructured_linear_cpu.default]
+    assert_within_rule(y, x, lin.weight.detach().half().float(), lin.bias.detach().half().float())
+
+
 def test_sparse_linear_rejects_bad_input():
     with pytest.raises(ValueError, match="not 2:4 sparse: row 0, group 0"):
         SparseLinear.from_dense(nn.Linear(8, 4), "2:4")
