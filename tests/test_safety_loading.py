@@ -8,6 +8,7 @@ import builtins
 import json
 import shutil
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,6 +66,23 @@ def test_every_from_pretrained_passes_trust_remote_code_false(story_llama_dir, t
     load_model(str(story_llama_dir))
     load_model(str(tmp_path / "s"))  # the structural loader
     assert len(calls) >= 6 and all(trc is False for _, trc in calls), calls
+
+
+def test_every_from_pretrained_in_the_source_says_trust_remote_code_false():
+    """The runtime spy above covers load_model; this covers every other call site (CLIs, benchmarks, checkpoints)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    missing = []
+    for path in sorted([*(root / "sparsefast").rglob("*.py"), *(root / "bench").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in ("from_pretrained", "from_config")):
+                ok = any(k.arg == "trust_remote_code" and isinstance(k.value, ast.Constant) and k.value.value is False
+                         for k in node.keywords)
+                if not ok:
+                    missing.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not missing, f"from_pretrained/from_config without trust_remote_code=False: {missing}"
 
 
 def story_copy(story_llama_dir, tmp_path, name="copy"):

@@ -112,7 +112,8 @@ def measure(args: argparse.Namespace, variants: list[Any], levels: list[int], co
     from sparsefast.serve.benchmark import run_benchmark
 
     _, location, gguf = resolve_model_source(args.tokenizer)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(location), **({"gguf_file": gguf} if gguf else {}))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(location), trust_remote_code=False,
+                                                           **({"gguf_file": gguf} if gguf else {}))
     text = get_eval_text("wikitext2")
     max_batch = args.max_batch or max(levels)
     out = run_benchmark(variants, tokenizer=tokenizer, text=text, concurrencies=levels, prompt_len=args.prompt_len,

@@ -180,14 +180,14 @@ def load_model(
     config = load_config(name_or_path)  # None for GGUF; raises early for unsupported HF architectures
     if kind == "hf_dir":
         check_weight_files(sorted(Path(location).glob("*.safetensors")))
-    kwargs: dict = {_DTYPE_KW: dtype or _default_dtype(config, dev), "trust_remote_code": False}
+    kwargs: dict = {_DTYPE_KW: dtype or _default_dtype(config, dev)}
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
     else:
         kwargs["config"] = config
     try:
         model, info = transformers.AutoModelForCausalLM.from_pretrained(str(location), output_loading_info=True,
-                                                                        **kwargs)
+                                                                        trust_remote_code=False, **kwargs)
         tok_kwargs = {"gguf_file": gguf_file} if gguf_file is not None else {}
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(location), trust_remote_code=False, **tok_kwargs)
     except pickle.UnpicklingError:
