@@ -4,7 +4,8 @@
 
 Each pruned model is swapped with `swap_linear_with_sparse` (per-layer dense / 2:4 / unstructured by timings on this
 machine); the embedding-tied lm_head stays dense. Decode speed is sparsefast.eval.latency.decode_latency (a cached
-greedy loop, gpt-fast's measurement), one generation per variant in turn for --repeats rounds, medians. Wanda is
+greedy loop over the HF forward, gpt-fast's measurement) and the serving engine's batch-1 decode (sparsefast.serve,
+median inter-token latency), one generation per variant in turn for --repeats rounds, medians. Wanda is
 calibrated on few samples (--nsamples x --seqlen from the bundled C4): the mask pattern, not its quality, sets the
 speed. Weight bytes per token and the measured copy bandwidth are reported next to tokens/s. Writes
 bench/results/<date>-cpu-sparse-decode.json.
@@ -22,10 +23,11 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-for p in (REPO / "bench" / "micro", REPO):
+for p in (REPO / "bench" / "micro", REPO / "bench" / "e2e", REPO):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
+from bench_decode import engine_batch1  # noqa: E402
 from bench_sparse_cpu import copy_bandwidth_gbs, nbytes  # noqa: E402
 from common import RESULTS_DIR, cpu_info, git_commit  # noqa: E402
 
@@ -36,6 +38,7 @@ from sparsefast.data.calibration import get_calibration  # noqa: E402
 from sparsefast.eval.latency import decode_latency  # noqa: E402
 from sparsefast.models import load_model  # noqa: E402
 from sparsefast.nn import SparseLinear, swap_linear_with_sparse  # noqa: E402
+from sparsefast.serve.engine import GenerationEngine  # noqa: E402
 
 VARIANTS = {"dense": None, "wanda-2:4": ("2:4", 0.5), "wanda-50%": ("unstructured", 0.5),
             "wanda-70%": ("unstructured", 0.7)}
@@ -86,21 +89,39 @@ def main(argv: list[str] | None = None) -> int:
         rec["weight_bytes_per_token"] = weight_bytes_per_token(model)
         models[name], records[name] = model, rec
     runs: dict[str, list[float]] = {name: [] for name in models}
-    with torch.inference_mode():  # round-robin over the variants: slow phases of a shared machine hit all alike
-        for r in range(args.repeats):
-            for name, model in models.items():
-                lat = decode_latency(model, prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=1,
-                                     warmup=1 if r == 0 else 0)
-                runs[name].append(lat["decode_ms_per_token"])
+    engine_runs: dict[str, list[float]] = {name: [] for name in models}
+    engines = {name: GenerationEngine(model, tok, max_batch=1, max_model_len=args.prompt_len + args.new_tokens + 8)
+               for name, model in models.items()}
+    for engine in engines.values():
+        engine.start()
+    prompt = tok("The history of the city", add_special_tokens=False)["input_ids"] * args.prompt_len
+    prompt = prompt[:args.prompt_len]
+    try:
+        with torch.inference_mode():  # round-robin over the variants: slow phases of a shared machine hit all alike
+            for r in range(args.repeats):
+                for name, model in models.items():
+                    lat = decode_latency(model, prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=1,
+                                         warmup=1 if r == 0 else 0)
+                    runs[name].append(lat["decode_ms_per_token"])
+                    if r == 0:
+                        engine_batch1(engines[name], prompt, 4)  # warm-up
+                    itl = engine_batch1(engines[name], prompt, args.new_tokens)["median_itl_s"]
+                    engine_runs[name].append(1e3 * itl)
+    finally:
+        for engine in engines.values():
+            engine.shutdown()
     for name, rec in records.items():
-        ms = statistics.median(runs[name])
-        rec.update(decode_ms_per_token=ms, runs_decode_ms_per_token=runs[name], tokens_per_s=1e3 / ms)
+        ms, engine_ms = statistics.median(runs[name]), statistics.median(engine_runs[name])
+        rec.update(decode_ms_per_token=ms, runs_decode_ms_per_token=runs[name], tokens_per_s=1e3 / ms,
+                   engine_ms_per_token=engine_ms, runs_engine_ms_per_token=engine_runs[name],
+                   engine_tokens_per_s=1e3 / engine_ms)
         rec["weight_gbs"] = rec["weight_bytes_per_token"] * rec["tokens_per_s"] / 1e9
-        print(f"{name}: {rec['tokens_per_s']:.1f} tok/s, {rec['weight_gbs']:.1f} GB/s of weights "
-              f"{rec.get('layers', '')}", flush=True)
-    dense_tps = records["dense"]["tokens_per_s"]
+        print(f"{name}: {rec['tokens_per_s']:.1f} tok/s (engine {rec['engine_tokens_per_s']:.1f}), "
+              f"{rec['weight_gbs']:.1f} GB/s of weights {rec.get('layers', '')}", flush=True)
+    dense, dense_engine = records["dense"]["tokens_per_s"], records["dense"]["engine_tokens_per_s"]
     for rec in records.values():
-        rec["speedup_vs_dense"] = rec["tokens_per_s"] / dense_tps
+        rec["speedup_vs_dense"] = rec["tokens_per_s"] / dense
+        rec["engine_speedup_vs_dense"] = rec["engine_tokens_per_s"] / dense_engine
     path = RESULTS_DIR / f"{_dt.date.today().isoformat()}-cpu-sparse-decode.json"
     write_json(path, {"what": "SmolLM2-135M batch-1 CPU decode, dense vs Wanda 2:4 / 50% / 70% swapped",
                       "cpu": cpu_info(), "torch": torch.__version__, "git_commit": git_commit(),
