@@ -14,83 +14,99 @@
 
 namespace {
 
-using sparsefast_cpu::SparseWeight;
+using sparsefast_cpu::kBlockCols;
+using sparsefast_cpu::kTileRows;
 
-int64_t padded_in(int64_t in_features) { return (in_features + 15) / 16 * 16; }
+int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 
-at::Tensor run(const at::Tensor& x, const at::Tensor& values, const at::Tensor& masks, const at::Tensor* row_offsets,
-               const std::optional<at::Tensor>& bias, int64_t out_features, int64_t in_features, int64_t isa) {
-  const bool is24 = row_offsets == nullptr;
-  const int64_t kp = padded_in(in_features);
+void check_common(const at::Tensor& x, const at::Tensor& values, int64_t in_features, int64_t isa) {
+  TORCH_CHECK_VALUE(isa == sparsefast_cpu::kAuto || sparsefast_cpu::isa_supported(static_cast<int>(isa)),
+                    "sparse linear: instruction set ", isa, " is not supported on this CPU (best: ",
+                    sparsefast_cpu::best_isa(), ")");
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == in_features, "sparse linear: x must be [..., ", in_features, "]");
   TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
                     "sparse linear: x must be float32 or bfloat16");
   TORCH_CHECK_VALUE(values.scalar_type() == at::kFloat || values.scalar_type() == at::kBFloat16,
                     "sparse linear: values must be float32 or bfloat16");
-  TORCH_CHECK_VALUE(values.is_contiguous() && masks.is_contiguous(), "sparse linear: packed tensors must be contiguous");
-  TORCH_CHECK_VALUE(masks.scalar_type() == at::kByte && masks.dim() == 2 && masks.size(0) == out_features &&
-                        masks.size(1) == kp / 8,
-                    "sparse linear: masks must be uint8 [", out_features, ", ", kp / 8, "]");
-  TORCH_CHECK_VALUE(x.device().is_cpu() && values.device().is_cpu() && masks.device().is_cpu(),
-                    "sparse linear: CPU tensors only");
-  if (is24) {
-    TORCH_CHECK_VALUE(values.dim() == 2 && values.size(0) == out_features && values.size(1) == kp / 2,
-                      "sparse24 linear: values must be [", out_features, ", ", kp / 2, "]");
-  } else {
-    const at::Tensor& off = *row_offsets;
-    TORCH_CHECK_VALUE(off.scalar_type() == at::kLong && off.dim() == 1 && off.numel() == out_features + 1 &&
-                          off.is_contiguous() && off.device().is_cpu(),
-                      "sparse linear: row_offsets must be int64 [", out_features + 1, "]");
-    TORCH_CHECK_VALUE(values.dim() == 1 && values.numel() >= off.data_ptr<int64_t>()[out_features] + 16,
-                      "sparse linear: values must be 1-D with 16 elements of padding after the last row");
-  }
-  const int64_t m = x.numel() / in_features;  // x [..., in] is read as [M, in]; y gets x's leading dims
-  at::Tensor xf;  // fp32 [M, kp], zero-padded: x itself when it already is that
-  if (x.scalar_type() == at::kFloat && x.is_contiguous() && in_features == kp) {
-    xf = x.view({m, kp});
-  } else {
-    xf = at::zeros({m, kp}, x.options().dtype(at::kFloat));
-    xf.narrow(1, 0, in_features).copy_(x.reshape({m, in_features}));
-  }
-  at::Tensor bf;
-  if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->numel() == out_features && bias->device().is_cpu(),
-                      "sparse linear: bias must be a CPU tensor [", out_features, "]");
-    bf = bias->to(at::kFloat).contiguous();
-  }
-  std::vector<int64_t> y_sizes(x.sizes().begin(), x.sizes().end());
-  y_sizes.back() = out_features;
-  at::Tensor y = at::empty(y_sizes, xf.options());
-  SparseWeight w{values.data_ptr(), values.scalar_type() == at::kBFloat16, masks.data_ptr<uint8_t>(),
-                 is24 ? nullptr : row_offsets->data_ptr<int64_t>(), is24, out_features, kp};
-  const float* xp = xf.data_ptr<float>();
-  const float* bp = bias.has_value() ? bf.data_ptr<float>() : nullptr;
-  float* yp = y.data_ptr<float>();
-  const int ichoice = static_cast<int>(isa);
-  at::parallel_for(0, out_features, 16, [&](int64_t r0, int64_t r1) {
-    sparsefast_cpu::sparse_linear_rows(w, xp, m, bp, yp, r0, r1, ichoice);
-  });
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  TORCH_CHECK_VALUE(values.is_contiguous(), "sparse linear: packed tensors must be contiguous");
+  TORCH_CHECK_VALUE(x.device().is_cpu() && values.device().is_cpu(), "sparse linear: CPU tensors only");
 }
 
-void check_isa(int64_t isa) {
-  TORCH_CHECK_VALUE(isa == sparsefast_cpu::kAuto || sparsefast_cpu::isa_supported(static_cast<int>(isa)),
-                    "sparse linear: instruction set ", isa, " is not supported on this CPU (best: ",
-                    sparsefast_cpu::best_isa(), ")");
+// x [..., in] as fp32 [M, kp], zero-padded: x itself when it already is that.
+at::Tensor padded_input(const at::Tensor& x, int64_t in_features, int64_t kp) {
+  const int64_t m = x.numel() / in_features;
+  if (x.scalar_type() == at::kFloat && x.is_contiguous() && in_features == kp) return x.view({m, kp});
+  at::Tensor xf = at::zeros({m, kp}, x.options().dtype(at::kFloat));
+  xf.narrow(1, 0, in_features).copy_(x.reshape({m, in_features}));
+  return xf;
+}
+
+at::Tensor float_bias(const std::optional<at::Tensor>& bias, int64_t out_features) {
+  if (!bias.has_value()) return at::Tensor();
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->numel() == out_features && bias->device().is_cpu(),
+                    "sparse linear: bias must be a CPU tensor [", out_features, "]");
+  return bias->to(at::kFloat).contiguous();
+}
+
+at::Tensor output_like(const at::Tensor& x, int64_t out_features) {
+  std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
+  sizes.back() = out_features;
+  return at::empty(sizes, x.options().dtype(at::kFloat));
 }
 
 at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
                                const std::optional<at::Tensor>& bias, int64_t out_features, int64_t in_features,
                                int64_t isa) {
-  check_isa(isa);
-  return run(x, values, meta, nullptr, bias, out_features, in_features, isa);
+  check_common(x, values, in_features, isa);
+  const int64_t kp = round_up(in_features, kBlockCols), tiles = round_up(out_features, kTileRows) / kTileRows;
+  TORCH_CHECK_VALUE(values.dim() == 4 && values.size(0) == tiles && values.size(1) == kp / kBlockCols &&
+                        values.size(2) == kTileRows && values.size(3) == 16,
+                    "sparse24 linear: values must be [", tiles, ", ", kp / kBlockCols, ", 8, 16]");
+  TORCH_CHECK_VALUE(meta.scalar_type() == at::kInt && meta.is_contiguous() && meta.device().is_cpu() &&
+                        meta.dim() == 3 && meta.size(0) == tiles && meta.size(1) == kp / kBlockCols &&
+                        meta.size(2) == kTileRows,
+                    "sparse24 linear: meta must be int32 [", tiles, ", ", kp / kBlockCols, ", 8]");
+  const at::Tensor xf = padded_input(x, in_features, kp), bf = float_bias(bias, out_features);
+  at::Tensor y = output_like(x, out_features);
+  const sparsefast_cpu::Sparse24Weight w{values.data_ptr(), values.scalar_type() == at::kBFloat16,
+                                         reinterpret_cast<const uint32_t*>(meta.data_ptr<int32_t>()), out_features, kp};
+  const float* xp = xf.data_ptr<float>();
+  const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  const int64_t m = xf.size(0);
+  at::parallel_for(0, tiles, 2, [&](int64_t t0, int64_t t1) {
+    sparsefast_cpu::sparse24_linear_tiles(w, xp, m, bp, yp, t0, t1, static_cast<int>(isa));
+  });
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
 at::Tensor sparse_unstructured_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& mask,
                                           const at::Tensor& row_offsets, const std::optional<at::Tensor>& bias,
                                           int64_t out_features, int64_t in_features, int64_t isa) {
-  check_isa(isa);
-  return run(x, values, mask, &row_offsets, bias, out_features, in_features, isa);
+  check_common(x, values, in_features, isa);
+  const int64_t kp = round_up(in_features, 16);
+  TORCH_CHECK_VALUE(mask.scalar_type() == at::kByte && mask.is_contiguous() && mask.device().is_cpu() &&
+                        mask.dim() == 2 && mask.size(0) == out_features && mask.size(1) == kp / 8,
+                    "sparse linear: mask must be uint8 [", out_features, ", ", kp / 8, "]");
+  TORCH_CHECK_VALUE(row_offsets.scalar_type() == at::kLong && row_offsets.dim() == 1 &&
+                        row_offsets.numel() == out_features + 1 && row_offsets.is_contiguous() &&
+                        row_offsets.device().is_cpu(),
+                    "sparse linear: row_offsets must be int64 [", out_features + 1, "]");
+  TORCH_CHECK_VALUE(values.dim() == 1 && values.numel() >= row_offsets.data_ptr<int64_t>()[out_features] + 16,
+                    "sparse linear: values must be 1-D with 16 elements of padding after the last row");
+  const at::Tensor xf = padded_input(x, in_features, kp), bf = float_bias(bias, out_features);
+  at::Tensor y = output_like(x, out_features);
+  const sparsefast_cpu::UnstructuredWeight w{values.data_ptr(), values.scalar_type() == at::kBFloat16,
+                                             mask.data_ptr<uint8_t>(), row_offsets.data_ptr<int64_t>(), out_features,
+                                             kp};
+  const float* xp = xf.data_ptr<float>();
+  const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  const int64_t m = xf.size(0);
+  at::parallel_for(0, out_features, 16, [&](int64_t r0, int64_t r1) {
+    sparsefast_cpu::unstructured_linear_rows(w, xp, m, bp, yp, r0, r1, static_cast<int>(isa));
+  });
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
 int64_t cpu_best_isa() { return sparsefast_cpu::best_isa(); }

@@ -1,11 +1,20 @@
 // CPU sparse linear kernels (layouts in sparse_linear_cpu.h). One code path per instruction set, each compiled with
 // a target attribute so one binary carries all of them and picks at run time (the CI CPU may be Intel or AMD, with
 // or without AVX-512):
-//   avx512: a 16-column chunk = one vexpandps of the chunk's stored values into a zmm, then one FMA per token;
-//   avx2:   two 8-column halves, each expanded with a permute table (vpermps) and a lane mask;
-//   scalar: bit loops, for other CPUs and as the readable statement of what the vector paths compute.
-// Register blocking: R output rows x TB tokens of accumulators. Each expanded weight register is used by TB tokens,
-// each x register by R rows, so a weight byte comes from memory once per call whatever M is.
+//   2:4, avx512: per 32-column block, x is permuted onto the 16 stored values (vpermt2ps with indices decoded from the
+//                2-bit positions by one variable shift and one ternary-logic op) and multiplied by one 16-lane FMA;
+//   2:4, avx2:   the same per 16-column half with two vpermps and a blend;
+//   unstructured, avx512: a 16-column chunk = one vexpandps of the chunk's stored values into a zmm, one FMA per token;
+//   unstructured, avx2:   two 8-column halves, each expanded with a permute table (vpermps) and a lane mask;
+//   scalar: plain loops, for other CPUs and as the readable statement of what the vector paths compute.
+// Register blocking: rows x tokens of accumulators; each weight register serves every token of the block, so a weight
+// byte comes from memory once per call whatever M is.
+//
+// Why 2:4 permutes x instead of expanding W (measured on the 2-core AMD EPYC (Zen 4) this project develops on, one
+// thread, 1536x576 fp32, M = 1): the expand kernel ran at 20 GB/s of packed weight with the weight in L2 (vexpandps
+// is slow on Zen 4; the AVX2 permute-table path was faster there), about the DRAM rate, so from DRAM it reached only
+// 8.5 GB/s; the permute kernel runs at 60-80 GB/s from L2, and with the tiled layout (one sequential stream instead
+// of 4 interleaved row streams) at 20 GB/s from DRAM.
 #include "cpu/sparse_linear_cpu.h"
 
 #include <cstring>
@@ -20,6 +29,196 @@
 namespace sparsefast_cpu {
 namespace {
 
+inline float bf16_to_f32(uint16_t v) {
+  const uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+template <bool BF16>
+inline float value_at(const void* values, int64_t i) {
+  return BF16 ? bf16_to_f32(static_cast<const uint16_t*>(values)[i]) : static_cast<const float*>(values)[i];
+}
+
+// ================================================================ 2:4
+constexpr int64_t kTileValues = kTileRows * 16;  // stored values of one tile's 32-column block
+
+template <bool BF16>
+void tiles24_scalar(const Sparse24Weight& w, const float* x, int64_t m, const float* bias, float* y, int64_t t0,
+                    int64_t t1) {
+  const int64_t blocks = w.kp / kBlockCols;
+  for (int64_t tile = t0; tile < t1; ++tile) {
+    for (int64_t r = 0; r < kTileRows; ++r) {
+      const int64_t row = tile * kTileRows + r;
+      if (row >= w.n) break;
+      for (int64_t t = 0; t < m; ++t) {
+        const float* xt = x + t * w.kp;
+        float acc[16] = {};  // one partial sum per value lane, summed pairwise: the vector paths' rounding
+        for (int64_t b = 0; b < blocks; ++b) {
+          const int64_t slot = (tile * blocks + b) * kTileRows + r;
+          const uint32_t meta = w.meta[slot];
+          for (int j = 0; j < 16; ++j) {
+            const int64_t col = kBlockCols * b + 4 * (j / 2) + ((meta >> (2 * j)) & 3);
+            acc[j] += value_at<BF16>(w.values, slot * 16 + j) * xt[col];
+          }
+        }
+        for (int width = 8; width >= 1; width /= 2)
+          for (int j = 0; j < width; ++j) acc[j] += acc[j + width];
+        y[t * w.n + row] = acc[0] + (bias ? bias[row] : 0.f);
+      }
+    }
+  }
+}
+
+#ifdef SF_X86
+// ---------------------------------------------------------------- 2:4, AVX-512
+template <bool BF16>
+SF_AVX512 inline __m512 load16_512(const void* values, int64_t i) {
+  if (BF16) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(values) + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  return _mm512_loadu_ps(static_cast<const float*>(values) + i);
+}
+
+// Rows r0..r0+RN-1 of `tile` for tokens t0..t0+TB-1.
+template <int RN, int TB, bool BF16>
+SF_AVX512 void tile24_512(const Sparse24Weight& w, int64_t tile, int r0, const float* x, int64_t t0, const float* bias,
+                          float* y) {
+  const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i group_base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+  const __m512i two_bits = _mm512_set1_epi32(3);
+  __m512 acc[RN][TB];
+#pragma GCC unroll 8
+  for (int r = 0; r < RN; ++r)
+#pragma GCC unroll 8
+    for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_setzero_ps();
+  const int64_t blocks = w.kp / kBlockCols;
+  const uint32_t* meta = w.meta + tile * blocks * kTileRows + r0;
+  const int64_t v0 = tile * blocks * kTileValues + r0 * 16;
+  const float* xb = x + t0 * w.kp;
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m512 xlo[TB], xhi[TB];
+#pragma GCC unroll 8
+    for (int t = 0; t < TB; ++t) {
+      xlo[t] = _mm512_loadu_ps(xb + t * w.kp + kBlockCols * b);
+      xhi[t] = _mm512_loadu_ps(xb + t * w.kp + kBlockCols * b + 16);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < RN; ++r) {
+      // lane j = 2g + s: column 4g + i_s of the block, i_s = bits 2j, 2j+1 of the meta word ((A & B) | C = 0xEA)
+      const __m512i pos = _mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(meta[b * kTileRows + r])), shifts);
+      const __m512i idx = _mm512_ternarylogic_epi32(pos, two_bits, group_base, 0xEA);
+      const __m512 v = load16_512<BF16>(w.values, v0 + b * kTileValues + r * 16);
+#pragma GCC unroll 8
+      for (int t = 0; t < TB; ++t)
+        acc[r][t] = _mm512_fmadd_ps(v, _mm512_permutex2var_ps(xlo[t], idx, xhi[t]), acc[r][t]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < RN; ++r) {
+    const int64_t row = tile * kTileRows + r0 + r;
+    if (row >= w.n) break;
+    const float bv = bias ? bias[row] : 0.f;
+#pragma GCC unroll 8
+    for (int t = 0; t < TB; ++t) y[(t0 + t) * w.n + row] = _mm512_reduce_add_ps(acc[r][t]) + bv;
+  }
+}
+
+// Token pairs with all 8 rows of the tile in registers (16 accumulators + 4 x registers + the decode constants), then
+// a single token. Measured against 4 tokens x 4 rows per pass (re-reading the tile from L1): pairs were faster at
+// M = 4 and 8 and equal above.
+template <bool BF16>
+SF_AVX512 void tiles24_512(const Sparse24Weight& w, const float* x, int64_t m, const float* bias, float* y, int64_t t0,
+                           int64_t t1) {
+  for (int64_t tile = t0; tile < t1; ++tile) {
+    int64_t t = 0;
+    for (; t + 2 <= m; t += 2) tile24_512<8, 2, BF16>(w, tile, 0, x, t, bias, y);
+    if (t < m) tile24_512<8, 1, BF16>(w, tile, 0, x, t, bias, y);
+  }
+}
+
+// ---------------------------------------------------------------- 2:4, AVX2
+template <bool BF16>
+SF_AVX2 inline __m256 load8_256(const void* values, int64_t i) {
+  if (BF16) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(values) + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  return _mm256_loadu_ps(static_cast<const float*>(values) + i);
+}
+
+SF_AVX2 inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// A 16-column half h of a block: lanes 0-3 (groups 0, 1) read x columns 0-7 of the half, lanes 4-7 columns 8-15;
+// vpermps uses the low 3 index bits, so one index vector (4g' + i, g' = group mod 2) serves both permutes.
+template <int RN, int TB, bool BF16>
+SF_AVX2 void tile24_256(const Sparse24Weight& w, int64_t tile, int r0, const float* x, int64_t t0, const float* bias,
+                        float* y) {
+  const __m256i shifts_lo = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+  const __m256i shifts_hi = _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30);
+  const __m256i group_base = _mm256_setr_epi32(0, 0, 4, 4, 0, 0, 4, 4);
+  const __m256i two_bits = _mm256_set1_epi32(3);
+  __m256 acc[RN][TB];
+#pragma GCC unroll 8
+  for (int r = 0; r < RN; ++r)
+#pragma GCC unroll 8
+    for (int t = 0; t < TB; ++t) acc[r][t] = _mm256_setzero_ps();
+  const int64_t blocks = w.kp / kBlockCols;
+  const uint32_t* meta = w.meta + tile * blocks * kTileRows + r0;
+  const int64_t v0 = tile * blocks * kTileValues + r0 * 16;
+  const float* xb = x + t0 * w.kp;
+  for (int64_t b = 0; b < blocks; ++b) {
+#pragma GCC unroll 8
+    for (int r = 0; r < RN; ++r) {
+      const __m256i word = _mm256_set1_epi32(static_cast<int>(meta[b * kTileRows + r]));
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        const __m256i pos = _mm256_srlv_epi32(word, h ? shifts_hi : shifts_lo);
+        const __m256i idx = _mm256_or_si256(_mm256_and_si256(pos, two_bits), group_base);
+        const __m256 v = load8_256<BF16>(w.values, v0 + b * kTileValues + r * 16 + 8 * h);
+#pragma GCC unroll 8
+        for (int t = 0; t < TB; ++t) {
+          const float* xh = xb + t * w.kp + kBlockCols * b + 16 * h;
+          const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xh), idx);
+          const __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xh + 8), idx);
+          acc[r][t] = _mm256_fmadd_ps(v, _mm256_blend_ps(lo, hi, 0xF0), acc[r][t]);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < RN; ++r) {
+    const int64_t row = tile * kTileRows + r0 + r;
+    if (row >= w.n) break;
+    const float bv = bias ? bias[row] : 0.f;
+#pragma GCC unroll 8
+    for (int t = 0; t < TB; ++t) y[(t0 + t) * w.n + row] = hsum256(acc[r][t]) + bv;
+  }
+}
+
+// 16 ymm: 8 rows x 1 token, or 4 rows x 2 tokens, of accumulators beside the decode constants.
+template <bool BF16>
+SF_AVX2 void tiles24_256(const Sparse24Weight& w, const float* x, int64_t m, const float* bias, float* y, int64_t t0,
+                         int64_t t1) {
+  for (int64_t tile = t0; tile < t1; ++tile) {
+    int64_t t = 0;
+    for (; t + 2 <= m; t += 2) {
+      tile24_256<4, 2, BF16>(w, tile, 0, x, t, bias, y);
+      tile24_256<4, 2, BF16>(w, tile, 4, x, t, bias, y);
+    }
+    if (t < m) tile24_256<8, 1, BF16>(w, tile, 0, x, t, bias, y);
+  }
+}
+#endif  // SF_X86
+
+// ================================================================ unstructured
 // The 16-bit dense mask of chunk c (two little-endian bytes of the row's mask).
 inline uint32_t chunk_mask(const uint8_t* mk, int64_t c) {
   return mk[2 * c] | (static_cast<uint32_t>(mk[2 * c + 1]) << 8);
@@ -34,33 +233,20 @@ inline void prefetch_values(const void* values, int64_t vi) {
   __builtin_prefetch(static_cast<const char*>(values) + vi * (BF16 ? 2 : 4) + kPrefetchBytes);
 }
 
-inline int64_t row_start(const SparseWeight& w, int64_t row) {
-  return w.is24 ? row * (w.kp / 2) : w.row_offsets[row];
-}
-
-inline float bf16_to_f32(uint16_t v) {
-  const uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-template <bool BF16, bool IS24>
-void rows_scalar(const SparseWeight& w, const float* x, int64_t m, const float* bias, float* y, int64_t r0,
+template <bool BF16>
+void rows_scalar(const UnstructuredWeight& w, const float* x, int64_t m, const float* bias, float* y, int64_t r0,
                  int64_t r1) {
   const int64_t chunks = w.kp / 16;
   for (int64_t row = r0; row < r1; ++row) {
     const uint8_t* mk = w.masks + row * (w.kp / 8);
     for (int64_t t = 0; t < m; ++t) {
       const float* xt = x + t * w.kp;
-      int64_t vi = row_start(w, row);
+      int64_t vi = w.row_offsets[row];
       float acc[16] = {};  // one partial sum per column lane, summed pairwise: the vector paths' rounding
       for (int64_t c = 0; c < chunks; ++c) {
         for (uint32_t mask = chunk_mask(mk, c); mask; mask &= mask - 1, ++vi) {
-          const float v = BF16 ? bf16_to_f32(static_cast<const uint16_t*>(w.values)[vi])
-                               : static_cast<const float*>(w.values)[vi];
           const int lane = __builtin_ctz(mask);
-          acc[lane] += v * xt[16 * c + lane];
+          acc[lane] += value_at<BF16>(w.values, vi) * xt[16 * c + lane];
         }
       }
       for (int width = 8; width >= 1; width /= 2)
@@ -71,32 +257,22 @@ void rows_scalar(const SparseWeight& w, const float* x, int64_t m, const float* 
 }
 
 #ifdef SF_X86
-// ---------------------------------------------------------------- AVX-512
-template <bool BF16, bool IS24>
+// ---------------------------------------------------------------- unstructured, AVX-512
+template <bool BF16>
 SF_AVX512 inline __m512 load_chunk512(const void* values, int64_t vi, uint32_t mask) {
-  __m512 v;
-  if (BF16) {
-    const uint16_t* p = static_cast<const uint16_t*>(values) + vi;
-    // 2:4 reads exactly its 8 values (the last row ends there); upper lanes are never selected by the expand.
-    const __m256i h = IS24 ? _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))
-                           : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  } else {
-    const float* p = static_cast<const float*>(values) + vi;
-    v = IS24 ? _mm512_castps256_ps512(_mm256_loadu_ps(p)) : _mm512_loadu_ps(p);
-  }
-  return _mm512_maskz_expand_ps(static_cast<__mmask16>(mask), v);
+  return _mm512_maskz_expand_ps(static_cast<__mmask16>(mask), load16_512<BF16>(values, vi));
 }
 
-template <int R, int TB, bool BF16, bool IS24>
-SF_AVX512 void block512(const SparseWeight& w, int64_t row, const float* x, int64_t t0, const float* bias, float* y) {
+template <int R, int TB, bool BF16>
+SF_AVX512 void block512(const UnstructuredWeight& w, int64_t row, const float* x, int64_t t0, const float* bias,
+                        float* y) {
   __m512 acc[R][TB];
   const uint8_t* mk[R];
   int64_t vi[R];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     mk[r] = w.masks + (row + r) * (w.kp / 8);
-    vi[r] = row_start(w, row + r);
+    vi[r] = w.row_offsets[row + r];
 #pragma GCC unroll 8
     for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_setzero_ps();
   }
@@ -110,8 +286,8 @@ SF_AVX512 void block512(const SparseWeight& w, int64_t row, const float* x, int6
     for (int r = 0; r < R; ++r) {
       const uint32_t mask = chunk_mask(mk[r], c);
       prefetch_values<BF16>(w.values, vi[r]);
-      const __m512 v = load_chunk512<BF16, IS24>(w.values, vi[r], mask);
-      vi[r] += IS24 ? 8 : __builtin_popcount(mask);
+      const __m512 v = load_chunk512<BF16>(w.values, vi[r], mask);
+      vi[r] += __builtin_popcount(mask);
 #pragma GCC unroll 8
       for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_fmadd_ps(v, xv[t], acc[r][t]);
     }
@@ -125,33 +301,34 @@ SF_AVX512 void block512(const SparseWeight& w, int64_t row, const float* x, int6
 }
 
 // All tokens of rows row..row+R-1: blocks of 8 tokens where the 32 zmm registers hold R x 8 accumulators.
-template <int R, bool BF16, bool IS24>
-SF_AVX512 void tokens512(const SparseWeight& w, int64_t row, const float* x, int64_t m, const float* bias, float* y) {
+template <int R, bool BF16>
+SF_AVX512 void tokens512(const UnstructuredWeight& w, int64_t row, const float* x, int64_t m, const float* bias,
+                         float* y) {
   int64_t t0 = 0;
   if constexpr (R <= 2) {
-    for (; t0 + 8 <= m; t0 += 8) block512<R, 8, BF16, IS24>(w, row, x, t0, bias, y);
+    for (; t0 + 8 <= m; t0 += 8) block512<R, 8, BF16>(w, row, x, t0, bias, y);
   }
-  for (; t0 + 4 <= m; t0 += 4) block512<R, 4, BF16, IS24>(w, row, x, t0, bias, y);
+  for (; t0 + 4 <= m; t0 += 4) block512<R, 4, BF16>(w, row, x, t0, bias, y);
   if (m - t0 >= 2) {
-    block512<R, 2, BF16, IS24>(w, row, x, t0, bias, y);
+    block512<R, 2, BF16>(w, row, x, t0, bias, y);
     t0 += 2;
   }
-  if (m - t0 >= 1) block512<R, 1, BF16, IS24>(w, row, x, t0, bias, y);
+  if (m - t0 >= 1) block512<R, 1, BF16>(w, row, x, t0, bias, y);
 }
 
-template <bool BF16, bool IS24>
-SF_AVX512 void rows512(const SparseWeight& w, const float* x, int64_t m, const float* bias, float* y, int64_t r0,
+template <bool BF16>
+SF_AVX512 void rows512(const UnstructuredWeight& w, const float* x, int64_t m, const float* bias, float* y, int64_t r0,
                        int64_t r1) {
   int64_t row = r0;
   if (m >= 4) {
-    for (; row + 2 <= r1; row += 2) tokens512<2, BF16, IS24>(w, row, x, m, bias, y);
+    for (; row + 2 <= r1; row += 2) tokens512<2, BF16>(w, row, x, m, bias, y);
   } else {  // few tokens: more rows in flight keep the FMA pipes and the memory streams busy
-    for (; row + 4 <= r1; row += 4) tokens512<4, BF16, IS24>(w, row, x, m, bias, y);
+    for (; row + 4 <= r1; row += 4) tokens512<4, BF16>(w, row, x, m, bias, y);
   }
-  for (; row < r1; ++row) tokens512<1, BF16, IS24>(w, row, x, m, bias, y);
+  for (; row < r1; ++row) tokens512<1, BF16>(w, row, x, m, bias, y);
 }
 
-// ---------------------------------------------------------------- AVX2
+// ---------------------------------------------------------------- unstructured, AVX2
 struct PermLut {  // 8-bit mask -> vpermps indices that move stored value k to the k-th set lane
   alignas(32) int32_t idx[256][8];
   PermLut() {
@@ -163,18 +340,9 @@ struct PermLut {  // 8-bit mask -> vpermps indices that move stored value k to t
 };
 const PermLut kPerm;
 
-template <bool BF16, bool IS24>
+template <bool BF16>
 SF_AVX2 inline __m256 load_half256(const void* values, int64_t vi, uint32_t m8) {
-  __m256 v;
-  if (BF16) {
-    const uint16_t* p = static_cast<const uint16_t*>(values) + vi;
-    const __m128i h = IS24 ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))
-                           : _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    v = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  } else {
-    const float* p = static_cast<const float*>(values) + vi;
-    v = IS24 ? _mm256_castps128_ps256(_mm_loadu_ps(p)) : _mm256_loadu_ps(p);
-  }
+  const __m256 v = load8_256<BF16>(values, vi);
   const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(kPerm.idx[m8]));
   const __m256i bits = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(m8)),
                                         _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128));
@@ -182,22 +350,16 @@ SF_AVX2 inline __m256 load_half256(const void* values, int64_t vi, uint32_t m8) 
   return _mm256_andnot_ps(_mm256_castsi256_ps(unset), _mm256_permutevar8x32_ps(v, idx));
 }
 
-SF_AVX2 inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-template <int R, int TB, bool BF16, bool IS24>
-SF_AVX2 void block256(const SparseWeight& w, int64_t row, const float* x, int64_t t0, const float* bias, float* y) {
+template <int R, int TB, bool BF16>
+SF_AVX2 void block256(const UnstructuredWeight& w, int64_t row, const float* x, int64_t t0, const float* bias,
+                      float* y) {
   __m256 acc[R][TB];
   const uint8_t* mk[R];
   int64_t vi[R];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     mk[r] = w.masks + (row + r) * (w.kp / 8);
-    vi[r] = row_start(w, row + r);
+    vi[r] = w.row_offsets[row + r];
 #pragma GCC unroll 8
     for (int t = 0; t < TB; ++t) acc[r][t] = _mm256_setzero_ps();
   }
@@ -209,10 +371,10 @@ SF_AVX2 void block256(const SparseWeight& w, int64_t row, const float* x, int64_
       const uint32_t mask = chunk_mask(mk[r], c);
       const uint32_t lo = mask & 0xFF, hi = mask >> 8;
       prefetch_values<BF16>(w.values, vi[r]);
-      const __m256 v0 = load_half256<BF16, IS24>(w.values, vi[r], lo);
-      vi[r] += IS24 ? 4 : __builtin_popcount(lo);
-      const __m256 v1 = load_half256<BF16, IS24>(w.values, vi[r], hi);
-      vi[r] += IS24 ? 4 : __builtin_popcount(hi);
+      const __m256 v0 = load_half256<BF16>(w.values, vi[r], lo);
+      vi[r] += __builtin_popcount(lo);
+      const __m256 v1 = load_half256<BF16>(w.values, vi[r], hi);
+      vi[r] += __builtin_popcount(hi);
 #pragma GCC unroll 8
       for (int t = 0; t < TB; ++t) {
         const float* xt = xb + t * w.kp + 16 * c;
@@ -230,37 +392,48 @@ SF_AVX2 void block256(const SparseWeight& w, int64_t row, const float* x, int64_
 }
 
 // 16 ymm registers: R x TB <= 8 accumulators, x comes in as FMA memory operands.
-template <int R, bool BF16, bool IS24>
-SF_AVX2 void tokens256(const SparseWeight& w, int64_t row, const float* x, int64_t m, const float* bias, float* y) {
+template <int R, bool BF16>
+SF_AVX2 void tokens256(const UnstructuredWeight& w, int64_t row, const float* x, int64_t m, const float* bias,
+                       float* y) {
   int64_t t0 = 0;
   if constexpr (R <= 2) {
-    for (; t0 + 4 <= m; t0 += 4) block256<R, 4, BF16, IS24>(w, row, x, t0, bias, y);
+    for (; t0 + 4 <= m; t0 += 4) block256<R, 4, BF16>(w, row, x, t0, bias, y);
   }
-  for (; t0 + 2 <= m; t0 += 2) block256<R, 2, BF16, IS24>(w, row, x, t0, bias, y);
-  if (m - t0 >= 1) block256<R, 1, BF16, IS24>(w, row, x, t0, bias, y);
+  for (; t0 + 2 <= m; t0 += 2) block256<R, 2, BF16>(w, row, x, t0, bias, y);
+  if (m - t0 >= 1) block256<R, 1, BF16>(w, row, x, t0, bias, y);
 }
 
-template <bool BF16, bool IS24>
-SF_AVX2 void rows256(const SparseWeight& w, const float* x, int64_t m, const float* bias, float* y, int64_t r0,
+template <bool BF16>
+SF_AVX2 void rows256(const UnstructuredWeight& w, const float* x, int64_t m, const float* bias, float* y, int64_t r0,
                      int64_t r1) {
   int64_t row = r0;
   if (m >= 4) {
-    for (; row + 2 <= r1; row += 2) tokens256<2, BF16, IS24>(w, row, x, m, bias, y);
+    for (; row + 2 <= r1; row += 2) tokens256<2, BF16>(w, row, x, m, bias, y);
   } else {
-    for (; row + 4 <= r1; row += 4) tokens256<4, BF16, IS24>(w, row, x, m, bias, y);
+    for (; row + 4 <= r1; row += 4) tokens256<4, BF16>(w, row, x, m, bias, y);
   }
-  for (; row < r1; ++row) tokens256<1, BF16, IS24>(w, row, x, m, bias, y);
+  for (; row < r1; ++row) tokens256<1, BF16>(w, row, x, m, bias, y);
 }
 #endif  // SF_X86
 
-template <bool BF16, bool IS24>
-void run_rows(const SparseWeight& w, const float* x, int64_t m, const float* bias, float* y, int64_t r0, int64_t r1,
-              int isa) {
+template <bool BF16>
+void run_tiles24(const Sparse24Weight& w, const float* x, int64_t m, const float* bias, float* y, int64_t t0,
+                 int64_t t1, int isa) {
 #ifdef SF_X86
-  if (isa == kAvx512) return rows512<BF16, IS24>(w, x, m, bias, y, r0, r1);
-  if (isa == kAvx2) return rows256<BF16, IS24>(w, x, m, bias, y, r0, r1);
+  if (isa == kAvx512) return tiles24_512<BF16>(w, x, m, bias, y, t0, t1);
+  if (isa == kAvx2) return tiles24_256<BF16>(w, x, m, bias, y, t0, t1);
 #endif
-  rows_scalar<BF16, IS24>(w, x, m, bias, y, r0, r1);
+  tiles24_scalar<BF16>(w, x, m, bias, y, t0, t1);
+}
+
+template <bool BF16>
+void run_rows(const UnstructuredWeight& w, const float* x, int64_t m, const float* bias, float* y, int64_t r0,
+              int64_t r1, int isa) {
+#ifdef SF_X86
+  if (isa == kAvx512) return rows512<BF16>(w, x, m, bias, y, r0, r1);
+  if (isa == kAvx2) return rows256<BF16>(w, x, m, bias, y, r0, r1);
+#endif
+  rows_scalar<BF16>(w, x, m, bias, y, r0, r1);
 }
 
 }  // namespace
@@ -275,15 +448,18 @@ int best_isa() {
 
 bool isa_supported(int isa) { return isa >= kScalar && isa <= best_isa(); }
 
-void sparse_linear_rows(const SparseWeight& w, const float* x, int64_t m, const float* bias, float* y,
-                        int64_t row_begin, int64_t row_end, int isa) {
+void sparse24_linear_tiles(const Sparse24Weight& w, const float* x, int64_t m, const float* bias, float* y,
+                           int64_t tile_begin, int64_t tile_end, int isa) {
   if (isa == kAuto) isa = best_isa();
-  if (w.bf16) {
-    if (w.is24) return run_rows<true, true>(w, x, m, bias, y, row_begin, row_end, isa);
-    return run_rows<true, false>(w, x, m, bias, y, row_begin, row_end, isa);
-  }
-  if (w.is24) return run_rows<false, true>(w, x, m, bias, y, row_begin, row_end, isa);
-  run_rows<false, false>(w, x, m, bias, y, row_begin, row_end, isa);
+  if (w.bf16) return run_tiles24<true>(w, x, m, bias, y, tile_begin, tile_end, isa);
+  run_tiles24<false>(w, x, m, bias, y, tile_begin, tile_end, isa);
+}
+
+void unstructured_linear_rows(const UnstructuredWeight& w, const float* x, int64_t m, const float* bias, float* y,
+                              int64_t row_begin, int64_t row_end, int isa) {
+  if (isa == kAuto) isa = best_isa();
+  if (w.bf16) return run_rows<true>(w, x, m, bias, y, row_begin, row_end, isa);
+  run_rows<false>(w, x, m, bias, y, row_begin, row_end, isa);
 }
 
 }  // namespace sparsefast_cpu

@@ -1,21 +1,22 @@
-// CPU sparse linear kernels, torch-free: y[M, N] = x[M, Kp] · Wᵀ (+ bias) for a compactly stored sparse W [N, Kp].
+// CPU sparse linear kernels, torch-free: y[M, N] = x[M, K] · Wᵀ (+ bias) for a compactly stored sparse W [N, K].
+// Each weight byte is read from memory once per call and reused for all M tokens: batch-1 decode is bound by the
+// bytes a layer moves, and these layouts move about half of the dense bytes at 50% sparsity.
 //
-// Both layouts describe W in chunks of 16 dense columns (Kp = in_features rounded up to 16; the caller zero-pads x
-// to Kp columns). A chunk has a 16-bit "dense mask" (bit j: column 16c + j is stored) and its stored values lie
-// consecutively, in ascending column order, in the row's value stream. The kernels expand each chunk's values into
-// a 16-lane register (AVX-512 vexpandps / an AVX2 permute table) and multiply it with the dense x chunk of every
-// token, so each weight byte is read from memory once per call and reused across all M tokens.
-//
-// 2:4 layout (is24 = true; documented bit by bit in sparsefast/ops/sparse24_cpu.py):
-//   values [N, Kp/2] fp32|bf16, row-major; compressed column 2g + s = W[n, 4g + i_s] with i_0 < i_1.
-//   masks  [N, Kp/8] uint8 "meta": bit j of byte b = 1 iff column 8b + j is one of the 2 kept positions of its
-//          group, i.e. exactly 2 bits per nibble (4 bits per group, as many as two 2-bit positions).
-//   row_offsets unused (row n starts at value n·Kp/2, 8 values per chunk).
-// Unstructured layout (is24 = false; sparsefast/ops/sparse_unstructured.py):
-//   masks  [N, Kp/8] uint8 bitmask: bit j of byte b = 1 iff W[n, 8b + j] != 0.
+// 2:4 layout (documented bit by bit, with its packer and exact inverse, in sparsefast/ops/sparse24_cpu.py):
+//   tiles of 8 output rows x 32 input columns (Kp = K rounded up to 32, Np = N rounded up to 8, zeros beyond);
+//   values [Np/8, Kp/32, 8, 16] fp32|bf16: values[t, b, r, 2g + s] = W[8t + r, 32b + 4g + i_s] (g < 8 groups of 4
+//          columns, the two kept positions i_0 < i_1 of each group);
+//   meta   [Np/8, Kp/32, 8] uint32: bits 2j, 2j+1 of meta[t, b, r] = the position i of value j (j = 2g + s).
+//   A tile's values and metas are contiguous, so a tile of 8 rows is two sequential streams (one DRAM stream where the
+//   hardware prefetcher does best), and a value's 32-column block fits one AVX-512 two-source permute of x.
+//   The kernel never expands W: it permutes x to the stored values (x[32b + 4g + i_s] for lane 2g + s) and does one
+//   16-lane FMA per row and token, so the work per weight is 2 instructions whatever the CPU's expand throughput.
+// Unstructured layout (sparsefast/ops/sparse_unstructured.py): 16-column chunks (Kp16 = K rounded up to 16);
+//   masks  [N, Kp16/8] uint8 bitmask: bit j of byte b = 1 iff W[n, 8b + j] != 0;
 //   values flat, fp32|bf16: the nonzeros of row 0, row 1, ... in column order, then 16 zero elements of padding
-//          (the vector loads read up to 16 elements past a chunk's start).
+//          (the vector loads read up to 16 elements past a chunk's start);
 //   row_offsets [N + 1] int64: row n's values are values[row_offsets[n] .. row_offsets[n+1]).
+//   A chunk's stored values are expanded into a 16-lane register (AVX-512 vexpandps / an AVX2 permute table).
 #pragma once
 
 #include <cstdint>
@@ -25,12 +26,22 @@ namespace sparsefast_cpu {
 // Instruction sets, best last. kAuto picks the best the running CPU supports (__builtin_cpu_supports).
 enum Isa : int { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3 };
 
-struct SparseWeight {
-  const void* values;          // fp32 or bf16 (bf16 = the upper 16 bits of an fp32)
-  bool bf16;                   // dtype of values
-  const uint8_t* masks;        // [N, Kp/8]: 2:4 meta bytes or unstructured bitmask bytes
-  const int64_t* row_offsets;  // unstructured only: [N + 1]
-  bool is24;
+constexpr int64_t kTileRows = 8;     // 2:4 layout: output rows per tile
+constexpr int64_t kBlockCols = 32;   // 2:4 layout: input columns per block (16 stored values)
+
+struct Sparse24Weight {
+  const void* values;    // [Np/8, Kp/32, 8, 16] fp32 or bf16 (bf16 = the upper 16 bits of an fp32)
+  bool bf16;             // dtype of values
+  const uint32_t* meta;  // [Np/8, Kp/32, 8]
+  int64_t n;             // out_features (rows beyond n in the last tile are padding)
+  int64_t kp;            // in_features rounded up to 32
+};
+
+struct UnstructuredWeight {
+  const void* values;          // flat nonzeros + 16 elements of padding, fp32 or bf16
+  bool bf16;
+  const uint8_t* masks;        // [N, Kp16/8]
+  const int64_t* row_offsets;  // [N + 1]
   int64_t n;                   // out_features
   int64_t kp;                  // in_features rounded up to 16
 };
@@ -40,10 +51,14 @@ int best_isa();
 // Whether `isa` (kScalar, kAvx2, kAvx512) can run on this CPU and was compiled in.
 bool isa_supported(int isa);
 
-// y[t, row] = sum_k x[t, k] W[row, k] (+ bias[row]) for rows [row_begin, row_end) and every token t < m.
+// y[t, row] = sum_k x[t, k] W[row, k] (+ bias[row]) for the rows of tiles [tile_begin, tile_end) and every token t < m.
 // x: [m, kp] fp32 row-major (zero-padded beyond in_features); y: [m, w.n] fp32 row-major; bias: [w.n] or nullptr.
-// Rows are independent: callers run disjoint row ranges on different threads.
-void sparse_linear_rows(const SparseWeight& w, const float* x, int64_t m, const float* bias, float* y,
-                        int64_t row_begin, int64_t row_end, int isa);
+// Tiles are independent: callers run disjoint tile ranges on different threads.
+void sparse24_linear_tiles(const Sparse24Weight& w, const float* x, int64_t m, const float* bias, float* y,
+                           int64_t tile_begin, int64_t tile_end, int isa);
+
+// The same for rows [row_begin, row_end) of an unstructured weight; x: [m, kp] with kp = w.kp.
+void unstructured_linear_rows(const UnstructuredWeight& w, const float* x, int64_t m, const float* bias, float* y,
+                              int64_t row_begin, int64_t row_end, int isa);
 
 }  // namespace sparsefast_cpu

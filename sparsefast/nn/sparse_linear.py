@@ -39,8 +39,9 @@ MIN_SPARSITY = 0.3  # below this neither layout moves fewer bytes enough to be w
 class SparseLinear(nn.Module):
     """y = x Wᵀ + b with W [out, in] stored packed for the CPU kernels.
 
-    layout "2:4": buffers values [out, K_p/2], meta [out, K_p/8] uint8; "unstructured": values [nnz + 16],
-    mask [out, K_p/8] uint8, row_offsets [out + 1] int64. x: [..., in] → [..., out] in x's dtype.
+    layout "2:4": buffers values [N_p/8, K_p/32, 8, 16], meta [N_p/8, K_p/32, 8] int32 (sparsefast.ops.sparse24_cpu);
+    "unstructured": values [nnz + 16], mask [out, K_p/8] uint8, row_offsets [out + 1] int64
+    (sparsefast.ops.sparse_unstructured). x: [..., in] → [..., out] in x's dtype.
     """
 
     def __init__(self, in_features: int, out_features: int, layout: str, packed: tuple[torch.Tensor, ...],

@@ -1,20 +1,22 @@
 """2:4 sparse weights in the CPU kernels' layout: packing, its exact inverse, and `sparse24_linear_cpu`.
 
 y = x Wᵀ (+ bias), W [N=out, K=in] 2:4 sparse along K (every 4-group of a row holds at most 2 nonzeros; Mishra et
-al. 2021). The CUDA layout of sparsefast.ops.sparse24 is ordered for mma.sp fragments; a CPU reads rows, so this one
-is row-major and the kernels (csrc/cpu/sparse_linear_cpu.cpp) stream each row once.
+al. 2021). The CUDA layout of sparsefast.ops.sparse24 is ordered for mma.sp fragments; this one is ordered for a CPU
+that streams the weight once per call (csrc/cpu/sparse_linear_cpu.cpp).
 
-Layout (K_p = round_up(K, 16): the kernels work in 16-column chunks; the padding columns are zeros):
+Layout: tiles of 8 output rows × 32 input columns. N_p = round_up(N, 8), K_p = round_up(K, 32); rows and columns of
+padding are zeros. A block of 32 columns holds 8 groups of 4; each group keeps 2 positions.
 
 * Kept positions: as for CUDA (`sparse24._kept_positions`): in each 4-group the positions of its nonzeros, completed
   with the lowest zero positions, ascending: i0 < i1.
-* values [N, K_p/2], the weight's dtype (float32 | bfloat16 for the kernels): values[n, 2g + s] = W[n, 4g + i_s].
-* meta [N, K_p/8] uint8, the bitmask of kept columns: bit j (value 1 << j) of byte b of row n is 1 iff dense column
-  8b + j is a kept position, so the low nibble is group 2b (bits 0-3 = positions 0-3) and the high nibble group
-  2b + 1, each with exactly 2 bits set (1 << i0 | 1 << i1). That is 4 bits per group, as compact as two 2-bit
-  positions (6 possible pairs need 3 bits at least, and nibbles keep every group byte-aligned), and it is the very
-  mask the unstructured layout uses, so one kernel expands both: a 16-column chunk = 8 values + 2 meta bytes, and
-  vexpandps (AVX-512) or a permute table (AVX2) puts the 8 values at their columns without any decoding table.
+* values [N_p/8, K_p/32, 8, 16], the weight's dtype (float32 | bfloat16 for the kernels):
+  values[t, b, r, 2g + s] = W[8t + r, 32b + 4g + i_s]. In memory: tile by tile, in a tile block by block, in a
+  block row by row: the 8 rows of a tile are one sequential stream.
+* meta [N_p/8, K_p/32, 8] int32 (read as uint32): bits 2j and 2j + 1 of meta[t, b, r] hold the position i (0..3)
+  of value j = 2g + s within its group, i.e. meta = Σ_j i_j << 2j. Two bits per stored value, the compact
+  positions of NVIDIA's 2:4 metadata, and exactly what the kernel needs: a variable shift and a mask turn the word
+  into the 16 column indices 4g + i_s of a two-source permute of x (AVX-512 vpermt2ps), so x is gathered onto the
+  stored values and W is never expanded.
 * Bytes per weight: values 1/2 + meta 1/32 of fp32 (0.531: decode ceiling 1.88x), 1/2 + 1/16 of bf16 (0.5625).
 """
 
@@ -28,15 +30,18 @@ import torch.nn.functional as F
 from sparsefast.ops._dispatch import select_backend
 from sparsefast.ops.sparse24 import _kept_positions, check_sparse24
 
-CHUNK = 16
+TILE_ROWS, BLOCK_COLS = 8, 32  # the 2:4 layout's tile
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
 ISA_ENV = "SPARSEFAST_CPU_ISA"
 
 
-def cpu_padded_in(in_features: int) -> int:
-    """K_p: in_features rounded up to the kernels' 16-column chunk."""
-    return -(-in_features // CHUNK) * CHUNK
+def sparse24_cpu_shape(out_features: int, in_features: int) -> tuple[int, int]:
+    """(tiles, blocks) of the 2:4 layout: N_p/8 and K_p/32."""
+    return -(-out_features // TILE_ROWS), -(-in_features // BLOCK_COLS)
+
+
+_POSITION_SHIFTS = 2 * torch.arange(16)
 
 
 def cpu_isa(isa: str | None = None) -> int:
@@ -48,47 +53,49 @@ def cpu_isa(isa: str | None = None) -> int:
 
 
 def pack_sparse24_cpu(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pack a 2:4-sparse weight [out, in] into (values [out, K_p/2] same dtype, meta [out, K_p/8] uint8), the layout
-    above. Raises ValueError naming the first row/group with more than 2 nonzeros. Exact: `unpack_sparse24_cpu`
-    returns the same weight."""
+    """Pack a 2:4-sparse weight [out, in] into (values [N_p/8, K_p/32, 8, 16] same dtype, meta [N_p/8, K_p/32, 8]
+    int32), the layout above. Raises ValueError naming the first row/group with more than 2 nonzeros. Exact:
+    `unpack_sparse24_cpu` returns the same weight."""
     check_sparse24(weight)
     rows, cols = weight.shape
-    k_p = cpu_padded_in(cols)
-    w = F.pad(weight.detach(), (0, k_p - cols)).view(rows, k_p // 4, 4)
-    idx = _kept_positions(w)  # [rows, K_p/4, 2]
-    values = torch.gather(w, 2, idx).reshape(rows, k_p // 2).contiguous()
-    nib = (1 << idx[..., 0]) | (1 << idx[..., 1])  # [rows, K_p/4] int64: the kept-position mask of each group
-    meta = (nib[:, 0::2] | (nib[:, 1::2] << 4)).to(torch.uint8).contiguous()
+    tiles, blocks = sparse24_cpu_shape(rows, cols)
+    w = F.pad(weight.detach(), (0, blocks * BLOCK_COLS - cols, 0, tiles * TILE_ROWS - rows))
+    w = w.view(tiles * TILE_ROWS, blocks * 8, 4)
+    idx = _kept_positions(w)  # [N_p, K_p/4, 2]
+    values = torch.gather(w, 2, idx).view(tiles, TILE_ROWS, blocks, 16).transpose(1, 2).contiguous()
+    pos = idx.view(tiles, TILE_ROWS, blocks, 16).transpose(1, 2).to(torch.int64)
+    word = (pos << _POSITION_SHIFTS.to(pos.device)).sum(-1)  # < 2**32: the uint32 bit pattern
+    meta = (word - ((word >> 31) << 32)).to(torch.int32).contiguous()  # as int32, same bits
     return values, meta
 
 
 def check_packed_sparse24_cpu(values: torch.Tensor, meta: torch.Tensor, out_features: int, in_features: int) -> None:
     """Raise ValueError unless (values, meta) have the shapes and dtypes of a packed [out_features, in_features]."""
-    k_p = cpu_padded_in(in_features)
-    if values.dim() != 2 or tuple(values.shape) != (out_features, k_p // 2):
+    tiles, blocks = sparse24_cpu_shape(out_features, in_features)
+    if tuple(values.shape) != (tiles, blocks, TILE_ROWS, 16):
         raise ValueError(f"sparse24 cpu: values shape {tuple(values.shape)} does not match a {out_features}x"
-                         f"{in_features} weight; expected {(out_features, k_p // 2)} (pack with pack_sparse24_cpu)")
-    if meta.dtype != torch.uint8 or tuple(meta.shape) != (out_features, k_p // 8):
-        raise ValueError(f"sparse24 cpu: meta must be uint8 {(out_features, k_p // 8)}, got {meta.dtype} "
+                         f"{in_features} weight; expected {(tiles, blocks, TILE_ROWS, 16)} (pack with "
+                         "pack_sparse24_cpu)")
+    if meta.dtype != torch.int32 or tuple(meta.shape) != (tiles, blocks, TILE_ROWS):
+        raise ValueError(f"sparse24 cpu: meta must be int32 {(tiles, blocks, TILE_ROWS)}, got {meta.dtype} "
                          f"{tuple(meta.shape)} (pack with pack_sparse24_cpu)")
 
 
 def unpack_sparse24_cpu(values: torch.Tensor, meta: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
     """Inverse of `pack_sparse24_cpu`: the dense weight [out_features, in_features] with zeros in place."""
     check_packed_sparse24_cpu(values, meta, out_features, in_features)
-    m = meta.to(torch.int64)
-    nib = torch.stack((m & 0xF, m >> 4), dim=-1).reshape(out_features, -1)  # [out, K_p/4]
-    bits = (nib.unsqueeze(-1) >> torch.arange(4, device=meta.device)) & 1  # [out, K_p/4, 4]
-    bad = (bits.sum(-1) != 2).nonzero()
+    tiles, blocks = sparse24_cpu_shape(out_features, in_features)
+    pos = (meta.to(torch.int64).unsqueeze(-1) >> _POSITION_SHIFTS.to(meta.device)) & 3  # [tiles, blocks, 8, 16]
+    pos = pos.transpose(1, 2).reshape(tiles * TILE_ROWS, blocks * 8, 2)  # [N_p, K_p/4, 2]
+    bad = (pos[..., 0] >= pos[..., 1]).nonzero()
     if bad.numel():
         r, g = (int(v) for v in bad[0])
-        raise ValueError(f"sparse24 cpu: meta row {r}, group {g} does not mark exactly 2 kept positions; "
+        raise ValueError(f"sparse24 cpu: meta row {r}, group {g} does not hold 2 ascending positions; "
                          "the packed tensors are corrupt")
-    idx = torch.sort(bits * 4 - torch.arange(4, device=meta.device), dim=-1, descending=True).indices[..., :2]
-    idx = torch.sort(idx, dim=-1).values  # the two set positions, ascending
-    w = torch.zeros(out_features, idx.shape[1], 4, dtype=values.dtype, device=values.device)
-    w.scatter_(2, idx, values.view(out_features, -1, 2))
-    return w.view(out_features, -1)[:, :in_features].contiguous()
+    vals = values.transpose(1, 2).reshape(tiles * TILE_ROWS, blocks * 8, 2)
+    w = torch.zeros(tiles * TILE_ROWS, blocks * 8, 4, dtype=values.dtype, device=values.device)
+    w.scatter_(2, pos, vals)
+    return w.view(tiles * TILE_ROWS, -1)[:out_features, :in_features].contiguous()
 
 
 def sparse24_linear_cpu_ref(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,

@@ -21,11 +21,17 @@ import torch
 import torch.nn.functional as F
 
 from sparsefast.ops._dispatch import select_backend
-from sparsefast.ops.sparse24_cpu import cpu_isa, cpu_padded_in, kernel_supported
+from sparsefast.ops.sparse24_cpu import cpu_isa, kernel_supported
 
+CHUNK = 16  # columns per chunk: the kernels expand a chunk's stored values into one 16-lane register
 VALUE_PADDING = 16
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _BIT_WEIGHTS = 1 << torch.arange(8)
+
+
+def cpu_padded_in(in_features: int) -> int:
+    """K_p: in_features rounded up to the 16-column chunk."""
+    return -(-in_features // CHUNK) * CHUNK
 
 
 def check_dense_weight(weight: torch.Tensor, op: str) -> None:

@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from sparsefast.ops.sparse24_cpu import (
-    cpu_padded_in,
     pack_sparse24_cpu,
     sparse24_linear_cpu,
     unpack_sparse24_cpu,
 )
 from sparsefast.ops.sparse_unstructured import (
     VALUE_PADDING,
+    cpu_padded_in,
     pack_sparse_unstructured,
     sparse_unstructured_linear_cpu,
     unpack_sparse_unstructured,
@@ -23,24 +23,29 @@ from sparsefast.ops.sparse_unstructured import (
 from tests.kernels.test_sparse_cpu import random_24, random_unstructured
 
 
-@pytest.mark.parametrize("shape", [(1, 4), (7, 37), (16, 64), (5, 130)])
+@pytest.mark.parametrize("shape", [(1, 4), (7, 37), (16, 64), (9, 130)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_sparse24_cpu_round_trip_and_layout(shape, dtype):
     gen = torch.Generator().manual_seed(0)
     w = random_24(*shape, gen).to(dtype)
     values, meta = pack_sparse24_cpu(w)
-    k_p = cpu_padded_in(shape[1])
-    assert values.shape == (shape[0], k_p // 2) and values.dtype == dtype
-    assert meta.shape == (shape[0], k_p // 8) and meta.dtype == torch.uint8
+    tiles, blocks = -(-shape[0] // 8), -(-shape[1] // 32)
+    assert values.shape == (tiles, blocks, 8, 16) and values.dtype == dtype
+    assert meta.shape == (tiles, blocks, 8) and meta.dtype == torch.int32
     assert torch.equal(unpack_sparse24_cpu(values, meta, *shape), w)
-    wp = F.pad(w, (0, k_p - shape[1]))
-    for r in range(shape[0]):  # bit j of byte b <-> column 8b + j kept; values in column order, 2 per group
-        for g in range(k_p // 4):
-            nib = (int(meta[r, g // 2]) >> (4 * (g % 2))) & 0xF
-            kept = [i for i in range(4) if nib >> i & 1]
-            assert len(kept) == 2
-            assert all(wp[r, 4 * g + i] == 0 for i in range(4) if i not in kept)
-            assert [values[r, 2 * g + s].item() for s in range(2)] == [wp[r, 4 * g + i].item() for i in kept]
+    wp = F.pad(w, (0, 32 * blocks - shape[1], 0, 8 * tiles - shape[0]))
+    flat_values = values.flatten()  # memory order: tile, block, row, value
+    for n in range(8 * tiles):  # values[t, b, r, 2g + s] = W[8t + r, 32b + 4g + i_s]; i_s = bits 2j, 2j+1 of meta
+        t, r = divmod(n, 8)
+        for b in range(blocks):
+            word = int(meta[t, b, r]) & 0xFFFFFFFF
+            for g in range(8):
+                kept = [(word >> (2 * (2 * g + s))) & 3 for s in range(2)]
+                assert kept[0] < kept[1]
+                cols = [32 * b + 4 * g + i for i in range(4)]
+                assert all(wp[n, c] == 0 for i, c in enumerate(cols) if i not in kept)
+                start = ((t * blocks + b) * 8 + r) * 16 + 2 * g
+                assert flat_values[start:start + 2].tolist() == [wp[n, cols[i]].item() for i in kept]
 
 
 def test_sparse24_cpu_rejects_and_detects():
@@ -50,11 +55,13 @@ def test_sparse24_cpu_rejects_and_detects():
         pack_sparse24_cpu(w)
     values, meta = pack_sparse24_cpu(random_24(6, 32, torch.Generator().manual_seed(2)))
     bad = meta.clone()
-    bad[4, 1] = 0x73  # group 3 of row 4 marks 3 positions
-    with pytest.raises(ValueError, match="meta row 4, group 3 does not mark exactly 2"):
+    bad[0, 0, 4] = bad[0, 0, 4] & ~(0xF << 12) | (0x5 << 12)  # group 3 of row 4: positions (1, 1)
+    with pytest.raises(ValueError, match="meta row 4, group 3 does not hold 2 ascending positions"):
         unpack_sparse24_cpu(values, bad, 6, 32)
     with pytest.raises(ValueError, match="values shape"):
-        unpack_sparse24_cpu(values[:, :-1], meta, 6, 32)
+        unpack_sparse24_cpu(values[..., :-1], meta, 6, 32)
+    with pytest.raises(ValueError, match="meta must be int32"):
+        unpack_sparse24_cpu(values, meta.to(torch.int64), 6, 32)
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
