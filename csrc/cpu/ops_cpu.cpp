@@ -81,30 +81,31 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, co
 }
 
 at::Tensor sparse_unstructured_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& mask,
-                                          const at::Tensor& row_offsets, const std::optional<at::Tensor>& bias,
+                                          const at::Tensor& tile_offsets, const std::optional<at::Tensor>& bias,
                                           int64_t out_features, int64_t in_features, int64_t isa) {
   check_common(x, values, in_features, isa);
-  const int64_t kp = round_up(in_features, 16);
-  TORCH_CHECK_VALUE(mask.scalar_type() == at::kByte && mask.is_contiguous() && mask.device().is_cpu() &&
-                        mask.dim() == 2 && mask.size(0) == out_features && mask.size(1) == kp / 8,
-                    "sparse linear: mask must be uint8 [", out_features, ", ", kp / 8, "]");
-  TORCH_CHECK_VALUE(row_offsets.scalar_type() == at::kLong && row_offsets.dim() == 1 &&
-                        row_offsets.numel() == out_features + 1 && row_offsets.is_contiguous() &&
-                        row_offsets.device().is_cpu(),
-                    "sparse linear: row_offsets must be int64 [", out_features + 1, "]");
-  TORCH_CHECK_VALUE(values.dim() == 1 && values.numel() >= row_offsets.data_ptr<int64_t>()[out_features] + 16,
-                    "sparse linear: values must be 1-D with 16 elements of padding after the last row");
+  const int64_t kp = round_up(in_features, 16), tiles = round_up(out_features, kTileRows) / kTileRows;
+  TORCH_CHECK_VALUE(mask.scalar_type() == at::kShort && mask.is_contiguous() && mask.device().is_cpu() &&
+                        mask.dim() == 3 && mask.size(0) == tiles && mask.size(1) == kp / 16 &&
+                        mask.size(2) == kTileRows,
+                    "sparse linear: mask must be int16 [", tiles, ", ", kp / 16, ", 8]");
+  TORCH_CHECK_VALUE(tile_offsets.scalar_type() == at::kLong && tile_offsets.dim() == 1 &&
+                        tile_offsets.numel() == tiles + 1 && tile_offsets.is_contiguous() &&
+                        tile_offsets.device().is_cpu(),
+                    "sparse linear: tile_offsets must be int64 [", tiles + 1, "]");
+  TORCH_CHECK_VALUE(values.dim() == 1 && values.numel() >= tile_offsets.data_ptr<int64_t>()[tiles] + 16,
+                    "sparse linear: values must be 1-D with 16 elements of padding after the last tile");
   const at::Tensor xf = padded_input(x, in_features, kp), bf = float_bias(bias, out_features);
   at::Tensor y = output_like(x, out_features);
   const sparsefast_cpu::UnstructuredWeight w{values.data_ptr(), values.scalar_type() == at::kBFloat16,
-                                             mask.data_ptr<uint8_t>(), row_offsets.data_ptr<int64_t>(), out_features,
-                                             kp};
+                                             reinterpret_cast<const uint16_t*>(mask.data_ptr<int16_t>()),
+                                             tile_offsets.data_ptr<int64_t>(), out_features, kp};
   const float* xp = xf.data_ptr<float>();
   const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   const int64_t m = xf.size(0);
-  at::parallel_for(0, out_features, 16, [&](int64_t r0, int64_t r1) {
-    sparsefast_cpu::unstructured_linear_rows(w, xp, m, bp, yp, r0, r1, static_cast<int>(isa));
+  at::parallel_for(0, tiles, 2, [&](int64_t t0, int64_t t1) {
+    sparsefast_cpu::unstructured_linear_tiles(w, xp, m, bp, yp, t0, t1, static_cast<int>(isa));
   });
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
@@ -117,7 +118,7 @@ TORCH_LIBRARY_FRAGMENT(sparsefast, m) {
   // x [..., in_features] float32 | bfloat16 -> y [..., out_features] in x's dtype
   m.def("sparse24_linear_cpu(Tensor x, Tensor values, Tensor meta, Tensor? bias, int out_features, "
         "int in_features, int isa) -> Tensor");
-  m.def("sparse_unstructured_linear_cpu(Tensor x, Tensor values, Tensor mask, Tensor row_offsets, Tensor? bias, "
+  m.def("sparse_unstructured_linear_cpu(Tensor x, Tensor values, Tensor mask, Tensor tile_offsets, Tensor? bias, "
         "int out_features, int in_features, int isa) -> Tensor");
   m.def("cpu_best_isa() -> int", &cpu_best_isa);
 }

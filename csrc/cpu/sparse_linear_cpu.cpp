@@ -4,11 +4,12 @@
 //   2:4, avx512: per 32-column block, x is permuted onto the 16 stored values (vpermt2ps with indices decoded from the
 //                2-bit positions by one variable shift and one ternary-logic op) and multiplied by one 16-lane FMA;
 //   2:4, avx2:   the same per 16-column half with two vpermps and a blend;
-//   unstructured, avx512: a 16-column chunk = one vexpandps of the chunk's stored values into a zmm, one FMA per token;
+//   unstructured, avx512: per row, a 16-column chunk = one vexpandps of its stored values into a zmm, one FMA per token;
 //   unstructured, avx2:   two 8-column halves, each expanded with a permute table (vpermps) and a lane mask;
+//   both layouts are tiled (8 rows), so a call reads each tile's values as one sequential stream;
 //   scalar: plain loops, for other CPUs and as the readable statement of what the vector paths compute.
-// Register blocking: rows x tokens of accumulators; each weight register serves every token of the block, so a weight
-// byte comes from memory once per call whatever M is.
+// Register blocking: the 8 rows of a tile x 1 or 2 tokens of accumulators; a tile's weights come from memory once per
+// call and from L1/L2 for further token pairs.
 //
 // Why 2:4 permutes x instead of expanding W (measured on the 2-core AMD EPYC (Zen 4) this project develops on, one
 // thread, 1536x576 fp32, M = 1): the expand kernel ran at 20 GB/s of packed weight with the weight in L2 (vexpandps
@@ -219,113 +220,81 @@ SF_AVX2 void tiles24_256(const Sparse24Weight& w, const float* x, int64_t m, con
 #endif  // SF_X86
 
 // ================================================================ unstructured
-// The 16-bit dense mask of chunk c (two little-endian bytes of the row's mask).
-inline uint32_t chunk_mask(const uint8_t* mk, int64_t c) {
-  return mk[2 * c] | (static_cast<uint32_t>(mk[2 * c + 1]) << 8);
-}
-
-// Software prefetch distance along a row's value stream. R rows in flight are R interleaved streams (plus their
-// masks), more than the hardware prefetchers keep ahead of on the CPUs measured (the dense matrix is one stream).
-constexpr int kPrefetchBytes = 1024;
-
 template <bool BF16>
-inline void prefetch_values(const void* values, int64_t vi) {
-  __builtin_prefetch(static_cast<const char*>(values) + vi * (BF16 ? 2 : 4) + kPrefetchBytes);
-}
-
-template <bool BF16>
-void rows_scalar(const UnstructuredWeight& w, const float* x, int64_t m, const float* bias, float* y, int64_t r0,
-                 int64_t r1) {
+void tiles_u_scalar(const UnstructuredWeight& w, const float* x, int64_t m, const float* bias, float* y, int64_t t0,
+                    int64_t t1) {
   const int64_t chunks = w.kp / 16;
-  for (int64_t row = r0; row < r1; ++row) {
-    const uint8_t* mk = w.masks + row * (w.kp / 8);
+  for (int64_t tile = t0; tile < t1; ++tile) {
+    const uint16_t* mk = w.masks + tile * chunks * kTileRows;
     for (int64_t t = 0; t < m; ++t) {
       const float* xt = x + t * w.kp;
-      int64_t vi = w.row_offsets[row];
-      float acc[16] = {};  // one partial sum per column lane, summed pairwise: the vector paths' rounding
+      float acc[kTileRows][16] = {};  // one partial sum per column lane, summed pairwise: the vector paths' rounding
+      int64_t vi = w.tile_offsets[tile];
       for (int64_t c = 0; c < chunks; ++c) {
-        for (uint32_t mask = chunk_mask(mk, c); mask; mask &= mask - 1, ++vi) {
-          const int lane = __builtin_ctz(mask);
-          acc[lane] += value_at<BF16>(w.values, vi) * xt[16 * c + lane];
+        for (int64_t r = 0; r < kTileRows; ++r) {
+          for (uint32_t mask = mk[c * kTileRows + r]; mask; mask &= mask - 1, ++vi) {
+            const int lane = __builtin_ctz(mask);
+            acc[r][lane] += value_at<BF16>(w.values, vi) * xt[16 * c + lane];
+          }
         }
       }
-      for (int width = 8; width >= 1; width /= 2)
-        for (int j = 0; j < width; ++j) acc[j] += acc[j + width];
-      y[t * w.n + row] = acc[0] + (bias ? bias[row] : 0.f);
+      for (int64_t r = 0; r < kTileRows; ++r) {
+        const int64_t row = tile * kTileRows + r;
+        if (row >= w.n) break;
+        for (int width = 8; width >= 1; width /= 2)
+          for (int j = 0; j < width; ++j) acc[r][j] += acc[r][j + width];
+        y[t * w.n + row] = acc[r][0] + (bias ? bias[row] : 0.f);
+      }
     }
   }
 }
 
 #ifdef SF_X86
 // ---------------------------------------------------------------- unstructured, AVX-512
-template <bool BF16>
-SF_AVX512 inline __m512 load_chunk512(const void* values, int64_t vi, uint32_t mask) {
-  return _mm512_maskz_expand_ps(static_cast<__mmask16>(mask), load16_512<BF16>(values, vi));
-}
-
-template <int R, int TB, bool BF16>
-SF_AVX512 void block512(const UnstructuredWeight& w, int64_t row, const float* x, int64_t t0, const float* bias,
-                        float* y) {
-  __m512 acc[R][TB];
-  const uint8_t* mk[R];
-  int64_t vi[R];
+// Tokens t0..t0+TB-1 of one tile: the tile's values are walked in order with one pointer.
+template <int TB, bool BF16>
+SF_AVX512 void tile_u_512(const UnstructuredWeight& w, int64_t tile, const float* x, int64_t t0, const float* bias,
+                          float* y) {
+  __m512 acc[kTileRows][TB];
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    mk[r] = w.masks + (row + r) * (w.kp / 8);
-    vi[r] = w.row_offsets[row + r];
+  for (int r = 0; r < kTileRows; ++r)
 #pragma GCC unroll 8
     for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_setzero_ps();
-  }
-  const float* xb = x + t0 * w.kp;
   const int64_t chunks = w.kp / 16;
+  const uint16_t* mk = w.masks + tile * chunks * kTileRows;
+  int64_t vi = w.tile_offsets[tile];
+  const float* xb = x + t0 * w.kp;
   for (int64_t c = 0; c < chunks; ++c) {
     __m512 xv[TB];
 #pragma GCC unroll 8
     for (int t = 0; t < TB; ++t) xv[t] = _mm512_loadu_ps(xb + t * w.kp + 16 * c);
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const uint32_t mask = chunk_mask(mk[r], c);
-      prefetch_values<BF16>(w.values, vi[r]);
-      const __m512 v = load_chunk512<BF16>(w.values, vi[r], mask);
-      vi[r] += __builtin_popcount(mask);
+    for (int r = 0; r < kTileRows; ++r) {
+      const uint32_t mask = mk[c * kTileRows + r];
+      const __m512 v = _mm512_maskz_expand_ps(static_cast<__mmask16>(mask), load16_512<BF16>(w.values, vi));
+      vi += __builtin_popcount(mask);
 #pragma GCC unroll 8
       for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_fmadd_ps(v, xv[t], acc[r][t]);
     }
   }
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    const float b = bias ? bias[row + r] : 0.f;
+  for (int r = 0; r < kTileRows; ++r) {
+    const int64_t row = tile * kTileRows + r;
+    if (row >= w.n) break;
+    const float bv = bias ? bias[row] : 0.f;
 #pragma GCC unroll 8
-    for (int t = 0; t < TB; ++t) y[(t0 + t) * w.n + row + r] = _mm512_reduce_add_ps(acc[r][t]) + b;
+    for (int t = 0; t < TB; ++t) y[(t0 + t) * w.n + row] = _mm512_reduce_add_ps(acc[r][t]) + bv;
   }
-}
-
-// All tokens of rows row..row+R-1: blocks of 8 tokens where the 32 zmm registers hold R x 8 accumulators.
-template <int R, bool BF16>
-SF_AVX512 void tokens512(const UnstructuredWeight& w, int64_t row, const float* x, int64_t m, const float* bias,
-                         float* y) {
-  int64_t t0 = 0;
-  if constexpr (R <= 2) {
-    for (; t0 + 8 <= m; t0 += 8) block512<R, 8, BF16>(w, row, x, t0, bias, y);
-  }
-  for (; t0 + 4 <= m; t0 += 4) block512<R, 4, BF16>(w, row, x, t0, bias, y);
-  if (m - t0 >= 2) {
-    block512<R, 2, BF16>(w, row, x, t0, bias, y);
-    t0 += 2;
-  }
-  if (m - t0 >= 1) block512<R, 1, BF16>(w, row, x, t0, bias, y);
 }
 
 template <bool BF16>
-SF_AVX512 void rows512(const UnstructuredWeight& w, const float* x, int64_t m, const float* bias, float* y, int64_t r0,
-                       int64_t r1) {
-  int64_t row = r0;
-  if (m >= 4) {
-    for (; row + 2 <= r1; row += 2) tokens512<2, BF16>(w, row, x, m, bias, y);
-  } else {  // few tokens: more rows in flight keep the FMA pipes and the memory streams busy
-    for (; row + 4 <= r1; row += 4) tokens512<4, BF16>(w, row, x, m, bias, y);
+SF_AVX512 void tiles_u_512(const UnstructuredWeight& w, const float* x, int64_t m, const float* bias, float* y,
+                           int64_t t0, int64_t t1) {
+  for (int64_t tile = t0; tile < t1; ++tile) {
+    int64_t t = 0;
+    for (; t + 2 <= m; t += 2) tile_u_512<2, BF16>(w, tile, x, t, bias, y);
+    if (t < m) tile_u_512<1, BF16>(w, tile, x, t, bias, y);
   }
-  for (; row < r1; ++row) tokens512<1, BF16>(w, row, x, m, bias, y);
 }
 
 // ---------------------------------------------------------------- unstructured, AVX2
@@ -350,69 +319,43 @@ SF_AVX2 inline __m256 load_half256(const void* values, int64_t vi, uint32_t m8) 
   return _mm256_andnot_ps(_mm256_castsi256_ps(unset), _mm256_permutevar8x32_ps(v, idx));
 }
 
-template <int R, int TB, bool BF16>
-SF_AVX2 void block256(const UnstructuredWeight& w, int64_t row, const float* x, int64_t t0, const float* bias,
-                      float* y) {
-  __m256 acc[R][TB];
-  const uint8_t* mk[R];
-  int64_t vi[R];
+// One token of one tile: 8 accumulators (16 ymm leave no room for a second token's), x as FMA memory operands.
+template <bool BF16>
+SF_AVX2 void tile_u_256(const UnstructuredWeight& w, int64_t tile, const float* x, int64_t t0, const float* bias,
+                        float* y) {
+  __m256 acc[kTileRows];
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    mk[r] = w.masks + (row + r) * (w.kp / 8);
-    vi[r] = w.row_offsets[row + r];
-#pragma GCC unroll 8
-    for (int t = 0; t < TB; ++t) acc[r][t] = _mm256_setzero_ps();
-  }
-  const float* xb = x + t0 * w.kp;
+  for (int r = 0; r < kTileRows; ++r) acc[r] = _mm256_setzero_ps();
   const int64_t chunks = w.kp / 16;
+  const uint16_t* mk = w.masks + tile * chunks * kTileRows;
+  int64_t vi = w.tile_offsets[tile];
+  const float* xt = x + t0 * w.kp;
   for (int64_t c = 0; c < chunks; ++c) {
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const uint32_t mask = chunk_mask(mk[r], c);
+    for (int r = 0; r < kTileRows; ++r) {
+      const uint32_t mask = mk[c * kTileRows + r];
       const uint32_t lo = mask & 0xFF, hi = mask >> 8;
-      prefetch_values<BF16>(w.values, vi[r]);
-      const __m256 v0 = load_half256<BF16>(w.values, vi[r], lo);
-      vi[r] += __builtin_popcount(lo);
-      const __m256 v1 = load_half256<BF16>(w.values, vi[r], hi);
-      vi[r] += __builtin_popcount(hi);
-#pragma GCC unroll 8
-      for (int t = 0; t < TB; ++t) {
-        const float* xt = xb + t * w.kp + 16 * c;
-        acc[r][t] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(xt), acc[r][t]);
-        acc[r][t] = _mm256_fmadd_ps(v1, _mm256_loadu_ps(xt + 8), acc[r][t]);
-      }
+      const __m256 v0 = load_half256<BF16>(w.values, vi, lo);
+      vi += __builtin_popcount(lo);
+      const __m256 v1 = load_half256<BF16>(w.values, vi, hi);
+      vi += __builtin_popcount(hi);
+      acc[r] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(xt + 16 * c), acc[r]);
+      acc[r] = _mm256_fmadd_ps(v1, _mm256_loadu_ps(xt + 16 * c + 8), acc[r]);
     }
   }
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    const float b = bias ? bias[row + r] : 0.f;
-#pragma GCC unroll 8
-    for (int t = 0; t < TB; ++t) y[(t0 + t) * w.n + row + r] = hsum256(acc[r][t]) + b;
+  for (int r = 0; r < kTileRows; ++r) {
+    const int64_t row = tile * kTileRows + r;
+    if (row >= w.n) break;
+    y[t0 * w.n + row] = hsum256(acc[r]) + (bias ? bias[row] : 0.f);
   }
-}
-
-// 16 ymm registers: R x TB <= 8 accumulators, x comes in as FMA memory operands.
-template <int R, bool BF16>
-SF_AVX2 void tokens256(const UnstructuredWeight& w, int64_t row, const float* x, int64_t m, const float* bias,
-                       float* y) {
-  int64_t t0 = 0;
-  if constexpr (R <= 2) {
-    for (; t0 + 4 <= m; t0 += 4) block256<R, 4, BF16>(w, row, x, t0, bias, y);
-  }
-  for (; t0 + 2 <= m; t0 += 2) block256<R, 2, BF16>(w, row, x, t0, bias, y);
-  if (m - t0 >= 1) block256<R, 1, BF16>(w, row, x, t0, bias, y);
 }
 
 template <bool BF16>
-SF_AVX2 void rows256(const UnstructuredWeight& w, const float* x, int64_t m, const float* bias, float* y, int64_t r0,
-                     int64_t r1) {
-  int64_t row = r0;
-  if (m >= 4) {
-    for (; row + 2 <= r1; row += 2) tokens256<2, BF16>(w, row, x, m, bias, y);
-  } else {
-    for (; row + 4 <= r1; row += 4) tokens256<4, BF16>(w, row, x, m, bias, y);
-  }
-  for (; row < r1; ++row) tokens256<1, BF16>(w, row, x, m, bias, y);
+SF_AVX2 void tiles_u_256(const UnstructuredWeight& w, const float* x, int64_t m, const float* bias, float* y,
+                         int64_t t0, int64_t t1) {
+  for (int64_t tile = t0; tile < t1; ++tile)
+    for (int64_t t = 0; t < m; ++t) tile_u_256<BF16>(w, tile, x, t, bias, y);
 }
 #endif  // SF_X86
 
@@ -427,13 +370,13 @@ void run_tiles24(const Sparse24Weight& w, const float* x, int64_t m, const float
 }
 
 template <bool BF16>
-void run_rows(const UnstructuredWeight& w, const float* x, int64_t m, const float* bias, float* y, int64_t r0,
-              int64_t r1, int isa) {
+void run_tiles_u(const UnstructuredWeight& w, const float* x, int64_t m, const float* bias, float* y, int64_t t0,
+                 int64_t t1, int isa) {
 #ifdef SF_X86
-  if (isa == kAvx512) return rows512<BF16>(w, x, m, bias, y, r0, r1);
-  if (isa == kAvx2) return rows256<BF16>(w, x, m, bias, y, r0, r1);
+  if (isa == kAvx512) return tiles_u_512<BF16>(w, x, m, bias, y, t0, t1);
+  if (isa == kAvx2) return tiles_u_256<BF16>(w, x, m, bias, y, t0, t1);
 #endif
-  rows_scalar<BF16>(w, x, m, bias, y, r0, r1);
+  tiles_u_scalar<BF16>(w, x, m, bias, y, t0, t1);
 }
 
 }  // namespace
@@ -455,11 +398,11 @@ void sparse24_linear_tiles(const Sparse24Weight& w, const float* x, int64_t m, c
   run_tiles24<false>(w, x, m, bias, y, tile_begin, tile_end, isa);
 }
 
-void unstructured_linear_rows(const UnstructuredWeight& w, const float* x, int64_t m, const float* bias, float* y,
-                              int64_t row_begin, int64_t row_end, int isa) {
+void unstructured_linear_tiles(const UnstructuredWeight& w, const float* x, int64_t m, const float* bias, float* y,
+                               int64_t tile_begin, int64_t tile_end, int isa) {
   if (isa == kAuto) isa = best_isa();
-  if (w.bf16) return run_rows<true>(w, x, m, bias, y, row_begin, row_end, isa);
-  run_rows<false>(w, x, m, bias, y, row_begin, row_end, isa);
+  if (w.bf16) return run_tiles_u<true>(w, x, m, bias, y, tile_begin, tile_end, isa);
+  run_tiles_u<false>(w, x, m, bias, y, tile_begin, tile_end, isa);
 }
 
 }  // namespace sparsefast_cpu

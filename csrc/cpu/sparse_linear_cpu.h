@@ -11,11 +11,12 @@
 //   hardware prefetcher does best), and a value's 32-column block fits one AVX-512 two-source permute of x.
 //   The kernel never expands W: it permutes x to the stored values (x[32b + 4g + i_s] for lane 2g + s) and does one
 //   16-lane FMA per row and token, so the work per weight is 2 instructions whatever the CPU's expand throughput.
-// Unstructured layout (sparsefast/ops/sparse_unstructured.py): 16-column chunks (Kp16 = K rounded up to 16);
-//   masks  [N, Kp16/8] uint8 bitmask: bit j of byte b = 1 iff W[n, 8b + j] != 0;
-//   values flat, fp32|bf16: the nonzeros of row 0, row 1, ... in column order, then 16 zero elements of padding
+// Unstructured layout (sparsefast/ops/sparse_unstructured.py): tiles of 8 rows x 16-column chunks (Kp16 = K rounded
+//   up to 16, Np = N rounded up to 8);
+//   masks  [Np/8, Kp16/16, 8] uint16 bitmask: bit j of masks[t, c, r] = 1 iff W[8t + r, 16c + j] != 0;
+//   values flat, fp32|bf16: the nonzeros in the order tile, chunk, row, column, then 16 zero elements of padding
 //          (the vector loads read up to 16 elements past a chunk's start);
-//   row_offsets [N + 1] int64: row n's values are values[row_offsets[n] .. row_offsets[n+1]).
+//   tile_offsets [Np/8 + 1] int64: tile t's values are values[tile_offsets[t] .. tile_offsets[t+1]).
 //   A chunk's stored values are expanded into a 16-lane register (AVX-512 vexpandps / an AVX2 permute table).
 #pragma once
 
@@ -38,12 +39,12 @@ struct Sparse24Weight {
 };
 
 struct UnstructuredWeight {
-  const void* values;          // flat nonzeros + 16 elements of padding, fp32 or bf16
+  const void* values;           // flat nonzeros + 16 elements of padding, fp32 or bf16
   bool bf16;
-  const uint8_t* masks;        // [N, Kp16/8]
-  const int64_t* row_offsets;  // [N + 1]
-  int64_t n;                   // out_features
-  int64_t kp;                  // in_features rounded up to 16
+  const uint16_t* masks;        // [Np/8, Kp16/16, 8]
+  const int64_t* tile_offsets;  // [Np/8 + 1]
+  int64_t n;                    // out_features (rows beyond n in the last tile are padding)
+  int64_t kp;                   // in_features rounded up to 16
 };
 
 // The best instruction set this CPU supports.
@@ -57,8 +58,8 @@ bool isa_supported(int isa);
 void sparse24_linear_tiles(const Sparse24Weight& w, const float* x, int64_t m, const float* bias, float* y,
                            int64_t tile_begin, int64_t tile_end, int isa);
 
-// The same for rows [row_begin, row_end) of an unstructured weight; x: [m, kp] with kp = w.kp.
-void unstructured_linear_rows(const UnstructuredWeight& w, const float* x, int64_t m, const float* bias, float* y,
-                              int64_t row_begin, int64_t row_end, int isa);
+// The same for an unstructured weight; x: [m, kp] with kp = w.kp.
+void unstructured_linear_tiles(const UnstructuredWeight& w, const float* x, int64_t m, const float* bias, float* y,
+                               int64_t tile_begin, int64_t tile_end, int isa);
 
 }  // namespace sparsefast_cpu

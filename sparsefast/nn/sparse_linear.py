@@ -40,7 +40,7 @@ class SparseLinear(nn.Module):
     """y = x Wᵀ + b with W [out, in] stored packed for the CPU kernels.
 
     layout "2:4": buffers values [N_p/8, K_p/32, 8, 16], meta [N_p/8, K_p/32, 8] int32 (sparsefast.ops.sparse24_cpu);
-    "unstructured": values [nnz + 16], mask [out, K_p/8] uint8, row_offsets [out + 1] int64
+    "unstructured": values [nnz + 16], mask [N_p/8, K_p/16, 8] int16, tile_offsets [N_p/8 + 1] int64
     (sparsefast.ops.sparse_unstructured). x: [..., in] → [..., out] in x's dtype.
     """
 
@@ -51,7 +51,7 @@ class SparseLinear(nn.Module):
         if layout not in LAYOUTS:
             raise ValueError(f"SparseLinear: layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
         self.in_features, self.out_features, self.layout = in_features, out_features, layout
-        names = ("values", "meta") if layout == "2:4" else ("values", "mask", "row_offsets")
+        names = ("values", "meta") if layout == "2:4" else ("values", "mask", "tile_offsets")
         if len(packed) != len(names):
             raise ValueError(f"SparseLinear: layout {layout} takes {len(names)} packed tensors ({', '.join(names)})")
         self._names = names

@@ -1,18 +1,24 @@
 """Unstructured sparse weights (any sparsity, e.g. Wanda / SparseGPT / magnitude at 50-90%) in the CPU kernels'
 layout: packing, its exact inverse, and `sparse_unstructured_linear_cpu`.
 
-y = x Wᵀ (+ bias), W [N=out, K=in] with zeros anywhere. Layout (K_p = round_up(K, 16), the kernels' chunk):
+y = x Wᵀ (+ bias), W [N=out, K=in] with zeros anywhere. Layout: tiles of 8 output rows (N_p = round_up(N, 8)) and
+chunks of 16 input columns (K_p = round_up(K, 16)); padding rows and columns are zeros, so they store nothing.
 
-* mask [N, K_p/8] uint8, a bitmask of the stored entries: bit j (value 1 << j) of byte b of row n is 1 iff
-  W[n, 8b + j] != 0 (padding columns are 0). Two consecutive bytes are the 16-bit mask of one chunk.
-* values, 1-D, the weight's dtype (float32 | bfloat16 for the kernels): the nonzeros of row 0 in column order, then
-  row 1, ..., then 16 zero elements of padding (the vector loads read up to 16 elements from a chunk's start).
-* row_offsets [N + 1] int64: row n's values are values[row_offsets[n] : row_offsets[n + 1]]; they let threads start
-  at any row.
+* mask [N_p/8, K_p/16, 8] int16 (read as uint16), a bitmask of the stored entries: bit j of mask[t, c, r] is 1 iff
+  W[8t + r, 16c + j] != 0.
+* values, 1-D, the weight's dtype (float32 | bfloat16 for the kernels): the nonzeros in the order tile, chunk, row,
+  column (tile 0: chunk 0 of rows 0..7, chunk 1 of rows 0..7, ...; then tile 1, ...), then 16 zero elements of
+  padding (the vector loads read up to 16 elements from a chunk's start). A tile is one sequential stream, which
+  the hardware prefetcher follows far better than 8 interleaved row streams (measured on the 2-core AMD EPYC:
+  1536x576 at 50% from DRAM, one thread, 106 µs tiled vs about 215 µs row by row).
+* tile_offsets [N_p/8 + 1] int64: tile t's values are values[tile_offsets[t] : tile_offsets[t + 1]]; they let
+  threads start at any tile.
 * Bytes per weight at sparsity s: (1 - s) of the dense bytes + 1 bit per weight (1/32 of fp32, 1/16 of bf16):
   0.53 of fp32 at 50%, 0.33 at 70%, 0.13 at 90%.
 
-Entries equal to zero are not stored, so -0.0 unpacks as +0.0 (equal under ==, as F.linear sees it).
+The kernels expand a chunk's stored values into one 16-lane register per row (AVX-512 vexpandps, or an AVX2 permute
+table per 8 columns). Entries equal to zero are not stored, so -0.0 unpacks as +0.0 (equal under ==, as F.linear
+sees it).
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ from sparsefast.ops._dispatch import select_backend
 from sparsefast.ops.sparse24_cpu import cpu_isa, kernel_supported
 
 CHUNK = 16  # columns per chunk: the kernels expand a chunk's stored values into one 16-lane register
+TILE_ROWS = 8
 VALUE_PADDING = 16
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_BIT_WEIGHTS = 1 << torch.arange(8)
+_BIT_WEIGHTS = 1 << torch.arange(CHUNK)
 
 
 def cpu_padded_in(in_features: int) -> int:
@@ -47,79 +54,85 @@ def weight_sparsity(weight: torch.Tensor) -> float:
     return 1.0 - int(torch.count_nonzero(weight)) / weight.numel()
 
 
+def _tiles(out_features: int) -> int:
+    return -(-out_features // TILE_ROWS)
+
+
 def pack_sparse_unstructured(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pack weight [out, in] (zeros in place) into (values [nnz + 16], mask [out, K_p/8] uint8,
-    row_offsets [out + 1] int64), the layout above. Exact: `unpack_sparse_unstructured` returns the same weight."""
+    """Pack weight [out, in] (zeros in place) into (values [nnz + 16], mask [N_p/8, K_p/16, 8] int16,
+    tile_offsets [N_p/8 + 1] int64), the layout above. Exact: `unpack_sparse_unstructured` returns the same weight."""
     check_dense_weight(weight, "pack_sparse_unstructured")
     rows, cols = weight.shape
-    k_p = cpu_padded_in(cols)
-    w = F.pad(weight.detach(), (0, k_p - cols))
+    tiles, k_p = _tiles(rows), cpu_padded_in(cols)
+    w = F.pad(weight.detach(), (0, k_p - cols, 0, tiles * TILE_ROWS - rows))
+    w = w.view(tiles, TILE_ROWS, k_p // CHUNK, CHUNK).transpose(1, 2).contiguous()  # [tile, chunk, row, column]
     nz = w != 0
-    mask = (nz.view(rows, k_p // 8, 8).to(torch.int64) * _BIT_WEIGHTS.to(w.device)).sum(-1).to(torch.uint8)
-    counts = nz.sum(1)
-    row_offsets = torch.zeros(rows + 1, dtype=torch.int64, device=w.device)
-    torch.cumsum(counts, 0, out=row_offsets[1:])
-    values = torch.cat((w[nz], w.new_zeros(VALUE_PADDING)))  # boolean indexing is row-major: row by row, by column
-    return values, mask.contiguous(), row_offsets
+    word = (nz.to(torch.int32) << torch.arange(CHUNK, dtype=torch.int32, device=w.device)).sum(-1)  # < 2**16
+    mask = (word - ((word >> 15) << 16)).to(torch.int16)  # the uint16 bit pattern as int16
+    tile_offsets = torch.zeros(tiles + 1, dtype=torch.int64, device=w.device)
+    torch.cumsum(nz.flatten(1).sum(1), 0, out=tile_offsets[1:])
+    values = torch.cat((w[nz], w.new_zeros(VALUE_PADDING)))  # boolean indexing is in memory order
+    return values, mask, tile_offsets
 
 
-def check_packed_unstructured(values: torch.Tensor, mask: torch.Tensor, row_offsets: torch.Tensor,
+def check_packed_unstructured(values: torch.Tensor, mask: torch.Tensor, tile_offsets: torch.Tensor,
                               out_features: int, in_features: int) -> None:
     """Raise ValueError unless the packed tensors have the shapes/dtypes of a packed [out_features, in_features]."""
-    k_p = cpu_padded_in(in_features)
-    if mask.dtype != torch.uint8 or tuple(mask.shape) != (out_features, k_p // 8):
-        raise ValueError(f"sparse unstructured: mask must be uint8 {(out_features, k_p // 8)}, got {mask.dtype} "
+    tiles, chunks = _tiles(out_features), cpu_padded_in(in_features) // CHUNK
+    if mask.dtype != torch.int16 or tuple(mask.shape) != (tiles, chunks, TILE_ROWS):
+        raise ValueError(f"sparse unstructured: mask must be int16 {(tiles, chunks, TILE_ROWS)}, got {mask.dtype} "
                          f"{tuple(mask.shape)} (pack with pack_sparse_unstructured)")
-    if row_offsets.dtype != torch.int64 or tuple(row_offsets.shape) != (out_features + 1,):
-        raise ValueError(f"sparse unstructured: row_offsets must be int64 [{out_features + 1}], got "
-                         f"{row_offsets.dtype} {tuple(row_offsets.shape)}")
-    if values.dim() != 1 or values.numel() < int(row_offsets[-1]) + VALUE_PADDING:
-        raise ValueError(f"sparse unstructured: values must be 1-D with {int(row_offsets[-1])} nonzeros + "
+    if tile_offsets.dtype != torch.int64 or tuple(tile_offsets.shape) != (tiles + 1,):
+        raise ValueError(f"sparse unstructured: tile_offsets must be int64 [{tiles + 1}], got "
+                         f"{tile_offsets.dtype} {tuple(tile_offsets.shape)}")
+    if values.dim() != 1 or values.numel() < int(tile_offsets[-1]) + VALUE_PADDING:
+        raise ValueError(f"sparse unstructured: values must be 1-D with {int(tile_offsets[-1])} nonzeros + "
                          f"{VALUE_PADDING} padding, got shape {tuple(values.shape)}")
 
 
-def unpack_sparse_unstructured(values: torch.Tensor, mask: torch.Tensor, row_offsets: torch.Tensor,
+def unpack_sparse_unstructured(values: torch.Tensor, mask: torch.Tensor, tile_offsets: torch.Tensor,
                                out_features: int, in_features: int) -> torch.Tensor:
     """Inverse of `pack_sparse_unstructured`: the dense weight [out_features, in_features] with zeros in place."""
-    check_packed_unstructured(values, mask, row_offsets, out_features, in_features)
-    bits = (mask.to(torch.int64).unsqueeze(-1) & _BIT_WEIGHTS.to(mask.device)) != 0
-    nz = bits.reshape(out_features, -1)
-    counts = nz.sum(1)
-    bad = (counts != row_offsets[1:] - row_offsets[:-1]).nonzero()
+    check_packed_unstructured(values, mask, tile_offsets, out_features, in_features)
+    nz = (mask.to(torch.int64).unsqueeze(-1) & _BIT_WEIGHTS.to(mask.device)) != 0  # [tile, chunk, row, column]
+    counts = nz.flatten(1).sum(1)
+    bad = (counts != tile_offsets[1:] - tile_offsets[:-1]).nonzero()
     if bad.numel():
-        r = int(bad[0])
-        raise ValueError(f"sparse unstructured: row {r}: mask holds {int(counts[r])} entries but row_offsets "
-                         f"give {int(row_offsets[r + 1] - row_offsets[r])}; the packed tensors are corrupt")
+        t = int(bad[0])
+        raise ValueError(f"sparse unstructured: tile {t} (rows {TILE_ROWS * t}..{TILE_ROWS * t + TILE_ROWS - 1}): "
+                         f"mask holds {int(counts[t])} entries but tile_offsets give "
+                         f"{int(tile_offsets[t + 1] - tile_offsets[t])}; the packed tensors are corrupt")
     w = torch.zeros(nz.shape, dtype=values.dtype, device=values.device)
-    w[nz] = values[: int(row_offsets[-1])]
-    return w[:, :in_features].contiguous()
+    w[nz] = values[: int(tile_offsets[-1])]
+    w = w.transpose(1, 2).reshape(nz.shape[0] * TILE_ROWS, -1)
+    return w[:out_features, :in_features].contiguous()
 
 
 def sparse_unstructured_linear_cpu_ref(x: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                                       row_offsets: torch.Tensor, bias: torch.Tensor | None, out_features: int,
+                                       tile_offsets: torch.Tensor, bias: torch.Tensor | None, out_features: int,
                                        in_features: int) -> torch.Tensor:
     """Torch twin: F.linear of x [..., in] with the unpacked (dense-with-zeros) weight → [..., out], x's dtype."""
-    w = unpack_sparse_unstructured(values, mask, row_offsets, out_features, in_features).to(x.dtype)
+    w = unpack_sparse_unstructured(values, mask, tile_offsets, out_features, in_features).to(x.dtype)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
 def sparse_unstructured_linear_cpu(x: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                                   row_offsets: torch.Tensor, bias: torch.Tensor | None, out_features: int,
+                                   tile_offsets: torch.Tensor, bias: torch.Tensor | None, out_features: int,
                                    in_features: int, *, backend: str | None = None,
                                    isa: str | None = None) -> torch.Tensor:
     """y = x Wᵀ + bias with W packed by `pack_sparse_unstructured`.
 
     x: [..., in_features] float32 | bfloat16 (any float dtype on the torch path); returns [..., out_features] in
     x's dtype, accumulated in fp32. backend: auto | cpu | torch (env SPARSEFAST_BACKEND). isa: auto | avx512 |
-    avx2 | scalar (env SPARSEFAST_CPU_ISA). Threads: torch.get_num_threads(), split over output rows.
+    avx2 | scalar (env SPARSEFAST_CPU_ISA). Threads: torch.get_num_threads(), split over tiles of output rows.
     """
     if x.shape[-1] != in_features:
         raise ValueError(f"sparse_unstructured_linear_cpu: x has {x.shape[-1]} features but in_features is "
                          f"{in_features}")
-    check_packed_unstructured(values, mask, row_offsets, out_features, in_features)
+    check_packed_unstructured(values, mask, tile_offsets, out_features, in_features)
     chosen = select_backend("sparse_unstructured_linear_cpu", x, backend, has=("cpu", "torch"),
                             cuda_ok=kernel_supported(x, values))
     if chosen == "torch":
-        return sparse_unstructured_linear_cpu_ref(x, values, mask, row_offsets, bias, out_features, in_features)
-    return torch.ops.sparsefast.sparse_unstructured_linear_cpu(x, values, mask, row_offsets, bias, out_features,
+        return sparse_unstructured_linear_cpu_ref(x, values, mask, tile_offsets, bias, out_features, in_features)
+    return torch.ops.sparsefast.sparse_unstructured_linear_cpu(x, values, mask, tile_offsets, bias, out_features,
                                                                in_features, cpu_isa(isa))

@@ -71,22 +71,32 @@ def test_unstructured_round_trip_and_layout(sparsity, dtype):
     w = random_unstructured(9, 45, sparsity, gen).to(dtype)
     values, mask, offsets = pack_sparse_unstructured(w)
     nnz = int((w != 0).sum())
+    tiles, chunks = 2, cpu_padded_in(45) // 16
     assert values.shape == (nnz + VALUE_PADDING,) and torch.all(values[nnz:] == 0)
-    assert offsets[0] == 0 and offsets[-1] == nnz and mask.shape == (9, cpu_padded_in(45) // 8)
+    assert offsets.tolist() == [0, int((w[:8] != 0).sum()), nnz]
+    assert mask.shape == (tiles, chunks, 8) and mask.dtype == torch.int16
     assert torch.equal(unpack_sparse_unstructured(values, mask, offsets, 9, 45), w)
-    r = 4
-    cols = [c for c in range(45) if int(mask[r, c // 8]) >> (c % 8) & 1]
-    assert cols == (w[r] != 0).nonzero().flatten().tolist()
-    assert torch.equal(values[offsets[r]:offsets[r + 1]], w[r, cols])
+    wp = F.pad(w, (0, 16 * chunks - 45, 0, 16 - 9))
+    stream = []  # the documented order: tile, chunk, row, column; bit j of mask[t, c, r] <-> column 16c + j stored
+    for t in range(tiles):
+        for c in range(chunks):
+            for r in range(8):
+                word = int(mask[t, c, r]) & 0xFFFF
+                cols = [16 * c + j for j in range(16) if word >> j & 1]
+                assert cols == [16 * c + j for j in range(16) if wp[8 * t + r, 16 * c + j] != 0]
+                stream += [wp[8 * t + r, col].item() for col in cols]
+    assert values[:nnz].tolist() == stream
     assert abs(weight_sparsity(w) - (1 - nnz / w.numel())) < 1e-12
 
 
 def test_unstructured_detects_corruption_and_bad_weights():
-    values, mask, offsets = pack_sparse_unstructured(random_unstructured(5, 20, 0.5, torch.Generator().manual_seed(4)))
+    values, mask, offsets = pack_sparse_unstructured(random_unstructured(13, 20, 0.5, torch.Generator().manual_seed(4)))
     bad = offsets.clone()
-    bad[2:] += 1
-    with pytest.raises(ValueError, match="row 1: mask holds"):
-        unpack_sparse_unstructured(torch.cat((values, values[:1])), mask, bad, 5, 20)
+    bad[1:] += 1
+    with pytest.raises(ValueError, match=r"tile 0 \(rows 0..7\): mask holds"):
+        unpack_sparse_unstructured(torch.cat((values, values[:1])), mask, bad, 13, 20)
+    with pytest.raises(ValueError, match="mask must be int16"):
+        unpack_sparse_unstructured(values, mask.to(torch.int32), offsets, 13, 20)
     with pytest.raises(ValueError, match="2-D"):
         pack_sparse_unstructured(torch.zeros(3))
     with pytest.raises(ValueError, match="dtype"):
