@@ -154,8 +154,17 @@ def choose_sparse_layer(linear: nn.Linear, *, calibrate: bool = True) -> tuple[n
     dense_ms = None
     for layout in layouts:
         layer = SparseLinear.from_dense(linear, layout)
+        packed = layer.packed()
+
+        def kernel_copy(packed=packed, layout=layout, bias=layer.bias) -> Callable[[torch.Tensor], torch.Tensor]:
+            # A new layer over clones of the packed weight (the calibration times each copy from DRAM); its forward,
+            # with the default table (kernel for every calibrated M), is the very path a swapped layer takes.
+            return SparseLinear(linear.in_features, linear.out_features, layout, tuple(t.clone() for t in packed),
+                                bias)
+
         key = (tuple(weight.shape), str(weight.dtype), layout, round(sparsity, 2))
-        table, timings = calibrate_cpu_dispatch(layer.kernel, weight, key=key)
+        table, timings = calibrate_cpu_dispatch(kernel_copy, sum(t.numel() * t.element_size() for t in packed),
+                                                weight, key=key)
         record["candidates"][layout] = {"table": [list(r) for r in table.rows], "timings": timings}
         total = sum(min(t["kernel_ms"], t["dense_ms"]) for t in timings.values())
         dense_ms = sum(t["dense_ms"] for t in timings.values())
