@@ -1,21 +1,41 @@
 // The CPU extension's only torch file: registers the CPU sparse linear ops with the torch dispatcher
 // (TORCH_LIBRARY_FRAGMENT, namespace `sparsefast`) instead of a pybind11 module. Why: the ops then exist as
 // torch.ops.sparsefast.* with a schema (torch.compile, opcheck and fake kernels work without Python wrappers of our
-// own), the shared object needs no Python ABI (loaded with torch.ops.load_library), and threads come from torch's
-// own pool (at::parallel_for honours torch.set_num_threads) rather than a second OpenMP runtime in the process.
+// own) and the shared object needs no Python ABI (loaded with torch.ops.load_library). The thread count is torch's
+// (torch.set_num_threads); the threads are the kernels' own spin pool (spin_pool.h says why not at::parallel_for).
 // Tensor checks here guard memory safety; sparsefast/ops/*.py raise the user-facing errors before calling in.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <functional>
 #include <vector>
 
+#ifdef __linux__
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "cpu/sparse_linear_cpu.h"
+#include "cpu/spin_pool.h"
 
 namespace {
 
 using sparsefast_cpu::kBlockCols;
 using sparsefast_cpu::kTileRows;
+
+// Runs fn over tile ranges on torch.get_num_threads() threads: torch's OpenMP pool (at::parallel_for) on the process's
+// initial thread, the kernels' spin pool on any other (spin_pool.h has the measurements behind the split).
+void over_tiles(int64_t tiles, const std::function<void(int64_t, int64_t)>& fn) {
+  constexpr int64_t kGrain = 2;  // tiles (16 rows) per thread at least
+#ifdef __linux__
+  const bool initial_thread = static_cast<pid_t>(syscall(SYS_gettid)) == getpid();
+#else
+  const bool initial_thread = false;
+#endif
+  if (initial_thread) return at::parallel_for(0, tiles, kGrain, fn);
+  sparsefast_cpu::parallel_ranges(tiles, kGrain, at::get_num_threads(), fn);
+}
 
 int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 
@@ -74,7 +94,7 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, co
   const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   const int64_t m = xf.size(0);
-  at::parallel_for(0, tiles, 2, [&](int64_t t0, int64_t t1) {
+  over_tiles(tiles, [&](int64_t t0, int64_t t1) {
     sparsefast_cpu::sparse24_linear_tiles(w, xp, m, bp, yp, t0, t1, static_cast<int>(isa));
   });
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
@@ -104,7 +124,7 @@ at::Tensor sparse_unstructured_linear_cpu(const at::Tensor& x, const at::Tensor&
   const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   const int64_t m = xf.size(0);
-  at::parallel_for(0, tiles, 2, [&](int64_t t0, int64_t t1) {
+  over_tiles(tiles, [&](int64_t t0, int64_t t1) {
     sparsefast_cpu::unstructured_linear_tiles(w, xp, m, bp, yp, t0, t1, static_cast<int>(isa));
   });
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());

@@ -9,6 +9,7 @@ when the extension did not build; SPARSEFAST_NO_COMPILER=1 is the one way to ski
 from __future__ import annotations
 
 import os
+import threading
 import zlib
 
 import pytest
@@ -142,6 +143,40 @@ def test_auto_dispatch_and_forced_backend_errors():
         sparse_unstructured_linear_cpu(torch.randn(2, 41), *packed, None, 9, 40)
     with pytest.raises(ValueError, match="instruction set"):
         sparse_unstructured_linear_cpu(torch.randn(2, 40), *packed, None, 9, 40, isa="neon")
+
+
+def test_kernels_from_other_threads_use_the_spin_pool_correctly():
+    """Off the initial thread the kernels run on their own worker pool: results from several threads at once (one
+    gets the pool, the others run serially) equal the initial thread's, for 1 and 2 threads and both layouts."""
+    require_cpu_kernels()
+    gen = torch.Generator().manual_seed(7)
+    w24, wu = random_24(200, 96, gen), random_unstructured(200, 96, 0.6, gen)
+    p24, pu = pack_sparse24_cpu(w24), pack_sparse_unstructured(wu)
+    xs = [torch.randn(m, 96, generator=gen) for m in (1, 3, 8, 64)]
+    calls = [lambda x: sparse24_linear_cpu(x, *p24, None, 200, 96, backend="cpu"),
+             lambda x: sparse_unstructured_linear_cpu(x, *pu, None, 200, 96, backend="cpu")]
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            expected = [[call(x) for x in xs] for call in calls]
+            results: dict[int, list] = {}
+
+            def work(i: int) -> None:
+                results[i] = [[call(x) for x in xs for _ in range(20)][::20] for call in calls]
+
+            workers = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+            for t in workers:
+                t.start()
+            for t in workers:
+                t.join(timeout=60)
+            assert len(results) == 3, "a thread did not finish"
+            for got in results.values():
+                for ys, zs in zip(got, expected):
+                    for y, z in zip(ys, zs):
+                        assert torch.equal(y, z)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("layout", ["2:4", "unstructured"])
