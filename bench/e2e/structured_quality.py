@@ -17,6 +17,14 @@ the first 320 windows of 128 tokens (llm-pruner protocol), 40,960 tokens each.
 
 The JSON (bench/results/<date>-<cpu|gpu>-smollm2-structured.json) is rewritten after every row; `--resume` keeps
 the rows already there when the settings match, so a long CPU run can be continued.
+
+Each row's own CPU decode latency is measured alone, on whatever machine and load that row ran with. The table's
+speed column comes from `--decode-side-by-side` instead: dense and the pruned architecture timed in one run,
+alternating (every importance prunes the same number of heads and channels per layer at a given ratio, so all pruned
+rows share one architecture and, LoRA merged, one cost per token; the pass prunes with `random`, which needs no
+gradients, and checks the parameter count against the rows'):
+
+    python bench/e2e/structured_quality.py --out bench/results/....json --decode-side-by-side
 """
 
 from __future__ import annotations
@@ -70,6 +78,48 @@ def summary(row: dict) -> str:
             f"CPU decode {row['decode_latency_cpu']['decode_ms_per_token']:.1f} ms/token")
 
 
+def decode_side_by_side(out: Path, repeats: int) -> int:
+    """Batch-1 CPU decode of dense and of the pruned architecture, alternating for `repeats` rounds in this process;
+    medians written to `out` as "decode_side_by_side"."""
+    import statistics
+
+    from sparsefast.checkpoint import write_json
+    from sparsefast.eval.latency import decode_latency
+    from sparsefast.models import load_model
+    from sparsefast.prune.structural import StructuralConfig, count_parameters, prune_structured
+
+    result = json.loads(out.read_text())
+    s = result["settings"]
+    pruned_params = {r["parameters"] for r in result["rows"] if r["importance"] != "dense"}
+    dense, tok = load_model(s["model"], device="cpu")
+    pruned, _ = load_model(s["model"], device="cpu")
+    cfg = StructuralConfig(ratio=s["ratio"], importance="random", aggregation=s["aggregation"], layers=s["layers"],
+                           seed=0)
+    prune_structured(pruned, tok, cfg, None)
+    if {count_parameters(pruned)} != pruned_params:
+        raise SystemExit(f"the pruned architecture has {count_parameters(pruned):,} parameters, the rows "
+                         f"{sorted(pruned_params)}: not the table's architecture")
+    models = {"dense": dense, "pruned": pruned}
+    runs: dict[str, list[float]] = {k: [] for k in models}
+    for r in range(repeats):
+        for name, model in (models.items() if r % 2 == 0 else reversed(models.items())):
+            lat = decode_latency(model, repeats=1, warmup=1 if r == 0 else 0)
+            runs[name].append(lat["decode_ms_per_token"])
+    ms = {k: statistics.median(v) for k, v in runs.items()}
+    result["decode_side_by_side"] = {
+        "what": "batch-1 CPU decode (sparsefast.eval.latency.decode_latency: 128-token prompt, 64 new tokens), dense "
+                "and the pruned architecture alternating in one run; medians",
+        "cpu": cpu_info(), "git_commit": git_commit(), "torch_threads": torch.get_num_threads(),
+        "pruned_parameters": count_parameters(pruned), "rounds": repeats,
+        "dense_ms_per_token": ms["dense"], "pruned_ms_per_token": ms["pruned"],
+        "runs_dense_ms_per_token": runs["dense"], "runs_pruned_ms_per_token": runs["pruned"],
+        "speedup": ms["dense"] / ms["pruned"]}
+    write_json(out, result)
+    print(f"CPU decode: dense {ms['dense']:.1f} ms/token, pruned {ms['pruned']:.1f} ms/token "
+          f"({ms['dense'] / ms['pruned']:.2f}x); wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from sparsefast.checkpoint import write_json
     from sparsefast.data import get_calibration
@@ -103,7 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default=None)
     p.add_argument("--resume", action="store_true", help="keep the rows already measured in --out")
+    p.add_argument("--decode-side-by-side", action="store_true",
+                   help="only time CPU decode of dense vs the pruned architecture in one run and add it to --out")
+    p.add_argument("--decode-repeats", type=int, default=5, help="alternating rounds of --decode-side-by-side")
     args = p.parse_args(argv)
+    if args.decode_side_by_side:
+        if not args.out or not Path(args.out).is_file():
+            p.error("--decode-side-by-side needs --out, an existing results JSON of this script")
+        return decode_side_by_side(Path(args.out), args.decode_repeats)
     importances = args.importances.split(",")
     lora_importances = [] if args.no_lora else args.lora_importances.split(",")
     if not set(lora_importances) <= set(importances):

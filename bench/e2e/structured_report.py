@@ -2,11 +2,13 @@
 
     python bench/e2e/structured_report.py bench/results/2026-12-02-cpu-smollm2-structured.json [--png PATH]
 
-Prints a markdown table, one row per measured model (dense first): parameters, WikiText-2 / PTB perplexity under the
-gptq and llm-pruner protocols, the 7 zero-shot tasks (the per-task metric is lm-eval's ``acc_norm`` where its task
-config defines one, else ``acc``: boolq and winogrande), the 7-task averages of acc and acc_norm, the retained
-fraction of the dense acc_norm average, and CPU decode ms/token. Writes a PNG (matplotlib) of the retained fraction
-and of WikiText-2 perplexity per row next to the JSON unless --png says where.
+Prints a markdown table, one row per measured model (dense first, then each importance without and with LoRA):
+parameters, MACs per token, WikiText-2 / PTB perplexity under the gptq and llm-pruner protocols, the 7 zero-shot
+tasks (the per-task metric is lm-eval's ``acc_norm`` where its task config defines one, else ``acc``: boolq and
+winogrande), the 7-task averages of acc and acc_norm, the retained fraction of the dense acc_norm average, and CPU
+decode ms/token: from the JSON's "decode_side_by_side" (dense and the pruned architecture timed alternating in one
+run; every pruned row shares that architecture) when it has one, else each row's own measurement. Writes a PNG
+(matplotlib) of the retained fraction and of WikiText-2 perplexity per row next to the JSON unless --png says where.
 """
 
 from __future__ import annotations
@@ -20,6 +22,17 @@ TASK_LABELS = {"boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HellaS.", "winogr
                "arc_challenge": "ARC-c", "openbookqa": "OBQA"}
 
 
+IMPORTANCE_ORDER = ["dense", "random", "l2", "vector", "element1", "element2"]
+
+
+def ordered_rows(result: dict) -> list[dict]:
+    """Dense first, then each importance without and with LoRA (the JSON keeps measurement order)."""
+    def key(row: dict) -> tuple:
+        imp = row["importance"]
+        return (IMPORTANCE_ORDER.index(imp) if imp in IMPORTANCE_ORDER else len(IMPORTANCE_ORDER), imp, row["lora"])
+    return sorted(result["rows"], key=key)
+
+
 def row_name(row: dict) -> str:
     return row["importance"] + (" + LoRA" if row["lora"] else "")
 
@@ -29,20 +42,29 @@ def retained(row: dict, dense: dict, metric: str = "acc_norm") -> float:
     return row["zeroshot"]["average"][metric] / dense["zeroshot"]["average"][metric]
 
 
+def decode_ms(row: dict, result: dict) -> float:
+    """CPU ms/token of `row`: the side-by-side measurement of its architecture when there is one."""
+    side = result.get("decode_side_by_side")
+    if side is None:
+        return row["decode_latency_cpu"]["decode_ms_per_token"]
+    return side["dense_ms_per_token"] if row["importance"] == "dense" else side["pruned_ms_per_token"]
+
+
 def markdown_table(result: dict) -> str:
-    rows = result["rows"]
+    rows = ordered_rows(result)
     dense = next(r for r in rows if r["importance"] == "dense")
     tasks = result["settings"]["zeroshot"]["tasks"]
-    head = (["model", "params", "WT2 gptq", "PTB gptq", "WT2 l-p", "PTB l-p"] + [TASK_LABELS.get(t, t) for t in tasks]
-            + ["avg acc", "avg acc_norm", "retained", "CPU ms/token"])
+    head = (["model", "params", "MACs/token", "WT2 gptq", "PTB gptq", "WT2 l-p", "PTB l-p"]
+            + [TASK_LABELS.get(t, t) for t in tasks] + ["avg acc", "avg acc_norm", "retained", "CPU ms/token"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         g, lp, zs = r["ppl_gptq"], r["ppl_llm-pruner"], r["zeroshot"]
-        cells = [row_name(r), f"{r['parameters'] / 1e6:.1f}M", f"{g['wikitext2']:.2f}", f"{g['ptb']:.2f}",
+        cells = [row_name(r), f"{r['parameters'] / 1e6:.1f}M", f"{r['macs_per_token'] / 1e6:.1f}M",
+                 f"{g['wikitext2']:.2f}", f"{g['ptb']:.2f}",
                  f"{lp['wikitext2']:.2f}", f"{lp['ptb']:.2f}"]
         cells += [f"{zs['tasks'][t]['acc_norm']:.3f}" for t in tasks]
         cells += [f"{zs['average']['acc']:.4f}", f"{zs['average']['acc_norm']:.4f}", f"{100 * retained(r, dense):.1f}%",
-                  f"{r['decode_latency_cpu']['decode_ms_per_token']:.1f}"]
+                  f"{decode_ms(r, result):.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -53,7 +75,7 @@ def plot(result: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result["rows"]
+    rows = ordered_rows(result)
     dense = next(r for r in rows if r["importance"] == "dense")
     names = [row_name(r) for r in rows]
     colors = ["#555555" if r["importance"] == "dense" else ("#2a7ab9" if r["lora"] else "#9cc3e4") for r in rows]
@@ -65,7 +87,8 @@ def plot(result: dict, path: Path) -> Path:
     a.set_ylabel("% of the dense 7-task acc_norm average")
     a.legend(loc="lower left", fontsize=8)
     b.bar(names, [r["ppl_gptq"]["wikitext2"] for r in rows], color=colors)
-    b.set_ylabel("WikiText-2 perplexity (gptq@512, prefix)")
+    b.set_yscale("log")
+    b.set_ylabel("WikiText-2 perplexity (gptq@512, prefix; log scale)")
     for ax in (a, b):
         ax.tick_params(axis="x", rotation=45, labelsize=8)
         for lab in ax.get_xticklabels():
