@@ -5,9 +5,9 @@ Full run (writes bench/results/<date>-cpu-sparse-linear[-<tag>].json and PNG plo
 Shapes: SmolLM2-135M (hidden 576, intermediate 1536, 9 q / 3 kv heads of 64) and the LLaMA shapes of bench/shapes.py.
 Per (shape, dtype, M): the medians of single calls of dense F.linear on the dense-with-zeros weight, the 2:4 kernel
 and the unstructured kernel at each sparsity, interleaved call by call (a busy machine slows all alike). Every
-variant cycles through enough copies of its weight to move >= 4x the L3 size per round, so each call reads its weight
-from DRAM as decode does. GB/s = bytes of the weight format read per call / time; the copy bandwidth (read + write)
-is measured in the same run as the roofline.
+variant cycles through enough copies of its weight to move >= 4x the last-level cache per round, so each call reads
+its weight from DRAM as decode does. GB/s = bytes of the weight format read per call / time; the copy bandwidth
+(read + write) is measured in the same run as the roofline.
 
 Under pytest (CI) the file runs in quick mode: tiny shapes, one call each, results to a temp dir; the timings mean
 nothing there, the point is that the harness, the baselines and the JSON writer keep working.
@@ -34,7 +34,7 @@ from common import RESULTS_DIR, cpu_info, git_commit  # noqa: E402
 
 from bench.shapes import MODELS  # noqa: E402
 from sparsefast.checkpoint import write_json  # noqa: E402
-from sparsefast.nn.cpu_dispatch import interleaved_median_ms  # noqa: E402
+from sparsefast.nn.cpu_dispatch import interleaved_median_ms, last_level_cache_bytes  # noqa: E402
 from sparsefast.ops.sparse24 import to_sparse24_by_magnitude  # noqa: E402
 from sparsefast.ops.sparse24_cpu import pack_sparse24_cpu, sparse24_linear_cpu  # noqa: E402
 from sparsefast.ops.sparse_unstructured import pack_sparse_unstructured, sparse_unstructured_linear_cpu  # noqa: E402
@@ -43,7 +43,6 @@ SMOLLM2 = {"q_o_proj": (576, 576), "k_v_proj": (192, 576), "gate_up_proj": (1536
 TOKENS = (1, 4, 8, 16, 64)
 SPARSITIES = (0.5, 0.7, 0.9)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-L3_BYTES = 32 << 20
 QUICK_SHAPES = (("tiny", "odd", 5, 96), ("tiny", "wide", 3, 520))
 
 
@@ -173,10 +172,11 @@ def main(argv: list[str] | None = None) -> int:
         shapes = [s for s in shapes if s[1] in args.linears.split(",")]
     tokens = tuple(int(t) for t in args.tokens.split(","))
     copy_gbs = copy_bandwidth_gbs()
+    min_bytes = 4 * last_level_cache_bytes()
     rows = []
     for shape in shapes:
         for dt in args.dtypes.split(","):
-            rows += measure_shape(shape, dt, tokens, SPARSITIES, args.reps, 4 * L3_BYTES)
+            rows += measure_shape(shape, dt, tokens, SPARSITIES, args.reps, min_bytes)
             print(f"{shape} {dt}: " + ", ".join(f"M={r['M']} {r['variant']} {r['speedup_vs_dense']:.2f}x"
                                                 for r in rows[-len(tokens) * (2 + len(SPARSITIES)):]
                                                 if r["variant"] in ("2:4", "unstructured-0.5")), flush=True)
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"what": "cpu sparse linear kernels vs dense F.linear", "cpu": cpu_info(), "torch": torch.__version__,
                "git_commit": git_commit(), "threads": torch.get_num_threads(), "copy_bandwidth_gbs": copy_gbs,
                "isa": int(torch.ops.sparsefast.cpu_best_isa()), "reps": args.reps, "min_bytes_per_round":
-               4 * L3_BYTES, "rows": rows}
+               min_bytes, "rows": rows}
     payload["plots"] = [p.name for p in plot(rows, stem)]
     write_json(stem.with_suffix(".json"), payload)
     print(f"wrote {stem}.json, copy bandwidth {copy_gbs:.1f} GB/s")
