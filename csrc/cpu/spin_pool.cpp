@@ -62,8 +62,11 @@ class SpinPool {
       int spins = 0;
       while (generation_.load(std::memory_order_acquire) == seen) {
         SF_PAUSE();
-        if (++spins % 64 == 0 &&
-            std::chrono::steady_clock::now() - start > std::chrono::microseconds(kSpinMicros)) {
+        if (++spins % 16 != 0) continue;
+        // Yield while spinning: another runnable thread on this core (torch's OpenMP worker, woken for the next op)
+        // runs at once instead of waiting for the scheduler to preempt a spinner.
+        std::this_thread::yield();
+        if (std::chrono::steady_clock::now() - start > std::chrono::microseconds(kSpinMicros)) {
           std::unique_lock<std::mutex> lock(wake_mutex_);
           wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
           break;

@@ -39,6 +39,7 @@ from sparsefast.nn.sparse24_linear import DispatchTable
 
 CALIBRATION_TOKENS = (1, 4, 16, 64)
 MARGIN = 0.95  # the kernel must take at most 95% of dense's median time to be chosen
+RUN_CALLS = 4  # consecutive calls of one candidate per timed run
 DEFAULT_CPU_DISPATCH = DispatchTable(((64, "cpu"), (2**62, "dense")),
                                      source="default (unmeasured): CPU kernels for M <= 64")
 LLC_FALLBACK_BYTES = 64 << 20  # where sysfs does not tell the last-level cache size
@@ -136,9 +137,15 @@ def _cold_medians(kernel_copy: Callable[[], Callable[[torch.Tensor], torch.Tenso
     with torch.inference_mode():
         for m in tokens:
             x = torch.randn(m, in_features, generator=gen).to(dense_weight.dtype)
-            t = interleaved_median_ms({"kernel": lambda: next_kernel()(x), "dense": lambda: linear(x, next_dense())},
-                                      reps=reps, budget_s=budget_s / len(tokens))
-            medians[m] = (statistics.median(t["kernel"]), statistics.median(t["dense"]))
+            # Runs of RUN_CALLS consecutive calls per candidate, alternating: in a decode step a layer's neighbours
+            # are mostly layers of the same kind, and the candidates' thread pools differ (the kernels' spin pool
+            # off the initial thread, torch's OpenMP for dense), so call-by-call alternation would time each
+            # candidate against the other's still-spinning workers.
+            t = interleaved_median_ms(
+                {"kernel": lambda: [next_kernel()(x) for _ in range(RUN_CALLS)],
+                 "dense": lambda: [linear(x, next_dense()) for _ in range(RUN_CALLS)]},
+                reps=reps, budget_s=budget_s / len(tokens))
+            medians[m] = (statistics.median(t["kernel"]) / RUN_CALLS, statistics.median(t["dense"]) / RUN_CALLS)
     return medians, n_kernel, n_dense
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsefast._ext import load_cpu_extension
 from sparsefast.nn.cpu_dispatch import DEFAULT_CPU_DISPATCH, calibrate_cpu_dispatch
 from sparsefast.nn.sparse24_linear import DispatchTable
 from sparsefast.ops.sparse24 import check_sparse24
@@ -96,8 +97,6 @@ class SparseLinear(nn.Module):
 
     def backend_for(self, x: torch.Tensor) -> str:
         """"cpu" or "dense": the path forward() takes for this input."""
-        from sparsefast._ext import load_cpu_extension
-
         if not kernel_supported(x, self.values) or not load_cpu_extension():
             return "dense"
         backend = self.dispatch.backend_for(x.numel() // max(x.shape[-1], 1))
@@ -117,10 +116,16 @@ class SparseLinear(nn.Module):
         key = (x.numel(), x.dtype, x.device.type)
         route = self._routes.get(key)
         if route is None:
-            route = self._routes[key] = (self._op.default, cpu_isa()) if self.backend_for(x) == "cpu" else None
+            route = self._routes[key] = self.kernel_call() if self.backend_for(x) == "cpu" else None
         if route is not None:
-            return route[0](x, *self.packed(), self.bias, self.out_features, self.in_features, route[1])
+            return route(x)
         return F.linear(x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def kernel_call(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """x -> y through the CPU kernel as forward() calls it once it has chosen the kernel: the registered op,
+        the instruction set decided now, no per-call checks (the packed tensors were checked when packed)."""
+        op, isa, packed = self._op.default, cpu_isa(), self.packed()
+        return lambda x: op(x, *packed, self.bias, self.out_features, self.in_features, isa)
 
     @property
     def _op(self):
@@ -157,10 +162,11 @@ def choose_sparse_layer(linear: nn.Linear, *, calibrate: bool = True) -> tuple[n
         packed = layer.packed()
 
         def kernel_copy(packed=packed, layout=layout, bias=layer.bias) -> Callable[[torch.Tensor], torch.Tensor]:
-            # A new layer over clones of the packed weight (the calibration times each copy from DRAM); its forward,
-            # with the default table (kernel for every calibrated M), is the very path a swapped layer takes.
-            return SparseLinear(linear.in_features, linear.out_features, layout, tuple(t.clone() for t in packed),
+            # A new layer over clones of the packed weight (the calibration times each copy from DRAM), called as a
+            # swapped layer's forward calls it; the torch twin where the kernels cannot run.
+            copy = SparseLinear(linear.in_features, linear.out_features, layout, tuple(t.clone() for t in packed),
                                 bias)
+            return copy.kernel_call() if load_cpu_extension() else copy.kernel
 
         key = (tuple(weight.shape), str(weight.dtype), layout, round(sparsity, 2))
         table, timings = calibrate_cpu_dispatch(kernel_copy, sum(t.numel() * t.element_size() for t in packed),

