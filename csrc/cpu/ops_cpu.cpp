@@ -1,8 +1,8 @@
 // The CPU extension's only torch file: registers the CPU sparse linear ops with the torch dispatcher
 // (TORCH_LIBRARY_FRAGMENT, namespace `sparsefast`) instead of a pybind11 module. Why: the ops then exist as
 // torch.ops.sparsefast.* with a schema (torch.compile, opcheck and fake kernels work without Python wrappers of our
-// own) and the shared object needs no Python ABI (loaded with torch.ops.load_library). The thread count is torch's
-// (torch.set_num_threads); the threads are the kernels' own spin pool (spin_pool.h says why not at::parallel_for).
+// own), the shared object needs no Python ABI (loaded with torch.ops.load_library), and threads come from torch's
+// own pool (at::parallel_for honours torch.set_num_threads) rather than a second thread pool in the process.
 // Tensor checks here guard memory safety; sparsefast/ops/*.py raise the user-facing errors before calling in.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -11,30 +11,23 @@
 #include <functional>
 #include <vector>
 
-#ifdef __linux__
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
 
 #include "cpu/sparse_linear_cpu.h"
-#include "cpu/spin_pool.h"
 
 namespace {
 
 using sparsefast_cpu::kBlockCols;
 using sparsefast_cpu::kTileRows;
 
-// Runs fn over tile ranges on torch.get_num_threads() threads: torch's OpenMP pool (at::parallel_for) on the process's
-// initial thread, the kernels' spin pool on any other (spin_pool.h has the measurements behind the split).
+// Runs fn over tile ranges on torch's intra-op threads (at::parallel_for, OpenMP in the CPU wheel). Measured on the
+// 2-core AMD EPYC: inside `sparsefast serve` (the engine thread is the one thread running torch ops) a 2:4 SmolLM2
+// token takes 34-39 ms. Where several threads of one process have run torch ops (a script that loads the model on
+// the main thread and decodes from another), libgomp throttles its spin-waiting and each call pays a worker wake-up:
+// 55-63 ms. A pool of our own that keeps spinning whichever thread calls fixed that case (31-38 ms) but made the
+// server 10x slower: its workers and torch's OpenMP workers then spun against each other on the two cores.
 void over_tiles(int64_t tiles, const std::function<void(int64_t, int64_t)>& fn) {
   constexpr int64_t kGrain = 2;  // tiles (16 rows) per thread at least
-#ifdef __linux__
-  const bool initial_thread = static_cast<pid_t>(syscall(SYS_gettid)) == getpid();
-#else
-  const bool initial_thread = false;
-#endif
-  if (initial_thread) return at::parallel_for(0, tiles, kGrain, fn);
-  sparsefast_cpu::parallel_ranges(tiles, kGrain, at::get_num_threads(), fn);
+  at::parallel_for(0, tiles, kGrain, fn);
 }
 
 int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }

@@ -137,10 +137,8 @@ def _cold_medians(kernel_copy: Callable[[], Callable[[torch.Tensor], torch.Tenso
     with torch.inference_mode():
         for m in tokens:
             x = torch.randn(m, in_features, generator=gen).to(dense_weight.dtype)
-            # Runs of RUN_CALLS consecutive calls per candidate, alternating: in a decode step a layer's neighbours
-            # are mostly layers of the same kind, and the candidates' thread pools differ (the kernels' spin pool
-            # off the initial thread, torch's OpenMP for dense), so call-by-call alternation would time each
-            # candidate against the other's still-spinning workers.
+            # Runs of RUN_CALLS consecutive calls per candidate, alternating: in a decode step a swapped layer's
+            # neighbours are mostly swapped layers too, so each candidate is timed after calls of its own kind.
             t = interleaved_median_ms(
                 {"kernel": lambda: [next_kernel()(x) for _ in range(RUN_CALLS)],
                  "dense": lambda: [linear(x, next_dense()) for _ in range(RUN_CALLS)]},

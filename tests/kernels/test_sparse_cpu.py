@@ -145,9 +145,9 @@ def test_auto_dispatch_and_forced_backend_errors():
         sparse_unstructured_linear_cpu(torch.randn(2, 40), *packed, None, 9, 40, isa="neon")
 
 
-def test_kernels_from_other_threads_use_the_spin_pool_correctly():
-    """Off the initial thread the kernels run on their own worker pool: results from several threads at once (one
-    gets the pool, the others run serially) equal the initial thread's, for 1 and 2 threads and both layouts."""
+def test_kernels_called_from_several_threads_at_once():
+    """The serving engine calls the kernels from its own thread: results from several threads at once equal the
+    main thread's, for 1 and 2 torch threads and both layouts."""
     require_cpu_kernels()
     gen = torch.Generator().manual_seed(7)
     w24, wu = random_24(200, 96, gen), random_unstructured(200, 96, 0.6, gen)
