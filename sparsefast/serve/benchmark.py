@@ -265,8 +265,9 @@ def run_benchmark(variants: list[Variant], *, tokenizer: Any, text: str, concurr
                   prompt_len: int, output_len: int, prompts_per_level: dict[int, int], request_rate: float,
                   device: str, max_batch: int, max_queue: int, load_timeout: float, log_dir: Path,
                   rounds: int = 1, seed: int = 0) -> dict[str, Any]:
-    """Start every server, measure each concurrency level round-robin across variants (`rounds` times, fresh
-    prompts each round; a level's metrics pool the requests of all rounds, wall time summed), stop the servers."""
+    """Start every server (one after the other, each once the previous one is ready), measure each concurrency
+    level round-robin across variants (`rounds` times, fresh prompts each round; a level's metrics pool the requests
+    of all rounds, wall time summed), stop the servers."""
     log_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = {v.name: {} for v in variants}
 
@@ -275,9 +276,8 @@ def run_benchmark(variants: list[Variant], *, tokenizer: Any, text: str, concurr
 
     previous = signal.signal(signal.SIGTERM, terminated)
     try:
-        for v in variants:
+        for v in variants:  # one at a time: a server that times its sparse-linear swap while loading needs a quiet CPU
             start_server(v, device=device, max_batch=max_batch, max_queue=max_queue, log_dir=log_dir)
-        for v in variants:
             wait_ready(v, load_timeout)
             print(f"  {v.name:>20} " + (f"ready after {v.load_s:.1f} s" if v.error is None else v.error), flush=True)
         live = [v for v in variants if v.error is None]
