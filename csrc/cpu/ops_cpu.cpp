@@ -8,7 +8,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <functional>
 #include <vector>
 
 
@@ -18,17 +17,6 @@ namespace {
 
 using sparsefast_cpu::kBlockCols;
 using sparsefast_cpu::kTileRows;
-
-// Runs fn over tile ranges on torch's intra-op threads (at::parallel_for, OpenMP in the CPU wheel). Measured on the
-// 2-core AMD EPYC: inside `sparsefast serve` (the engine thread is the one thread running torch ops) a 2:4 SmolLM2
-// token takes 34-39 ms. Where several threads of one process have run torch ops (a script that loads the model on
-// the main thread and decodes from another), libgomp throttles its spin-waiting and each call pays a worker wake-up:
-// 55-63 ms. A pool of our own that keeps spinning whichever thread calls fixed that case (31-38 ms) but made the
-// server 10x slower: its workers and torch's OpenMP workers then spun against each other on the two cores.
-void over_tiles(int64_t tiles, const std::function<void(int64_t, int64_t)>& fn) {
-  constexpr int64_t kGrain = 2;  // tiles (16 rows) per thread at least
-  at::parallel_for(0, tiles, kGrain, fn);
-}
 
 int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 
@@ -67,6 +55,29 @@ at::Tensor output_like(const at::Tensor& x, int64_t out_features) {
   return at::empty(sizes, x.options().dtype(at::kFloat));
 }
 
+// y [..., out] in x's dtype = `kernel` over every tile of w, x read as fp32 [M, kp] (zero-padded), on torch's intra-op
+// threads (at::parallel_for, OpenMP in the CPU wheel). Measured on the
+// 2-core AMD EPYC: inside `sparsefast serve` (the engine thread is the one thread running torch ops) a 2:4 SmolLM2
+// token takes 34-39 ms. Where several threads of one process have run torch ops (a script that loads the model on
+// the main thread and decodes from another), libgomp throttles its spin-waiting and each call pays a worker wake-up:
+// 55-63 ms. A pool of our own that keeps spinning whichever thread calls fixed that case (31-38 ms) but made the
+// server 10x slower: its workers and torch's OpenMP workers then spun against each other on the two cores.
+template <typename Weight, typename Kernel>
+at::Tensor run_tiles(const at::Tensor& x, const Weight& w, int64_t in_features, int64_t tiles,
+                     const std::optional<at::Tensor>& bias, int64_t isa, Kernel kernel) {
+  constexpr int64_t kGrain = 2;  // tiles (16 rows) per thread at least
+  const at::Tensor xf = padded_input(x, in_features, w.kp), bf = float_bias(bias, w.n);
+  at::Tensor y = output_like(x, w.n);
+  const float* xp = xf.data_ptr<float>();
+  const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  const int64_t m = xf.size(0);
+  at::parallel_for(0, tiles, kGrain, [&](int64_t t0, int64_t t1) {
+    kernel(w, xp, m, bp, yp, t0, t1, static_cast<int>(isa));
+  });
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
 at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
                                const std::optional<at::Tensor>& bias, int64_t out_features, int64_t in_features,
                                int64_t isa) {
@@ -79,18 +90,9 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, co
                         meta.dim() == 3 && meta.size(0) == tiles && meta.size(1) == kp / kBlockCols &&
                         meta.size(2) == kTileRows,
                     "sparse24 linear: meta must be int32 [", tiles, ", ", kp / kBlockCols, ", 8]");
-  const at::Tensor xf = padded_input(x, in_features, kp), bf = float_bias(bias, out_features);
-  at::Tensor y = output_like(x, out_features);
   const sparsefast_cpu::Sparse24Weight w{values.data_ptr(), values.scalar_type() == at::kBFloat16,
                                          reinterpret_cast<const uint32_t*>(meta.data_ptr<int32_t>()), out_features, kp};
-  const float* xp = xf.data_ptr<float>();
-  const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
-  float* yp = y.data_ptr<float>();
-  const int64_t m = xf.size(0);
-  over_tiles(tiles, [&](int64_t t0, int64_t t1) {
-    sparsefast_cpu::sparse24_linear_tiles(w, xp, m, bp, yp, t0, t1, static_cast<int>(isa));
-  });
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  return run_tiles(x, w, in_features, tiles, bias, isa, sparsefast_cpu::sparse24_linear_tiles);
 }
 
 at::Tensor sparse_unstructured_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& mask,
@@ -108,19 +110,10 @@ at::Tensor sparse_unstructured_linear_cpu(const at::Tensor& x, const at::Tensor&
                     "sparse linear: tile_offsets must be int64 [", tiles + 1, "]");
   TORCH_CHECK_VALUE(values.dim() == 1 && values.numel() >= tile_offsets.data_ptr<int64_t>()[tiles] + 16,
                     "sparse linear: values must be 1-D with 16 elements of padding after the last tile");
-  const at::Tensor xf = padded_input(x, in_features, kp), bf = float_bias(bias, out_features);
-  at::Tensor y = output_like(x, out_features);
   const sparsefast_cpu::UnstructuredWeight w{values.data_ptr(), values.scalar_type() == at::kBFloat16,
                                              reinterpret_cast<const uint16_t*>(mask.data_ptr<int16_t>()),
                                              tile_offsets.data_ptr<int64_t>(), out_features, kp};
-  const float* xp = xf.data_ptr<float>();
-  const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
-  float* yp = y.data_ptr<float>();
-  const int64_t m = xf.size(0);
-  over_tiles(tiles, [&](int64_t t0, int64_t t1) {
-    sparsefast_cpu::unstructured_linear_tiles(w, xp, m, bp, yp, t0, t1, static_cast<int>(isa));
-  });
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  return run_tiles(x, w, in_features, tiles, bias, isa, sparsefast_cpu::unstructured_linear_tiles);
 }
 
 int64_t cpu_best_isa() { return sparsefast_cpu::best_isa(); }

@@ -42,6 +42,18 @@ inline float value_at(const void* values, int64_t i) {
   return BF16 ? bf16_to_f32(static_cast<const uint16_t*>(values)[i]) : static_cast<const float*>(values)[i];
 }
 
+// y[t0 + t, row] = sums[r][t] + bias[row] for the rows first_row + r < n (the last tile's padding rows are dropped).
+template <int RN, int TB>
+inline void store_rows(int64_t n, int64_t first_row, int64_t t0, const float (&sums)[RN][TB], const float* bias,
+                       float* y) {
+  for (int r = 0; r < RN; ++r) {
+    const int64_t row = first_row + r;
+    if (row >= n) break;
+    const float bv = bias ? bias[row] : 0.f;
+    for (int t = 0; t < TB; ++t) y[(t0 + t) * n + row] = sums[r][t] + bv;
+  }
+}
+
 // ================================================================ 2:4
 constexpr int64_t kTileValues = kTileRows * 16;  // stored values of one tile's 32-column block
 
@@ -117,14 +129,12 @@ SF_AVX512 void tile24_512(const Sparse24Weight& w, int64_t tile, int r0, const f
         acc[r][t] = _mm512_fmadd_ps(v, _mm512_permutex2var_ps(xlo[t], idx, xhi[t]), acc[r][t]);
     }
   }
+  float sums[RN][TB];
 #pragma GCC unroll 8
-  for (int r = 0; r < RN; ++r) {
-    const int64_t row = tile * kTileRows + r0 + r;
-    if (row >= w.n) break;
-    const float bv = bias ? bias[row] : 0.f;
+  for (int r = 0; r < RN; ++r)
 #pragma GCC unroll 8
-    for (int t = 0; t < TB; ++t) y[(t0 + t) * w.n + row] = _mm512_reduce_add_ps(acc[r][t]) + bv;
-  }
+    for (int t = 0; t < TB; ++t) sums[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+  store_rows<RN, TB>(w.n, tile * kTileRows + r0, t0, sums, bias, y);
 }
 
 // Token pairs with all 8 rows of the tile in registers (16 accumulators + 4 x registers + the decode constants), then
@@ -194,14 +204,12 @@ SF_AVX2 void tile24_256(const Sparse24Weight& w, int64_t tile, int r0, const flo
       }
     }
   }
+  float sums[RN][TB];
 #pragma GCC unroll 8
-  for (int r = 0; r < RN; ++r) {
-    const int64_t row = tile * kTileRows + r0 + r;
-    if (row >= w.n) break;
-    const float bv = bias ? bias[row] : 0.f;
+  for (int r = 0; r < RN; ++r)
 #pragma GCC unroll 8
-    for (int t = 0; t < TB; ++t) y[(t0 + t) * w.n + row] = hsum256(acc[r][t]) + bv;
-  }
+    for (int t = 0; t < TB; ++t) sums[r][t] = hsum256(acc[r][t]);
+  store_rows<RN, TB>(w.n, tile * kTileRows + r0, t0, sums, bias, y);
 }
 
 // 16 ymm: 8 rows x 1 token, or 4 rows x 2 tokens, of accumulators beside the decode constants.
@@ -277,14 +285,12 @@ SF_AVX512 void tile_u_512(const UnstructuredWeight& w, int64_t tile, const float
       for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_fmadd_ps(v, xv[t], acc[r][t]);
     }
   }
+  float sums[kTileRows][TB];
 #pragma GCC unroll 8
-  for (int r = 0; r < kTileRows; ++r) {
-    const int64_t row = tile * kTileRows + r;
-    if (row >= w.n) break;
-    const float bv = bias ? bias[row] : 0.f;
+  for (int r = 0; r < kTileRows; ++r)
 #pragma GCC unroll 8
-    for (int t = 0; t < TB; ++t) y[(t0 + t) * w.n + row] = _mm512_reduce_add_ps(acc[r][t]) + bv;
-  }
+    for (int t = 0; t < TB; ++t) sums[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+  store_rows<kTileRows, TB>(w.n, tile * kTileRows, t0, sums, bias, y);
 }
 
 template <bool BF16>
@@ -343,12 +349,10 @@ SF_AVX2 void tile_u_256(const UnstructuredWeight& w, int64_t tile, const float* 
       acc[r] = _mm256_fmadd_ps(v1, _mm256_loadu_ps(xt + 16 * c + 8), acc[r]);
     }
   }
+  float sums[kTileRows][1];
 #pragma GCC unroll 8
-  for (int r = 0; r < kTileRows; ++r) {
-    const int64_t row = tile * kTileRows + r;
-    if (row >= w.n) break;
-    y[t0 * w.n + row] = hsum256(acc[r]) + (bias ? bias[row] : 0.f);
-  }
+  for (int r = 0; r < kTileRows; ++r) sums[r][0] = hsum256(acc[r]);
+  store_rows<kTileRows, 1>(w.n, tile * kTileRows, t0, sums, bias, y);
 }
 
 template <bool BF16>

@@ -27,7 +27,7 @@ namespace sparsefast_cpu {
 // Instruction sets, best last. kAuto picks the best the running CPU supports (__builtin_cpu_supports).
 enum Isa : int { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3 };
 
-constexpr int64_t kTileRows = 8;     // 2:4 layout: output rows per tile
+constexpr int64_t kTileRows = 8;     // both layouts: output rows per tile
 constexpr int64_t kBlockCols = 32;   // 2:4 layout: input columns per block (16 stored values)
 
 struct Sparse24Weight {
