@@ -155,7 +155,7 @@ def choose_sparse_layer(linear: nn.Linear, *, calibrate: bool = True) -> tuple[n
         layer = SparseLinear.from_dense(linear, layouts[0])
         record["chosen"] = layouts[0]
         return layer, record
-    best: tuple[float, str, DispatchTable] | None = None
+    best: tuple[float, SparseLinear, DispatchTable] | None = None
     dense_ms = None
     for layout in layouts:
         layer = SparseLinear.from_dense(linear, layout)
@@ -175,14 +175,15 @@ def choose_sparse_layer(linear: nn.Linear, *, calibrate: bool = True) -> tuple[n
         total = sum(min(t["kernel_ms"], t["dense_ms"]) for t in timings.values())
         dense_ms = sum(t["dense_ms"] for t in timings.values())
         if any(b == "cpu" for _, b in table.rows) and (best is None or total < best[0]):
-            best = (total, layout, table)
+            best = (total, layer, table)
     if best is None:
         record["chosen"] = "dense"
         return linear, record
-    _, layout, table = best
+    _, layer, table = best  # the candidate already packed: the chosen layout is not packed again
     keep_dense = any(b == "dense" for _, b in table.rows)
-    record.update(chosen=layout, dense_ms_sum=dense_ms, keeps_dense=keep_dense)
-    return SparseLinear.from_dense(linear, layout, table, keep_dense=keep_dense), record
+    record.update(chosen=layer.layout, dense_ms_sum=dense_ms, keeps_dense=keep_dense)
+    return SparseLinear(linear.in_features, linear.out_features, layer.layout, layer.packed(), layer.bias, table,
+                        weight if keep_dense else None), record
 
 
 def swap_linear_with_sparse(model: nn.Module, filter_fn: Callable[[str, nn.Linear], bool] | None = None, *,
