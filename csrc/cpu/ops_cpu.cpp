@@ -56,7 +56,7 @@ at::Tensor output_like(const at::Tensor& x, int64_t out_features) {
 }
 
 // y [..., out] in x's dtype = `kernel` over every tile of w, x read as fp32 [M, kp] (zero-padded), on torch's intra-op
-// threads (at::parallel_for, OpenMP in the CPU wheel). Measured on the
+// threads (at::parallel_for, OpenMP in the CPU wheel). Ad-hoc timings (not a committed result) on the
 // 2-core AMD EPYC: inside `sparsefast serve` (the engine thread is the one thread running torch ops) a 2:4 SmolLM2
 // token takes 34-39 ms. Where several threads of one process have run torch ops (a script that loads the model on
 // the main thread and decodes from another), libgomp throttles its spin-waiting and each call pays a worker wake-up:

@@ -4,18 +4,19 @@
 //   2:4, avx512: per 32-column block, x is permuted onto the 16 stored values (vpermt2ps with indices decoded from the
 //                2-bit positions by one variable shift and one ternary-logic op) and multiplied by one 16-lane FMA;
 //   2:4, avx2:   the same per 16-column half with two vpermps and a blend;
-//   unstructured, avx512: per row, a 16-column chunk = one vexpandps of its stored values into a zmm, one FMA per token;
+//   unstructured, avx512: per row, a 16-column chunk = one vexpandps of its stored values, one FMA per token;
 //   unstructured, avx2:   two 8-column halves, each expanded with a permute table (vpermps) and a lane mask;
 //   both layouts are tiled (8 rows), so a call reads each tile's values as one sequential stream;
 //   scalar: plain loops, for other CPUs and as the readable statement of what the vector paths compute.
 // Register blocking: the 8 rows of a tile x 1 or 2 tokens of accumulators; a tile's weights come from memory once per
 // call and from L1/L2 for further token pairs.
 //
-// Why 2:4 permutes x instead of expanding W (measured on the 2-core AMD EPYC (Zen 4) this project develops on, one
-// thread, 1536x576 fp32, M = 1): the expand kernel ran at 20 GB/s of packed weight with the weight in L2 (vexpandps
-// is slow on Zen 4; the AVX2 permute-table path was faster there), about the DRAM rate, so from DRAM it reached only
-// 8.5 GB/s; the permute kernel runs at 60-80 GB/s from L2, and with the tiled layout (one sequential stream instead
-// of 4 interleaved row streams) at 20 GB/s from DRAM.
+// Why 2:4 permutes x instead of expanding W (ad-hoc timings, not a committed result, on the 2-core AMD EPYC (Zen 4)
+// this project develops on, one thread, 1536x576 fp32, M = 1): the expand kernel ran at 20 GB/s of packed weight
+// with the weight in L2 (vexpandps is slow on Zen 4; the AVX2 permute-table path was faster there), about the DRAM
+// rate, so from DRAM it reached only 8.5 GB/s; the permute kernel runs at 60-80 GB/s from L2, and with the tiled
+// layout (one sequential stream instead of 4 interleaved row streams) at 20 GB/s from DRAM. The committed per-linear
+// results are in bench/results/2026-12-03-cpu-sparse-linear-*.json.
 #include "cpu/sparse_linear_cpu.h"
 
 #include <cstring>

@@ -12,7 +12,8 @@ swap calibrates 4 shapes x its layouts in a few seconds).
 Both candidates are timed with their weight read from DRAM, not from cache, because that is the regime of batch-1
 decode: a token reads every weight of the model once (SmolLM2-135M in fp32 is 538 MB, against an L3 of 32 MB), so by
 the time a layer runs again its weight has long left the cache. Timing one weight copy in a loop measures the
-cache-hot regime instead, which picks the wrong path: on a 2-core AMD EPYC (32 MB L3), a 576x576 fp32 layer at M=1
+cache-hot regime instead, which picks the wrong path: on a 2-core AMD EPYC (32 MB L3; ad-hoc timings with the
+kernels of 2026-12-02), a 576x576 fp32 layer at M=1
 took 0.030 ms dense vs 0.045 ms with the kernel cache-hot (dense chosen), while from DRAM the kernel is 1.4-1.9x
 faster than dense per layer; the hot calibration left most layers of a swapped SmolLM2 dense at M=1 and decode
 gained nothing. So each candidate rotates through distinct copies of its weight (clones of the dense weight for

@@ -9,7 +9,7 @@ chunks of 16 input columns (K_p = round_up(K, 16)); padding rows and columns are
 * values, 1-D, the weight's dtype (float32 | bfloat16 for the kernels): the nonzeros in the order tile, chunk, row,
   column (tile 0: chunk 0 of rows 0..7, chunk 1 of rows 0..7, ...; then tile 1, ...), then 16 zero elements of
   padding (the vector loads read up to 16 elements from a chunk's start). A tile is one sequential stream, which
-  the hardware prefetcher follows far better than 8 interleaved row streams (measured on the 2-core AMD EPYC:
+  the hardware prefetcher follows far better than 8 interleaved row streams (ad-hoc timing on the 2-core AMD EPYC:
   1536x576 at 50% from DRAM, one thread, 106 µs tiled vs about 215 µs row by row).
 * tile_offsets [N_p/8 + 1] int64: tile t's values are values[tile_offsets[t] : tile_offsets[t + 1]]; they let
   threads start at any tile.
