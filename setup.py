@@ -101,9 +101,7 @@ ext_modules, cmdclass = cuda_modules + cpu_modules, {**cpu_cmdclass, **cuda_cmdc
 setup(
     # namespace packages too: the data directories are then packages that own their files (setuptools warns about
     # importable-looking data directories that are "absent from the packages configuration")
-    packages=find_namespace_packages(include=["sparsefast", "sparsefast.*"], exclude=["*.__pycache__"])
-    + ["sparsefast.kernels"],
-    package_dir={"sparsefast.kernels": "kernels"},
+    packages=find_namespace_packages(include=["sparsefast", "sparsefast.*"], exclude=["*.__pycache__"]),
     package_data={"sparsefast.data.bundled": ["*.md", "wikitext-2-raw/*"], "sparsefast.data.bundled.c4": ["*"],
                   "sparsefast.nn.dispatch_tables": ["*.json"]},
     ext_modules=ext_modules,
