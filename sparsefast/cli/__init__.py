@@ -1,5 +1,7 @@
 """The `sparsefast` command (also `python -m sparsefast`). One module per subcommand; each defines
-`add_parser(subparsers)` that registers its parser and sets `func(args) -> int`."""
+`add_parser(subparsers)` that registers its parser and sets `func(args) -> int`. Subcommand modules import only
+argparse-level names at module level (torch, transformers and the engine inside `func`), so `sparsefast --help` and
+`--version` answer without importing torch."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import importlib
 import os
 import sys
 
+from sparsefast import __version__
+
 # subcommand module names under sparsefast.cli, in the order `--help` lists them
 SUBCOMMANDS = ("prune", "eval", "bench", "prune_structured", "recover", "serve", "generate")
 
@@ -15,6 +19,7 @@ SUBCOMMANDS = ("prune", "eval", "bench", "prune_structured", "recover", "serve",
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparsefast", description="Prune LLMs fast (Wanda, SparseGPT, LLM-Pruner) and run them fast.")
+    parser.add_argument("--version", action="version", version=f"sparsefast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMANDS:
         importlib.import_module(f"sparsefast.cli.{name}").add_parser(sub)
