@@ -30,8 +30,8 @@ def test_public_functions_are_the_api_functions():
 
 
 def test_subpackage_imported_first_keeps_the_function():
-    out = _fresh("import sparsefast.prune.wanda, sparsefast, sparsefast.api as a; "
-                 "print(sparsefast.prune is a.prune, sys_ok := 'sparsefast.prune' in __import__('sys').modules)")
+    out = _fresh("import sys, sparsefast.prune.wanda, sparsefast.api as a; "
+                 "print(sparsefast.prune is a.prune, 'sparsefast.prune' in sys.modules)")
     assert out == "True True"
 
 
@@ -41,4 +41,4 @@ def test_unknown_attribute_is_an_attribute_error():
     import sparsefast
 
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        sparsefast.nope  # noqa: B018
+        sparsefast.nope
