@@ -1,8 +1,14 @@
-"""Device and dtype names as users type them (CLI flags, API arguments) → torch objects, with clear errors."""
+"""Device and dtype names as users type them (CLI flags, API arguments) → torch objects, with clear errors.
+
+torch is imported inside the functions: the CLI parsers take DEVICE_CHOICES / DTYPE_CHOICES from here, and
+`sparsefast --help` must not import torch."""
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
@@ -14,6 +20,8 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     "auto" picks cuda:0 when CUDA is available, else cpu. Asking for CUDA on a machine without it raises
     ValueError before any work starts (instead of torch's error deep inside a forward pass).
     """
+    import torch
+
     if isinstance(name, torch.device):
         dev = name
     else:
@@ -42,6 +50,8 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
 def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     """Map "auto" | None → None (let the loader decide) and "float32" | "float16" | "bfloat16" (or fp32/fp16/bf16,
     or a torch.dtype) → that torch.dtype. Anything else is a ValueError listing the choices."""
+    import torch
+
     if name is None or isinstance(name, torch.dtype):
         return name
     aliases = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
