@@ -1,6 +1,10 @@
 """The public Python surface: `load(path)` → (model, tokenizer), `prune(model, config, calib)` → report,
-`check_prunable`, `check_calib`, `evaluate`, and `prune_pretrained` (load → validate → calibrate → prune → evaluate →
-save, what `sparsefast prune` runs)."""
+`check_prunable`, `check_calib`, `evaluate`, and `prune_pretrained` (load → check → calibrate → prune → evaluate →
+save, what `sparsefast prune` runs).
+
+A config is valid by construction (sparsefast.config); what is checked here is what needs the model: the pattern
+against every prunable linear, seqlen against the context, finite weights, the calibration ids. Each public call
+runs those checks once, before any work: `prune` and `prune_pretrained` check, then share `_prune_checked`."""
 
 from __future__ import annotations
 
@@ -36,14 +40,13 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu",
 
     sparse: "off" (as loaded), "auto" (sparse linears where they are faster: on CPU each linear with >= 30% zeros
     gets the fastest of dense / 2:4 / unstructured as timed on this machine, on CUDA 2:4 linears become
-    Sparse24Linear) or "sparse24"; see sparsefast.serve.sparse.prepare_model."""
+    Sparse24Linear) or "sparse24"; see sparsefast.nn.sparsify_."""
     from sparsefast.models import load_model
-    from sparsefast.serve.sparse import SPARSE_MODES, prepare_model
+    from sparsefast.nn import SparsifyConfig, sparsify_
 
-    if sparse not in SPARSE_MODES:
-        raise ValueError(f"load: sparse must be one of {', '.join(SPARSE_MODES)}; got {sparse!r}")
+    sparsify = SparsifyConfig(mode=sparse)  # a bad mode is refused before anything is read
     model, tokenizer = load_model(os.fspath(path), dtype=resolve_dtype(dtype), device=device)
-    prepare_model(model, sparse, next(model.parameters()).device)
+    sparsify_(model, sparsify)
     return model, tokenizer
 
 
@@ -54,7 +57,6 @@ def check_prunable(model: nn.Module, config: PruneConfig, *, check_seqlen: bool 
     check_calib checks). Returns the model's adapter."""
     from sparsefast.models import check_finite_weights, get_adapter
 
-    config.validate()
     adapter = get_adapter(model)
     linears = {f"layers.{i}.{n}": lin for i, layer in enumerate(adapter.decoder_layers(model))
                for n, lin in adapter.prunable_linears(layer).items()}
@@ -97,14 +99,20 @@ def prune(model: nn.Module, config: PruneConfig, calib: torch.Tensor | None = No
     config.device is "cuda": only the current decoder layer and its activations go to the GPU.
     Returns the report written to sparsefast.json: method, pattern, requested and achieved sparsity per linear and
     overall, calibration settings, timings {calib_forward_s, stats_s, metric_mask_s, total_s, per_layer}, damping
-    notes (SparseGPT), device, versions.
+    notes (SparseGPT), device, versions. Bad input raises ValueError before any weight is touched.
     """
     adapter = check_prunable(model, config, check_seqlen=False)
     if config.needs_calibration:
         if calib is None:
             raise ValueError(f"{config.method} needs calibration ids: a LongTensor [nsamples, seqlen]")
         check_calib(model, adapter, calib)
-    device = compute_device(config.device)
+    return _prune_checked(model, adapter, config, calib, compute_device(config.device), progress=progress,
+                          offload=offload)
+
+
+def _prune_checked(model: nn.Module, adapter: Any, config: PruneConfig, calib: torch.Tensor | None,
+                   device: torch.device, *, progress: bool, offload: bool = True) -> dict[str, Any]:
+    """`prune` after its checks (check_prunable, check_calib): calibrate, prune layer by layer, build the report."""
     if resolve_dtype(config.dtype) is not None:
         model.to(resolve_dtype(config.dtype))
     pruner = make_pruner(config)
@@ -162,8 +170,7 @@ def prune_pretrained(model_name: str, config: PruneConfig, *, out: str | None = 
     from sparsefast.data import check_data_dir, check_eval_request, get_calibration
     from sparsefast.models import load_config, load_model, local_source_paths
 
-    config.validate()
-    compute_device(config.device)
+    device = compute_device(config.device)
     sources = local_source_paths(model_name)
     if out is not None:
         check_output_dir(out, overwrite, sources=sources)
@@ -190,7 +197,7 @@ def prune_pretrained(model_name: str, config: PruneConfig, *, out: str | None = 
         before = evaluate(model, tokenizer, eval_datasets, seqlen=ev_seqlen, data_dir=data_dir, device=config.device,
                           max_windows=eval_windows, progress=progress)
         log(f"perplexity before pruning: {_fmt_ppl(before)}")
-    report = prune(model, config, calib, progress=progress)
+    report = _prune_checked(model, adapter, config, calib, device, progress=progress)
     report["model"] = model_name
     log(f"pruned {report['method']} {report['pattern']}: achieved sparsity {report['achieved_sparsity']:.4f} in "
         f"{report['timings']['total_s']:.1f} s (calibration forward {report['timings']['calib_forward_s']:.1f} s, "

@@ -33,7 +33,7 @@ from typing import Any
 from torch import nn
 
 REPORT_NAME = "sparsefast.json"
-STRUCTURE_FILE = "structure.json"  # marks a structurally pruned checkpoint (sparsefast.prune.structural)
+STRUCTURE_FILE = "structure.json"  # marks a structurally pruned checkpoint (sparsefast.models.structural)
 STRUCTURE_FORMAT = "sparsefast-structural"
 PARTIAL_TAG = ".partial-"
 

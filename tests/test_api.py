@@ -1,4 +1,5 @@
-"""Python API: report contents, atomic checkpoint save that reloads with its zeros, bad inputs before any work."""
+"""sparsefast.api: prune()'s report, exact patterns of every method on every family, every model-dependent check
+(pattern, context, calibration ids, finite weights) before any work, and load() of every checkpoint kind."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ import json
 
 import pytest
 import torch
-import transformers
 
+import sparsefast
 import sparsefast.api as api
-from sparsefast.checkpoint import check_output_dir, load_report, save_checkpoint, write_json
-from sparsefast.config import MagnitudeConfig, SparseGPTConfig, WandaConfig
-from tests.conftest import tiny_model
+from sparsefast.checkpoint import save_checkpoint, write_json
+from sparsefast.config import MagnitudeConfig, SparseGPTConfig, WandaConfig, make_config
+from sparsefast.prune.base import max_nonzeros_per_group
+from tests.conftest import TINY_FAMILIES, tiny_model
 
 
 def ids(n=4, seqlen=16, hi=256):
@@ -45,62 +47,6 @@ def test_magnitude_needs_no_calibration():
     assert all(s["zeros"] == int(s["numel"] * 0.3) for s in rep["linears"].values())
 
 
-def test_saved_checkpoint_reloads_with_zeros(tmp_path, story_llama_dir):
-    model = transformers.AutoModelForCausalLM.from_pretrained(story_llama_dir)
-    tok = transformers.AutoTokenizer.from_pretrained(story_llama_dir)
-    rep = api.prune(model, WandaConfig(pattern="4:8", nsamples=2, seqlen=32), ids(2, 32, hi=2048), progress=False)
-    out = save_checkpoint(model, tok, tmp_path / "pruned", rep)
-    assert (out / "model.safetensors").is_file() and load_report(out)["pattern"] == "4:8"
-    again = transformers.AutoModelForCausalLM.from_pretrained(out)
-    saved = dict(again.named_parameters())
-    for name, p in model.named_parameters():
-        assert torch.equal(saved[name], p), name
-    q = again.model.layers[0].self_attn.q_proj.weight
-    assert ((q == 0).view(q.shape[0], -1, 8).sum(-1) >= 4).all()
-    assert transformers.AutoTokenizer.from_pretrained(out)("once upon")["input_ids"] == tok("once upon")["input_ids"]
-    assert [p.name for p in tmp_path.iterdir()] == ["pruned"]  # no temp dirs left
-
-
-def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
-    model = tiny_model("llama")
-    real = model.save_pretrained
-
-    def save_then_fail(path, **kw):
-        real(path, **kw)  # a complete model file is already on disk when the failure hits
-        raise KeyboardInterrupt("simulated Ctrl-C during the save")
-
-    monkeypatch.setattr(model, "save_pretrained", save_then_fail)
-    with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(model, None, tmp_path / "out", {"method": "x"})
-    assert list(tmp_path.iterdir()) == []
-    # an existing checkpoint is kept intact when the overwrite fails
-    monkeypatch.setattr(model, "save_pretrained", real)
-    save_checkpoint(model, None, tmp_path / "out", {"method": "first"})
-    monkeypatch.setattr(model, "save_pretrained", save_then_fail)
-    with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(model, None, tmp_path / "out", {"method": "second"}, overwrite=True)
-    assert load_report(tmp_path / "out")["method"] == "first" and [p.name for p in tmp_path.iterdir()] == ["out"]
-
-
-def test_overwrite_replaces(tmp_path):
-    model = tiny_model("llama")
-    save_checkpoint(model, None, tmp_path / "out", {"method": "old"})
-    (tmp_path / "out" / "stale.txt").write_text("x")  # inside our own output: replaced with it
-    with pytest.raises(ValueError, match="not empty.*--overwrite"):
-        save_checkpoint(model, None, tmp_path / "out", {})
-    save_checkpoint(model, None, tmp_path / "out", {"method": "m"}, overwrite=True)
-    assert not (tmp_path / "out" / "stale.txt").exists() and load_report(tmp_path / "out")["method"] == "m"
-
-
-def test_output_checks(tmp_path):
-    (tmp_path / "file").write_text("x")
-    with pytest.raises(ValueError, match="not a directory"):
-        check_output_dir(tmp_path / "file")
-    (tmp_path / "empty").mkdir()
-    assert check_output_dir(tmp_path / "empty") == (tmp_path / "empty").resolve()
-    assert check_output_dir(tmp_path / "new" / "deeper").name == "deeper"
-
-
 class Unsupported(torch.nn.Module):
     class config:  # noqa: N801 - mimics a HF config object
         model_type = "bert"
@@ -129,23 +75,24 @@ def test_given_calib_shape_wins_over_config_seqlen():
     ("cuda", "CUDA is not available"),
 ])
 def test_bad_inputs_before_any_work(case, msg):
+    """Model-independent settings are refused when the config is made, the rest by prune() before any work."""
     if case == "cuda" and torch.cuda.is_available():
         pytest.skip("CUDA present")
     model = tiny_model("llama")
     before = params(model)
-    cfg, calib = WandaConfig(nsamples=2, seqlen=16), ids(2, 16)
+    settings, calib = dict(nsamples=2, seqlen=16), ids(2, 16)
     if case == "sparsity":
-        cfg.sparsity = 1.0
+        settings["sparsity"] = 1.0
     elif case == "nm_order":
-        cfg.pattern = "4:2"
+        settings["pattern"] = "4:2"
     elif case == "nm_divides":
-        cfg.pattern = "3:96"
+        settings["pattern"] = "3:96"
     elif case == "pattern":
-        cfg.pattern = "rows"
+        settings["pattern"] = "rows"
     elif case == "arch":
         model = Unsupported()
     elif case == "seqlen":
-        cfg.seqlen = 257
+        settings["seqlen"] = 257
     elif case == "calib_seqlen":
         calib = ids(2, 300)
     elif case == "calib_dtype":
@@ -157,8 +104,9 @@ def test_bad_inputs_before_any_work(case, msg):
     elif case == "no_calib":
         calib = None
     elif case == "cuda":
-        cfg.device = "cuda"
+        settings["device"] = "cuda"
     with pytest.raises(ValueError, match=msg):
+        cfg = WandaConfig(**settings)
         if case == "seqlen":  # config.seqlen is what prune_pretrained samples; prune() checks the ids it is given
             api.check_prunable(model, cfg)
         else:
@@ -168,12 +116,94 @@ def test_bad_inputs_before_any_work(case, msg):
         assert all(torch.equal(before[n], after[n]) for n in before)
 
 
+def test_m_must_divide_every_linear():
+    model = tiny_model("llama")  # hidden 64, intermediate 128
+    with pytest.raises(ValueError, match="M=48 must divide.*in_features=64"):
+        api.prune(model, MagnitudeConfig(pattern="2:48"))
+    before = [p.detach().clone() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # nothing touched
+
+
+def poisoned(value: float = float("nan")):
+    """A tiny llama with one non-finite weight in a prunable linear (layers.1.mlp.down_proj)."""
+    model = tiny_model("llama").float()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 5] = value
+    return model
+
+
+def unchanged(model, before) -> bool:
+    """Every parameter equals its snapshot, NaN positions included."""
+    return all(torch.equal(p.isnan(), before[n].isnan()) and torch.equal(p.nan_to_num(), before[n].nan_to_num())
+               for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_every_method_refuses_non_finite_weights_before_work(method, value):
+    model = poisoned(value)
+    before = params(model)
+    config = make_config(method, sparsity=0.5, nsamples=2, seqlen=16)
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj holds NaN or inf"):
+        sparsefast.prune(model, config, ids(2, 16), progress=False)
+    assert unchanged(model, before)
+
+
+def test_prune_pretrained_checks_the_model_once(story_llama_dir, monkeypatch):
+    """`sparsefast prune` (prune_pretrained) runs the model-dependent checks, NaN/inf scan included, once."""
+    import sparsefast.models as models
+
+    scans = []
+    real = models.check_finite_weights
+    monkeypatch.setattr(models, "check_finite_weights", lambda model: scans.append(1) or real(model))
+    report = api.prune_pretrained(str(story_llama_dir), MagnitudeConfig(sparsity=0.25), progress=False,
+                                  log=lambda *a: None)
+    assert scans == [1] and report["achieved_sparsity"] == pytest.approx(0.25)
+
+
+def check_pattern(model, report, pattern, sparsity):
+    from sparsefast.models import get_adapter
+
+    adapter = get_adapter(model)
+    for i, layer in enumerate(adapter.decoder_layers(model)):
+        for name, lin in adapter.prunable_linears(layer).items():
+            w = lin.weight
+            if pattern == "unstructured":
+                assert ((w == 0).sum(1) == int(w.shape[1] * sparsity)).all(), name
+            else:
+                n, m = map(int, pattern.split(":"))
+                assert max_nonzeros_per_group(w, m) <= n, name
+            assert report["linears"][f"layers.{i}.{name}"]["zeros"] == int((w == 0).sum())
+    emb = model.get_input_embeddings().weight
+    assert (emb != 0).float().mean() > 0.99  # embeddings are never pruned
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4:8"])
+def test_every_method_family_pattern(family, method, pattern):
+    model = tiny_model(family)
+    sparsity = 0.5 if pattern == "unstructured" else None
+    extra = {"scope": "row"} if method == "magnitude" else {"blocksize": 32} if method == "sparsegpt" else {}
+    cfg = make_config(method, pattern=pattern, sparsity=sparsity, nsamples=4, seqlen=16, batch_size=2, **extra)
+    calib = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    report = api.prune(model, cfg, calib, progress=False)
+    assert report["method"] == method and report["pattern"] == pattern
+    if method == "sparsegpt" and pattern == "unstructured":
+        for name, s in report["linears"].items():  # exact per 32-column block, not per row
+            out, cols = s["shape"]
+            assert s["zeros"] >= sum(int(out * min(32, cols - b) * 0.5) for b in range(0, cols, 32)), name
+    else:
+        check_pattern(model, report, pattern, 0.5)
+    assert report["achieved_sparsity"] == pytest.approx(0.5, abs=0.02)
+
+
 def test_top_level_load_reads_every_checkpoint_kind(tmp_path, story_llama_dir):
     """sparsefast.load(path) → (model, tokenizer) that generate()s: dense dir, mask-pruned and structural outputs."""
     import inspect
 
-    import sparsefast
-    from sparsefast.prune.structural import StructuralConfig, prune_structured, save_structural
+    from sparsefast.models import save_structural
+    from sparsefast.prune.structural import StructuralConfig, prune_structured
 
     params = inspect.signature(sparsefast.load).parameters
     assert [p.kind for p in params.values()] == [inspect.Parameter.POSITIONAL_OR_KEYWORD] + [

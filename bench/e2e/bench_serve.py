@@ -6,23 +6,22 @@ Checkpoints are made under --ckpt-dir when missing, with the project's own comma
   sparsefast prune-structured smollm2 --ratio 0.2 --importance element1 --out CKPT/smollm2-s20
   sparsefast prune smollm2 --method wanda --pattern 2:4 --nsamples 32 --seqlen 512 --out CKPT/smollm2-w24
   dense HF dir for transformers serve: load_model("smollm2") + sparsefast.checkpoint.save_checkpoint (fp32)
-Then `sparsefast bench serve` does the measurement (sparsefast.serve.benchmark). Results: bench/results/
-<date>-cpu-serve.json and .png. Example:
-  bash /tmp/quiet.sh .venv/bin/python bench/e2e/bench_serve.py --ckpt-dir /tmp/ckpt --concurrency 1,8
+Then sparsefast.bench.serving_report (what `sparsefast bench serve` runs) measures them. Results:
+bench/results/<date>-cpu-serve.json and .png (--out STEM elsewhere). Run it on a quiet machine: a server that
+times its sparse-linear swap while loading needs one. Example:
+  python bench/e2e/bench_serve.py --ckpt-dir /tmp/ckpt --concurrency 1,8 --rounds 2 --num-prompts 4,16
+`--plot-runs A.json B.json` merges runs that measured different concurrency levels into one plot, measuring nothing.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-from bench.micro.common import cpu_info, git_commit  # noqa: E402
+from sparsefast.bench.results import result_path
+from sparsefast.bench.serving_report import default_metadata, merge_runs, parse_int_list, plot, run_serving_benchmark
 
 
 def prepare(ckpt: Path) -> dict[str, Path]:
@@ -45,32 +44,14 @@ def prepare(ckpt: Path) -> dict[str, Path]:
     return dirs
 
 
-def merge(paths: list[str]) -> dict:
-    """One result from runs that measured different concurrency levels of the same variants (each level's
-    variants were measured side by side within its run); the settings and ratios of each run are kept."""
-    runs = [json.loads(Path(p).read_text()) for p in paths]
-    merged = {k: runs[0][k] for k in ("what", "machine", "versions", "settings")}
-    merged["settings"] = {**merged["settings"], "concurrency": sorted({c for r in runs for c in r["settings"]
-                                                                        ["concurrency"]})}
-    merged["runs"] = [{"file": p, "date": r["date"], "git_commit": r["git_commit"], "settings": r["settings"],
-                       "ratios": r["ratios"]} for p, r in zip(paths, runs)]
-    by_name: dict[str, dict] = {}
-    for r in runs:
-        for v in r["variants"]:
-            entry = by_name.setdefault(v["name"], {**v, "levels": {}})
-            entry["levels"].update(v["levels"])
-    merged["variants"] = list(by_name.values())
-    return merged
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--plot-runs", nargs="+", default=None, metavar="JSON",
                     help="no measurement: merge these result files (different concurrency levels) into one plot, "
                          "written to --out's .png")
     ap.add_argument("--ckpt-dir", default=None, help="where the pruned / dense checkpoints are (made if missing)")
-    ap.add_argument("--concurrency", default="1,8")
-    ap.add_argument("--num-prompts", default=None)
+    ap.add_argument("--concurrency", default="1,8", help="comma list of concurrency levels")
+    ap.add_argument("--num-prompts", default=None, help="requests per level: one number or one per level")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=1)
@@ -79,11 +60,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="also run transformers serve --continuous-batching as a second peer")
     ap.add_argument("--out", default=None, help="result stem (default bench/results/<date>-cpu-serve)")
     args = ap.parse_args(argv)
-    stem = args.out or str(REPO / "bench" / "results" / f"{datetime.date.today():%F}-cpu-serve")
+    stem = args.out or str(result_path("serve", device="cpu").with_suffix(""))
     if args.plot_runs:
-        from sparsefast.cli.bench_serve import plot
-
-        plot(merge(args.plot_runs), stem + ".png")
+        plot(merge_runs(args.plot_runs), stem + ".png")
         print(f"wrote {stem}.png")
         return 0
     if args.ckpt_dir is None:
@@ -95,25 +74,16 @@ def main(argv: list[str] | None = None) -> int:
         variants.append(f"transformers-serve=transformers:{dirs['dense']}")
     if args.peer_cb:
         variants.append(f"transformers-serve-cb=transformers-cb:{dirs['dense']}")
-    from sparsefast.cli import build_parser
-    from sparsefast.cli.bench_serve import default_metadata, run
-
-    cli = ["bench", "serve", "--baseline", "dense", "--concurrency", args.concurrency,
-           "--prompt-len", str(args.prompt_len), "--output-len", str(args.output_len), "--rounds", str(args.rounds),
-           "--json", stem + ".json", "--plot", stem + ".png"]
-    if args.num_prompts:
-        cli += ["--num-prompts", args.num_prompts]
-    if not args.no_peer:
-        cli += ["--peer", "transformers-serve"]
-    for v in variants:
-        cli += ["--variant", v]
-    parsed = build_parser().parse_args(cli)
-    metadata = default_metadata()
-    metadata.update(machine=cpu_info(), git_commit=git_commit(),
-                    checkpoints={k: str(v) for k, v in dirs.items()},
-                    commands=["sparsefast prune-structured smollm2 --ratio 0.2 --importance element1",
-                              "sparsefast prune smollm2 --method wanda --pattern 2:4 --nsamples 32 --seqlen 512"])
-    return run(parsed, metadata)
+    metadata = {**default_metadata(), "checkpoints": {k: str(v) for k, v in dirs.items()},
+                "commands": ["sparsefast prune-structured smollm2 --ratio 0.2 --importance element1",
+                             "sparsefast prune smollm2 --method wanda --pattern 2:4 --nsamples 32 --seqlen 512"]}
+    num_prompts = parse_int_list(args.num_prompts, "--num-prompts") if args.num_prompts else None
+    run_serving_benchmark(
+        variants, concurrency=parse_int_list(args.concurrency, "--concurrency"), num_prompts=num_prompts,
+        baseline="dense", peer=None if args.no_peer else "transformers-serve", rounds=args.rounds,
+        prompt_len=args.prompt_len, output_len=args.output_len, json_path=stem + ".json", plot_path=stem + ".png",
+        metadata=metadata)
+    return 0
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import sys
 import time
 from dataclasses import asdict
@@ -23,9 +22,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-from bench.micro.common import cpu_info, git_commit  # noqa: E402
+from sparsefast.bench.results import result_path, run_metadata
 
 
 def parse_setting(text: str) -> dict:
@@ -76,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     settings = [parse_setting(s) for s in args.settings.split(",")]
     configs = [RecoverConfig(epochs=args.epochs, max_samples=args.records, lr=s["lr"], batch_size=s["batch_size"],
-                             grad_accum=s["grad_accum"]).validate() for s in settings]
-    out = Path(args.out or REPO / "bench" / "results" / f"{datetime.date.today().isoformat()}-cpu-lora-sweep.json")
+                             grad_accum=s["grad_accum"]) for s in settings]
+    out = Path(args.out) if args.out else result_path("lora-sweep", device="cpu")
 
     model, tok = load_model(args.model, device="cpu")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -98,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                 "heldout_response_loss": response_loss(m, heldout_samples, pad_id)}
 
     result = {"what": f"LoRA settings on one {args.importance}-pruned SmolLM2 (20% block-wise), same data budget",
-              "date": datetime.date.today().isoformat(), "cpu": cpu_info(), "versions": versions(),
-              "git_commit": git_commit(), "command": " ".join([sys.executable, *sys.argv]),
+              "metadata": run_metadata("cpu"), "versions": versions(), "command": " ".join([sys.executable, *sys.argv]),
               "budget": {"records": args.records, "epochs": args.epochs, "heldout_records": args.heldout,
                          "ppl_windows": args.windows, "ppl_seqlen": 512},
               "rows": [{"setting": "no LoRA", **measure(model)}]}

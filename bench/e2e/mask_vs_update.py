@@ -16,7 +16,6 @@ B. End to end (layer-sequential pruning of the whole model, WikiText-2 gptq prot
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
 import statistics
 import sys
@@ -25,9 +24,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-from bench.micro.common import cpu_info, git_commit  # noqa: E402
+from sparsefast.bench.results import result_path, run_metadata
 
 
 def capture_hessians(model, adapter, layer_ids: list[int], calib: torch.Tensor) -> dict[str, tuple[torch.Tensor, int]]:
@@ -139,15 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     n, m = (int(v) for v in args.pattern.split(":"))
-    out = Path(args.out or REPO / "bench" / "results" /
-               f"{datetime.date.today().isoformat()}-cpu-smollm2-mask-vs-update.json")
+    out = Path(args.out) if args.out else result_path(f"{Path(args.model).name}-mask-vs-update", device="cpu")
     model, tok = load_model(args.model, device="cpu")
     adapter = get_adapter(model)
     layer_ids = [int(v) for v in args.layers.split(",")]
     calib = get_calibration("c4", tok, args.nsamples, args.seqlen, seed=0, data_dir=args.data_dir)
     result = {"what": __doc__.splitlines()[0], "model": args.model, "pattern": args.pattern,
               "calibration": {"source": "c4", "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 0},
-              "cpu": cpu_info(), "git_commit": git_commit(), "command": " ".join([sys.executable, *sys.argv])}
+              "metadata": run_metadata("cpu"), "command": " ".join([sys.executable, *sys.argv])}
     rows = per_linear(model, adapter, layer_ids, calib, n, m)
     keys = list(rows[0]["rel_error"])
     result["per_linear"] = rows

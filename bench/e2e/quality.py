@@ -14,14 +14,11 @@ The JSON is rewritten after every run, so an interrupted benchmark keeps what it
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-from bench.micro.common import cpu_info, git_commit  # noqa: E402
+from sparsefast.bench.results import commit_of, result_path, run_metadata
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,9 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--resume", action="store_true", help="keep the runs already measured in --out")
     args = p.parse_args(argv)
-    date = datetime.date.today().isoformat()
-    device_tag = "cpu" if args.device == "cpu" else "gpu"
-    out = Path(args.out or REPO / "bench" / "results" / f"{date}-{device_tag}-smollm2-quality.json")
+    out = Path(args.out) if args.out else result_path(f"{Path(args.model).name}-quality", device=args.device)
 
     t0 = time.perf_counter()
     model, tok = load_model(args.model, device="cpu")
@@ -55,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     calib = get_calibration("c4", tok, args.nsamples, args.seqlen, seed=0, data_dir=args.data_dir)
     result = {
         "what": "WikiText-2 perplexity (gptq protocol) of SmolLM2-135M-Instruct pruned one-shot",
-        "date": date, "model": args.model, "model_dtype": str(next(model.parameters()).dtype),
-        "model_load_s": load_s, "device": args.device, "cpu": cpu_info(), "versions": versions(),
-        "git_commit": git_commit(), "command": " ".join([sys.executable, *sys.argv]),
+        "model": args.model, "model_dtype": str(next(model.parameters()).dtype),
+        "model_load_s": load_s, "device": args.device, "metadata": run_metadata(args.device), "versions": versions(),
+        "command": " ".join([sys.executable, *sys.argv]),
         "calibration": {"source": "c4", "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 0},
         "eval": {"dataset": "wikitext2", "protocol": "gptq", "seqlen": args.eval_seqlen}, "runs": [],
     }
@@ -70,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                 p.error(f"--resume: {out} has {key}={previous[key]!r}, this run has {result[key]!r}; "
                         f"use another --out or the same settings")
         result["runs"] = previous["runs"]
-        result["resumed_from_commits"] = [*previous.get("resumed_from_commits", []), previous.get("git_commit")]
+        result["resumed_from_commits"] = [*previous.get("resumed_from_commits", []), commit_of(previous)]
     done = {(r["method"], r["pattern"]) for r in result["runs"]}
 
     def ppl() -> tuple[float, float]:

@@ -1,58 +1,50 @@
 """Batch-1 CPU decode tokens/s of SmolLM2-135M: dense vs Wanda 2:4 vs Wanda 50% / 70% unstructured, one run.
 
-    bash /tmp/quiet.sh .venv/bin/python bench/e2e/sparse_cpu_decode.py --threads 2
+    python bench/e2e/sparse_cpu_decode.py --threads 2      # on a quiet machine: the swap times kernels at load
 
-Each pruned model is swapped with `swap_linear_with_sparse` (per-layer dense / 2:4 / unstructured by timings on this
+Each pruned model is swapped with `sparsefast.nn.sparsify_` (per-layer dense / 2:4 / unstructured by timings on this
 machine); the embedding-tied lm_head stays dense. Decode speed is sparsefast.eval.latency.decode_latency (a cached
 greedy loop over the HF forward, gpt-fast's measurement) and the serving engine's batch-1 decode (sparsefast.serve,
 median inter-token latency), one generation per variant in turn for --repeats rounds, medians. Wanda is
 calibrated on few samples (--nsamples x --seqlen from the bundled C4): the mask pattern, not its quality, sets the
-speed. Weight bytes per token and the measured copy bandwidth are reported next to tokens/s. Writes
-bench/results/<date>-cpu-sparse-decode.json.
+speed. Linear-weight bytes per token and the measured copy bandwidth are reported next to tokens/s. Writes
+bench/results/<date>-cpu-sparse-decode.json; committed runs: bench/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-for p in (REPO / "bench" / "micro", REPO / "bench" / "e2e", REPO):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
-
-from bench_decode import engine_batch1  # noqa: E402
-from bench_sparse_cpu import copy_bandwidth_gbs, nbytes  # noqa: E402
-from common import RESULTS_DIR, cpu_info, git_commit  # noqa: E402
-
-from sparsefast.api import prune  # noqa: E402
-from sparsefast.checkpoint import write_json  # noqa: E402
-from sparsefast.config import WandaConfig  # noqa: E402
-from sparsefast.data.calibration import get_calibration  # noqa: E402
-from sparsefast.eval.latency import decode_latency  # noqa: E402
-from sparsefast.models import load_model  # noqa: E402
-from sparsefast.nn import SparseLinear, swap_linear_with_sparse  # noqa: E402
-from sparsefast.serve.engine import GenerationEngine  # noqa: E402
+from sparsefast.api import prune
+from sparsefast.bench.decode import engine_batch1
+from sparsefast.bench.memory import copy_bandwidth_gbs, tensor_bytes
+from sparsefast.bench.results import result_path, run_metadata
+from sparsefast.checkpoint import write_json
+from sparsefast.config import WandaConfig
+from sparsefast.data.calibration import get_calibration
+from sparsefast.eval.latency import decode_latency
+from sparsefast.models import load_model
+from sparsefast.nn import SparseLinear, sparsify_
+from sparsefast.serve.engine import GenerationEngine
 
 VARIANTS = {"dense": None, "wanda-2:4": ("2:4", 0.5), "wanda-50%": ("unstructured", 0.5),
             "wanda-70%": ("unstructured", 0.7)}
 
 
-def weight_bytes_per_token(model: torch.nn.Module) -> int:
+def linear_weight_bytes_per_token(model: torch.nn.Module) -> int:
     """Bytes of every linear weight a one-token decode step reads: the packed weight where the layer's table runs
     the kernel at M = 1, else its dense weight (the lm_head counted once)."""
     total = 0
     for mod in model.modules():
         if isinstance(mod, SparseLinear):
-            total += nbytes(*mod.packed()) if mod.dispatch.backend_for(1) == "cpu" else nbytes(mod.dense_weight())
+            total += tensor_bytes(*mod.packed()) if mod.dispatch.backend_for(1) == "cpu" else tensor_bytes(
+                mod.dense_weight())
         elif isinstance(mod, torch.nn.Linear):
-            total += nbytes(mod.weight)
+            total += tensor_bytes(mod.weight)
     return total
 
 
@@ -66,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    copy_gbs = copy_bandwidth_gbs()
+    copy_gbs = copy_bandwidth_gbs("cpu")
     records: dict[str, dict] = {}
     models = {}
     calib = None
@@ -83,10 +75,10 @@ def main(argv: list[str] | None = None) -> int:
             prune(model, cfg, calib, progress=False)
             rec["prune_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            swaps = swap_linear_with_sparse(model)
+            swaps = sparsify_(model)
             rec["swap_s"] = time.perf_counter() - t0
             rec["layers"] = {k: sum(r["chosen"] == k for r in swaps.values()) for k in ("dense", "2:4", "unstructured")}
-        rec["weight_bytes_per_token"] = weight_bytes_per_token(model)
+        rec["weight_bytes_per_token"] = linear_weight_bytes_per_token(model)
         models[name], records[name] = model, rec
     runs: dict[str, list[float]] = {name: [] for name in models}
     engine_runs: dict[str, list[float]] = {name: [] for name in models}
@@ -131,11 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     for rec in records.values():
         rec["speedup_vs_dense"] = rec["tokens_per_s"] / dense
         rec["engine_speedup_vs_dense"] = rec["engine_tokens_per_s"] / dense_engine
-    path = RESULTS_DIR / f"{_dt.date.today().isoformat()}-cpu-sparse-decode.json"
+    path = result_path("sparse-decode", device="cpu")
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, {"what": "SmolLM2-135M batch-1 CPU decode, dense vs Wanda 2:4 / 50% / 70% swapped",
-                      "cpu": cpu_info(), "torch": torch.__version__, "git_commit": git_commit(),
-                      "threads": torch.get_num_threads(), "copy_bandwidth_gbs": copy_gbs, "args": vars(args),
-                      "variants": records})
+                      "metadata": run_metadata("cpu"), "threads": torch.get_num_threads(),
+                      "copy_bandwidth_gbs": copy_gbs, "args": vars(args), "variants": records})
     print(f"wrote {path}; copy bandwidth {copy_gbs:.1f} GB/s")
     return 0
 

@@ -15,7 +15,7 @@ set of calibration ids (C4, seed 0, --nsamples × --seqlen, LLM-Pruner's 10 × 1
 The CPU budget evaluates a fixed prefix of each test set: the first 80 windows of 512 tokens (gptq protocol) and
 the first 320 windows of 128 tokens (llm-pruner protocol), 40,960 tokens each.
 
-The JSON (bench/results/<date>-<cpu|gpu>-smollm2-structured.json) is rewritten after every row; `--resume` keeps
+The JSON (bench/results/<date>-<device>-smollm2-structured.json) is rewritten after every row; `--resume` keeps
 the rows already there when the settings match, so a long CPU run can be continued.
 
 Each row's own CPU decode latency is measured alone, on whatever machine and load that row ran with. The table's
@@ -30,7 +30,6 @@ gradients, and checks the parameter count against the rows'):
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 import time
@@ -39,9 +38,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-from bench.micro.common import cpu_info, git_commit  # noqa: E402
+from sparsefast.bench.results import commit_of, result_path, run_metadata
 
 TASKS = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
 
@@ -109,7 +106,7 @@ def decode_side_by_side(out: Path, repeats: int) -> int:
     result["decode_side_by_side"] = {
         "what": "batch-1 CPU decode (sparsefast.eval.latency.decode_latency: 128-token prompt, 64 new tokens), dense "
                 "and the pruned architecture alternating in one run; medians",
-        "cpu": cpu_info(), "git_commit": git_commit(), "torch_threads": torch.get_num_threads(),
+        "metadata": run_metadata("cpu"), "torch_threads": torch.get_num_threads(),
         "pruned_parameters": count_parameters(pruned), "rounds": repeats,
         "dense_ms_per_token": ms["dense"], "pruned_ms_per_token": ms["pruned"],
         "runs_dense_ms_per_token": runs["dense"], "runs_pruned_ms_per_token": runs["pruned"],
@@ -166,13 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     if not set(lora_importances) <= set(importances):
         p.error(f"--lora-importances {args.lora_importances} must be among --importances {args.importances}")
     lora_cfg = RecoverConfig(epochs=args.lora_epochs, max_samples=args.lora_records, lr=args.lora_lr,
-                             batch_size=args.lora_batch_size, grad_accum=args.lora_grad_accum).validate()
-    for imp in importances:  # every name checked before the first measurement
+                             batch_size=args.lora_batch_size, grad_accum=args.lora_grad_accum)
+    for imp in importances:  # every name checked (on construction) before the first measurement
         StructuralConfig(ratio=args.ratio, importance=imp, aggregation=args.aggregation, nsamples=args.nsamples,
-                         seqlen=args.seqlen, layers=args.layers).validate()
-    date = datetime.date.today().isoformat()
-    device_tag = "cpu" if args.device == "cpu" else "gpu"
-    out = Path(args.out or REPO / "bench" / "results" / f"{date}-{device_tag}-smollm2-structured.json")
+                         seqlen=args.seqlen, layers=args.layers)
+    out = Path(args.out) if args.out else result_path(f"{Path(args.model).name}-structured", device=args.device)
     settings = {"model": args.model, "ratio": args.ratio, "strategy": "block", "aggregation": args.aggregation,
                 "layers": args.layers,
                 "calibration": {"source": "c4", "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 0},
@@ -187,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     from sparsefast.api import versions
 
     result = {"what": "LLM-Pruner block-wise structural pruning of SmolLM2-135M-Instruct, without and with LoRA",
-              "date": date, "settings": settings, "cpu": cpu_info(), "versions": versions(),
-              "git_commit": git_commit(), "command": " ".join([sys.executable, *sys.argv]), "rows": []}
+              "settings": settings, "metadata": run_metadata(args.device), "versions": versions(),
+              "command": " ".join([sys.executable, *sys.argv]), "rows": []}
     if args.device != "cpu" and torch.cuda.is_available():
         result["gpu"] = torch.cuda.get_device_name()
     if args.resume and out.exists():
@@ -199,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         if not same_lora:  # the rows without LoRA do not depend on the LoRA settings: keep those, redo the rest
             print(f"--resume: other LoRA settings than {out}; its LoRA rows are measured again", flush=True)
         result["rows"] = [r for r in previous["rows"] if same_lora or not r["lora"]]
-        result["resumed_from_commits"] = [*previous.get("resumed_from_commits", []), previous.get("git_commit")]
+        result["resumed_from_commits"] = [*previous.get("resumed_from_commits", []), commit_of(previous)]
     done = {(r["importance"], r["lora"]) for r in result["rows"]}
     samples = None
     if not args.no_lora:

@@ -6,12 +6,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
-from bench.micro.common import run_metadata  # noqa: E402
+from sparsefast.bench.results import run_metadata
 
 
 def nvidia_smi() -> dict | None:

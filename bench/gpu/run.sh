@@ -22,13 +22,15 @@ DEADLINE_S="${DEADLINE_S:-480}"
 RET="${OUT:-$PWD/out-gpu}"           # what comes back to the caller
 mkdir -p "$RET"
 WORK="$(mktemp -d)"                  # everything the stages write; packed into $RET/results.tgz
-export OUT="$WORK/json"              # the benchmarks copy their JSON here (bench/micro/common.write_result)
+export OUT="$WORK/json"              # the benchmarks copy their JSON here (sparsefast.bench.results.write_result)
 mkdir -p "$OUT" bench/results
 PY="${PYTHON:-python3}"
 T0=$(date +%s)
 SUMMARY="$RET/summary.txt"
 : > "$SUMMARY"
 unset SPARSEFAST_BACKEND
+# PYTHONPATH: the clone's sparsefast (built in place below) where it is not pip-installed; the scripts import only
+# sparsefast.bench, never each other (bench/ is not a package: `bench` is an unrelated PyPI project)
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" MAX_JOBS="${MAX_JOBS:-16}"
 if [ $DRY -eq 1 ]; then
   export CUDA_VISIBLE_DEVICES="" TRITON_INTERPRET=1 BENCH_RESULTS_DIR="$WORK/results-dry-run"
@@ -79,8 +81,8 @@ stage build 240 60 "$PY" setup.py build_ext --inplace
 print('extension:', e.__file__ if e else 'NOT loaded: ' + str(extension_error()))" 2>&1 | tee -a "$SUMMARY"
 
 # 2. correctness of every GPU kernel against its torch twin, one process per file
-for f in tests/kernels/test_wanda_mask.py tests/kernels/test_sq_norm.py tests/kernels/test_sparse24_matmul.py \
-         tests/nn/test_sparse24_linear.py tests/kernels/test_structured_gather.py; do
+for f in tests/ops/test_wanda_mask.py tests/ops/test_sq_norm.py tests/ops/test_sparse24.py \
+         tests/nn/test_sparse24_linear.py tests/ops/test_structured_gather.py; do
   stage "test-$(basename "$f" .py)" 60 20 "$PY" -X faulthandler "${PYTEST[@]:1}" -m "$TEST_MARK" "$f"
 done
 
@@ -98,7 +100,7 @@ S24_ARGS=(--models llama-7b,llama-70b --m-list 1,16,2048 --out "$OUT")
 stage sparse24-matmul 120 45 "$PY" bench/micro/bench_sparse24_matmul.py "${S24_ARGS[@]}"
 
 # 5. end-to-end decode: dense vs 2:4 (Sparse24Linear, the table of stage 4) vs structural 20%
-table="$(ls -t "$OUT"/*sparse24_dispatch.json 2>/dev/null | head -1)"
+table="$(ls -t "$OUT"/*-sparse24-dispatch.json 2>/dev/null | head -1)"
 [ -n "$table" ] && export SPARSEFAST_SPARSE24_TABLE="$table"
 DEC_ARGS=(--model "$([ $DRY -eq 1 ] && echo llama-tiny-random || echo llama-7b-random)" --out "$OUT")
 [ $DRY -eq 1 ] && DEC_ARGS+=(--device cpu --dry-run) || DEC_ARGS+=(--device cuda)

@@ -1,10 +1,12 @@
 """Benchmark of the 2:4 kernels vs cuBLAS dense (torch F.linear) and torch's semi-structured path, same run.
 
-For every LLaMA layer shape (bench/shapes.py) and M tokens: median time, dense-equivalent TFLOP/s (2·M·N·K), GB/s over
-the bytes each path must move (weight + x + y; the packed weight is 0.5625 of the dense bytes), speedup vs dense.
+For every LLaMA layer shape (sparsefast.bench.shapes) and M tokens: median time, dense-equivalent TFLOP/s (2·M·N·K),
+GB/s over the bytes each path must move (weight + x + y; the packed weight is 0.5625 of the dense bytes), speedup vs
+dense.
 
-How it is timed (the first H100 run timed torch's semi-structured path at 0.6-1.3 ms for every shape: that was host
-work, cuSPARSELt's per-call plan set-up, not its kernel; the first timed row also ran before the GPU had clocked up):
+How it is timed (sparsefast.bench.timing.time_ms). Eagerly, torch's semi-structured path is dominated by host work,
+cuSPARSELt's per-call plan set-up, not its kernel, and a first row timed before the GPU has clocked up reads slow
+(compare `ms` and `ms_eager` in bench/results/2026-11-23-h100-sparse24-matmul.json), hence:
 * a global warm-up (~0.5 s of large matmuls) and three untimed calls of every function before its timing;
 * every function is timed twice with triton's do_bench (median, L2 flushed before each call): `ms_eager` calls it
   from Python; `ms` replays a CUDA graph of one call, i.e. device time without host overhead. `ms` is the
@@ -15,9 +17,10 @@ work, cuSPARSELt's per-call plan set-up, not its kernel; the first timed row als
   with the sparse operand first (xᵀ made contiguous outside the timing), plus cuSPARSELt with the algorithm id from
   torch._cslt_sparse_mm_search. "semi_structured" is the fastest of these; every raw number stays in the JSON.
 * ours: "cuda" = the auto choice (decode kernel for M <= 8, GEMM v2 above), plus "cuda_gemm_v1" (the first GEMM,
-  A/B), "cuda_gemm" (v2 where auto picked decode) and "cuda_decode" (decode where auto picked v2, M <= 32).
-Writes bench/results/<date>-<device>-sparse24_matmul.json and the Sparse24Linear dispatch table
-<date>-<device>-sparse24_dispatch.json (best eager backend per M, geometric mean over fp16 shapes).
+  the A/B baseline, through the raw registered op: it is not a choice of the public function), "cuda_gemm" (v2
+  where auto picked decode) and "cuda_decode" (decode where auto picked v2, M <= 32).
+Writes <date>-<device>-sparse24-matmul.json and the Sparse24Linear dispatch table <date>-<device>-sparse24-dispatch.json
+(best eager backend per M, geometric mean over fp16 shapes) to --out (default bench/results/).
 Run: python bench/micro/bench_sparse24_matmul.py [--quick] [--bf16] [--budget-s S] [--models llama-7b,...]
 [--m-list 1,16,2048]. `--dry-run` (no CUDA needed) runs the same harness on two tiny shapes on the CPU, with the torch
 twin standing in for the CUDA kernels, so the GPU script cannot fail on a typo; its timings mean nothing.
@@ -26,51 +29,21 @@ twin standing in for the CUDA kernels, so the GPU script cannot fail on a typo; 
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
-import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-from bench.micro.common import git_commit  # noqa: E402
-from bench.shapes import select_shapes  # noqa: E402
-from sparsefast.checkpoint import write_json  # noqa: E402
+from sparsefast.bench.results import result_path, results_dir, run_metadata
+from sparsefast.bench.shapes import select_shapes
+from sparsefast.bench.timing import time_ms, warm_up_gpu
+from sparsefast.checkpoint import write_json
 
 M_LIST = [1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 4096]
 BACKENDS = ("dense", "semi_structured", "cuda")
 WARMUP_MS, REP_MS = 5, 25
 DRY_RUN_SHAPES = [("tiny", "odd", 40, 96), ("tiny", "wide", 24, 256)]
-
-
-def _time(fn, graph: bool) -> float:
-    """Median ms of fn (eager) or of replaying a CUDA graph of one call (graph). CPU (dry run): median of 5 calls."""
-    if not torch.cuda.is_available():
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return sorted(times)[2]
-    from triton.testing import do_bench
-
-    for _ in range(3):
-        fn()
-    if graph:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        fn = g.replay
-    return float(do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median"))
 
 
 def _semi_variants(w: torch.Tensor) -> tuple[dict, dict]:
@@ -123,9 +96,8 @@ def bench_shape(n: int, k: int, ms: list[int], dtype: torch.dtype) -> list[dict]
         fns = {"dense": lambda: torch.nn.functional.linear(x, w),
                "cuda": lambda: sparse24_matmul(x, values, meta, n, k, backend="torch" if dry else "cuda")}
         if not dry:  # the individual CUDA kernels, A/B against the auto choice
-            if m > 4:
-                fns["cuda_gemm_v1"] = lambda: sparse24_matmul(x, values, meta, n, k, backend="cuda",
-                                                              kernel="gemm_v1")
+            if m > 4:  # the A/B baseline: the first GEMM, kernel code 2 of the raw registered op (x is [M, in])
+                fns["cuda_gemm_v1"] = lambda: torch.ops.sparsefast.sparse24_matmul(x, values, meta, n, k, 2)
             if m <= 8:
                 fns["cuda_gemm"] = lambda: sparse24_matmul(x, values, meta, n, k, backend="cuda", kernel="gemm")
             elif m <= DECODE_MAX_M:
@@ -136,7 +108,8 @@ def bench_shape(n: int, k: int, ms: list[int], dtype: torch.dtype) -> list[dict]
         for name, fn in fns.items():
             for graph, key in ((True, "ms"), (False, "ms_eager")):
                 try:
-                    row[key][name] = _time(fn, graph)
+                    row[key][name] = time_ms(fn, warmup_ms=WARMUP_MS, rep_ms=REP_MS, cuda_graph=graph,
+                                             untimed_calls=3, cpu_calls=5)
                 except Exception as exc:
                     row["errors"][f"{name}{'' if graph else '_eager'}"] = f"{type(exc).__name__}: {exc}"[:300]
         for key in ("ms", "ms_eager"):
@@ -177,19 +150,8 @@ def dispatch_rows(results: list[dict], ms: list[int]) -> list[list]:
     return rows
 
 
-def _warm_up_gpu(seconds: float = 0.5) -> None:
-    """Large matmuls until the clocks are up, so the first timed row is not measured on an idle GPU."""
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        for _ in range(20):
-            a @ a
-        torch.cuda.synchronize()
-
-
 def print_table(results: list[dict]) -> None:
-    """The summary table (also used by bench/run_gpu_issue4.sh on a saved JSON)."""
+    """The summary table of the run, printed at its end."""
     print(f"{'shape (device ms: CUDA-graph replay)':34s} {'M':>5s} {'dense':>8s} {'ours':>8s} {'decode':>8s} "
           f"{'gemm_v1':>8s} {'gemm_v2':>8s} {'semi':>8s} {'semi_eag':>8s} {'x dense':>7s} {'x semi':>6s} "
           f"{'GB/s':>6s} {'TFLOP/s':>7s}  semi best")
@@ -212,11 +174,11 @@ def print_table(results: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--out", default=None, help="result directory (default bench/results/)")
     ap.add_argument("--quick", action="store_true", help="fewer shapes and M values")
     ap.add_argument("--bf16", action="store_true", help="also bf16 (llama-7b shapes)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new shapes after this many seconds")
-    ap.add_argument("--models", default=None, help="comma list of bench/shapes.py models (default: all)")
+    ap.add_argument("--models", default=None, help="comma list of sparsefast.bench.shapes models (default: all)")
     ap.add_argument("--m-list", default=None, help="comma list of token counts M (default: %s)" % M_LIST)
     ap.add_argument("--dry-run", action="store_true", help="no CUDA: tiny shapes on the CPU, torch twin for ours")
     args = ap.parse_args(argv)
@@ -227,37 +189,29 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--m-list / --models: {exc}")
     if m_arg is not None and (not m_arg or min(m_arg) < 1):
         ap.error(f"--m-list needs positive token counts, got {args.m_list}")
-    if args.dry_run:
-        dev, capability, triton_version = "dry-run-cpu", None, None
-    else:
+    if not args.dry_run:
         if not torch.cuda.is_available():
             print("bench_sparse24_matmul: needs a CUDA device (or --dry-run)", file=sys.stderr)
             return 2
-        import triton
-
         from sparsefast._ext import extension_error, load_extension
 
         if load_extension() is None:
             print(f"bench_sparse24_matmul: extension missing: {extension_error()}", file=sys.stderr)
             return 2
-        dev, capability, triton_version = (torch.cuda.get_device_name(0), list(torch.cuda.get_device_capability(0)),
-                                           triton.__version__)
     if args.quick and not args.dry_run:
         shapes = shapes[:4]
     ms = m_arg or ([1, 16, 128, 2048] if args.quick else M_LIST)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M")
-    tag = dev.replace(" ", "_").replace("/", "_")
-    meta = {"device": dev, "capability": capability, "torch": torch.__version__,
-            "cuda": torch.version.cuda, "triton": triton_version, "python": platform.python_version(),
-            "commit": git_commit(), "dry_run": args.dry_run, "weights": "random 2:4 (timings do not depend on values)",
+    device = "cpu" if args.dry_run else "cuda"
+    meta = {**run_metadata(device), "capability": None if args.dry_run else list(torch.cuda.get_device_capability(0)),
+            "dry_run": args.dry_run, "weights": "random 2:4 (timings do not depend on values)",
             "timing": f"triton.testing.do_bench median, L2 flushed, warmup {WARMUP_MS} ms, rep {REP_MS} ms; "
                       "ms = CUDA-graph replay of one call (device time), ms_eager = eager call; 0.5 s GPU warm-up"}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results_path = out / f"{stamp}-{tag}-sparse24_matmul.json"
+    out = args.out or results_dir()
+    results_path = result_path("sparse24-matmul", device=device, out_dir=out)
+    results_path.parent.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     if not args.dry_run:
-        _warm_up_gpu()
+        warm_up_gpu()
     results, skipped = [], []
     for model, name, n, k in shapes:
         if time.perf_counter() - t_start > args.budget_s:
@@ -280,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(results_path, {**meta, "results": results})
     if fp16 and not skipped:
         table = {"rows": dispatch_rows(fp16, ms), "source": "bench_sparse24_matmul.py (eager timings)", **meta}
-        write_json(out / f"{stamp}-{tag}-sparse24_dispatch.json", table)
+        write_json(result_path("sparse24-dispatch", device=device, out_dir=out), table)
         print("dispatch table:", table["rows"])
     else:
         print("dispatch table not written: the run did not cover every shape", file=sys.stderr)

@@ -1,8 +1,9 @@
 """CPU sparse linear kernels (2:4 and unstructured) against torch's dense F.linear (MKL / oneDNN), same run.
 
-Full run (writes bench/results/<date>-cpu-sparse-linear[-<tag>].json and PNG plots next to it):
-    bash /tmp/quiet.sh .venv/bin/python bench/micro/bench_sparse_cpu.py --models smollm2 --tag smollm2
-Shapes: SmolLM2-135M (hidden 576, intermediate 1536, 9 q / 3 kv heads of 64) and the LLaMA shapes of bench/shapes.py.
+Full run (writes bench/results/<date>-cpu-sparse-linear[-<tag>].json and PNG plots with the same stem; on a quiet
+machine: other processes share the DRAM bandwidth being measured):
+    python bench/micro/bench_sparse_cpu.py --models smollm2 --tag smollm2-2t --threads 2
+Shapes: SmolLM2-135M and the LLaMA shapes (sparsefast.bench.shapes.CPU_MODELS).
 Per (shape, dtype, M): the medians of single calls of dense F.linear on the dense-with-zeros weight, the 2:4 kernel
 and the unstructured kernel at each sparsity, interleaved call by call (a busy machine slows all alike). Every
 variant cycles through enough copies of its weight to move >= 4x the last-level cache per round, so each call reads
@@ -16,54 +17,25 @@ nothing there, the point is that the harness, the baselines and the JSON writer 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[2]
-for p in (Path(__file__).resolve().parent, REPO):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
+from sparsefast.bench.memory import copy_bandwidth_gbs, tensor_bytes
+from sparsefast.bench.results import result_path, run_metadata
+from sparsefast.bench.shapes import CPU_MODELS, QUICK_SHAPES, select_shapes
+from sparsefast.checkpoint import write_json
+from sparsefast.nn.dispatch import interleaved_median_ms, last_level_cache_bytes
+from sparsefast.ops.sparse24 import to_sparse24_by_magnitude
+from sparsefast.ops.sparse24_cpu import pack_sparse24_cpu, sparse24_linear_cpu
+from sparsefast.ops.sparse_unstructured import pack_sparse_unstructured, sparse_unstructured_linear_cpu
 
-from common import RESULTS_DIR, cpu_info, git_commit  # noqa: E402
-
-from bench.shapes import MODELS  # noqa: E402
-from sparsefast.checkpoint import write_json  # noqa: E402
-from sparsefast.nn.cpu_dispatch import interleaved_median_ms, last_level_cache_bytes  # noqa: E402
-from sparsefast.ops.sparse24 import to_sparse24_by_magnitude  # noqa: E402
-from sparsefast.ops.sparse24_cpu import pack_sparse24_cpu, sparse24_linear_cpu  # noqa: E402
-from sparsefast.ops.sparse_unstructured import pack_sparse_unstructured, sparse_unstructured_linear_cpu  # noqa: E402
-
-SMOLLM2 = {"q_o_proj": (576, 576), "k_v_proj": (192, 576), "gate_up_proj": (1536, 576), "down_proj": (576, 1536)}
 TOKENS = (1, 4, 8, 16, 64)
 SPARSITIES = (0.5, 0.7, 0.9)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-QUICK_SHAPES = (("tiny", "odd", 5, 96), ("tiny", "wide", 3, 520))
-
-
-def model_shapes(models: list[str]) -> list[tuple[str, str, int, int]]:
-    table = {"smollm2": SMOLLM2, **MODELS}
-    unknown = [m for m in models if m not in table]
-    if unknown:
-        raise ValueError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(table)}")
-    return [(m, name, o, i) for m in models for name, (o, i) in table[m].items()]
-
-
-def nbytes(*tensors: torch.Tensor) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def copy_bandwidth_gbs(mib: int = 256, reps: int = 5) -> float:
-    """Median GB/s of a large tensor copy (read + write), at torch's current thread count."""
-    src = torch.empty(mib << 18, dtype=torch.float32).uniform_()
-    dst = torch.empty_like(src)
-    t = interleaved_median_ms({"copy": lambda: dst.copy_(src)}, reps=reps, warmup=1)["copy"]
-    return 2 * nbytes(src) / (statistics.median(t) * 1e-3) / 1e9
 
 
 class Rotating:
@@ -83,17 +55,17 @@ def variants(out_f: int, in_f: int, dtype: torch.dtype, sparsities, min_bytes: i
     """{name: (bytes per call, sparsity, factory x -> thunk)} for dense, 2:4 and unstructured at each sparsity."""
     w24 = to_sparse24_by_magnitude(torch.randn(out_f, in_f, generator=gen)).to(dtype)
     out: dict[str, tuple] = {}
-    dense = Rotating(lambda: (w24,), nbytes(w24), min_bytes)
-    out["dense"] = (nbytes(w24), 0.0, lambda x: lambda: F.linear(x, *dense.next()))
+    dense = Rotating(lambda: (w24,), tensor_bytes(w24), min_bytes)
+    out["dense"] = (tensor_bytes(w24), 0.0, lambda x: lambda: F.linear(x, *dense.next()))
     p24 = pack_sparse24_cpu(w24)
-    r24 = Rotating(lambda: p24, nbytes(*p24), min_bytes)
-    out["2:4"] = (nbytes(*p24), 0.5, lambda x: lambda: sparse24_linear_cpu(x, *r24.next(), None, out_f, in_f))
+    r24 = Rotating(lambda: p24, tensor_bytes(*p24), min_bytes)
+    out["2:4"] = (tensor_bytes(*p24), 0.5, lambda x: lambda: sparse24_linear_cpu(x, *r24.next(), None, out_f, in_f))
     for s in sparsities:
         w = torch.randn(out_f, in_f, generator=gen)
         w[torch.rand(w.shape, generator=gen) < s] = 0
         pu = pack_sparse_unstructured(w.to(dtype))
-        ru = Rotating(lambda pu=pu: pu, nbytes(*pu), min_bytes)
-        out[f"unstructured-{s:g}"] = (nbytes(*pu), s, lambda x, ru=ru: lambda: sparse_unstructured_linear_cpu(
+        ru = Rotating(lambda pu=pu: pu, tensor_bytes(*pu), min_bytes)
+        out[f"unstructured-{s:g}"] = (tensor_bytes(*pu), s, lambda x, ru=ru: lambda: sparse_unstructured_linear_cpu(
             x, *ru.next(), None, out_f, in_f))
     return out
 
@@ -158,7 +130,7 @@ def plot(rows: list[dict], path_stem: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="smollm2", help="comma list: smollm2 and/or bench/shapes.py models")
+    ap.add_argument("--models", default="smollm2", help=f"comma list of {', '.join(CPU_MODELS)}")
     ap.add_argument("--linears", default="", help="comma list of linear names to keep (default: all)")
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     ap.add_argument("--dtypes", default="fp32,bf16")
@@ -167,11 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tag", default="", help="suffix of the JSON/PNG names")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    shapes = model_shapes([m for m in args.models.split(",") if m])
+    shapes = select_shapes(args.models, CPU_MODELS)
     if args.linears:
         shapes = [s for s in shapes if s[1] in args.linears.split(",")]
     tokens = tuple(int(t) for t in args.tokens.split(","))
-    copy_gbs = copy_bandwidth_gbs()
+    copy_gbs = copy_bandwidth_gbs("cpu")
     min_bytes = 4 * last_level_cache_bytes()
     rows = []
     for shape in shapes:
@@ -180,15 +152,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{shape} {dt}: " + ", ".join(f"M={r['M']} {r['variant']} {r['speedup_vs_dense']:.2f}x"
                                                 for r in rows[-len(tokens) * (2 + len(SPARSITIES)):]
                                                 if r["variant"] in ("2:4", "unstructured-0.5")), flush=True)
-    name = f"{_dt.date.today().isoformat()}-cpu-sparse-linear{'-' + args.tag if args.tag else ''}"
-    stem = RESULTS_DIR / name
-    payload = {"what": "cpu sparse linear kernels vs dense F.linear", "cpu": cpu_info(), "torch": torch.__version__,
-               "git_commit": git_commit(), "threads": torch.get_num_threads(), "copy_bandwidth_gbs": copy_gbs,
+    path = result_path("sparse-linear" + (f"-{args.tag}" if args.tag else ""), device="cpu")
+    stem = path.with_suffix("")
+    payload = {"what": "cpu sparse linear kernels vs dense F.linear", "metadata": run_metadata("cpu"),
+               "threads": torch.get_num_threads(), "copy_bandwidth_gbs": copy_gbs,
                "isa": int(torch.ops.sparsefast.cpu_best_isa()), "reps": args.reps, "min_bytes_per_round":
                min_bytes, "rows": rows}
+    stem.parent.mkdir(parents=True, exist_ok=True)
     payload["plots"] = [p.name for p in plot(rows, stem)]
-    write_json(stem.with_suffix(".json"), payload)
-    print(f"wrote {stem}.json, copy bandwidth {copy_gbs:.1f} GB/s")
+    write_json(path, payload)
+    print(f"wrote {path}, copy bandwidth {copy_gbs:.1f} GB/s")
     return 0
 
 

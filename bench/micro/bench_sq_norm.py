@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from common import QUICK, bench_shapes, gbs, time_ms
-from sparsefast.kernels.sq_norm import sq_norm_partials_triton
 
+from sparsefast.bench.memory import gbs
+from sparsefast.bench.shapes import bench_shapes, quick_mode
+from sparsefast.bench.timing import time_ms
+from sparsefast.kernels.sq_norm import sq_norm_partials_triton
 from sparsefast.ops.sq_norm import sq_norm_accumulate, sq_norm_accumulate_ref
 
-TOKENS = 40 if QUICK else 8 * 2048
+TOKENS = 40 if quick_mode() else 8 * 2048
 WIDTHS = sorted({inn for _, _, _, inn in bench_shapes()})
 
 
@@ -32,7 +34,7 @@ def test_sq_norm(benchmark, width, results, copy_gbs, device):
     row = {"tokens": TOKENS, "in": width, "dtype": "bfloat16",
            "triton_kernel_ms": time_ms(lambda: sq_norm_partials_triton(x)),
            "triton_op_ms": time_ms(lambda: sq_norm_accumulate(acc, x, backend="triton")),
-           "torch_twin_ms": time_ms(lambda: sq_norm_accumulate_ref(acc, x), fast=False)}
+           "torch_twin_ms": time_ms(lambda: sq_norm_accumulate_ref(acc, x), warmup_ms=5, rep_ms=30)}
     nbytes = x.numel() * x.element_size()
     row["bytes"] = nbytes
     row["triton_kernel_gbs"] = gbs(nbytes, row["triton_kernel_ms"])

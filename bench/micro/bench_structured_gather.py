@@ -1,6 +1,6 @@
 """Structured-slice microbenchmark: the physical slice of one decoder layer after 20% block-wise pruning (LLM-Pruner):
 kept heads (q/k/v rows + o_proj columns, head_dim 128; GQA keeps every KV head) and kept MLP channels (gate/up rows +
-down_proj columns), bf16, at every LLaMA layer of bench/shapes.py.
+down_proj columns), bf16, at every LLaMA layer of sparsefast.bench.shapes.
 
 - cuda_op_ms: sparsefast.ops.structured_gather, all matrices of the layer in one launch (includes the one-sync index
   range check); cuda_kernel_ms: the raw extension call (no checks); torch_twin_ms: one index_select per matrix.
@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from common import QUICK, gbs, time_ms
 
-from bench.shapes import MODELS, PER_LAYER
+from sparsefast.bench.memory import gbs
+from sparsefast.bench.shapes import MODELS, PER_LAYER, quick_mode
+from sparsefast.bench.timing import time_ms
 from sparsefast.ops.structured_gather import structured_gather, structured_gather_ref
 
+QUICK = quick_mode()
 RATIO, HEAD_DIM = 0.2, 128
 LAYERS = {"tiny": {"qkvo_proj": (96, 96), "gate_up_proj": (200, 96), "down_proj": (96, 200)}} if QUICK else MODELS
 

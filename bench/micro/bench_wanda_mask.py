@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from common import QUICK, bench_shapes, gbs, shape_id, time_ms, time_once_s
-from sparsefast.kernels.wanda_mask import wanda_mask_triton
 
-from bench.shapes import PER_LAYER
+from sparsefast.bench.memory import gbs
+from sparsefast.bench.shapes import PER_LAYER, bench_shapes, quick_mode, shape_id
+from sparsefast.bench.timing import time_ms, time_once_s
+from sparsefast.kernels.wanda_mask import wanda_mask_triton
 from sparsefast.ops.wanda_mask import pruned_per_row, wanda_mask, wanda_mask_ref, wanda_prune_
 
+QUICK = quick_mode()
 PATTERNS = {"unstructured-0.5": {"sparsity": 0.5}, "2:4": {"n": 2, "m": 4}}
 SUMMARY_MODEL = "tiny" if QUICK else "llama-7b"
 
@@ -61,8 +63,8 @@ def test_wanda_mask(benchmark, shape, pattern, results, copy_gbs, device):
            "triton_kernel_ms": time_ms(lambda: wanda_mask_triton(w, s, **launch)),
            "triton_op_ms": time_ms(lambda: wanda_mask(w, s, backend="triton", **kw)),
            "triton_prune_ms": time_ms(lambda: wanda_prune_(scratch, s, backend="triton", check_finite=False, **kw)),
-           "torch_twin_ms": time_ms(lambda: wanda_mask_ref(w, s, **kw), fast=False),
-           "published_ms": time_ms(lambda: published_wanda_mask(w, s, **kw), fast=False)}
+           "torch_twin_ms": time_ms(lambda: wanda_mask_ref(w, s, **kw), warmup_ms=5, rep_ms=30),
+           "published_ms": time_ms(lambda: published_wanda_mask(w, s, **kw), warmup_ms=5, rep_ms=30)}
     mask_bytes = w.numel() * w.element_size() + s.numel() * 4 + w.numel()
     prune_bytes = 2 * w.numel() * w.element_size() + s.numel() * 4
     row["bytes_mask"] = mask_bytes

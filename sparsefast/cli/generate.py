@@ -13,6 +13,8 @@ import argparse
 import sys
 import time
 
+from sparsefast.config.sparsify import SPARSE_MODES
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser("generate", help="stream a completion from a (pruned) model, print tokens/s",
@@ -28,7 +30,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS (exactly --max-tokens)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
-    p.add_argument("--sparse", default="auto", choices=("auto", "sparse24", "off"),
+    p.add_argument("--sparse", default="auto", choices=SPARSE_MODES,
                    help="auto: 2:4 linears run as Sparse24Linear on CUDA (default); off: as loaded")
     p.set_defaults(func=run)
     return p
@@ -56,13 +58,13 @@ def run(args: argparse.Namespace) -> int:
     from sparsefast.api import load
     from sparsefast.device import resolve_device
     from sparsefast.models import model_context
+    from sparsefast.nn import SparsifyConfig, sparsify_, swapped_layer_names
     from sparsefast.serve.engine import GenerationEngine
-    from sparsefast.serve.sparse import prepare_model
 
     device = resolve_device(args.device)
     t0 = time.perf_counter()
     model, tokenizer = load(args.model, device=device)
-    swapped = prepare_model(model, args.sparse, device)
+    swapped = swapped_layer_names(sparsify_(model, SparsifyConfig(mode=args.sparse)))
     prompt = _prompt_ids(tokenizer, args.prompt, args.chat)
     context = model_context(model)
     need = len(prompt) + params.max_tokens

@@ -8,31 +8,46 @@ from __future__ import annotations
 
 import argparse
 
-from sparsefast.config import METHODS, make_config
+# both import no torch (sparsefast.config imports it when a config is made), so `sparsefast --help` stays light
+from sparsefast.config.prune import (
+    MAGNITUDE_SCOPES,
+    METHODS,
+    MagnitudeConfig,
+    PruneConfig,
+    SparseGPTConfig,
+    make_config,
+)
 from sparsefast.device import DTYPE_CHOICES
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    d = PruneConfig  # the defaults: a dataclass keeps each field's default as a class attribute
     p = subparsers.add_parser("prune", help="prune a model (magnitude | wanda | sparsegpt) and save it",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="HF checkpoint dir, hub id, .gguf file, or 'smollm2' (the embedded default)")
     p.add_argument("--method", default="wanda", help=f"one of {', '.join(METHODS)} (default wanda)")
     p.add_argument("--sparsity", type=float, default=None,
                    help="fraction pruned per linear in [0, 1); default 0.5; implied by N:M patterns")
-    p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M, e.g. 2:4, 4:8")
-    p.add_argument("--calib", default="c4", help="calibration text: c4 (default), wikitext2 or a local .txt/.jsonl")
-    p.add_argument("--nsamples", type=int, default=128, help="calibration samples (default 128)")
-    p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration sample (default 2048)")
-    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
-    p.add_argument("--batch-size", type=int, default=8, help="calibration samples per layer forward (default 8)")
-    p.add_argument("--device", default="auto", help="compute device: auto (default), cpu or cuda")
-    p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
+    p.add_argument("--pattern", default=d.pattern, help=f"unstructured or N:M, e.g. 2:4, 4:8 (default {d.pattern})")
+    p.add_argument("--calib", default=d.calib,
+                   help=f"calibration text: c4, wikitext2 or a local .txt/.jsonl (default {d.calib})")
+    p.add_argument("--nsamples", type=int, default=d.nsamples, help=f"calibration samples (default {d.nsamples})")
+    p.add_argument("--seqlen", type=int, default=d.seqlen, help=f"tokens per calibration sample (default {d.seqlen})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"calibration sampling seed (default {d.seed})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"calibration samples per layer forward (default {d.batch_size})")
+    p.add_argument("--device", default=d.device, help=f"compute device: auto, cpu or cuda (default {d.device})")
+    p.add_argument("--dtype", default=d.dtype, choices=DTYPE_CHOICES,
                    help="model dtype (default auto: the checkpoint's; half types become float32 on CPU)")
-    p.add_argument("--backend", default="auto", help="sparsefast.ops backend: auto, torch, triton, cuda")
-    p.add_argument("--scope", default="layer", choices=("layer", "row"),
-                   help="magnitude only: one threshold per linear (layer, default) or per output row")
-    p.add_argument("--blocksize", type=int, default=128, help="sparsegpt only: OBS block size (default 128)")
-    p.add_argument("--percdamp", type=float, default=0.01, help="sparsegpt only: damping fraction (default 0.01)")
+    p.add_argument("--backend", default=d.backend,
+                   help=f"sparsefast.ops backend: auto, torch, triton, cuda (default {d.backend})")
+    p.add_argument("--scope", default=MagnitudeConfig.scope, choices=MAGNITUDE_SCOPES,
+                   help=f"magnitude only: one threshold per linear (layer) or per output row (default "
+                        f"{MagnitudeConfig.scope})")
+    p.add_argument("--blocksize", type=int, default=SparseGPTConfig.blocksize,
+                   help=f"sparsegpt only: OBS block size (default {SparseGPTConfig.blocksize})")
+    p.add_argument("--percdamp", type=float, default=SparseGPTConfig.percdamp,
+                   help=f"sparsegpt only: damping fraction (default {SparseGPTConfig.percdamp})")
     p.add_argument("--data-dir", default=None, help="directory with datasets (else $SPARSEFAST_DATA, bundled)")
     p.add_argument("--out", default=None, help="output directory for the pruned HF checkpoint (omit: no save)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -46,8 +61,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
-def config_from_args(args: argparse.Namespace):
-    """The validated PruneConfig subclass for the parsed arguments (method-specific options only where they apply)."""
+def config_from_args(args: argparse.Namespace) -> PruneConfig:
+    """The PruneConfig subclass of the parsed arguments, validated once here where it is made (method-specific
+    options only where they apply); everything downstream trusts it."""
     kwargs = dict(sparsity=args.sparsity, pattern=args.pattern, nsamples=args.nsamples, seqlen=args.seqlen,
                   seed=args.seed, calib=args.calib, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                   backend=args.backend)

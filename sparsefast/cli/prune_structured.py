@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 
-from sparsefast.device import DTYPE_CHOICES
-from sparsefast.prune.structural.config import (
+# both import no torch, so `sparsefast --help` stays light
+from sparsefast.config.structural import (
     AGGREGATIONS,
     GQA_MODES,
     IMPORTANCES,
@@ -24,29 +24,31 @@ from sparsefast.prune.structural.config import (
     STRATEGIES,
     StructuralConfig,
 )
+from sparsefast.device import DTYPE_CHOICES
 
 # options a preset may set: parsed with default None so an explicit value can be told from an absent one
 _PRESETTABLE = ("importance", "aggregation", "strategy", "layers", "attn_layers", "mlp_layers", "ranking", "gqa",
                 "rounding", "nsamples", "seqlen", "seed")
-_DEFAULTS = StructuralConfig()
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    d = _DEFAULTS
+    d = StructuralConfig  # the defaults: a dataclass keeps each field's default as a class attribute
     p = subparsers.add_parser("prune-structured", help="structural pruning (LLM-Pruner): smaller dense model",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="HF checkpoint dir, hub id, .gguf file, or 'smollm2' (the embedded default)")
     p.add_argument("--preset", default=None, choices=tuple(PRESETS),
-                   help="start from a published configuration: llm-pruner = element1 (taylor param_first), sum, "
-                        "local, layers 4-29@32, kv_groups, 10 x 64 tokens, seed 42, keep_floor rounding; --ratio "
-                        "is still yours (LLM-Pruner's ~20%%-of-parameters LLaMA-7B run used 0.25)")
+                   help=f"start from a published configuration: {_describe_presets()}; options given explicitly "
+                        "still win and --ratio is still yours (LLM-Pruner's ~20%%-of-parameters LLaMA-7B run used "
+                        "0.25)")
     p.add_argument("--ratio", type=float, default=d.ratio, help=f"fraction of units removed, in [0, 1) "
                    f"(default {d.ratio})")
-    p.add_argument("--importance", default=None, choices=IMPORTANCES, help=f"group importance (default {d.importance})")
+    p.add_argument("--importance", default=None, choices=IMPORTANCES,
+                   help=f"group importance (default {d.importance})")
     p.add_argument("--aggregation", default=None, choices=AGGREGATIONS,
                    help=f"within-group aggregation (default {d.aggregation})")
     p.add_argument("--strategy", default=None, choices=STRATEGIES,
-                   help="block: heads + MLP channels; channel: hidden size; layer: whole layers (default block)")
+                   help=f"block: heads + MLP channels; channel: hidden size; layer: whole layers (default "
+                        f"{d.strategy})")
     p.add_argument("--layers", default=None,
                    help="decoder layers START-END inclusive, or START-END@DEPTH (a range of a DEPTH-layer model "
                         "scaled to this one); block: sets both --attn-layers and --mlp-layers "
@@ -54,19 +56,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--attn-layers", default=None, help="block: layers whose attention heads are pruned (default "
                    "--layers)")
     p.add_argument("--mlp-layers", default=None, help="block: layers whose MLP channels are pruned (default --layers)")
-    p.add_argument("--ranking", default=None, choices=RANKINGS, help="per-layer (local, default) or global ranking")
+    p.add_argument("--ranking", default=None, choices=RANKINGS,
+                   help=f"per-layer (local) or global ranking (default {d.ranking})")
     p.add_argument("--gqa", default=None, choices=GQA_MODES,
-                   help="divisible: drop query heads evenly per KV group (default); kv_groups: drop whole KV groups")
+                   help=f"divisible: drop query heads evenly per KV group; kv_groups: drop whole KV groups (default "
+                        f"{d.gqa})")
     p.add_argument("--rounding", default=None, choices=ROUNDINGS,
-                   help="units removed: half_up = round(ratio*n) half up (default); keep_floor = LLM-Pruner's "
-                        "(keep int((1-ratio)*channels), remove the rest in whole heads)")
+                   help=f"units removed: half_up = round(ratio*n) half up; keep_floor = LLM-Pruner's (keep "
+                        f"int((1-ratio)*channels), remove the rest in whole heads) (default {d.rounding})")
     p.add_argument("--no-attention", action="store_true", help="block strategy: keep every attention head")
     p.add_argument("--no-mlp", action="store_true", help="block strategy: keep every MLP channel")
     p.add_argument("--calib", default="c4", help="calibration text: c4 (default), wikitext2 or a local file")
     p.add_argument("--nsamples", type=int, default=None, help=f"calibration samples (default {d.nsamples})")
     p.add_argument("--seqlen", type=int, default=None, help=f"tokens per calibration sample (default {d.seqlen}; "
                    "at most the model's context)")
-    p.add_argument("--seed", type=int, default=None, help=f"calibration / random-importance seed (default {d.seed})")
+    p.add_argument("--seed", type=int, default=None,
+                   help=f"calibration / random-importance seed (default {d.seed})")
     p.add_argument("--no-checkpointing", action="store_true", help="no activation checkpointing for gradients")
     p.add_argument("--device", default="auto", help="compute device: auto (default), cpu or cuda")
     p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
@@ -79,14 +84,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
+def _describe_presets() -> str:
+    """Every preset's settings, for --help: 'llm-pruner = strategy block, importance element1, ...'."""
+    return "; ".join(f"{name} = " + ", ".join(f"{field} {value}" for field, value in settings.items())
+                     for name, settings in PRESETS.items())
+
+
 def config_from_args(args: argparse.Namespace) -> StructuralConfig:
-    """The validated config: the preset (if any), then every option given explicitly."""
+    """The config, validated once here where it is made: the preset (if any), then every option given explicitly."""
     explicit = {name: getattr(args, name) for name in _PRESETTABLE if getattr(args, name) is not None}
     explicit.update(ratio=args.ratio, prune_attention=not args.no_attention, prune_mlp=not args.no_mlp,
                     gradient_checkpointing=not args.no_checkpointing)
-    cfg = StructuralConfig.preset(args.preset, **explicit) if args.preset else StructuralConfig(**explicit)
-    cfg.validate()
-    return cfg
+    return StructuralConfig.preset(args.preset, **explicit) if args.preset else StructuralConfig(**explicit)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -97,15 +106,15 @@ def run(args: argparse.Namespace) -> int:
     from sparsefast.checkpoint import check_output_dir, check_savable
     from sparsefast.data import check_data_dir
     from sparsefast.device import resolve_dtype
-    from sparsefast.models import load_config, load_model, local_source_paths
-    from sparsefast.prune.structural import prune_structured, save_structural
+    from sparsefast.models import load_config, load_model, local_source_paths, save_structural
+    from sparsefast.prune.structural import prune_structured
 
     config = config_from_args(args)          # bad ratio / names / layer ranges: before loading anything
     sources = local_source_paths(args.model)
     check_output_dir(args.out, args.overwrite, sources=sources)
     check_data_dir(args.data_dir)
     hf_config = load_config(args.model)      # None for GGUF: prune_structured checks the context after loading
-    if hf_config is not None:
+    if hf_config is not None:                # the same check from config.json, before any weight is read
         config.check_context(getattr(hf_config, "max_position_embeddings", None))
     bars = transformers.utils.logging.is_progress_bar_enabled()
     if args.no_progress:

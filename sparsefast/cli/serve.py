@@ -16,7 +16,15 @@ import argparse
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+from sparsefast.config.sparsify import SPARSE_MODES
+
+if TYPE_CHECKING:  # the serve stack (fastapi, torch) is imported in run(): `sparsefast --help` stays light
+    from transformers import PreTrainedTokenizerBase
+
+    from sparsefast.serve.app import Loader
+    from sparsefast.serve.engine import GenerationEngine
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -38,9 +46,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--chat-template", default=None,
                    help="Jinja chat template file, for tokenizers without one (or to override it)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
-    p.add_argument("--sparse", default="auto", choices=("auto", "sparse24", "off"),
+    p.add_argument("--sparse", default="auto", choices=SPARSE_MODES,
                    help="sparse linears: auto (default; 2:4 layers become Sparse24Linear on CUDA), sparse24 (that "
-                        "swap on any device) or off (serve the model as loaded); see sparsefast.serve.sparse")
+                        "swap on any device) or off (serve the model as loaded); see sparsefast.nn.sparsify_")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=run)
     return p
@@ -70,17 +78,17 @@ def check_args(args: argparse.Namespace) -> str | None:
     return path.read_text()
 
 
-def build_loader(args: argparse.Namespace) -> Any:
+def build_loader(args: argparse.Namespace) -> Loader:
     """() -> (engine, tokenizer): loads the model and wraps it in a GenerationEngine (run in the loader thread)."""
 
-    def load() -> tuple[Any, Any]:
+    def load() -> tuple[GenerationEngine, PreTrainedTokenizerBase]:
         from sparsefast.models import load_model
+        from sparsefast.nn import SparsifyConfig, sparsify_, swapped_layer_names
         from sparsefast.serve.engine import GenerationEngine
-        from sparsefast.serve.sparse import prepare_model
 
         model, tokenizer = load_model(args.model, device=args.device)
         device = str(next(model.parameters()).device)
-        swapped = prepare_model(model, args.sparse, device)
+        swapped = swapped_layer_names(sparsify_(model, SparsifyConfig(mode=args.sparse)))
         logging.getLogger("sparsefast.serve").info("sparse linears swapped in: %d", len(swapped))
         engine = GenerationEngine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
                                   max_model_len=args.max_model_len, device=device)

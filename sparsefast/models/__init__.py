@@ -1,7 +1,8 @@
 """Model loading and per-family adapters (LLaMA 1/2/3, Mistral, Qwen2, OPT, GPT-NeoX).
 
-`load_model(name_or_path)` → (model, tokenizer); `get_adapter(model)` → the `ModelAdapter` that says where the
-decoder layers, embeddings, norm and head are and which linears a pruner may touch.
+`load_model(name_or_path)` → (model, tokenizer) for every checkpoint kind; `get_adapter(model)` → the `ModelAdapter`
+that says where the decoder layers, embeddings, norm and head are and which linears a pruner may touch;
+`save_structural` / `load_structural` → the structural checkpoint format (structure.json + safetensors).
 """
 
 from sparsefast.device import resolve_device, resolve_dtype
@@ -19,6 +20,7 @@ from sparsefast.models.loading import (
     SMOLLM2_ALIAS,
     load_config,
     load_model,
+    load_structural,
     local_source_paths,
     model_context,
     read_local_config,
@@ -26,6 +28,7 @@ from sparsefast.models.loading import (
     smollm2_gguf_path,
 )
 from sparsefast.models.opt import OPTAdapter
+from sparsefast.models.structural import save_structural
 from sparsefast.models.weights import check_finite_weights, check_weight_files
 
 __all__ = [
@@ -40,6 +43,7 @@ __all__ = [
     "get_adapter",
     "load_config",
     "load_model",
+    "load_structural",
     "local_source_paths",
     "model_context",
     "read_local_config",
@@ -47,6 +51,7 @@ __all__ = [
     "resolve_device",
     "resolve_dtype",
     "resolve_model_source",
+    "save_structural",
     "smollm2_gguf_path",
     "supported_model_types",
 ]

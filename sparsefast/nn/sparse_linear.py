@@ -1,6 +1,6 @@
 """`SparseLinear`: an nn.Linear whose sparse weight is stored in a CPU kernel layout, 2:4 (sparsefast.ops.sparse24_cpu)
-or unstructured (sparsefast.ops.sparse_unstructured), and `swap_linear_with_sparse`, which puts in each layer the
-fastest of dense / 2:4 / unstructured as measured on this machine (sparsefast.nn.cpu_dispatch).
+or unstructured (sparsefast.ops.sparse_unstructured). `sparsefast.nn.sparsify_` puts one in each layer where a layout
+beats dense on this machine, with the table measured there (sparsefast.nn.dispatch).
 
 Forward picks, by the number of tokens M, the CPU kernel or dense F.linear from the layer's dispatch table. A layer
 whose table runs dense for some M keeps its dense weight too (`dense` buffer, the original tensor, not a copy), so
@@ -15,13 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsefast._ext import load_cpu_extension
-from sparsefast.nn.cpu_dispatch import DEFAULT_CPU_DISPATCH, calibrate_cpu_dispatch
-from sparsefast.nn.sparse24_linear import DispatchTable
-from sparsefast.ops.sparse24 import check_sparse24
+from sparsefast.nn.dispatch import DEFAULT_CPU_DISPATCH, DispatchTable, cpu_backend_for
 from sparsefast.ops.sparse24_cpu import (
     cpu_isa,
-    kernel_supported,
     pack_sparse24_cpu,
     sparse24_linear_cpu,
     unpack_sparse24_cpu,
@@ -30,11 +26,9 @@ from sparsefast.ops.sparse_unstructured import (
     pack_sparse_unstructured,
     sparse_unstructured_linear_cpu,
     unpack_sparse_unstructured,
-    weight_sparsity,
 )
 
 LAYOUTS = ("2:4", "unstructured")
-MIN_SPARSITY = 0.3  # below this neither layout moves fewer bytes enough to be worth timing (0.7 + 1/32 of dense)
 
 
 class SparseLinear(nn.Module):
@@ -61,7 +55,7 @@ class SparseLinear(nn.Module):
         self.register_buffer("bias", bias)
         self.register_buffer("dense", dense)
         self.dispatch = dispatch if dispatch is not None else DEFAULT_CPU_DISPATCH
-        self._routes: dict[tuple, tuple | None] = {}  # (numel, dtype, device type) -> (op, isa) | None (dense)
+        self._routes: dict[tuple, Callable[[torch.Tensor], torch.Tensor] | None] = {}  # see forward(); None: dense
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, layout: str = "unstructured", dispatch: DispatchTable | None = None,
@@ -96,11 +90,8 @@ class SparseLinear(nn.Module):
         return fn(x, *self.packed(), self.bias, self.out_features, self.in_features)
 
     def backend_for(self, x: torch.Tensor) -> str:
-        """"cpu" or "dense": the path forward() takes for this input."""
-        if not kernel_supported(x, self.values) or not load_cpu_extension():
-            return "dense"
-        backend = self.dispatch.backend_for(x.numel() // max(x.shape[-1], 1))
-        return "cpu" if backend == "cpu" else "dense"
+        """"cpu" or "dense": the path forward() takes for this input (decided by sparsefast.nn.dispatch)."""
+        return cpu_backend_for(self.dispatch, x, self.values)
 
     def _apply(self, fn, recurse=True):  # .to() / .float() / ...: the buffers' dtype or device may change
         self._routes = {}
@@ -114,9 +105,9 @@ class SparseLinear(nn.Module):
         # backend_for and the functional op's checks (the packed tensors were checked when packed) would cost as
         # much as the bytes the sparse layout saves.
         key = (x.numel(), x.dtype, x.device.type)
-        route = self._routes.get(key)
-        if route is None:
-            route = self._routes[key] = self.kernel_call() if self.backend_for(x) == "cpu" else None
+        if key not in self._routes:
+            self._routes[key] = self.kernel_call() if self.backend_for(x) == "cpu" else None
+        route = self._routes[key]
         if route is not None:
             return route(x)
         return F.linear(x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
@@ -131,85 +122,3 @@ class SparseLinear(nn.Module):
     def _op(self):
         return (torch.ops.sparsefast.sparse24_linear_cpu if self.layout == "2:4"
                 else torch.ops.sparsefast.sparse_unstructured_linear_cpu)
-
-
-def _fits_24(weight: torch.Tensor) -> bool:
-    try:
-        check_sparse24(weight)
-    except ValueError:
-        return False
-    return True
-
-
-def choose_sparse_layer(linear: nn.Linear, *, calibrate: bool = True) -> tuple[nn.Module, dict]:
-    """The fastest of dense (the layer itself) / 2:4 / unstructured for `linear`, by timings on this machine.
-
-    Returns (module, record): module is `linear` unchanged when no sparse layout beats dense at any calibrated M.
-    calibrate=False skips timing: 2:4 where the weight fits it, else unstructured, with DEFAULT_CPU_DISPATCH.
-    """
-    weight = linear.weight.detach()
-    sparsity = weight_sparsity(weight)
-    layouts = (["2:4"] if _fits_24(weight) else []) + ["unstructured"]
-    record: dict = {"sparsity": round(sparsity, 4), "candidates": {}}
-    if not calibrate:
-        layer = SparseLinear.from_dense(linear, layouts[0])
-        record["chosen"] = layouts[0]
-        return layer, record
-    best: tuple[float, SparseLinear, DispatchTable] | None = None
-    dense_ms = None
-    for layout in layouts:
-        layer = SparseLinear.from_dense(linear, layout)
-        packed = layer.packed()
-
-        def kernel_copy(packed=packed, layout=layout, bias=layer.bias) -> Callable[[torch.Tensor], torch.Tensor]:
-            # A new layer over clones of the packed weight (the calibration times each copy from DRAM), called as a
-            # swapped layer's forward calls it; the torch twin where the kernels cannot run.
-            copy = SparseLinear(linear.in_features, linear.out_features, layout, tuple(t.clone() for t in packed),
-                                bias)
-            return copy.kernel_call() if load_cpu_extension() else copy.kernel
-
-        key = (tuple(weight.shape), str(weight.dtype), layout, round(sparsity, 2))
-        table, timings = calibrate_cpu_dispatch(kernel_copy, sum(t.numel() * t.element_size() for t in packed),
-                                                weight, key=key)
-        record["candidates"][layout] = {"table": [list(r) for r in table.rows], "timings": timings}
-        total = sum(min(t["kernel_ms"], t["dense_ms"]) for t in timings.values())
-        dense_ms = sum(t["dense_ms"] for t in timings.values())
-        if any(b == "cpu" for _, b in table.rows) and (best is None or total < best[0]):
-            best = (total, layer, table)
-    if best is None:
-        record["chosen"] = "dense"
-        return linear, record
-    _, layer, table = best  # the candidate already packed: the chosen layout is not packed again
-    keep_dense = any(b == "dense" for _, b in table.rows)
-    record.update(chosen=layer.layout, dense_ms_sum=dense_ms, keeps_dense=keep_dense)
-    return SparseLinear(linear.in_features, linear.out_features, layer.layout, layer.packed(), layer.bias, table,
-                        weight if keep_dense else None), record
-
-
-def swap_linear_with_sparse(model: nn.Module, filter_fn: Callable[[str, nn.Linear], bool] | None = None, *,
-                            calibrate: bool = True) -> dict[str, dict]:
-    """Replace nn.Linear modules of a CPU `model` (in place) by SparseLinear where a sparse layout is faster.
-
-    filter_fn(name, linear) selects candidate layers; default: every nn.Linear with at least MIN_SPARSITY zeros (so
-    a dense, e.g. embedding-tied, head is left alone). Each candidate gets the fastest of dense / 2:4 / unstructured
-    from timings measured now on this machine (see sparsefast.nn.cpu_dispatch), with calibrate=True. Returns
-    {name: record} for every candidate: its sparsity, the chosen layout ("dense": left as nn.Linear) and timings.
-    """
-    chosen: list[tuple[str, nn.Linear]] = []
-    for name, mod in model.named_modules():
-        if type(mod) is not nn.Linear:
-            continue
-        if mod.weight.device.type != "cpu":
-            raise ValueError(f"swap_linear_with_sparse: layer {name!r} is on {mod.weight.device}; the CPU kernels "
-                             "need a CPU model (use swap_linear_with_sparse24 on CUDA)")
-        wanted = filter_fn(name, mod) if filter_fn is not None else weight_sparsity(mod.weight) >= MIN_SPARSITY
-        if wanted:
-            chosen.append((name, mod))
-    records: dict[str, dict] = {}
-    for name, mod in chosen:
-        new, records[name] = choose_sparse_layer(mod, calibrate=calibrate)
-        if new is not mod:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, new)
-    return records

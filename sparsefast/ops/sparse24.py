@@ -36,7 +36,9 @@ from sparsefast.ops._dispatch import select_backend
 ROW_BLOCK = 16
 K_CHUNK = 64
 DECODE_MAX_M = 32
-_KERNELS = {"auto": 0, "decode": 1, "gemm_v1": 2, "gemm": 3}
+# The kernel codes of the registered op. Code 2 (the first GEMM) stays in csrc/ as the A/B baseline of
+# bench/micro/bench_sparse24_matmul.py, which calls the raw op with it; it is not a choice of the public function.
+_KERNELS = {"auto": 0, "decode": 1, "gemm": 3}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -62,6 +64,15 @@ def check_sparse24(weight: torch.Tensor) -> None:
         raise ValueError(f"sparse24: weight is not 2:4 sparse: row {r}, group {grp} (columns {4 * grp}..{4 * grp + 3})"
                          f" has {int(nz[r, grp])} nonzeros ({bad.shape[0]} offending groups in all); prune it with "
                          "an N:M=2:4 mask first (e.g. wanda_mask(..., n=2, m=4))")
+
+
+def is_sparse24(weight: torch.Tensor) -> bool:
+    """Whether `check_sparse24` accepts `weight` (2-D float [out, in], at most 2 nonzeros per 4-group of a row)."""
+    try:
+        check_sparse24(weight)
+    except ValueError:
+        return False
+    return True
 
 
 def to_sparse24_by_magnitude(weight: torch.Tensor) -> torch.Tensor:
@@ -146,8 +157,8 @@ def sparse24_matmul_ref(x: torch.Tensor, values: torch.Tensor, meta: torch.Tenso
 @torch.library.custom_op("sparsefast::sparse24_matmul", mutates_args=())
 def _sparse24_matmul_op(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, out_features: int,
                         in_features: int, kernel: int) -> torch.Tensor:
-    """CUDA kernels: x [M, in] contiguous fp16/bf16, in % 8 == 0 → y [M, out].
-    kernel 0 auto, 1 decode, 2 gemm v1 (A/B baseline), 3 gemm v2."""
+    """CUDA kernels: x [M, in] contiguous fp16/bf16 with 16-byte aligned rows, in % 8 == 0 → y [M, out].
+    kernel 0 auto, 1 decode (M <= DECODE_MAX_M), 2 gemm v1 (A/B baseline only), 3 gemm v2."""
     from sparsefast._ext import extension_error, load_extension
 
     ext = load_extension()
@@ -169,17 +180,40 @@ def cuda_supported(x: torch.Tensor, values: torch.Tensor, in_features: int) -> b
             and x.is_cuda and values.is_cuda)
 
 
+def _kernel_code(kernel: str) -> int:
+    if kernel not in _KERNELS:
+        raise ValueError(f"sparse24_matmul: kernel must be one of {', '.join(_KERNELS)}, got {kernel!r}")
+    return _KERNELS[kernel]
+
+
+def sparse24_matmul_cuda(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, out_features: int,
+                         in_features: int, kernel: str = "auto") -> torch.Tensor:
+    """The CUDA kernels' entry point, without backend selection or checks of the packed tensors: for callers that
+    have decided on this path themselves (sparsefast.nn's dispatch) and for `sparse24_matmul` once it has.
+
+    x: [..., in_features] CUDA fp16/bf16 (any strides: made contiguous, 16-byte aligned) with values/meta packed by
+    `pack_sparse24` on the same device and dtype; returns [..., out_features] in x's dtype. kernel: auto | decode |
+    gemm. Without the extension the registered op raises RuntimeError saying why.
+    """
+    x2 = x.reshape(-1, in_features).contiguous()
+    if x2.data_ptr() % 16:  # an offset view: the kernels need 16-byte aligned rows
+        x2 = x2.clone()
+    code = _kernel_code(kernel)
+    if kernel == "decode" and x2.shape[0] > DECODE_MAX_M:
+        raise ValueError(f"sparse24_matmul: the decode kernel takes at most {DECODE_MAX_M} tokens, got {x2.shape[0]}")
+    y = _sparse24_matmul_op(x2, values, meta, out_features, in_features, code)
+    return y.view(*x.shape[:-1], out_features)
+
+
 def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, out_features: int, in_features: int,
                     *, backend: str | None = None, kernel: str = "auto") -> torch.Tensor:
     """y = x Wᵀ with W packed by `pack_sparse24`.
 
     x: [..., in_features] fp16/bf16 (fp32 on the torch path); returns [..., out_features] in x's dtype.
     backend: auto | cuda | torch (env SPARSEFAST_BACKEND). kernel (cuda only): auto (the decode kernel for M <= 8
-    tokens, else the tiled GEMM v2) | decode (M <= 32) | gemm (v2: 4 stages, a 64-token tile for M <= 128, split-K)
-    | gemm_v1 (the first GEMM, kept for A/B timing).
+    tokens, else the tiled GEMM v2) | decode (M <= 32) | gemm (v2: 4 stages, a 64-token tile for M <= 128, split-K).
     """
-    if kernel not in _KERNELS:
-        raise ValueError(f"sparse24_matmul: kernel must be one of {', '.join(_KERNELS)}, got {kernel!r}")
+    _kernel_code(kernel)  # a bad name is refused on every backend
     if x.shape[-1] != in_features:
         raise ValueError(f"sparse24_matmul: x has {x.shape[-1]} features but in_features is {in_features}")
     _check_packed(values, meta, out_features, in_features)
@@ -189,10 +223,4 @@ def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, o
                             cuda_ok=cuda_supported(x, values, in_features))
     if chosen == "torch":
         return sparse24_matmul_ref(x, values, meta, out_features, in_features)
-    x2 = x.reshape(-1, in_features).contiguous()
-    if x2.data_ptr() % 16:  # an offset view: the kernels need 16-byte aligned rows
-        x2 = x2.clone()
-    if kernel == "decode" and x2.shape[0] > DECODE_MAX_M:
-        raise ValueError(f"sparse24_matmul: the decode kernel takes at most {DECODE_MAX_M} tokens, got {x2.shape[0]}")
-    y = _sparse24_matmul_op(x2, values, meta, out_features, in_features, _KERNELS[kernel])
-    return y.view(*x.shape[:-1], out_features)
+    return sparse24_matmul_cuda(x, values, meta, out_features, in_features, kernel)

@@ -13,7 +13,7 @@ PRUNERS: dict[str, type[Pruner]] = {"magnitude": MagnitudePruner, "wanda": Wanda
 
 
 def make_pruner(config: PruneConfig) -> Pruner:
-    """The pruner for `config.method` (validates the config)."""
+    """The pruner for `config.method`."""
     if config.method not in PRUNERS:
         raise ValueError(f"unknown method {config.method!r}; choose one of {', '.join(PRUNERS)}")
     return PRUNERS[config.method](config)

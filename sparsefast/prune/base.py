@@ -21,8 +21,7 @@ class Pruner:
     needs_calibration: bool = True
 
     def __init__(self, config: PruneConfig) -> None:
-        config.validate()
-        self.config = config
+        self.config = config  # valid by construction (frozen, checked in __post_init__)
         self.pattern = config.parsed_pattern
         self.sparsity = config.target_sparsity
 

@@ -1,7 +1,8 @@
 """LoRA recovery after pruning (`sparsefast recover`): load, train LoRA, merge, keep the zeros, save atomically.
 
 ``recover_pretrained`` is the whole pipeline; the pieces live in :mod:`sparsefast.recover.data` (records, prompt
-template, tokenisation) and :mod:`sparsefast.recover.train` (the training loop, zero masks, merge).
+template, tokenisation) and :mod:`sparsefast.recover.train` (the training loop, zero masks, merge); the settings,
+``RecoverConfig``, in :mod:`sparsefast.config.recover`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from sparsefast.config.recover import RecoverConfig
 from sparsefast.recover.data import (
     ALPACA_FILE,
     RecoveryData,
@@ -20,18 +22,17 @@ from sparsefast.recover.data import (
     tokenize_recovery_data,
 )
 from sparsefast.recover.train import (
-    DEFAULT_TARGETS,
     NonFiniteLossError,
-    RecoverConfig,
     lora_recover,
     reapply_zero_masks,
     record_zero_masks,
     target_linears,
 )
 
-__all__ = ["ALPACA_FILE", "DEFAULT_TARGETS", "NonFiniteLossError", "RecoverConfig", "RecoveryData", "alpaca_prompt",
+__all__ = ["ALPACA_FILE", "NonFiniteLossError", "RecoverConfig", "RecoveryData", "alpaca_prompt",
            "collate", "load_recovery_data", "lora_recover", "reapply_zero_masks",
            "record_zero_masks", "recover_pretrained", "save_recovered", "target_linears", "tokenize_recovery_data"]
+
 
 def _source_report(path: str) -> dict:
     """The input checkpoint's sparsefast.json (its pruning record) when it has one, else {}."""
@@ -49,7 +50,7 @@ def save_recovered(model, tokenizer, out: str | os.PathLike, report: dict, *, ov
     """Save through the one checkpoint writer (atomic, exclusive): a structurally pruned model with its
     structure.json, any other model as a standard HF checkpoint; ``report`` goes to sparsefast.json."""
     if structural:
-        from sparsefast.prune.structural.checkpoint import save_structural
+        from sparsefast.models.structural import save_structural
 
         return Path(save_structural(model, out, tokenizer=tokenizer, report=report, overwrite=overwrite,
                                     sources=sources))
@@ -71,10 +72,9 @@ def recover_pretrained(model_name: str, data: str, out: str | None, config: Reco
 
     from sparsefast.checkpoint import check_output_dir, check_savable
     from sparsefast.data import check_data_dir
-    from sparsefast.device import resolve_device
+    from sparsefast.device import resolve_device, resolve_dtype
     from sparsefast.models import check_finite_weights, load_model, local_source_paths, resolve_model_source
 
-    config.validate()
     sources = tuple(local_source_paths(model_name))
     if out is not None:
         check_output_dir(out, overwrite, sources=sources)
@@ -84,8 +84,7 @@ def recover_pretrained(model_name: str, data: str, out: str | None, config: Reco
         raise ValueError("this GPU has no bf16 support; use --dtype fp32")
     records = load_recovery_data(data, data_dir=data_dir, max_samples=config.max_samples)
     structural = resolve_model_source(model_name)[0] == "structural"  # a dir with structure.json
-    model, tokenizer = load_model(model_name, dtype=torch.float32 if config.dtype == "fp32" else torch.bfloat16,
-                                  device=str(dev))
+    model, tokenizer = load_model(model_name, dtype=resolve_dtype(config.dtype), device=str(dev))
     check_finite_weights(model)
     if out is not None:
         check_savable(model)

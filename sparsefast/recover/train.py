@@ -1,6 +1,8 @@
 """LoRA recovery of a pruned model (LLM-Pruner's post-training, Ma et al., 2023, arXiv:2305.11627; LoRA: Hu et al.,
 2021, arXiv:2106.09685), merged back into the weights.
 
+Settings: :class:`sparsefast.config.RecoverConfig` (valid by construction).
+
 Numerics: compute runs in bf16 or fp32, never fp16 -- LLM-Pruner's fp16 autocast overflows to NaN on LLaMA-2
 (horseee/LLM-Pruner#13); bf16 has fp32's exponent range. LoRA adapters and AdamW states stay fp32 (peft upcasts
 adapters of a bf16 base), logits are upcast to fp32 for the loss. A non-finite loss or gradient norm stops the run
@@ -18,70 +20,20 @@ harmless. Training itself sees the unmasked update; the re-applied mask changes 
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from sparsefast.config.recover import RecoverConfig
+from sparsefast.device import resolve_dtype
 from sparsefast.recover.data import collate
-
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss or gradient norm became NaN/inf; nothing was saved."""
-
-
-@dataclass
-class RecoverConfig:
-    """LoRA recovery settings (the ``sparsefast recover`` flags). ``batch_size`` is the micro-batch; an optimizer
-    step sees ``batch_size * grad_accum`` samples."""
-
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    target_modules: tuple[str, ...] = DEFAULT_TARGETS
-    cutoff_len: int = 256
-    epochs: int = 2
-    lr: float = 1e-4
-    batch_size: int = 8
-    grad_accum: int = 4
-    max_samples: int | None = None
-    dtype: str = "fp32"
-    gradient_checkpointing: bool = False
-    warmup_ratio: float = 0.05
-    max_grad_norm: float = 1.0
-    seed: int = 0
-
-    def validate(self) -> RecoverConfig:
-        """Raise ValueError naming the first bad field and its valid range."""
-        ints = {"lora_r": self.lora_r, "epochs": self.epochs, "batch_size": self.batch_size,
-                "grad_accum": self.grad_accum, "cutoff_len": self.cutoff_len}
-        for name, value in ints.items():
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.cutoff_len < 2:
-            raise ValueError(f"cutoff_len must be >= 2, got {self.cutoff_len}")
-        if self.max_samples is not None and self.max_samples < 1:
-            raise ValueError(f"max_samples must be >= 1 (or None for all), got {self.max_samples}")
-        if not self.lora_alpha > 0:
-            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}")
-        if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive finite number, got {self.lr}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(COMPUTE_DTYPES)} (fp16 diverges to NaN, see "
-                             f"LLM-Pruner#13), got {self.dtype!r}")
-        if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
-            raise ValueError(f"target_modules must be non-empty module names, got {self.target_modules!r}")
-        return self
 
 
 def target_linears(model: nn.Module, target_modules: tuple[str, ...]) -> dict[str, nn.Linear]:
@@ -139,12 +91,11 @@ def lora_recover(model: nn.Module, tokenizer, samples: list[dict], config: Recov
     from peft import LoraConfig, get_peft_model
     from transformers import get_linear_schedule_with_warmup
 
-    config.validate()
     if not samples:
         raise ValueError("no training samples")
     target_linears(model, config.target_modules)  # fail before any work
     masks = record_zero_masks(model, config.target_modules)
-    model.to(device=device, dtype=COMPUTE_DTYPES[config.dtype])
+    model.to(device=device, dtype=resolve_dtype(config.dtype))
     use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False
     if config.gradient_checkpointing:  # non-reentrant: works with frozen embeddings (no input grads needed)

@@ -17,7 +17,7 @@ GenerationConfig serves the whole manager: no per-request temperature/top_p/top_
 slots sized per layer (gpt-fast's static cache) handle every structural checkpoint.
 
 The model runner (sparsefast.serve.runner) runs the model's own modules, so the one place a sparse linear plugs in
-is the module swap before the engine is built (sparsefast.serve.sparse.prepare_model). The decode step runs eagerly
+is the module swap before the engine is built (`sparsefast.nn.sparsify_`). The decode step runs eagerly
 on every device: no torch.compile or CUDA graphs yet (they could only be measured on a GPU; on CPU the step is
 dominated by the linears' matmuls, see bench/results/2026-12-02-cpu-decode-smollm2.json).
 """
@@ -31,13 +31,13 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from sparsefast.models import model_context
 from sparsefast.serve.detokenize import IncrementalDetokenizer
+from sparsefast.serve.engine_client import EngineClient, EngineClosedError, QueueFullError, TokenEvent, TokenStream
 from sparsefast.serve.kv_cache import SlotAllocator
 from sparsefast.serve.runner import make_runner
 from sparsefast.serve.sampling import SamplingParams, make_generator, sample_next
@@ -49,33 +49,13 @@ PREFILL_TOKENS = 2048  # padded prompt tokens per prefill forward (bounds its ac
 log = logging.getLogger(__name__)
 
 
-class QueueFullError(RuntimeError):
-    """submit() found max_queue requests already waiting."""
+class RequestStream(TokenStream):
+    """The events of one request (a `TokenStream`), readable from a thread (iteration) or an asyncio task (async
+    iteration)."""
 
-
-class EngineClosedError(RuntimeError):
-    """submit() after shutdown()."""
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """New output of one request since its previous event (see serve_contract: text may be "" while held back)."""
-
-    text: str
-    token_ids: tuple[int, ...]
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    time: float
-
-
-class RequestStream:
-    """The events of one request, readable from a thread (iteration) or an asyncio task (async iteration)."""
-
-    def __init__(self, request_id: str, prompt_tokens: int) -> None:
+    def __init__(self, request_id: str) -> None:
         self.request_id = request_id
         self.submitted = time.perf_counter()
-        self.prompt_tokens = prompt_tokens
         self._events: collections.deque[TokenEvent] = collections.deque()
         self._cond = threading.Condition()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
@@ -153,8 +133,9 @@ class _Request:
         return len(self.prompt) + len(self.output) - 1
 
 
-class GenerationEngine:
-    """Batched generation with iteration-level scheduling (serve_contract.md is the interface).
+class GenerationEngine(EngineClient):
+    """Batched generation with iteration-level scheduling; an `EngineClient` (sparsefast.serve.engine_client states
+    the contract the HTTP layer relies on).
 
     Args:
         model: a causal LM as `sparsefast.models.load_model` returns it (dense, mask-pruned, structural with per-layer
@@ -181,7 +162,6 @@ class GenerationEngine:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.device = torch.device(device)
         self.max_batch, self.max_queue, self.max_model_len = max_batch, max_queue, max_model_len
-        self.model_name = "sparsefast"
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.eos_ids = _eos_ids(model, tokenizer)
         self.runner = make_runner(model, max_batch, max_model_len, self.device, runner)
@@ -234,7 +214,7 @@ class GenerationEngine:
         if len(prompt) + params.max_tokens > self.max_model_len:
             raise ValueError(f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} exceeds "
                              f"max_model_len {self.max_model_len}; shorten the prompt or lower max_tokens")
-        stream = RequestStream(f"req-{next(self._ids)}", len(prompt))
+        stream = RequestStream(f"req-{next(self._ids)}")
         stream._engine_wakeup = self._wakeup
         with self._cond:
             if self._closed:

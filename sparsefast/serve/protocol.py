@@ -37,8 +37,10 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _SamplingFields(BaseModel):
-    """Sampling fields shared by both endpoints. Ranges are OpenAI's (temperature in [0, 2], top_p in (0, 1])."""
+class GenerationRequest(BaseModel):
+    """The fields /v1/completions and /v1/chat/completions share: the model, sampling, stop strings, streaming, and
+    the OpenAI options this server rejects unless off. Ranges are OpenAI's (temperature in [0, 2], top_p in (0, 1]).
+    Each endpoint's request adds its prompt and its max_tokens (the defaults differ)."""
     model_config = ConfigDict(extra="ignore")
 
     model: str
@@ -57,7 +59,7 @@ class _SamplingFields(BaseModel):
     user: str | None = None
 
     @model_validator(mode="after")
-    def _reject_unimplemented(self) -> "_SamplingFields":
+    def _reject_unimplemented(self) -> "GenerationRequest":
         # an accepted-but-ignored option would return something other than what the client asked for
         unsupported = {"n": self.n != 1, "presence_penalty": self.presence_penalty != 0.0,
                        "frequency_penalty": self.frequency_penalty != 0.0, "logit_bias": bool(self.logit_bias)}
@@ -80,7 +82,7 @@ class _SamplingFields(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class CompletionRequest(_SamplingFields):
+class CompletionRequest(GenerationRequest):
     """POST /v1/completions. `prompt` is a string or a list of token ids (one prompt per request)."""
     prompt: str | list[int] | list[str]
     max_tokens: int | None = Field(16, ge=1)
@@ -126,7 +128,7 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(GenerationRequest):
     """POST /v1/chat/completions. `max_completion_tokens` is OpenAI's newer name for `max_tokens`."""
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -152,18 +154,29 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-class CompletionChoice(BaseModel):
+class _Choice(BaseModel):
+    """What every choice carries; each kind adds its payload (text, message or delta) after these fields."""
     index: int = 0
-    text: str
     logprobs: None = None
+    finish_reason: str | None = None
+
+
+class _ResponseObject(BaseModel):
+    """The head of every completion object; each kind fixes `object` (its field order stays OpenAI's) and adds its
+    choices and usage."""
+    id: str
+    object: str
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+
+
+class CompletionChoice(_Choice):
+    text: str
     finish_reason: str | None
 
 
-class CompletionResponse(BaseModel):
-    id: str
+class CompletionResponse(_ResponseObject):
     object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
 
@@ -173,18 +186,13 @@ class ResponseMessage(BaseModel):
     content: str
 
 
-class ChatChoice(BaseModel):
-    index: int = 0
+class ChatChoice(_Choice):
     message: ResponseMessage
-    logprobs: None = None
     finish_reason: str | None
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(_ResponseObject):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: list[ChatChoice]
     usage: Usage
 
@@ -194,18 +202,12 @@ class DeltaMessage(BaseModel):
     content: str | None = None
 
 
-class ChatChunkChoice(BaseModel):
-    index: int = 0
+class ChatChunkChoice(_Choice):
     delta: DeltaMessage
-    logprobs: None = None
-    finish_reason: str | None = None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(_ResponseObject):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparsefast.eval.perplexity import evaluate_perplexity, perplexity
+from sparsefast.eval.perplexity import evaluate_perplexity, perplexity, window_nll
 from tests.conftest import tiny_model
 
 
@@ -103,3 +103,21 @@ def test_evaluate_perplexity_on_story_llama(story_llama_dir, tmp_path, monkeypat
         evaluate_perplexity(model, tokenizer, ["wikitext2", "wiki"], seqlen=64, data_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="ptb/ptb.test.txt not found"):
         evaluate_perplexity(model, tokenizer, ["wikitext2", "ptb"], seqlen=64, data_dir=tmp_path)
+
+def test_max_windows_equals_hand_computation_on_prefix():
+    model = tiny_model("llama")
+    torch.manual_seed(1)
+    tokens = torch.randint(0, 256, (1, 16 * 5 + 3))
+    got = perplexity(model, tokens, 16, max_windows=2, progress=False)
+    windows = tokens[0, :32].view(2, 16)
+    want = math.exp(window_nll(model, windows).double().sum().item() / (2 * 15))
+    assert got == pytest.approx(want, rel=1e-9)
+    # a limit above the number of windows is the full evaluation
+    assert perplexity(model, tokens, 16, max_windows=99, progress=False) == pytest.approx(
+        perplexity(model, tokens, 16, progress=False), rel=1e-12)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5])
+def test_bad_max_windows_raises(bad):
+    with pytest.raises(ValueError, match="max_windows"):
+        perplexity(tiny_model("llama"), torch.randint(0, 256, (1, 64)), 16, max_windows=bad, progress=False)

@@ -1,17 +1,24 @@
-"""load_model on the shared story llama and the embedded SmolLM2 GGUF; source resolution and error messages;
-resolve_device / resolve_dtype."""
+"""sparsefast.models.loading: load_model on the shared story llama and the embedded SmolLM2 GGUF, source resolution
+and error messages, and hostile or broken checkpoints: no remote code ever runs, no pickle is executed, and every
+broken file (truncated safetensors, pickle .bin, missing weights) is one ValueError naming the file, raised before
+anything is built from it. (structure.json checkpoints: tests/models/test_structural.py.)"""
 
 from __future__ import annotations
 
+import builtins
 import importlib.util
 import json
+import shutil
+import struct
+from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
-from sparsefast.device import resolve_device, resolve_dtype
-from sparsefast.models import get_adapter, load_model, resolve_model_source
+from sparsefast.models import get_adapter, load_model, resolve_model_source, save_structural
 from sparsefast.models import loading as loading_mod
+from tests.conftest import tiny_model
 
 
 def test_story_llama_loads_in_eval_mode(story_llama_dir):
@@ -61,9 +68,6 @@ def test_source_resolution(tmp_path, story_llama_dir):
 
 
 def test_structural_checkpoint_is_delegated(tmp_path, monkeypatch):
-    from sparsefast.prune.structural import checkpoint
-    from tests.conftest import tiny_model
-
     (tmp_path / "structure.json").write_text(json.dumps({"layers": []}))
     calls = []
 
@@ -71,7 +75,7 @@ def test_structural_checkpoint_is_delegated(tmp_path, monkeypatch):
         calls.append((path, dtype, device))
         return tiny_model("llama").train(), "tok"
 
-    monkeypatch.setattr(checkpoint, "load_structural", fake_load_structural)
+    monkeypatch.setattr(loading_mod, "load_structural", fake_load_structural)
     model, tok = load_model(str(tmp_path), dtype=torch.float16)
     assert calls == [(str(tmp_path), torch.float16, "cpu")] and tok == "tok" and not model.training
 
@@ -99,18 +103,113 @@ def test_smollm2_gguf_default_model():
     assert tokenizer.decode(logits.argmax().item()).strip() == "Paris"
 
 
-def test_resolve_device_and_dtype():
-    assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
-    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    with pytest.raises(ValueError, match="unknown device"):
-        resolve_device("tpu0")
-    with pytest.raises(ValueError, match="unsupported device"):
-        resolve_device("meta")
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="CUDA is not available.*--device cpu"):
-            resolve_device("cuda")
-    assert resolve_dtype("auto") is None and resolve_dtype(None) is None
-    assert resolve_dtype("bf16") is torch.bfloat16 and resolve_dtype("float16") is torch.float16
-    with pytest.raises(ValueError, match="unknown dtype"):
-        resolve_dtype("int8")
+EVIL_CODE = "import pathlib\npathlib.Path({marker!r}).write_text('the checkpoint ran code')\n"
+
+
+@pytest.fixture()
+def say_yes(monkeypatch):
+    """A user who presses 'y' at transformers' "run the custom code?" prompt."""
+    monkeypatch.setattr(builtins, "input", lambda *a, **k: "y")
+
+
+def custom_code_dir(tmp_path, model_type: str):
+    d = tmp_path / f"custom-{model_type}"
+    d.mkdir()
+    marker = tmp_path / "RAN"
+    for mod in ("configuration_evil", "modeling_evil"):
+        (d / f"{mod}.py").write_text(EVIL_CODE.format(marker=str(marker)))
+    (d / "config.json").write_text(json.dumps({
+        "model_type": model_type, "architectures": ["EvilForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_evil.EvilConfig",
+                     "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}}))
+    return d, marker
+
+
+def test_custom_architecture_is_refused_before_any_code_runs(tmp_path, say_yes):
+    d, marker = custom_code_dir(tmp_path, "evil")
+    with pytest.raises(ValueError, match="unsupported architecture 'evil'"):
+        load_model(str(d))
+    assert not marker.exists()
+
+
+def test_every_from_pretrained_passes_trust_remote_code_false(story_llama_dir, tmp_path, monkeypatch):
+    tok = transformers.AutoTokenizer.from_pretrained(story_llama_dir)
+    save_structural(tiny_model("llama").float(), tmp_path / "s", tokenizer=tok)
+    calls = []
+    for cls in (transformers.AutoConfig, transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
+        for name in ("from_pretrained", "from_config"):
+            if not hasattr(cls, name):
+                continue
+            real = getattr(cls, name)
+
+            def spy(*args, _real=real, _what=f"{cls.__name__}.{name}", **kwargs):
+                calls.append((_what, kwargs.get("trust_remote_code")))
+                return _real(*args, **kwargs)
+
+            monkeypatch.setattr(cls, name, spy)
+    load_model(str(story_llama_dir))
+    load_model(str(tmp_path / "s"))  # the structural loader
+    assert len(calls) >= 6 and all(trc is False for _, trc in calls), calls
+
+
+def test_every_from_pretrained_in_the_source_says_trust_remote_code_false():
+    """The runtime spy above covers load_model; this covers every other call site (CLIs, benchmarks, checkpoints)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[2]
+    missing = []
+    for path in sorted([*(root / "sparsefast").rglob("*.py"), *(root / "bench").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in ("from_pretrained", "from_config")):
+                ok = any(k.arg == "trust_remote_code" and isinstance(k.value, ast.Constant) and k.value.value is False
+                         for k in node.keywords)
+                if not ok:
+                    missing.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not missing, f"from_pretrained/from_config without trust_remote_code=False: {missing}"
+
+
+def story_copy(story_llama_dir, tmp_path, name="copy"):
+    d = tmp_path / name
+    shutil.copytree(story_llama_dir, d)
+    for p in d.iterdir():
+        p.chmod(0o644)
+    d.chmod(0o755)
+    return d
+
+
+@pytest.mark.parametrize("cut", ["truncated", "header_only"])
+def test_broken_safetensors_is_one_error_naming_the_file(story_llama_dir, tmp_path, cut):
+    d = story_copy(story_llama_dir, tmp_path)
+    data = (d / "model.safetensors").read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2] if cut == "truncated" else data[: 8 + n])
+    with pytest.raises(ValueError, match=r"model\.safetensors: not a complete safetensors file.*truncated or corrupt"):
+        load_model(str(d))
+
+
+def test_pickle_bin_is_refused_without_executing_it(story_llama_dir, tmp_path):
+    d = story_copy(story_llama_dir, tmp_path)
+    (d / "model.safetensors").unlink()
+    marker = tmp_path / "PWNED"
+
+    class Evil:
+        def __reduce__(self):
+            return (exec, (f"open({str(marker)!r}, 'w').write('ran')",))
+
+    torch.save({"model.embed_tokens.weight": Evil()}, d / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="refuses to unpickle") as info:
+        load_model(str(d))
+    assert "weights_only=False" not in str(info.value) and "\n" not in str(info.value)
+    assert not marker.exists()
+
+
+def test_missing_weights_are_refused_not_randomly_initialised(story_llama_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d = story_copy(story_llama_dir, tmp_path)
+    state = load_file(str(d / "model.safetensors"))
+    del state["model.layers.1.mlp.down_proj.weight"]
+    save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lack 1 tensors.*down_proj"):
+        load_model(str(d))

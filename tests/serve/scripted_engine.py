@@ -1,6 +1,7 @@
 """A scripted stand-in for GenerationEngine, for HTTP-layer behaviours the real engine makes hard to pin down in a
-test (a queue that is full right now, a stream slow enough to disconnect from, an engine error). It follows the
-serve contract: submit() -> RequestStream of TokenEvents, QueueFullError, cancel(), queue_depth / running.
+test (a queue that is full right now, a stream slow enough to disconnect from, an engine error). It declares and
+implements the engine contract (sparsefast.serve.engine_client): `ScriptedEngine` is an `EngineClient`, its streams
+are `TokenStream`s (tests/serve/test_engine_client.py checks both against the protocols).
 
 Request k of a prompt emits tokens "w0 w1 ..." (one per `step_s`), each token id = last prompt id + i."""
 
@@ -10,12 +11,13 @@ import asyncio
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
-from sparsefast.serve.engine import EngineClosedError, QueueFullError, SamplingParams, TokenEvent
+from sparsefast.serve.engine_client import EngineClient, EngineClosedError, QueueFullError, TokenEvent, TokenStream
+from sparsefast.serve.sampling import SamplingParams
 
 
-class ScriptedStream:
+class ScriptedStream(TokenStream):
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         self.request_id, self.prompt_ids, self.params = request_id, prompt_ids, params
         self.submitted = time.perf_counter()
@@ -25,13 +27,6 @@ class ScriptedStream:
 
     def cancel(self) -> None:
         self.cancelled.set()
-
-    def __iter__(self) -> Iterator[TokenEvent]:
-        while True:
-            ev = self.events.get(timeout=30)
-            yield ev
-            if ev.finish_reason is not None:
-                return
 
     async def __aiter__(self) -> AsyncIterator[TokenEvent]:
         while True:
@@ -45,7 +40,7 @@ class ScriptedStream:
                 return
 
 
-class ScriptedEngine:
+class ScriptedEngine(EngineClient):
     """Runs up to `max_batch` scripted requests at a time in one thread; `hold` (set by default) pauses admission
     so tests can fill the queue; `fail_after` makes every request end with finish_reason "error" after that many
     tokens."""
@@ -54,7 +49,6 @@ class ScriptedEngine:
                  fail_after: int | None = None) -> None:
         self.max_batch, self.max_queue, self.max_model_len = max_batch, max_queue, max_model_len
         self.step_s, self.fail_after = step_s, fail_after
-        self.model_name = "sparsefast"
         self.admit = threading.Event()
         self.admit.set()
         self.waiting: list[ScriptedStream] = []

@@ -1,4 +1,6 @@
-"""Helpers for the server tests: run an app under uvicorn on a free 127.0.0.1 port in a thread, always shut down."""
+"""Helpers for the server tests: run an app under uvicorn on a free 127.0.0.1 port in a thread (always shut down),
+the settings of the real-engine server (the `served` fixture in conftest.py) and of the scripted-engine servers, and
+what the tests compare the server's answers with."""
 
 from __future__ import annotations
 
@@ -10,11 +12,25 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import openai
 import uvicorn
+
+from sparsefast.serve.app import ServerConfig, create_app
+from sparsefast.serve.engine import GenerationEngine, SamplingParams
+from sparsefast.serve.engine_client import EngineClient
 
 # the story llama's tokenizer has no chat template; this one is what the tests serve it with
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+# the real-engine server: the story llama under this name, key and limits
+MODEL, KEY = "story-llama", "test-key"
+MAX_MODEL_LEN, TOKENS_LIMIT, BODY_LIMIT = 256, 200, 8192
+PROMPTS = ["Once upon a time", "The little dog", "Lily and Tom went to the park", "One day, a big bird",
+           "There was a girl named Sue", "The sun was hot", "Max had a red ball", "In a small town",
+           "The cat sat on", "Mom said", "A boy found a box", "The tree was tall and", "Ben liked to",
+           "It was a rainy day", "The frog jumped", "Anna saw a star"]
+SCRIPTED_MODEL = "scripted"  # the name the scripted-engine servers serve
 
 
 def free_port() -> int:
@@ -66,3 +82,24 @@ def wait_until(predicate: Any, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.01)
+
+
+def reference_text(engine: GenerationEngine, tokenizer: Any, ids: list[int], max_tokens: int) -> str:
+    """What the engine produces for this prompt alone (greedy), detokenized the way the server's text is."""
+    out = engine.generate(ids, SamplingParams(max_tokens=max_tokens, temperature=0.0))
+    return tokenizer.decode(out, skip_special_tokens=True)
+
+
+def completion_ids(tokenizer: Any, prompt: str) -> list[int]:
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+def serve_scripted(engine: EngineClient, tokenizer: Any, **config: Any) -> contextlib.AbstractContextManager[str]:
+    """A server over a scripted engine (tests.serve.scripted_engine) under SCRIPTED_MODEL; yields its base URL."""
+    app = create_app(lambda: (engine, tokenizer), ServerConfig(model_name=SCRIPTED_MODEL, **config))
+    return running_server(app)
+
+
+def scripted_client(base: str, **kw: Any) -> openai.OpenAI:
+    """An openai client for a scripted-engine server (no key, no retries)."""
+    return openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=30, **kw)

@@ -1,17 +1,25 @@
-"""GenerationEngine output against transformers' generate, token for token (greedy), on the tiny story llama:
-dense, structurally pruned (different head counts and MLP widths per layer), 2:4 magnitude-pruned, and prompts of
-different lengths served concurrently; both runners (batched LLaMA runner and the per-request HF fallback)."""
+"""GenerationEngine on the tiny story llama (CPU). Output against transformers' generate, token for token (greedy):
+dense, structurally pruned (different head counts and MLP widths per layer), 2:4 magnitude-pruned, prompts of
+different lengths served concurrently, both runners (batched LLaMA runner and the per-request HF fallback). Then the
+scheduling behaviours: seeded sampling, top-k/top-p, stop strings, EOS, max_tokens, cancel, the bounded queue,
+shutdown, input validation and asyncio streaming."""
 
 from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterator
 
 import pytest
 import torch
 
-from sparsefast.serve.engine import GenerationEngine, SamplingParams
+from sparsefast.serve.engine import EngineClosedError, GenerationEngine, QueueFullError, SamplingParams
 
 PROMPTS = ["Once upon a time", "The little dog ran to the park and saw a big", "Tom had a red ball. He",
            "Lily", "One day, a girl named Sue went to the shop with her mom. She wanted to buy"]
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+PROMPT = PROMPTS[0]
 
 
 def _load(story_llama_dir):
@@ -25,6 +33,24 @@ def dense(story_llama_dir):
     return _load(story_llama_dir)
 
 
+@contextlib.contextmanager
+def running_engine(model, tokenizer, **engine_kw) -> Iterator[GenerationEngine]:
+    """A started engine, shut down however the block ends."""
+    engine = GenerationEngine(model, tokenizer, **engine_kw)
+    engine.start()
+    try:
+        yield engine
+    finally:
+        engine.shutdown()
+
+
+@pytest.fixture()
+def engine(dense):
+    model, tok = dense
+    with running_engine(model, tok, max_batch=4, max_queue=8, max_model_len=192) as eng:
+        yield eng
+
+
 def reference(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
     """transformers' greedy generate, never stopping at EOS (as ignore_eos=True)."""
     ids = tokenizer(prompt)["input_ids"]
@@ -34,12 +60,8 @@ def reference(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
 
 
 def served_alone(model, tokenizer, prompts, params=GREEDY, **engine_kw) -> list[list[int]]:
-    engine = GenerationEngine(model, tokenizer, max_model_len=128, **engine_kw)
-    engine.start()
-    try:
+    with running_engine(model, tokenizer, max_model_len=128, **engine_kw) as engine:
         return [engine.generate(tokenizer(p)["input_ids"], params) for p in prompts]
-    finally:
-        engine.shutdown()
 
 
 def served_together(model, tokenizer, prompts, params_list, **engine_kw) -> list[list[int]]:
@@ -52,6 +74,23 @@ def served_together(model, tokenizer, prompts, params_list, **engine_kw) -> list
         return [[t for ev in s for t in ev.token_ids] for s in streams]
     finally:
         engine.shutdown()
+
+
+def ids_of(tok, text=PROMPT):
+    return tok(text)["input_ids"]
+
+
+def collect(stream):
+    events = list(stream)
+    return events, [t for e in events for t in e.token_ids], "".join(e.text for e in events)
+
+
+def long_request_under_way(engine, tok):
+    """A 150-token greedy request that has produced its first event: (its stream, an iterator over the rest)."""
+    stream = engine.submit(ids_of(tok), SamplingParams(max_tokens=150, temperature=0.0, ignore_eos=True))
+    events = iter(stream)
+    next(events)
+    return stream, events
 
 
 @pytest.mark.parametrize("runner", ["batched", "hf"])
@@ -75,9 +114,8 @@ def test_structural_checkpoint_with_per_layer_widths(story_llama_dir, tmp_path):
     """Layer 0 loses half its KV groups (kv_groups mode) and MLP channels, layer 1 stays dense; the engine's cache
     is sized per layer. Saved and reloaded through the structural checkpoint path, as `sparsefast serve` loads it."""
     from sparsefast.api import load
-    from sparsefast.prune.structural import prune_structured
-    from sparsefast.prune.structural.checkpoint import save_structural
-    from sparsefast.prune.structural.config import StructuralConfig
+    from sparsefast.models import save_structural
+    from sparsefast.prune.structural import StructuralConfig, prune_structured
 
     model, tok = _load(story_llama_dir)
     prune_structured(model, tok, StructuralConfig(ratio=0.5, importance="l2", layers="0-0", gqa="kv_groups"))
@@ -129,37 +167,149 @@ def test_opt_family_uses_the_hf_runner():
     assert got == ref[0, 4:].tolist()
 
 
-def test_sparse24_swap_decodes_the_same_tokens(story_llama_dir):
-    """prepare_model(sparse="sparse24") puts Sparse24Linear in every 2:4 linear; the engine then runs those modules
-    and still matches generate on the unswapped 2:4 model. A dense model is left alone by "auto"."""
-    from sparsefast.api import prune
-    from sparsefast.config import MagnitudeConfig
-    from sparsefast.nn import Sparse24Linear
-    from sparsefast.serve.sparse import prepare_model
-
-    dense_model, _ = _load(story_llama_dir)
-    assert prepare_model(dense_model, "auto", "cpu") == []
-    model, tok = _load(story_llama_dir)
-    prune(model, MagnitudeConfig(pattern="2:4", device="cpu"), progress=False)
-    expected = [reference(model, tok, p, GREEDY.max_tokens) for p in PROMPTS[:2]]
-    swapped = prepare_model(model, "sparse24", "cpu")
-    assert len(swapped) == 14 and isinstance(model.model.layers[1].mlp.up_proj, Sparse24Linear)
-    assert served_alone(model, tok, PROMPTS[:2]) == expected
-    with pytest.raises(ValueError, match="sparse must be one of"):
-        prepare_model(model, "on")
+def test_seeded_sampling_reproducible_alone_and_in_a_batch(engine, dense):
+    _, tok = dense
+    sp = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)
+    first = engine.generate(ids_of(tok), sp)
+    again = engine.generate(ids_of(tok), sp)
+    noise = [engine.submit(ids_of(tok, "Tom and Sue"), SamplingParams(max_tokens=30, temperature=1.0, seed=s))
+             for s in (1, 2)]
+    in_batch = engine.generate(ids_of(tok), sp)
+    for s in noise:
+        list(s)
+    greedy = engine.generate(ids_of(tok), SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))
+    assert first == again == in_batch
+    assert first != greedy  # temperature 1 over 20 tokens leaves the greedy path on this model
 
 
-def test_cpu_auto_swaps_only_to_sparse_linears_and_decodes_the_same(story_llama_dir):
-    """CPU "auto": the measured swap (SparseLinear where its kernel wins on this machine) on a 2:4 model; whatever
-    it chose, the engine's greedy tokens equal generate on the model before the swap."""
-    from sparsefast.api import prune
-    from sparsefast.config import MagnitudeConfig
-    from sparsefast.nn import SparseLinear
-    from sparsefast.serve.sparse import prepare_model
+def test_top_k_one_and_tiny_top_p_are_greedy(engine, dense):
+    _, tok = dense
+    greedy = engine.generate(ids_of(tok), SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
+    k1 = engine.generate(ids_of(tok), SamplingParams(max_tokens=16, temperature=1.5, top_k=1, seed=3,
+                                                     ignore_eos=True))
+    p0 = engine.generate(ids_of(tok), SamplingParams(max_tokens=16, temperature=1.5, top_p=1e-6, seed=3,
+                                                     ignore_eos=True))
+    assert greedy == k1 == p0
 
-    model, tok = _load(story_llama_dir)
-    prune(model, MagnitudeConfig(pattern="2:4", device="cpu"), progress=False)
-    expected = [reference(model, tok, p, GREEDY.max_tokens) for p in PROMPTS[:2]]
-    for name in prepare_model(model, "auto", "cpu"):
-        assert isinstance(model.get_submodule(name), SparseLinear), name
-    assert served_alone(model, tok, PROMPTS[:2]) == expected
+
+def test_max_tokens_finishes_with_length(engine, dense):
+    _, tok = dense
+    events, ids, _ = collect(engine.submit(ids_of(tok), SamplingParams(max_tokens=9, temperature=0.0,
+                                                                       ignore_eos=True)))
+    assert len(ids) == 9 and events[-1].finish_reason == "length" and events[-1].completion_tokens == 9
+    assert all(e.finish_reason is None for e in events[:-1])
+    assert [e.prompt_tokens for e in events] == [len(ids_of(tok))] * len(events)
+
+
+def test_stop_string_cuts_text_and_ends_with_stop(engine, dense):
+    _, tok = dense
+    full_ids = engine.generate(ids_of(tok), SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
+    full = tok.decode(full_ids, skip_special_tokens=True)
+    stop = full[len(full) // 2: len(full) // 2 + 5]
+    assert stop.strip() and full.find(stop) > 0
+    events, ids, text = collect(engine.submit(ids_of(tok), SamplingParams(max_tokens=40, temperature=0.0,
+                                                                          stop=("zzzz", stop))))
+    assert text == full[:full.find(stop)]
+    assert events[-1].finish_reason == "stop" and len(ids) < 40 and ids == full_ids[:len(ids)]
+
+
+def test_eos_ends_the_request_unless_ignored(engine, dense):
+    _, tok = dense
+    full = engine.generate(ids_of(tok), SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))
+    engine.eos_ids = frozenset({full[6]})  # pretend the 7th greedy token is the model's EOS
+    events, ids, _ = collect(engine.submit(ids_of(tok), SamplingParams(max_tokens=20, temperature=0.0)))
+    assert ids == full[:full.index(full[6]) + 1] and events[-1].finish_reason == "stop"
+    assert engine.generate(ids_of(tok), SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)) == full
+
+
+def test_stream_text_reassembles_to_decode(engine, dense):
+    _, tok = dense
+    events, ids, text = collect(engine.submit(ids_of(tok), SamplingParams(max_tokens=30, temperature=0.7, seed=5,
+                                                                          ignore_eos=True)))
+    assert text == tok.decode(ids, skip_special_tokens=True)
+    assert all(b.time >= a.time for a, b in zip(events, events[1:]))
+
+
+def test_cancel_frees_the_slot_for_the_next_request(dense):
+    model, tok = dense
+    with running_engine(model, tok, max_batch=1, max_queue=4, max_model_len=192) as eng:
+        long, it = long_request_under_way(eng, tok)
+        waiting = eng.submit(ids_of(tok, "Tom"), SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
+        assert eng.queue_depth == 1
+        long.cancel()
+        long.cancel()  # idempotent
+        rest = list(it)
+        assert rest[-1].finish_reason == "cancelled" and sum(len(e.token_ids) for e in rest) < 149
+        events, ids, _ = collect(waiting)
+        assert len(ids) == 5 and events[-1].finish_reason == "length"
+        deadline = time.monotonic() + 5
+        while eng.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert eng.running == 0 and eng._slots.free == [0]
+
+
+def test_cancel_while_waiting_leaves_the_queue(dense):
+    model, tok = dense
+    with running_engine(model, tok, max_batch=1, max_queue=2, max_model_len=192) as eng:
+        running, it = long_request_under_way(eng, tok)
+        waiting = eng.submit(ids_of(tok), SamplingParams(max_tokens=4))
+        waiting.cancel()
+        assert [e.finish_reason for e in waiting] == ["cancelled"]  # ends while the only slot is still busy
+        assert eng.queue_depth == 0 and eng.running == 1
+        running.cancel()
+        assert list(it)[-1].finish_reason == "cancelled"
+
+
+def test_queue_full_raises_and_shutdown_cancels_waiting(dense):
+    model, tok = dense
+    eng = GenerationEngine(model, tok, max_batch=2, max_queue=2, max_model_len=64)  # not started: nothing runs
+    streams = [eng.submit(ids_of(tok), SamplingParams(max_tokens=4)) for _ in range(2)]
+    assert eng.queue_depth == 2
+    with pytest.raises(QueueFullError, match="max_queue 2"):
+        eng.submit(ids_of(tok), SamplingParams(max_tokens=4))
+    eng.shutdown()
+    for s in streams:
+        assert [e.finish_reason for e in s] == ["cancelled"]
+    with pytest.raises(EngineClosedError):
+        eng.submit(ids_of(tok), SamplingParams(max_tokens=4))
+    eng.shutdown()  # idempotent
+
+
+def test_shutdown_cancels_running_requests(dense):
+    model, tok = dense
+    eng = GenerationEngine(model, tok, max_batch=2, max_model_len=192)
+    eng.start()
+    _, it = long_request_under_way(eng, tok)
+    eng.shutdown()
+    assert list(it)[-1].finish_reason == "cancelled"
+    assert not eng._thread.is_alive()
+
+
+def test_bad_requests_raise_value_errors_naming_the_problem(engine, dense):
+    _, tok = dense
+    with pytest.raises(ValueError, match="empty"):
+        engine.submit([], SamplingParams())
+    with pytest.raises(ValueError, match=r"180 tokens \+ max_tokens 20 exceeds max_model_len 192"):
+        engine.submit([5] * 180, SamplingParams(max_tokens=20))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.submit([5, 99999], SamplingParams())
+    for bad, field in ((dict(max_tokens=0), "max_tokens"), (dict(temperature=-1.0), "temperature"),
+                       (dict(top_p=0.0), "top_p"), (dict(top_k=-2), "top_k"), (dict(seed=-1), "seed"),
+                       (dict(stop=("",)), "stop")):
+        with pytest.raises(ValueError, match=f"^{field}:"):
+            engine.submit(ids_of(tok), SamplingParams(**bad))
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        GenerationEngine(engine.model, tok, max_model_len=100000)
+
+
+def test_async_iteration_streams_the_same_tokens(engine, dense):
+    _, tok = dense
+    sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    expected = engine.generate(ids_of(tok), sp)
+
+    async def run_two():
+        async def one():
+            return [t async for e in engine.submit(ids_of(tok), sp) for t in e.token_ids]
+        return await asyncio.gather(one(), one())
+
+    assert asyncio.run(run_two()) == [expected, expected]

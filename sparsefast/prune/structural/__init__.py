@@ -3,8 +3,12 @@ Models", NeurIPS 2023, arXiv:2305.11627): discover coupled groups by tracing, sc
 calibration samples, remove the least important ones physically, save without pickle.
 
     report = prune_structured(model, tokenizer, StructuralConfig(ratio=0.2, importance="element1"), calib)
-    save_structural(model, "out/", tokenizer=tokenizer, report=report)
-    model, tokenizer = load_structural("out/")
+    sparsefast.models.save_structural(model, "out/", tokenizer=tokenizer, report=report)
+    model, tokenizer = sparsefast.load("out/")
+
+The checkpoint format (structure.json + safetensors) lives with the other checkpoint readers, in
+sparsefast.models.structural; this package only prunes. Its settings, StructuralConfig (exported here too, with
+prune_structured), live with the other configs in sparsefast.config.structural.
 """
 
 from __future__ import annotations
@@ -15,9 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparsefast.config.structural import StructuralConfig
 from sparsefast.models.weights import check_finite_weights
-from sparsefast.prune.structural.checkpoint import load_structural, save_structural, structure_of
-from sparsefast.prune.structural.config import StructuralConfig, parse_layer_range
 from sparsefast.prune.structural.graph import StructureGraph, build_graph, decoder_layers
 from sparsefast.prune.structural.importance import unit_importance
 from sparsefast.prune.structural.slicing import (
@@ -29,8 +32,7 @@ from sparsefast.prune.structural.slicing import (
 )
 from sparsefast.prune.structural.strategies import plan_candidates, select
 
-__all__ = ["StructuralConfig", "build_graph", "count_parameters", "load_structural", "macs_per_token",
-           "mask_dense", "parse_layer_range", "prune_structured", "save_structural", "structure_of"]
+__all__ = ["StructuralConfig", "build_graph", "count_parameters", "macs_per_token", "mask_dense", "prune_structured"]
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -87,10 +89,10 @@ def prune_structured(model: nn.Module, tokenizer, config: StructuralConfig,
     """Prune `model` in place per `config`; returns the report written to sparsefast.json.
 
     calib: LongTensor [nsamples, seqlen] of token ids for the gradient importances; None → drawn from
-    `calib_source` with `tokenizer` (only when the importance needs gradients). Every check on the request runs
-    before any gradient is computed or weight touched, including config.seqlen against the model's context.
+    `calib_source` with `tokenizer` (only when the importance needs gradients). `config` is valid by construction;
+    every check that needs the model runs once, before any gradient is computed or weight touched: finite weights,
+    config.seqlen against the model's context, and the plan (layer ranges, ratios) in `plan_candidates`.
     """
-    config.validate()
     check_finite_weights(model)  # a NaN would spread through the Taylor importances into a "pruned" model
     if calib is None:
         config.check_context(getattr(getattr(model, "config", None), "max_position_embeddings", None))

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sparsefast.models import get_adapter
 from sparsefast.prune.structural.trace import NodeSpace, connected_components, trace_channels
 
 
@@ -73,13 +74,11 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """(qualified name, ModuleList) of the decoder layers: the adapter's hint, else the longest ModuleList of
     modules of one class."""
     try:
-        from sparsefast.models import get_adapter
-
         layers = get_adapter(model).decoder_layers(model)
         for name, mod in model.named_modules():
             if mod is layers:
                 return name, mod
-    except (ImportError, AttributeError, ValueError, KeyError, TypeError):
+    except (AttributeError, ValueError, KeyError, TypeError):  # no adapter for this family: search instead
         pass
     best = None
     for name, mod in model.named_modules():

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from sparsefast.prune.structural.config import StructuralConfig
+from sparsefast.config.structural import StructuralConfig
 from sparsefast.prune.structural.graph import Member, Unit
 
 

@@ -15,12 +15,9 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from sparsefast.models.structural import HEAD_ATTRS, MLP_ATTRS, replace_parameter, sync_module_shapes
 from sparsefast.ops.structured_gather import structured_gather
 from sparsefast.prune.structural.graph import StructureGraph, Unit, decoder_layers
-from sparsefast.prune.structural.trace import is_norm_module
-
-HEAD_ATTRS = ("num_heads", "num_attention_heads", "num_key_value_heads", "num_key_value_groups")
-MLP_ATTRS = ("intermediate_size", "ffn_dim")
 
 
 def removed_index(units: list[Unit]) -> dict[tuple[str, int], torch.Tensor]:
@@ -44,26 +41,6 @@ def mask_dense(model: nn.Module, units: list[Unit], layers: list[int] = ()) -> N
         for i in layers:
             for p in mods[i].parameters():
                 p.zero_()
-
-
-def replace_parameter(model: nn.Module, old: nn.Parameter, new: torch.Tensor) -> None:
-    """Swap `old` for `new` in every module that holds it (tied weights stay tied)."""
-    param = nn.Parameter(new, requires_grad=old.requires_grad)
-    for mod in model.modules():
-        for key, value in list(mod._parameters.items()):
-            if value is old:
-                mod._parameters[key] = param
-
-
-def sync_module_shapes(model: nn.Module) -> None:
-    """Make Linear/Embedding/norm attributes agree with their (possibly sliced) weights."""
-    for mod in model.modules():
-        if isinstance(mod, nn.Linear):
-            mod.out_features, mod.in_features = mod.weight.shape
-        elif isinstance(mod, nn.Embedding):
-            mod.num_embeddings, mod.embedding_dim = mod.weight.shape
-        elif is_norm_module(mod) and hasattr(mod, "normalized_shape"):
-            mod.normalized_shape = (next(mod.parameters()).shape[0],)
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sparsefast.prune.structural.config import StructuralConfig, parse_layer_range
+from sparsefast.config.structural import StructuralConfig, parse_layer_range
 from sparsefast.prune.structural.graph import Member, StructureGraph, Unit
 
 
@@ -75,8 +75,8 @@ def _head_width(unit: Unit) -> int:
 
 
 def plan_candidates(model: nn.Module, graph: StructureGraph, config: StructuralConfig) -> Plan:
-    """Candidate buckets for `config` on `model`; raises ValueError on any impossible request (before work)."""
-    config.validate()
+    """Candidate buckets for `config` on `model`; raises ValueError on any request this model cannot satisfy (layer
+    range outside it, a ratio that would remove every unit of a kind), before any work."""
     r = float(config.ratio)
     if config.strategy == "channel":  # the hidden dimension spans every layer: no layer range
         plan = Plan(config.strategy, layer_range=(0, graph.num_layers))

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from sparsefast.models.structural import is_norm_module
+
 aten = torch.ops.aten
 
 # applied to the label tensor exactly as to the data (only args[0] carries labels; the rest are sizes / indices)
@@ -41,14 +43,6 @@ _SAME_SHAPE_REDUCTIONS = {aten._softmax, aten.softmax, aten._log_softmax, aten.l
 _REDUCTIONS = {aten.mean, aten.sum, aten.amax, aten.amin, aten.var, aten.std, aten.logsumexp, aten.norm,
                aten.linalg_vector_norm}
 _CONTRACTIONS = {aten.bmm, aten.mm, aten.baddbmm, aten.addmm}
-
-
-def is_norm_module(module: nn.Module) -> bool:
-    """A leaf module (not Linear/Embedding) whose parameters are all 1-D of one size: LayerNorm, RMSNorm, ..."""
-    if isinstance(module, (nn.Linear, nn.Embedding)) or next(module.children(), None) is not None:
-        return False
-    params = list(module.parameters(recurse=False))
-    return bool(params) and all(p.dim() == 1 for p in params) and len({p.shape[0] for p in params}) == 1
 
 
 @dataclass

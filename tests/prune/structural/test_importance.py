@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sparsefast.prune.structural.config import StructuralConfig
+from sparsefast.config.structural import StructuralConfig
 from sparsefast.prune.structural.graph import Member, build_graph
 from sparsefast.prune.structural.importance import (
     accumulate_gradients,

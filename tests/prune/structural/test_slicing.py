@@ -7,7 +7,6 @@ import copy
 import pytest
 import torch
 
-from sparsefast.ops.structured_gather import structured_gather, structured_gather_ref
 from sparsefast.prune.structural import StructuralConfig, build_graph, mask_dense, prune_structured
 from sparsefast.prune.structural.importance import unit_importance
 from sparsefast.prune.structural.strategies import plan_candidates, select
@@ -86,21 +85,3 @@ def test_global_ranking_keeps_budget_and_divisibility():
     for info in report["layers"]:
         assert info["num_key_value_heads"] == 2 and info["num_attention_heads"] % 2 == 0
         assert info["num_attention_heads"] >= 2
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
-def test_structured_gather_matches_index_select(dtype):
-    gen = torch.Generator().manual_seed(0)
-    mats = [torch.randn(37, 19, generator=gen).to(dtype), torch.randn(5, 131, generator=gen).to(dtype),
-            torch.randn(23, generator=gen).to(dtype), torch.randn(1, 7, generator=gen).to(dtype)]
-    dims = [0, 1, 0, 1]
-    indices = [torch.tensor([0, 3, 3, 36]), torch.randperm(131, generator=gen)[:60].sort().values,
-               torch.tensor([22]), torch.tensor([], dtype=torch.long)]
-    out = structured_gather(mats, dims, indices, backend="torch")
-    ref = structured_gather_ref(mats, dims, indices)
-    for o, r, m, d, i in zip(out, ref, mats, dims, indices):
-        assert torch.equal(o, r) and torch.equal(o, m.index_select(d, i)) and o.is_contiguous()
-    with pytest.raises(ValueError, match="outside"):
-        structured_gather(mats[:1], [0], [torch.tensor([37])])
-    with pytest.raises(ValueError, match="int64"):
-        structured_gather(mats[:1], [0], [torch.tensor([1], dtype=torch.int32)])

@@ -1,0 +1,143 @@
+"""Decode-speed measurements in gpt-fast's units: tokens/s with the weight bytes each token reads next to them.
+
+* `engine_batch1`: one request through sparsefast.serve's GenerationEngine: tokens/s end to end (N new tokens / time
+  from submit to the last token), decode-only ((N - 1) / time from the first to the last token), TTFT, and the median
+  inter-token latency (robust to the few-ms stalls a shared CPU adds to some steps: 1 / ITL is the steady state).
+* `engine_concurrent`: C requests submitted together; output-token throughput = C·N / (last token − submit).
+* `generate_batch1`: `model.generate(do_sample=False)`, the peer of the engine at batch 1.
+* `transformers_cb`: transformers' continuous batching (`generate_batch`, paged cache) on the same prompts, the
+  peer at batch C; the error it raises is recorded, not fatal (whether it handles a checkpoint is part of the result).
+* `weight_bytes_per_token`: every parameter and buffer a decode step reads (shared tensors once; an untied input
+  embedding counts one row, the LM head counts whole; a sparse linear counts the format its dispatch runs at one
+  token), so weight GB/s = bytes/token × tokens/s, compared with sparsefast.bench.memory.memory_bandwidth.
+EOS is ignored (`ignore_eos`, `min_new_tokens`) so every request makes exactly N tokens.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from sparsefast.serve.engine import GenerationEngine, SamplingParams
+
+
+class IdTokenizer:
+    """For random-weight models: token ids as text (the engine needs decode; there is no EOS)."""
+
+    eos_token_id = None
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return " ".join(map(str, ids))
+
+
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of every parameter/buffer a one-token decode step reads (module docstring)."""
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and getattr(head, "weight", None) is not None and head.weight.data_ptr() == \
+        embed.data_ptr()
+    seen, total = set(), 0
+    for mod in model.modules():
+        if hasattr(mod, "backend_for") and hasattr(mod, "packed"):  # a sparse linear: count the path a token takes
+            probe = torch.zeros(1, mod.in_features, dtype=embed.dtype, device=embed.device)
+            use_dense = mod.backend_for(probe) == "dense" and getattr(mod, "dense", None) is not None
+            read = [mod.dense] if use_dense else list(mod.packed())
+            read += [mod.bias] if mod.bias is not None else []
+            total += sum(t.numel() * t.element_size() for t in read)
+            seen.update(t.data_ptr() for t in mod.buffers())
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        if t.data_ptr() == embed.data_ptr() and not tied:
+            total += embed.shape[1] * embed.element_size()
+        else:
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _median_gap(times: list[float]) -> float:
+    """Median time between consecutive tokens."""
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    return statistics.median(gaps) if gaps else float("nan")
+
+
+def engine_batch1(engine: GenerationEngine, prompt: list[int], n: int) -> dict[str, float]:
+    """One greedy request of exactly `n` tokens: tokens_per_s, decode_tokens_per_s, ttft_s, median_itl_s."""
+    stream = engine.submit(prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+    events = [e for e in stream if e.token_ids]
+    assert len(events) == n, f"engine produced {len(events)} tokens, expected {n}"
+    first, last = events[0].time, events[-1].time
+    return {"tokens_per_s": n / (last - stream.submitted), "decode_tokens_per_s": (n - 1) / (last - first)
+            if n > 1 else float("nan"), "ttft_s": first - stream.submitted,
+            "median_itl_s": _median_gap([e.time for e in events])}
+
+
+def engine_concurrent(engine: GenerationEngine, prompts: list[list[int]], n: int) -> dict[str, float]:
+    """All prompts submitted together, `n` tokens each: output_tokens_per_s, wall_s, tpot_s_median, median_itl_s."""
+    t0 = time.perf_counter()
+    streams = [engine.submit(p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)) for p in prompts]
+    ends, tpots, itls = [], [], []
+    for s in streams:
+        events = [e for e in s if e.token_ids]
+        assert len(events) == n
+        ends.append(events[-1].time)
+        tpots.append((events[-1].time - events[0].time) / max(n - 1, 1))
+        itls.append(_median_gap([e.time for e in events]))
+    wall = max(ends) - t0
+    return {"output_tokens_per_s": len(prompts) * n / wall, "wall_s": wall,
+            "tpot_s_median": statistics.median(tpots), "median_itl_s": statistics.median(itls)}
+
+
+class _TokenClock:
+    """A generate() streamer that only timestamps: put() is called with the prompt, then once per new token."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: Any) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def generate_batch1(model: torch.nn.Module, prompt: list[int], n: int, device: torch.device) -> dict[str, float]:
+    """`model.generate` of exactly `n` greedy tokens at batch 1: tokens_per_s (end to end), median_itl_s."""
+    ids = torch.tensor([prompt], device=device)
+    clock = _TokenClock()
+    _sync(device)
+    t0 = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, streamer=clock)
+    _sync(device)
+    dt = time.perf_counter() - t0
+    assert out.shape[1] == len(prompt) + n
+    return {"tokens_per_s": n / dt, "median_itl_s": _median_gap(clock.times[1:])}
+
+
+def transformers_cb(model: torch.nn.Module, prompts: list[list[int]], n: int) -> dict[str, Any]:
+    """transformers' continuous batching on the same prompts: tokens/s (all requests) or the error it raised."""
+    from transformers import GenerationConfig
+
+    cfg = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    t0 = time.perf_counter()
+    try:
+        out = model.generate_batch(prompts, generation_config=cfg, warmup=False)
+    except Exception as exc:  # recorded: whether the peer handles this checkpoint is part of the measurement
+        return {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    dt = time.perf_counter() - t0
+    made = [len(o.generated_tokens) for o in out.values()]
+    failed = [rid for rid, o in out.items() if getattr(o, "error", None)]
+    res: dict[str, Any] = {"tokens_per_s": sum(made) / dt, "wall_s": dt, "generated": made}
+    if failed or sum(made) < len(prompts) * n:
+        res["error"] = f"{len(failed)} failed requests, {sum(made)} of {len(prompts) * n} tokens"
+    return res

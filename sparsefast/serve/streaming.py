@@ -1,0 +1,167 @@
+"""From an engine's `TokenStream` to an HTTP answer: the whole text of a non-streamed request (`collect_text`), or
+server-sent events (`EventStream` over `completion_chunks` / `chat_chunks`).
+
+SSE format (OpenAI's): one `data: {json}` line per chunk, each followed by a blank line, then `data: [DONE]`. A chunk
+goes out for every event with text or a finish reason; chat streams open with a chunk whose delta holds the role;
+`stream_options.include_usage` adds `"usage": null` to every chunk and a last chunk with empty choices and the usage.
+A request the engine ends "error" or "cancelled" gets an error chunk ({"error": {...}}, code = the finish reason)
+instead of a finish, then `[DONE]`.
+
+Both paths watch for the client's `http.disconnect` while they wait for the engine, and cancel the request however
+they end, so a client that goes away frees its batch slot at the next engine step. Both feed the metrics (time to
+first token, time per output token, latency, token counts) for requests that end normally.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import anyio
+import anyio.abc
+from fastapi import Request
+from fastapi.responses import Response
+
+from sparsefast.serve import protocol as P
+from sparsefast.serve.engine_client import TokenEvent, TokenStream
+from sparsefast.serve.errors import APIError, error_body
+from sparsefast.serve.metrics import ServerMetrics
+
+# (event, chunk) pairs of one streamed request; event None for the chunks no event produced (chat's role chunk, the
+# usage chunk)
+Chunks = AsyncIterator[tuple[TokenEvent | None, dict[str, Any]]]
+
+
+def event_usage(event: TokenEvent) -> P.Usage:
+    """The usage block of a request from its last event."""
+    return P.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
+                   total_tokens=event.prompt_tokens + event.completion_tokens)
+
+
+class _MetricsTracker:
+    """Follows one request's events for the metrics (first-token time, last event)."""
+
+    def __init__(self, stream: TokenStream, metrics: ServerMetrics) -> None:
+        self.stream, self.metrics = stream, metrics
+        self.first: float | None = None
+        self.last: TokenEvent | None = None
+
+    def see(self, event: TokenEvent) -> None:
+        if self.first is None and event.token_ids:
+            self.first = event.time
+        self.last = event
+        if event.finish_reason is not None and event.finish_reason not in ("cancelled", "error"):
+            self.metrics.observe_request(submitted=self.stream.submitted, first_token=self.first,
+                                         last_event=event.time, prompt_tokens=event.prompt_tokens,
+                                         completion_tokens=event.completion_tokens)
+
+
+async def _until_disconnect(receive: Callable, scope: anyio.abc.CancelScope) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            scope.cancel()
+            return
+
+
+async def collect_text(request: Request, stream: TokenStream, metrics: ServerMetrics) -> tuple[str, TokenEvent]:
+    """All of a non-streamed request's text and its last event; a client disconnect cancels the request.
+
+    Raises APIError 500 when the engine failed the request, 503 when it was cancelled (shutdown) or the client left
+    before any event."""
+    tracker, parts = _MetricsTracker(stream, metrics), []
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_until_disconnect, request.receive, tg.cancel_scope)
+            async for event in stream:
+                tracker.see(event)
+                parts.append(event.text)
+            tg.cancel_scope.cancel()
+    finally:
+        stream.cancel()  # idempotent; frees the slot when the client went away
+    last = tracker.last
+    if last is None:  # the client disconnected before any event: nobody reads this answer
+        raise APIError(503, "client disconnected before the first token", code="cancelled")
+    if last.finish_reason == "error":
+        raise APIError(500, "generation failed inside the engine; see the server log", code="engine_error")
+    if last.finish_reason == "cancelled":
+        raise APIError(503, "request cancelled: the server is shutting down", code="cancelled")
+    return "".join(parts), last
+
+
+def _sse(obj: Mapping[str, Any] | str) -> bytes:
+    payload = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))
+    return f"data: {payload}\n\n".encode()
+
+
+async def _event_chunks(stream: TokenStream, head: dict[str, Any], include_usage: bool,
+                        choice: Callable[[TokenEvent], dict[str, Any]], first: dict[str, Any] | None = None) -> Chunks:
+    """`first` (if any), one chunk per event with text or a finish reason (`choice(event)` builds its choice), then
+    the usage chunk; an "error" or "cancelled" end yields an error chunk and nothing more."""
+    extra = {"usage": None} if include_usage else {}
+    if first is not None:
+        yield None, {**head, "choices": [first], **extra}
+    last = None
+    async for event in stream:
+        last = event
+        if event.finish_reason in ("cancelled", "error"):
+            status = 500 if event.finish_reason == "error" else 503
+            yield event, error_body(status, f"generation ended abnormally ({event.finish_reason})",
+                                    code=event.finish_reason)
+            return
+        if event.text or event.finish_reason is not None:
+            yield event, {**head, "choices": [choice(event)], **extra}
+    if include_usage and last is not None:
+        yield None, {**head, "choices": [], "usage": event_usage(last).model_dump()}
+
+
+def completion_chunks(stream: TokenStream, request_id: str, model: str, include_usage: bool) -> Chunks:
+    """The chunks of a streamed /v1/completions answer (`text_completion` objects)."""
+    head = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model}
+    return _event_chunks(stream, head, include_usage, lambda ev: {"index": 0, "text": ev.text, "logprobs": None,
+                                                                   "finish_reason": ev.finish_reason})
+
+
+def chat_chunks(stream: TokenStream, request_id: str, model: str, include_usage: bool) -> Chunks:
+    """The chunks of a streamed /v1/chat/completions answer (`chat.completion.chunk` objects, role chunk first)."""
+    head = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
+    first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+    return _event_chunks(stream, head, include_usage,
+                         lambda ev: {"index": 0, "delta": {"content": ev.text} if ev.text else {}, "logprobs": None,
+                                     "finish_reason": ev.finish_reason}, first)
+
+
+class EventStream(Response):
+    """A server-sent-event response that owns its engine request: it sends chunks as the engine produces them,
+    watches for the client's disconnect at the same time, and cancels the request however the response ends."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, stream: TokenStream, chunks: Chunks, metrics: ServerMetrics) -> None:
+        # no super().__init__: it would add "content-length: 0" for the empty initial body
+        self.status_code, self.background = 200, None
+        self.raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+                            (b"x-accel-buffering", b"no")]
+        self.stream, self.chunks = stream, chunks
+        self.tracker = _MetricsTracker(stream, metrics)
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_until_disconnect, receive, tg.cancel_scope)
+                await self._pump(send)
+                tg.cancel_scope.cancel()
+        except OSError:  # the client went away while we were sending
+            pass
+        finally:
+            self.stream.cancel()
+
+    async def _pump(self, send: Callable) -> None:
+        async for event, chunk in self.chunks:
+            if event is not None:
+                self.tracker.see(event)
+            await send({"type": "http.response.body", "body": _sse(chunk), "more_body": True})
+        await send({"type": "http.response.body", "body": _sse("[DONE]"), "more_body": False})

@@ -1,0 +1,48 @@
+"""sparsefast.bench.decode on a tiny random llama: the engine and generate measurements make exactly N tokens, and
+weight bytes per token count what a decode step reads."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sparsefast.bench.decode import (
+    IdTokenizer,
+    engine_batch1,
+    engine_concurrent,
+    generate_batch1,
+    weight_bytes_per_token,
+)
+from sparsefast.serve.engine import GenerationEngine
+from tests.conftest import tiny_model
+
+
+def _all_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def test_weight_bytes_count_one_embedding_row_unless_tied():
+    untied = tiny_model("llama", tie_word_embeddings=False)
+    embed = untied.get_input_embeddings().weight
+    assert weight_bytes_per_token(untied) == _all_bytes(untied) - embed.numel() * 4 + embed.shape[1] * 4
+    tied = tiny_model("llama", tie_word_embeddings=True)
+    assert tied.get_output_embeddings().weight.data_ptr() == tied.get_input_embeddings().weight.data_ptr()
+    assert weight_bytes_per_token(tied) == _all_bytes(tied)
+
+
+def test_engine_and_generate_make_exactly_n_tokens():
+    model = tiny_model("llama")
+    prompt = torch.randint(3, 256, (6,), generator=torch.Generator().manual_seed(0)).tolist()
+    assert IdTokenizer().decode([3, 4]) == "3 4"
+    engine = GenerationEngine(model, IdTokenizer(), max_batch=2, max_model_len=32)
+    engine.start()
+    try:
+        b1 = engine_batch1(engine, prompt, 5)  # asserts 5 tokens came
+        conc = engine_concurrent(engine, [prompt, prompt[::-1]], 4)
+    finally:
+        engine.shutdown()
+    assert b1["tokens_per_s"] > 0 and b1["decode_tokens_per_s"] > 0 and 0 < b1["ttft_s"]
+    assert not math.isnan(b1["median_itl_s"]) and conc["output_tokens_per_s"] > 0 and conc["wall_s"] > 0
+    gen = generate_batch1(model, prompt, 4, torch.device("cpu"))  # asserts prompt + 4 tokens
+    assert gen["tokens_per_s"] > 0 and gen["median_itl_s"] > 0

@@ -1,0 +1,24 @@
+"""sparsefast.bench.timing without CUDA: the median of perf_counter-timed calls (quick mode)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from sparsefast.bench.timing import time_ms, time_once_s
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path (CUDA times with triton's do_bench)")
+def test_cpu_timings_are_medians_of_real_calls():
+    delays = iter([0.0, 0.05, 0.0])
+    calls = []
+
+    def fn():
+        calls.append(1)
+        time.sleep(next(delays))
+
+    ms = time_ms(fn, cpu_calls=3, untimed_calls=5)  # untimed calls are a CUDA warm-up: none here
+    assert len(calls) == 3 and 0 <= ms < 40  # the median ignores the one slow call
+    assert time_once_s(lambda: time.sleep(0.01)) >= 0.01

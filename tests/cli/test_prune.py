@@ -1,0 +1,241 @@
+"""`sparsefast prune` end to end: a real tiny llama, the embedded GGUF default, and every bad input (exit code 2,
+a one-line error, nothing written): --out guards, a lost publish race, Ctrl-C, broken calibration files, a missing
+--data-dir and non-finite weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+import sparsefast.cli.prune as prune_cli
+from sparsefast.cli import main
+
+STORY = "Once upon a time there was a little fox who lived in the forest with her family. " * 40
+
+
+@pytest.fixture()
+def calib_file(tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text("\n\n".join([STORY, STORY[::-1], STORY.upper()]))
+    return path
+
+
+def run(argv, capsys):
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_prune_story_llama_and_reload(tmp_path, story_llama_dir, calib_file, capsys):
+    out = tmp_path / "out"
+    code, stdout, err = run(["prune", str(story_llama_dir), "--method", "sparsegpt", "--pattern", "2:4", "--calib",
+                             str(calib_file), "--nsamples", "3", "--seqlen", "64", "--device", "cpu", "--out",
+                             str(out), "--json", str(tmp_path / "report.json"), "--no-progress"], capsys)
+    assert code == 0, err
+    report = json.loads((out / "sparsefast.json").read_text())
+    assert report == json.loads((tmp_path / "report.json").read_text())
+    assert report["method"] == "sparsegpt" and report["pattern"] == "2:4" and report["model"] == str(story_llama_dir)
+    assert report["calibration"]["nsamples"] == 3 and report["calibration"]["seqlen"] == 64
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    for layer in model.model.layers:
+        for lin in (layer.self_attn.q_proj, layer.mlp.down_proj):
+            assert ((lin.weight != 0).view(lin.weight.shape[0], -1, 4).sum(-1) <= 2).all()
+    assert "achieved sparsity 0.5000" in stdout
+    assert transformers.utils.logging.is_progress_bar_enabled()  # --no-progress is undone for the rest of the process
+
+
+def test_gguf_default_model(tmp_path, capsys):
+    from sparsefast.models import smollm2_gguf_path
+
+    try:
+        smollm2_gguf_path()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    out = tmp_path / "smol"
+    code, _, err = run(["prune", "smollm2", "--method", "wanda", "--pattern", "4:8", "--calib", "c4",
+                        "--nsamples", "1", "--seqlen", "16", "--out", str(out), "--no-progress"], capsys)
+    assert code == 0, err
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    w = model.model.layers[3].mlp.gate_proj.weight
+    assert ((w != 0).view(w.shape[0], -1, 8).sum(-1) <= 4).all() and (w == 0).float().mean() == 0.5
+    emb = model.get_input_embeddings().weight  # never pruned (Q4_1 dequantized: it has zeros of its own)
+    assert ((emb != 0).view(emb.shape[0], -1, 8).sum(-1) > 4).any()
+
+
+def bad_cases(tmp_path, story, calib_file):
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("x")
+    base = [story, "--calib", str(calib_file), "--nsamples", "2", "--seqlen", "32"]
+    cases = [
+        (base + ["--sparsity", "1.0"], "sparsity must be a number in [0, 1)"),
+        (base + ["--sparsity", "-0.2"], "sparsity must be"),
+        (base + ["--pattern", "4:4"], "0 < N < M"),
+        (base + ["--pattern", "2:5"], "M=5 must divide"),
+        (base + ["--pattern", "dense"], "unknown pattern"),
+        (base + ["--method", "obs"], "unknown method"),
+        ([str(bert), "--nsamples", "2", "--seqlen", "32"], "unsupported architecture"),
+        (base + ["--nsamples", "0"], "nsamples must be an integer >= 1"),
+        (base[:-1] + ["600"], "exceeds the model's context of 512"),
+        ([story, "--calib", str(short), "--nsamples", "1", "--seqlen", "32"], "calibration text too short"),
+        ([story, "--calib", str(tmp_path / "missing.txt"), "--seqlen", "32"], "missing.txt"),
+        ([str(tmp_path / "nomodel")], "nomodel"),
+        (base + ["--eval", "imagenet"], "unknown perplexity dataset"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((base + ["--device", "cuda"], "CUDA is not available"))
+    return cases, full
+
+
+def test_bad_inputs_write_nothing(tmp_path, story_llama_dir, calib_file, capsys):
+    cases, full = bad_cases(tmp_path, str(story_llama_dir), calib_file)
+    for argv, msg in cases:
+        out = tmp_path / "never"
+        code, _, err = run(["prune", *argv, "--out", str(out), "--no-progress"], capsys)
+        last = err.strip().splitlines()[-1]
+        assert code == 2 and last.startswith("sparsefast prune: error:") and msg in last, (argv, err)
+        assert not out.exists(), argv
+    code, _, err = run(["prune", str(story_llama_dir), "--out", str(full)], capsys)
+    assert code == 2 and "not empty" in err and "--overwrite" in err
+    assert [p.name for p in full.iterdir()] == ["keep.txt"]
+    code, _, err = run(["prune", str(story_llama_dir)], capsys)
+    assert code == 2 and "nothing to do" in err
+
+
+def test_overwrite(tmp_path, story_llama_dir, calib_file, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "old.bin").write_text("x")
+    argv = ["prune", str(story_llama_dir), "--method", "magnitude", "--sparsity", "0.25", "--out", str(out),
+            "--overwrite", "--no-progress"]
+    code, _, err = run(argv, capsys)  # not a sparsefast output: --overwrite does not touch it
+    assert code == 2 and "not a sparsefast output" in err and (out / "old.bin").read_text() == "x"
+    (out / "sparsefast.json").write_text("{}")  # an earlier result of ours is replaced
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    assert not (out / "old.bin").exists() and json.loads((out / "sparsefast.json").read_text())["calibration"] is None
+
+
+def test_flags_left_out_give_the_config_defaults():
+    from sparsefast.cli import build_parser
+    from sparsefast.config import METHODS, make_config
+
+    for method in METHODS:
+        args = build_parser().parse_args(["prune", "m", "--method", method])
+        assert prune_cli.config_from_args(args) == make_config(method)
+
+
+def one_error_line(err: str, command: str = "prune") -> str:
+    lines = [ln for ln in err.strip().splitlines() if not ln.startswith(("Loading", "Writing"))]
+    assert len(lines) == 1 and lines[0].startswith(f"sparsefast {command}: error:"), err
+    return lines[0]
+
+
+MAGNITUDE = ["--method", "magnitude", "--sparsity", "0.25", "--device", "cpu", "--no-progress"]
+
+
+@pytest.fixture()
+def pruned_src(tmp_path, story_llama_dir, capsys):
+    """A mask-pruned checkpoint (our own output): the case where --overwrite alone would allow replacing it."""
+    src = tmp_path / "pruned-src"
+    assert run(["prune", str(story_llama_dir), *MAGNITUDE, "--out", str(src)], capsys)[0] == 0
+    return src
+
+
+def test_out_is_the_model_source(pruned_src, capsys):
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in pruned_src.iterdir())
+    code, _, err = run(["prune", str(pruned_src), *MAGNITUDE, "--out", str(pruned_src), "--overwrite"], capsys)
+    assert code == 2 and "is the model source" in one_error_line(err)
+    code, _, err = run(["prune", str(pruned_src), *MAGNITUDE, "--out", str(pruned_src.parent), "--overwrite"],
+                       capsys)
+    assert code == 2 and ("contains the model source" in err or "current directory" in err)
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in pruned_src.iterdir()) == before
+
+
+def test_out_dot_never_replaces_the_working_directory(tmp_path, story_llama_dir, monkeypatch, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("keep me")
+    (work / "sparsefast.json").write_text("{}")  # even a folder that looks like ours
+    monkeypatch.chdir(work)
+    for out in (".", "..", str(work)):
+        code, _, err = run(["prune", str(story_llama_dir), *MAGNITUDE, "--out", out, "--overwrite"], capsys)
+        assert code == 2 and "current directory" in one_error_line(err), err
+    assert sorted(p.name for p in work.iterdir()) == ["notes.txt", "sparsefast.json"]
+
+
+def test_a_lost_publish_race_is_exit_2_and_keeps_the_winner(tmp_path, story_llama_dir, monkeypatch, capsys):
+    """Another process publishes --out while this one is saving: this one must not replace it."""
+    out = tmp_path / "out"
+    real = transformers.PreTrainedModel.save_pretrained
+
+    def save_then_lose(self, path, **kw):
+        real(self, path, **kw)
+        out.mkdir()
+        (out / "sparsefast.json").write_text('{"method": "the other writer"}')
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", save_then_lose)
+    code, _, err = run(["prune", str(story_llama_dir), *MAGNITUDE, "--out", str(out)], capsys)
+    assert code == 2 and "this result was not saved" in one_error_line(err)
+    assert json.loads((out / "sparsefast.json").read_text())["method"] == "the other writer"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_ctrl_c_is_exit_130_and_writes_nothing(tmp_path, story_llama_dir, monkeypatch, capsys):
+    out = tmp_path / "out"
+
+    def interrupted(self, path, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", interrupted)
+    code, _, err = run(["prune", str(story_llama_dir), *MAGNITUDE, "--out", str(out)], capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 130 and last == f"sparsefast prune: interrupted; nothing was written to {out}"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_broken_calibration_files_are_one_line(tmp_path, story_llama_dir, capsys):
+    gz = tmp_path / "calib.txt.gz"
+    gz.write_text(STORY)
+    code, _, err = run(["prune", str(story_llama_dir), "--calib", str(gz), "--nsamples", "1", "--seqlen", "32",
+                        "--device", "cpu", "--out", str(tmp_path / "o"), "--no-progress"], capsys)
+    assert code == 2 and "calib.txt.gz: not a valid gzip file" in one_error_line(err)
+    binary = tmp_path / "calib.bin.txt"
+    binary.write_bytes(bytes(range(128, 256)) * 64)
+    code, _, err = run(["prune", str(story_llama_dir), "--calib", str(binary), "--nsamples", "1", "--seqlen", "32",
+                        "--device", "cpu", "--out", str(tmp_path / "o"), "--no-progress"], capsys)
+    assert code == 2 and "calib.bin.txt: not UTF-8 text" in one_error_line(err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_data_dir_is_an_error_before_loading(tmp_path, story_llama_dir, capsys, monkeypatch):
+    import sparsefast.models as models
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    nowhere = tmp_path / "nowhere"
+    code, _, err = run(["prune", str(story_llama_dir), *MAGNITUDE, "--out", str(tmp_path / "o"), "--data-dir",
+                        str(nowhere)], capsys)
+    assert code == 2 and f"--data-dir {nowhere} does not exist" in one_error_line(err)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "sparsegpt"])
+def test_nan_weights_are_refused_and_nothing_is_written(poisoned_story, tmp_path, capsys, method):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("Once upon a time there was a fox. " * 200)
+    out = tmp_path / "out"
+    code = main(["prune", str(poisoned_story), "--method", method, "--calib", str(calib), "--nsamples", "2",
+                 "--seqlen", "32", "--device", "cpu", "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "model.layers.0.self_attn.v_proj holds NaN or inf" in err[-1], err
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
