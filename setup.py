@@ -1,7 +1,7 @@
 """Build script. Two optional extensions, each built only when it can be (use `pip install --no-build-isolation` so
 the build sees the installed torch):
 
-* `sparsefast._C` (CUDA kernels): torch with CUDA and nvcc on PATH, or SPARSEFAST_BUILD_CUDA=1 to insist;
+* `sparsefast._C` (CUDA kernels): torch with CUDA and nvcc on PATH, or SPARSEFAST_BUILD_CUDA=1 to insist (=0 to skip);
 * `sparsefast._cpu` (CPU sparse kernels, csrc/cpu/): any torch and a C++ compiler; SPARSEFAST_NO_COMPILER=1 skips
   it. It is an optional extension: a failed compile warns and the package still installs (the kernels then JIT on
   first use, or sparse layers run dense, and sparsefast says so once).
@@ -66,6 +66,9 @@ def _cpu_extension():
 def _cuda_extension():
     """Return ([ext_modules], cmdclass) or ([], {}) with a printed reason."""
     force = os.environ.get("SPARSEFAST_BUILD_CUDA") == "1"
+    if os.environ.get("SPARSEFAST_BUILD_CUDA") == "0":
+        print("sparsefast: skipping the CUDA extension (SPARSEFAST_BUILD_CUDA=0).", file=sys.stderr)
+        return [], {}
     why = None
     try:
         torch = _quiet_torch_import()

@@ -36,7 +36,8 @@ def _sortable_key(w, s):
     key = (wf * wf) * s
     key = tl.where(key == 0.0, 0.0, key)  # -0.0 ties with +0.0, as in a float sort
     bits = key.to(tl.uint32, bitcast=True)
-    ordered = tl.where((bits >> 31) != 0, ~bits, bits | 0x80000000)
+    # x ^ 0xFFFFFFFF, not ~x: triton 3.8's interpreter builds ~'s all-ones as int -1, which numpy 2 refuses for uint32
+    ordered = tl.where((bits >> 31) != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)
     return tl.where(key != key, 0xFFFFFFFF, ordered)  # NaN sorts last
 
 

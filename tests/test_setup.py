@@ -60,7 +60,8 @@ def test_triton_kernels_import_as_sparsefast_kernels(tmp_path):
 
 def test_wheel_holds_the_kernels_under_sparsefast_only(tmp_path):
     """A regular (non-editable) install: the wheel built from a copy of this tree (pip builds in the source tree,
-    so the copy keeps build/ out of the clone; pure Python, no compiler needed), links kept as links."""
+    so the copy keeps build/ out of the clone; pure Python: no compiler, no CUDA build even where torch has CUDA),
+    links kept as links."""
     src = tmp_path / "src"
     src.mkdir()
     for name in ("setup.py", "pyproject.toml", "README.md"):
@@ -68,7 +69,7 @@ def test_wheel_holds_the_kernels_under_sparsefast_only(tmp_path):
     for name in ("sparsefast", "kernels", "csrc"):
         shutil.copytree(REPO / name, src / name, symlinks=True,
                         ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.egg-info"))
-    env = {**os.environ, "SPARSEFAST_NO_COMPILER": "1"}
+    env = {**os.environ, "SPARSEFAST_NO_COMPILER": "1", "SPARSEFAST_BUILD_CUDA": "0"}
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
                            "-w", str(tmp_path), str(src)], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
