@@ -8,6 +8,7 @@ runs those checks once, before any work: `prune` and `prune_pretrained` check, t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import time
@@ -35,8 +36,10 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu",
 
     The model is a transformers `*ForCausalLM` in eval mode on `device` ("cpu", "cuda", "cuda:N", "auto") that
     `generate()`s. dtype: a torch.dtype or "float32" / "bfloat16" / "float16" / "auto"; None = the checkpoint's
-    dtype (half types become float32 on CPU). No pickle is executed and no remote code runs
-    (see sparsefast.models.load_model).
+    dtype (half types become float32 on CPU). bfloat16 on CPU halves the weight bytes a token reads: dense matmuls
+    run through torch (oneDNN's AVX-512-BF16 / AMX kernels where the CPU has them, its conversion path where not),
+    sparse linears through sparsefast's CPU kernels (bf16 values widened to fp32 in registers, fp32 accumulation).
+    No pickle is executed and no remote code runs (see sparsefast.models.load_model).
 
     sparse: "off" (as loaded), "auto" (sparse linears where they are faster: on CPU each linear with >= 30% zeros
     gets the fastest of dense / 2:4 / unstructured as timed on this machine, on CUDA 2:4 linears become
@@ -166,14 +169,12 @@ def prune_pretrained(model_name: str, config: PruneConfig, *, out: str | None = 
                      eval_windows: int | None = None, progress: bool = True, log=print) -> dict[str, Any]:
     """Load `model_name` (HF dir, hub id, .gguf or a registered name), prune it, optionally evaluate perplexity
     before and after, and save it atomically to `out`. Every bad input raises before any file is written."""
-    from sparsefast.checkpoint import check_output_dir, check_savable, save_checkpoint
+    from sparsefast.checkpoint import OutputClaim, check_savable, save_checkpoint
     from sparsefast.data import check_data_dir, check_eval_request, get_calibration
     from sparsefast.models import load_config, load_model, local_source_paths
 
     device = compute_device(config.device)
     sources = local_source_paths(model_name)
-    if out is not None:
-        check_output_dir(out, overwrite, sources=sources)
     check_data_dir(data_dir)
     for name in eval_datasets:
         check_eval_request(name)
@@ -182,35 +183,39 @@ def prune_pretrained(model_name: str, config: PruneConfig, *, out: str | None = 
     if eval_seqlen is not None and eval_seqlen < 1:
         raise ValueError(f"--eval-seqlen must be >= 1, got {eval_seqlen}")
     load_config(model_name)  # missing path / unsupported architecture, before loading any weights
-    model, tokenizer = load_model(model_name, dtype=resolve_dtype(config.dtype), device="cpu")
-    adapter = check_prunable(model, config)
-    if out is not None:
-        check_savable(model)
-    ev_seqlen = eval_seqlen or min(config.seqlen, adapter.max_context(model) or config.seqlen)
-    calib = None
-    if config.needs_calibration:
-        calib = get_calibration(config.calib, tokenizer, config.nsamples, config.seqlen, seed=config.seed,
-                                data_dir=data_dir)
-        check_calib(model, adapter, calib)
-    before = None
-    if eval_datasets:
-        before = evaluate(model, tokenizer, eval_datasets, seqlen=ev_seqlen, data_dir=data_dir, device=config.device,
-                          max_windows=eval_windows, progress=progress)
-        log(f"perplexity before pruning: {_fmt_ppl(before)}")
-    report = _prune_checked(model, adapter, config, calib, device, progress=progress)
-    report["model"] = model_name
-    log(f"pruned {report['method']} {report['pattern']}: achieved sparsity {report['achieved_sparsity']:.4f} in "
-        f"{report['timings']['total_s']:.1f} s (calibration forward {report['timings']['calib_forward_s']:.1f} s, "
-        f"metric+mask {report['timings']['metric_mask_s']:.1f} s)")
-    if eval_datasets:
-        after = evaluate(model, tokenizer, eval_datasets, seqlen=ev_seqlen, data_dir=data_dir, device=config.device,
-                          max_windows=eval_windows, progress=progress)
-        log(f"perplexity after pruning:  {_fmt_ppl(after)}")
-        report["eval"] = {"seqlen": ev_seqlen, "protocol": "gptq", "max_windows": eval_windows, "before": before,
-                          "after": after}
-    if out is not None:
-        path = save_checkpoint(model, tokenizer, out, report, overwrite=overwrite, sources=sources)
-        log(f"saved {path}")
+    # `out` is checked and claimed here and held until the save: a second run on the same `out` stops now, before
+    # any work (sparsefast.checkpoint.OutputClaim)
+    claim = OutputClaim(out, overwrite, sources=sources) if out is not None else None
+    with claim or contextlib.nullcontext():
+        model, tokenizer = load_model(model_name, dtype=resolve_dtype(config.dtype), device="cpu")
+        adapter = check_prunable(model, config)
+        if out is not None:
+            check_savable(model)
+        ev_seqlen = eval_seqlen or min(config.seqlen, adapter.max_context(model) or config.seqlen)
+        calib = None
+        if config.needs_calibration:
+            calib = get_calibration(config.calib, tokenizer, config.nsamples, config.seqlen, seed=config.seed,
+                                    data_dir=data_dir)
+            check_calib(model, adapter, calib)
+        before = None
+        if eval_datasets:
+            before = evaluate(model, tokenizer, eval_datasets, seqlen=ev_seqlen, data_dir=data_dir,
+                              device=config.device, max_windows=eval_windows, progress=progress)
+            log(f"perplexity before pruning: {_fmt_ppl(before)}")
+        report = _prune_checked(model, adapter, config, calib, device, progress=progress)
+        report["model"] = model_name
+        timings = report["timings"]
+        log(f"pruned {report['method']} {report['pattern']}: achieved sparsity {report['achieved_sparsity']:.4f} in "
+            f"{timings['total_s']:.1f} s (calibration forward {timings['calib_forward_s']:.1f} s, metric+mask "
+            f"{timings['metric_mask_s']:.1f} s)")
+        if eval_datasets:
+            after = evaluate(model, tokenizer, eval_datasets, seqlen=ev_seqlen, data_dir=data_dir,
+                             device=config.device, max_windows=eval_windows, progress=progress)
+            log(f"perplexity after pruning:  {_fmt_ppl(after)}")
+            report["eval"] = {"seqlen": ev_seqlen, "protocol": "gptq", "max_windows": eval_windows,
+                              "before": before, "after": after}
+        if claim is not None:
+            log(f"saved {save_checkpoint(model, tokenizer, claim, report)}")
     return report
 
 

@@ -1,23 +1,33 @@
 """sparsefast.checkpoint, the one checkpoint writer: a pruned model reloads with its zeros; saves are atomic (an
 interrupted one leaves nothing, a failed overwrite keeps the old output); --overwrite replaces only an empty directory
-or our own output, never the model source, the working directory or its parents; two writers to one new directory:
-exactly one wins; the umask is respected; stale partial saves of the same target are removed on the next save; a
-model transformers cannot save is refused before any work."""
+or an output whose record lists everything in it, and removes only the listed files, never the model source, the
+working directory or its parents, never a user's folder that merely holds a sparsefast.json; two processes on one
+directory (new, or replaced with overwrite): exactly one writes, the other gets "not saved"; --json files are never
+replaced without overwrite; the umask is respected; stale partial saves of the same target are removed on the next
+save; a model transformers cannot save is refused before any work."""
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import stat
-import threading
 
 import pytest
 import torch
 import transformers
 
 import sparsefast.api as api
-from sparsefast.checkpoint import check_output_dir, check_savable, load_report, save_checkpoint, write_json
+from sparsefast.checkpoint import (
+    OutputClaim,
+    check_output_dir,
+    check_savable,
+    load_report,
+    save_checkpoint,
+    write_json,
+)
 from sparsefast.config import WandaConfig
+from sparsefast.ownership import RECORD_NAME
 from tests.conftest import tiny_model
 
 
@@ -64,14 +74,70 @@ def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
     assert load_report(tmp_path / "out")["method"] == "first" and [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
-def test_overwrite_replaces(tmp_path):
-    model = tiny_model("llama")
-    save_checkpoint(model, None, tmp_path / "out", {"method": "old"})
-    (tmp_path / "out" / "stale.txt").write_text("x")  # inside our own output: replaced with it
+def test_overwrite_replaces_only_the_files_sparsefast_wrote(tmp_path, model):
+    out = save_checkpoint(model, None, tmp_path / "out", {"method": "old"})
     with pytest.raises(ValueError, match="not empty.*--overwrite"):
-        save_checkpoint(model, None, tmp_path / "out", {})
-    save_checkpoint(model, None, tmp_path / "out", {"method": "m"}, overwrite=True)
-    assert not (tmp_path / "out" / "stale.txt").exists() and load_report(tmp_path / "out")["method"] == "m"
+        save_checkpoint(model, None, out, {})
+    save_checkpoint(model, None, out, {"method": "m"}, overwrite=True)
+    assert load_report(out)["method"] == "m" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    record = json.loads((out / RECORD_NAME).read_text())
+    assert record["format"] == "sparsefast-output/1"
+    assert sorted(record["files"]) == sorted(p.name for p in out.iterdir() if p.name != RECORD_NAME)
+    (out / "notes").mkdir()
+    (out / "notes" / "stale.txt").write_text("the user's, inside our own output")
+    with pytest.raises(ValueError, match="holds notes, which sparsefast did not write"):
+        save_checkpoint(model, None, out, {"method": "again"}, overwrite=True)
+    assert (out / "notes" / "stale.txt").read_text() == "the user's, inside our own output"
+    assert load_report(out)["method"] == "m"
+
+
+def test_a_project_folder_with_a_report_named_sparsefast_json_is_never_replaced(tmp_path, model):
+    """Issue 20, case 5: thesis.tex, src/main.py and a report the user wrote with --json sparsefast.json."""
+    proj = tmp_path / "proj"
+    (proj / "src").mkdir(parents=True)
+    (proj / "thesis.tex").write_text("years of work")
+    (proj / "src" / "main.py").write_text("print('mine')")
+    write_json(proj / "sparsefast.json", {"method": "wanda"})
+    before = sorted(p.relative_to(proj).as_posix() for p in proj.rglob("*"))
+    with pytest.raises(ValueError, match="holds sparsefast.json but no record.*delete it yourself or choose another"):
+        save_checkpoint(model, None, proj, {"method": "m"}, overwrite=True)
+    assert sorted(p.relative_to(proj).as_posix() for p in proj.rglob("*")) == before
+    assert (proj / "thesis.tex").read_text() == "years of work"
+
+
+def test_an_output_of_an_earlier_version_is_refused_with_the_way_out(tmp_path, model):
+    old = save_checkpoint(model, None, tmp_path / "old", {"method": "m"})
+    (old / RECORD_NAME).unlink()  # what sparsefast before the record wrote
+    with pytest.raises(ValueError, match="no record of the files sparsefast wrote.*earlier sparsefast versions"):
+        check_output_dir(old, overwrite=True)
+
+
+def test_a_file_that_appears_during_the_save_is_kept_and_the_result_not_saved(tmp_path, model, monkeypatch):
+    out = save_checkpoint(model, None, tmp_path / "out", {"method": "first"})
+    real = model.save_pretrained
+
+    def save_while_the_user_adds_a_file(path, **kw):
+        real(path, **kw)
+        (out / "added-meanwhile.txt").write_text("the user's")
+
+    monkeypatch.setattr(model, "save_pretrained", save_while_the_user_adds_a_file)
+    with pytest.raises(FileExistsError, match="added-meanwhile.txt, which sparsefast did not write.*not saved"):
+        save_checkpoint(model, None, out, {"method": "second"}, overwrite=True)
+    assert load_report(out)["method"] == "first" and (out / "added-meanwhile.txt").read_text() == "the user's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_claim_holds_the_output_for_the_whole_run(tmp_path, model):
+    out = tmp_path / "new" / "deeper" / "out"
+    with OutputClaim(out) as claim:
+        with pytest.raises(FileExistsError, match="another sparsefast run is writing .*this result was not saved"):
+            save_checkpoint(model, None, out, {"method": "intruder"})
+        assert save_checkpoint(model, None, claim, {"method": "owner"}) == out.resolve()
+    assert load_report(out)["method"] == "owner" and sorted(p.name for p in out.parent.iterdir()) == ["out"]
+    with pytest.raises(KeyboardInterrupt):  # a run stopped before its save leaves no directory it made
+        with OutputClaim(tmp_path / "made" / "for" / "out"):
+            raise KeyboardInterrupt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new"]
 
 
 def test_output_checks(tmp_path):
@@ -133,37 +199,26 @@ def test_out_may_not_be_the_cwd_its_parents_or_the_model_source(tmp_path, monkey
     assert load_report(src)["method"] == "dense original"
 
 
-def test_two_writers_to_one_new_dir_exactly_one_wins(tmp_path):
-    """Both writers are inside save_pretrained at the same time (a barrier), so both passed every existence check
-    before either published: the second rename must fail instead of replacing the first result."""
-    out = tmp_path / "out"
-    barrier = threading.Barrier(2, timeout=60)
-    results: dict[str, object] = {}
+def test_json_files_are_replaced_only_with_overwrite(tmp_path, monkeypatch):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("the user's notes")
+    with pytest.raises(ValueError, match="notes.txt exists; choose another file name or pass --overwrite"):
+        write_json(notes, {"method": "m"}, overwrite=False)
+    assert notes.read_text() == "the user's notes"
+    real_link = os.link
 
-    def writer(tag: str) -> None:
-        m = tiny_model("llama", seed=len(tag))
-        real = m.save_pretrained
+    def link_after_the_user_wrote(src, dst):
+        (tmp_path / "late.json").write_text("written by the user meanwhile")
+        real_link(src, dst)
 
-        def save_in_lockstep(path, **kw):
-            real(path, **kw)
-            barrier.wait()
-
-        m.save_pretrained = save_in_lockstep
-        try:
-            results[tag] = save_checkpoint(m, None, out, {"method": tag})
-        except Exception as exc:  # noqa: BLE001 - the loser's exception is the result under test
-            results[tag] = exc
-
-    threads = [threading.Thread(target=writer, args=(t,)) for t in ("one", "two")]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    errors = [r for r in results.values() if isinstance(r, BaseException)]
-    assert len(errors) == 1 and isinstance(errors[0], FileExistsError), results
-    winner = next(tag for tag, r in results.items() if not isinstance(r, BaseException))
-    assert load_report(out)["method"] == winner
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the loser's partial dir is gone
+    monkeypatch.setattr(os, "link", link_after_the_user_wrote)
+    with pytest.raises(FileExistsError, match="late.json appeared while this result was being written.*not saved"):
+        write_json(tmp_path / "late.json", {"method": "m"}, overwrite=False)
+    assert (tmp_path / "late.json").read_text() == "written by the user meanwhile"
+    monkeypatch.undo()
+    write_json(notes, {"method": "m"}, overwrite=True)
+    assert json.loads(notes.read_text()) == {"method": "m"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["late.json", "notes.txt"]  # no temporary file left
 
 
 def test_output_dirs_follow_the_umask(tmp_path, model):
@@ -206,35 +261,44 @@ from pathlib import Path
 from sparsefast.checkpoint import save_checkpoint
 from tests.conftest import tiny_model
 
-out, tag = Path(sys.argv[1]), sys.argv[2]
+out, sync, tag, other, overwrite = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5] == "1"
 model = tiny_model("llama")
 real = model.save_pretrained
 
 def save_then_wait_for_the_other(path, **kw):
     real(path, **kw)
-    (out.parent / f"ready-{tag}").touch()
-    deadline = time.time() + 120
-    while len(list(out.parent.glob("ready-*"))) < 2 and time.time() < deadline:
+    (sync / f"ready-{tag}").touch()
+    deadline = time.time() + 120  # until the other is inside its save too, or has given up
+    while not any((sync / f"{s}-{other}").exists() for s in ("ready", "done")) and time.time() < deadline:
         time.sleep(0.02)
 
 model.save_pretrained = save_then_wait_for_the_other
 try:
-    save_checkpoint(model, None, out, {"method": tag})
+    save_checkpoint(model, None, out, {"method": tag}, overwrite=overwrite)
 except FileExistsError as exc:
     print(exc)
     sys.exit(2)
+finally:
+    (sync / f"done-{tag}").touch()
 """
 
 
-def test_two_processes_to_one_new_dir_exactly_one_wins(tmp_path):
+@pytest.mark.parametrize("overwrite", [False, True], ids=["new-dir", "overwrite"])
+def test_two_processes_on_one_output_exactly_one_wins(tmp_path, model, overwrite):
+    """Each writer waits inside its save until the other is inside its own or has stopped: without a lock on the
+    target both publish (with overwrite, both "saved", the last one wins); with it the second stops at once."""
     import subprocess
     import sys
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    out = tmp_path / "out"
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(out), tag], cwd=repo, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for tag in ("p1", "p2")]
+    out, sync = tmp_path / "out", tmp_path / "sync"
+    sync.mkdir()
+    if overwrite:
+        save_checkpoint(model, None, out, {"method": "earlier"})
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(out), str(sync), tag, other, str(int(overwrite))],
+                              cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for tag, other in (("p1", "p2"), ("p2", "p1"))]
     results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
     codes = sorted(code for code, _, _ in results)
     assert codes == [0, 2], results
@@ -242,4 +306,4 @@ def test_two_processes_to_one_new_dir_exactly_one_wins(tmp_path):
     assert "this result was not saved" in loser
     winner = ("p1", "p2")[[code for code, _, _ in results].index(0)]
     assert load_report(out)["method"] == winner
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "ready-p1", "ready-p2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "sync"]  # no partial, lock or old directory left

@@ -5,7 +5,7 @@ bench/results JSON with the run metadata (device, versions, commit, load). Argum
     python bench/e2e/bench_prune.py llama-7b-random --layers 4        # 128 × 2048 random ids, all four methods
     python bench/e2e/bench_prune.py smollm2 --nsamples 4 --seqlen 128  # CPU
 
-Writes bench/results/<date>-<device>-prune-e2e.json (and a copy under $OUT when set).
+Writes bench/results/<date>-<device>-prune-e2e.json (and a copy under $OUT when set); exits 1 when a method failed.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def main(argv: list[str]) -> int:
     device = "cpu" if result["device"] == "cpu" else "cuda"
     for path in write_result("prune-e2e", result, device=device):
         print(f"wrote {path}")
-    return 0
+    return 1 if result["failed"] else 0  # the methods that ran are still in the result
 
 
 if __name__ == "__main__":

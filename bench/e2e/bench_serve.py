@@ -10,6 +10,7 @@ Then sparsefast.bench.serving_report (what `sparsefast bench serve` runs) measur
 bench/results/<date>-cpu-serve.json and .png (--out STEM elsewhere). Run it on a quiet machine: a server that
 times its sparse-linear swap while loading needs one. Example:
   python bench/e2e/bench_serve.py --ckpt-dir /tmp/ckpt --concurrency 1,8 --rounds 2 --num-prompts 4,16
+Exits 1 when any variant failed (the result still records the others).
 `--plot-runs A.json B.json` merges runs that measured different concurrency levels into one plot, measuring nothing.
 """
 
@@ -78,12 +79,12 @@ def main(argv: list[str] | None = None) -> int:
                 "commands": ["sparsefast prune-structured smollm2 --ratio 0.2 --importance element1",
                              "sparsefast prune smollm2 --method wanda --pattern 2:4 --nsamples 32 --seqlen 512"]}
     num_prompts = parse_int_list(args.num_prompts, "--num-prompts") if args.num_prompts else None
-    run_serving_benchmark(
+    result = run_serving_benchmark(
         variants, concurrency=parse_int_list(args.concurrency, "--concurrency"), num_prompts=num_prompts,
         baseline="dense", peer=None if args.no_peer else "transformers-serve", rounds=args.rounds,
         prompt_len=args.prompt_len, output_len=args.output_len, json_path=stem + ".json", plot_path=stem + ".png",
-        metadata=metadata)
-    return 0
+        metadata=metadata, overwrite=True)  # today's result of this measurement replaces an earlier one
+    return 1 if result["failed"] else 0
 
 
 if __name__ == "__main__":

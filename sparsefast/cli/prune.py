@@ -50,12 +50,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help=f"sparsegpt only: damping fraction (default {SparseGPTConfig.percdamp})")
     p.add_argument("--data-dir", default=None, help="directory with datasets (else $SPARSEFAST_DATA, bundled)")
     p.add_argument("--out", default=None, help="output directory for the pruned HF checkpoint (omit: no save)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out that sparsefast wrote (only the files it recorded) and an "
+                        "existing --json file")
     p.add_argument("--eval", default="", help="comma list of wikitext2, ptb, c4: perplexity before and after")
     p.add_argument("--eval-seqlen", type=int, default=None, help="perplexity window (default: --seqlen)")
     p.add_argument("--eval-windows", type=int, default=None,
                    help="evaluate only the first N perplexity windows (quick estimate; default: the full test set)")
-    p.add_argument("--json", default=None, help="also write the report to this file")
+    p.add_argument("--json", default=None, help="also write the report to this file (refused if it exists, unless "
+                   "--overwrite)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
     return p
@@ -83,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out is None and args.json is None and not datasets:
         raise ValueError("nothing to do with the pruned model: give --out DIR, --eval DATASETS or --json FILE")
     if args.json is not None:
-        check_output_file(args.json)
+        check_output_file(args.json, overwrite=args.overwrite)
     import transformers
 
     bars = transformers.utils.logging.is_progress_bar_enabled()
@@ -97,5 +100,5 @@ def run(args: argparse.Namespace) -> int:
         if bars:  # restored for the rest of the process (main() may be called again in-process)
             transformers.utils.logging.enable_progress_bar()
     if args.json is not None:
-        write_json(args.json, report)
+        write_json(args.json, report, overwrite=args.overwrite)
     return 0

@@ -64,6 +64,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--rounding", default=None, choices=ROUNDINGS,
                    help=f"units removed: half_up = round(ratio*n) half up; keep_floor = LLM-Pruner's (keep "
                         f"int((1-ratio)*channels), remove the rest in whole heads) (default {d.rounding})")
+    p.add_argument("--uniform", action="store_true",
+                   help="block strategy: prune every layer (first and last included) alike, so the output is a plain "
+                        "LlamaForCausalLM-family checkpoint that vLLM, llama.cpp and transformers load as is")
     p.add_argument("--no-attention", action="store_true", help="block strategy: keep every attention head")
     p.add_argument("--no-mlp", action="store_true", help="block strategy: keep every MLP channel")
     p.add_argument("--calib", default="c4", help="calibration text: c4 (default), wikitext2 or a local file")
@@ -78,8 +81,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="model dtype (default: the checkpoint's; half types become float32 on CPU)")
     p.add_argument("--data-dir", default=None, help="directory with datasets (else $SPARSEFAST_DATA, bundled)")
     p.add_argument("--out", required=True, help="output directory of the pruned checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (loading, saving)")
+    p.add_argument("--json", default=None, help="also write the full report to this file")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out that sparsefast wrote (only the files it recorded) and an "
+                        "existing --json file")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress output (loading, calibration, importance, pruning, saving)")
     p.set_defaults(func=run)
     return p
 
@@ -95,15 +102,18 @@ def config_from_args(args: argparse.Namespace) -> StructuralConfig:
     explicit = {name: getattr(args, name) for name in _PRESETTABLE if getattr(args, name) is not None}
     explicit.update(ratio=args.ratio, prune_attention=not args.no_attention, prune_mlp=not args.no_mlp,
                     gradient_checkpointing=not args.no_checkpointing)
+    if args.uniform:  # every layer is pruned: a preset's layer range gives way, an explicit one is an error
+        explicit.update(uniform=True, layers=args.layers)
     return StructuralConfig.preset(args.preset, **explicit) if args.preset else StructuralConfig(**explicit)
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
+    import sys
+    import time
 
     import transformers
 
-    from sparsefast.checkpoint import check_output_dir, check_savable
+    from sparsefast.checkpoint import OutputClaim, check_output_dir, check_output_file, check_savable, write_json
     from sparsefast.data import check_data_dir
     from sparsefast.device import resolve_dtype
     from sparsefast.models import load_config, load_model, local_source_paths, save_structural
@@ -112,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)          # bad ratio / names / layer ranges: before loading anything
     sources = local_source_paths(args.model)
     check_output_dir(args.out, args.overwrite, sources=sources)
+    if args.json is not None:
+        check_output_file(args.json, overwrite=args.overwrite)
     check_data_dir(args.data_dir)
     hf_config = load_config(args.model)      # None for GGUF: prune_structured checks the context after loading
     if hf_config is not None:                # the same check from config.json, before any weight is read
@@ -119,18 +131,44 @@ def run(args: argparse.Namespace) -> int:
     bars = transformers.utils.logging.is_progress_bar_enabled()
     if args.no_progress:
         transformers.utils.logging.disable_progress_bar()    # also huggingface_hub's bars
+    claim = OutputClaim(args.out, args.overwrite, sources=sources)  # held until the save: a second run stops here
     try:
         model, tokenizer = load_model(args.model, dtype=resolve_dtype(args.dtype), device=args.device)
         check_savable(model)
-        report = prune_structured(model, tokenizer, config, calib_source=args.calib, data_dir=args.data_dir)
+        report = prune_structured(model, tokenizer, config, calib_source=args.calib, data_dir=args.data_dir,
+                                  progress=not args.no_progress)
         report["model"] = args.model
-        save_structural(model, args.out, tokenizer=tokenizer, report=report, overwrite=args.overwrite,
-                        sources=sources)
+        if not args.no_progress:
+            print(f"prune-structured: saving {claim.path}", file=sys.stderr, flush=True)
+        t_save = time.perf_counter()
+        if config.uniform:  # every layer alike: a plain config any engine loads, no structure.json
+            from sparsefast.checkpoint import save_checkpoint
+            from sparsefast.export.architecture import set_plain_config
+
+            set_plain_config(model)
+            save_checkpoint(model, tokenizer, claim, report)
+        else:
+            save_structural(model, claim, tokenizer=tokenizer, report=report)
+        save_s = time.perf_counter() - t_save
     finally:
+        claim.release()
         if bars:
             transformers.utils.logging.enable_progress_bar()
-    before, after = report["before"], report["after"]
-    print(json.dumps({"out": args.out, "parameters": [before["parameters"], after["parameters"]],
-                      "macs_per_token": [before["macs_per_token"]["total"], after["macs_per_token"]["total"]],
-                      "removed": report["removed"], "seconds": round(report["seconds"]["total"], 2)}))
+    print(summary(report))
+    print(f"saved {claim.path} ({save_s:.1f} s)")
+    if args.json is not None:
+        print(f"report written to {write_json(args.json, report, overwrite=args.overwrite)}")
     return 0
+
+
+def summary(report: dict) -> str:
+    """The human line of a prune_structured report: what was removed, parameters and MACs per token before and
+    after, and the time of each phase."""
+    config, before, after, sec = report["config"], report["before"], report["after"], report["seconds"]
+    phases = ", ".join(f"{name} {sec[key]:.1f} s" for name, key in (("graph", "graph"), ("calibration", "calibration"),
+                                                                    ("importance", "importance"),
+                                                                    ("pruning", "slicing")))
+    return (f"pruned {config['strategy']} ratio {config['ratio']:g} ({config['importance']} importance): parameters "
+            f"{before['parameters']:,} -> {after['parameters']:,} ({after['parameters'] / before['parameters']:.1%}), "
+            f"MACs per token {before['macs_per_token']['total']:,} -> {after['macs_per_token']['total']:,}, in "
+            f"{sec['total']:.1f} s ({phases})")

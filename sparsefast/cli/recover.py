@@ -25,7 +25,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         "records, or .txt / 'text' records (default alpaca)")
     p.add_argument("--data-dir", default=None, help="directory with datasets (else $SPARSEFAST_DATA)")
     p.add_argument("--out", required=True, help="output directory for the recovered checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out that sparsefast wrote (only the files it recorded) and an "
+                        "existing --json file")
     p.add_argument("--lora-r", type=int, default=d.lora_r, help=f"LoRA rank (default {d.lora_r})")
     p.add_argument("--lora-alpha", type=float, default=d.lora_alpha,
                    help=f"LoRA alpha; scale = alpha / r (default {d.lora_alpha})")
@@ -50,7 +52,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="compute and saved dtype (default: bf16 on a bf16-capable GPU, else fp32)")
     p.add_argument("--device", default="auto", help="compute device: auto (default), cpu or cuda")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (less memory)")
-    p.add_argument("--json", default=None, help="also write the report to this file")
+    p.add_argument("--json", default=None, help="also write the report to this file (refused if it exists, unless "
+                   "--overwrite)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
@@ -82,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     if args.json:
-        check_output_file(args.json)
+        check_output_file(args.json, overwrite=args.overwrite)
     report = recover_pretrained(args.model, args.data, args.out, config, data_dir=args.data_dir, device=args.device,
                                 overwrite=args.overwrite, progress=not args.no_progress)
     rec = report["recovery"]
@@ -90,5 +93,5 @@ def run(args: argparse.Namespace) -> int:
                                    "samples_per_s", "masked_linears")}
     print(json.dumps(summary, indent=2))
     if args.json:
-        write_json(args.json, report)
+        write_json(args.json, report, overwrite=args.overwrite)
     return 0

@@ -121,6 +121,9 @@ class StructuralConfig:
         keep ⌊(1 − ratio)·n·w⌋ of the n·w channels, w = head_dim for heads and 1 otherwise, and remove the rest
         floored to whole heads; 20% of 1536 MLP channels removes 308 where half_up removes 307).
     allow_empty_layers: permit global ranking to remove every unit of a kind in a layer (otherwise ≥1 is kept).
+    uniform: block only: prune every decoder layer, the first and the last included, with local ranking, so every
+        layer keeps the same number of heads, KV heads and MLP channels and the result is a plain
+        LlamaForCausalLM-family checkpoint (no structure.json) that any engine loads; no layer ranges.
     """
 
     ratio: float = 0.2
@@ -140,6 +143,7 @@ class StructuralConfig:
     seed: int = 0
     gradient_checkpointing: bool = True
     allow_empty_layers: bool = False
+    uniform: bool = False
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> StructuralConfig:
@@ -174,6 +178,12 @@ class StructuralConfig:
                     _parse_spec(spec)
                 except ValueError as exc:
                     raise ValueError(f"{option}: {exc}") from None
+        if self.uniform and (self.strategy != "block" or self.ranking != "local"):
+            raise ValueError("--uniform needs --strategy block with --ranking local (channel and layer pruning "
+                             "already leave every layer alike)")
+        if self.uniform and (self.layers, self.attn_layers, self.mlp_layers) != (None, None, None):
+            raise ValueError("--uniform prunes every layer, the first and the last included, so that all layers "
+                             "keep the same widths; drop --layers / --attn-layers / --mlp-layers")
         if self.strategy != "block" and (self.attn_layers is not None or self.mlp_layers is not None):
             raise ValueError(f"attn_layers / mlp_layers apply to the block strategy only; with strategy "
                              f"{self.strategy!r} use --layers")
@@ -183,6 +193,8 @@ class StructuralConfig:
         is not pruned (prune_attention / prune_mlp False), whose range is then not checked either."""
 
         def resolve(spec: str | None, option: str) -> tuple[int, int]:
+            if self.uniform:
+                return 0, num_layers
             if spec is None:
                 return parse_layer_range(self.layers, num_layers)
             return parse_layer_range(spec, num_layers, option)

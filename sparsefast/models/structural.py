@@ -182,7 +182,8 @@ def save_structural(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=N
                     layers: list[dict] | None = None, overwrite: bool = False,
                     sources: tuple[str | os.PathLike, ...] = ()) -> Path:
     """Write `model` (safetensors + config.json + structure.json [+ tokenizer, sparsefast.json]) through the one
-    checkpoint writer (atomic, exclusive; see sparsefast.checkpoint for what `overwrite` may replace)."""
+    checkpoint writer (atomic, exclusive; see sparsefast.checkpoint for what `overwrite` may replace). `out_dir`: a
+    path, or the sparsefast.checkpoint.OutputClaim the run took before its work (its overwrite and sources apply)."""
     structure = structure_of(model, layers if layers is not None else getattr(model, "sparsefast_layers", None))
     return save_checkpoint(model, tokenizer, out_dir, report, overwrite=overwrite, structure=structure,
                            sources=sources)

@@ -7,6 +7,7 @@ template, tokenisation) and :mod:`sparsefast.recover.train` (the training loop, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -48,7 +49,8 @@ def _source_report(path: str) -> dict:
 def save_recovered(model, tokenizer, out: str | os.PathLike, report: dict, *, overwrite: bool = False,
                    structural: bool = False, sources: tuple = ()) -> Path:
     """Save through the one checkpoint writer (atomic, exclusive): a structurally pruned model with its
-    structure.json, any other model as a standard HF checkpoint; ``report`` goes to sparsefast.json."""
+    structure.json, any other model as a standard HF checkpoint; ``report`` goes to sparsefast.json. ``out``: a path,
+    or the ``sparsefast.checkpoint.OutputClaim`` the run took before its work (its overwrite and sources apply)."""
     if structural:
         from sparsefast.models.structural import save_structural
 
@@ -70,33 +72,34 @@ def recover_pretrained(model_name: str, data: str, out: str | None, config: Reco
     """
     import torch
 
-    from sparsefast.checkpoint import check_output_dir, check_savable
+    from sparsefast.checkpoint import OutputClaim, check_savable
     from sparsefast.data import check_data_dir
     from sparsefast.device import resolve_device, resolve_dtype
     from sparsefast.models import check_finite_weights, load_model, local_source_paths, resolve_model_source
 
     sources = tuple(local_source_paths(model_name))
-    if out is not None:
-        check_output_dir(out, overwrite, sources=sources)
-    check_data_dir(data_dir)
-    dev = resolve_device(device)
-    if config.dtype == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("this GPU has no bf16 support; use --dtype fp32")
-    records = load_recovery_data(data, data_dir=data_dir, max_samples=config.max_samples)
-    structural = resolve_model_source(model_name)[0] == "structural"  # a dir with structure.json
-    model, tokenizer = load_model(model_name, dtype=resolve_dtype(config.dtype), device=str(dev))
-    check_finite_weights(model)
-    if out is not None:
-        check_savable(model)
-    samples, dropped = tokenize_recovery_data(records, tokenizer, config.cutoff_len)
-    model, stats = lora_recover(model, tokenizer, samples, config, device=dev, progress=progress)
-    report = _source_report(model_name) if Path(model_name).is_dir() else {}
-    report["recovery"] = {"method": "lora", "model": model_name, "data": records.source, "data_kind": records.kind,
-                          "records": len(records.records), "dropped_too_long": dropped,
-                          "skipped_empty_output": len(records.skipped_empty_output), "device": str(dev),
-                          "saved_dtype": config.dtype, "zero_masks": "recorded before training, re-applied after "
-                          "merge", **stats}
-    if out is not None:
-        report["recovery"]["out"] = str(save_recovered(model, tokenizer, out, report, overwrite=overwrite,
-                                                       structural=structural, sources=sources))
+    # `out` is checked and claimed first and held until the save: a second run on the same `out` stops now, before
+    # any work (sparsefast.checkpoint.OutputClaim)
+    claim = OutputClaim(out, overwrite, sources=sources) if out is not None else None
+    with claim or contextlib.nullcontext():
+        check_data_dir(data_dir)
+        dev = resolve_device(device)
+        if config.dtype == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError("this GPU has no bf16 support; use --dtype fp32")
+        records = load_recovery_data(data, data_dir=data_dir, max_samples=config.max_samples)
+        structural = resolve_model_source(model_name)[0] == "structural"  # a dir with structure.json
+        model, tokenizer = load_model(model_name, dtype=resolve_dtype(config.dtype), device=str(dev))
+        check_finite_weights(model)
+        if out is not None:
+            check_savable(model)
+        samples, dropped = tokenize_recovery_data(records, tokenizer, config.cutoff_len)
+        model, stats = lora_recover(model, tokenizer, samples, config, device=dev, progress=progress)
+        report = _source_report(model_name) if Path(model_name).is_dir() else {}
+        report["recovery"] = {"method": "lora", "model": model_name, "data": records.source, "data_kind": records.kind,
+                              "records": len(records.records), "dropped_too_long": dropped,
+                              "skipped_empty_output": len(records.skipped_empty_output), "device": str(dev),
+                              "saved_dtype": config.dtype, "zero_masks": "recorded before training, re-applied after "
+                              "merge", **stats}
+        if claim is not None:
+            report["recovery"]["out"] = str(save_recovered(model, tokenizer, claim, report, structural=structural))
     return report

@@ -17,9 +17,15 @@ GenerationConfig serves the whole manager: no per-request temperature/top_p/top_
 slots sized per layer (gpt-fast's static cache) handle every structural checkpoint.
 
 The model runner (sparsefast.serve.runner) runs the model's own modules, so the one place a sparse linear plugs in
-is the module swap before the engine is built (`sparsefast.nn.sparsify_`). The decode step runs eagerly
-on every device: no torch.compile or CUDA graphs yet (they could only be measured on a GPU; on CPU the step is
-dominated by the linears' matmuls, see bench/results/2026-12-02-cpu-decode-smollm2.json).
+is the module swap before the engine is built (`sparsefast.nn.sparsify_`). With compile "on"/"auto" the decode step
+is captured once per batch bucket at construction (sparsefast.serve.compiled: torch.compile with inductor, CUDA graphs
+on CUDA, the sparse ops inside the graph, batches padded to 1, 2, 4, ... so serving never recompiles); prefill stays
+eager. What that is worth, against the eager step and against llama.cpp and vLLM on the same weights, with and
+without another process busy on a core: bench/results/*-cpu-decode-smollm2.json and *-cpu-decode-smollm2-busy.json
+(`sparsefast bench decode`). What the profile of the compiled CPU step shows: the linears' matmuls (MKL at one or a
+few tokens) are nearly all of it, so on CPU the step reads weights at the speed of those GEMVs; small OpenMP parallel
+regions (attention, the fused kernels) pay a wake-up per region when another process holds a core, which is why the
+benchmark's busy-core run exists.
 """
 
 from __future__ import annotations
@@ -144,10 +150,14 @@ class GenerationEngine(EngineClient):
         max_batch: requests decoded together (KV slots). max_queue: waiting requests before submit raises.
         max_model_len: prompt + generated tokens per request (KV positions per slot); default min(context, 2048).
         runner: "auto" (batched for the LLaMA layout, per-request HF forward otherwise) | "batched" | "hf".
+        compile: "off" (default: the eager step) | "on" | "auto": the batched runner's decode step compiled at
+            construction, one graph per batch bucket (sparsefast.serve.compiled; "auto" falls back to eager where
+            that cannot run). `compile_seconds` {bucket: s} says what the compile cost ({} when eager).
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, max_batch: int = 8, max_queue: int = 64,
-                 max_model_len: int | None = None, device: str = "cpu", runner: str = "auto") -> None:
+                 max_model_len: int | None = None, device: str = "cpu", runner: str = "auto",
+                 compile: str = "off") -> None:
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -164,7 +174,8 @@ class GenerationEngine(EngineClient):
         self.max_batch, self.max_queue, self.max_model_len = max_batch, max_queue, max_model_len
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.eos_ids = _eos_ids(model, tokenizer)
-        self.runner = make_runner(model, max_batch, max_model_len, self.device, runner)
+        self.runner = make_runner(model, max_batch, max_model_len, self.device, runner, compile)
+        self.compile_seconds: dict[int, float] = dict(getattr(self.runner, "compile_seconds", {}))
         self._slots = SlotAllocator(max_batch)
         self._waiting: collections.deque[_Request] = collections.deque()
         self._running: list[_Request] = []
@@ -280,7 +291,7 @@ class GenerationEngine(EngineClient):
         for group in _prefill_groups(fresh):
             logits = self.runner.prefill([r.slot for r in group], [r.prompt for r in group])
             for req, row in zip(group, logits):
-                self._accept(req, sample_next(row, req.params, req.generator))
+                self._advance(req, row)
         # the requests admitted above already produced this step's token
         batch = [r for r in self._running if r not in admitted]
         if not batch:
@@ -289,11 +300,26 @@ class GenerationEngine(EngineClient):
         logits = self.runner.decode([r.slot for r in batch], [r.output[-1] for r in batch],
                                     [r.position for r in batch])
         for req, row in zip(batch, logits):
-            self._accept(req, sample_next(row, req.params, req.generator))
+            self._advance(req, row)
+
+    def _advance(self, req: _Request, logits: torch.Tensor) -> None:
+        """Sample `req`'s next token from its logits row [vocab], detokenize it and check the stop conditions.
+
+        This is the per-request part of a step: an exception here (a sampling fault, a tokenizer that cannot decode,
+        ...) fails `req` alone, with an "error" event, and the other requests of the batch go on; a failed forward
+        is the only thing that fails a whole batch (`_loop`)."""
+        try:
+            self._accept(req, sample_next(logits, req.params, req.generator))
+        except Exception:
+            log.exception("request %s failed while sampling or detokenizing; the rest of its batch goes on",
+                          req.stream.request_id)
+            self._finish(req, "error")
 
     def _accept(self, req: _Request, token: int) -> None:
-        req.output.append(token)
+        # everything that may raise (detokenizing, the stop check) runs before the request is marked done, so a
+        # failure leaves it unfinished and `_advance` can still end its stream with "error"
         text = req.detok.add(token)
+        req.output.append(token)
         reason = None
         if req.detok.stopped or (token in self.eos_ids and not req.params.ignore_eos):
             reason = "stop"

@@ -5,15 +5,34 @@ Field names and defaults follow OpenAI's /v1/completions and /v1/chat/completion
 Fields OpenAI defines but this server does not implement (logprobs, echo, n > 1, penalties, tools, ...) are accepted
 only at their "off" value and rejected otherwise with a 400 that names the field, instead of being silently ignored.
 Unknown fields are ignored, as OpenAI's SDK sends extras through `extra_body`.
+
+Requests are strict where OpenAI's API is: pydantic's strict mode (no "16" or true for an integer, no "yes" for a
+boolean; an integer is still a number), finite numbers only, and every text that reaches the tokenizer must be valid
+Unicode (Python's JSON reader turns an escaped lone surrogate "\\ud800", and the raw bytes ED A0 80, into a string
+that UTF-8 cannot encode). Stop strings are bounded as sparsefast.serve.sampling states. The error messages are built
+from pydantic's errors by sparsefast.serve.errors.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from sparsefast.serve.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TEMPERATURE, invalid_unicode
+
+
+def _valid_unicode(text: str) -> str:
+    if (why := invalid_unicode(text)) is not None:
+        raise ValueError(f"contains {why}, which is not valid Unicode; send UTF-8 text")
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]  # a string the tokenizer can encode
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS), AfterValidator(_valid_unicode)]
+_STRICT = ConfigDict(extra="ignore", strict=True)
 
 
 def new_id(prefix: str) -> str:
@@ -34,6 +53,8 @@ class ErrorResponse(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    model_config = _STRICT
+
     include_usage: bool = False
 
 
@@ -41,20 +62,20 @@ class GenerationRequest(BaseModel):
     """The fields /v1/completions and /v1/chat/completions share: the model, sampling, stop strings, streaming, and
     the OpenAI options this server rejects unless off. Ranges are OpenAI's (temperature in [0, 2], top_p in (0, 1]).
     Each endpoint's request adds its prompt and its max_tokens (the defaults differ)."""
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
 
     model: str
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int = Field(0, ge=0, description="vLLM extension: keep the k most likely tokens; 0 = off")
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="vLLM extension: generate exactly max_tokens (benchmarks)")
     n: int = Field(1, ge=1)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
 
@@ -73,10 +94,7 @@ class GenerationRequest(BaseModel):
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
-        stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        if any(s == "" for s in stops):
-            raise ValueError("stop: empty stop string; remove it or give a non-empty string")
-        return stops
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -84,7 +102,7 @@ class GenerationRequest(BaseModel):
 
 class CompletionRequest(GenerationRequest):
     """POST /v1/completions. `prompt` is a string or a list of token ids (one prompt per request)."""
-    prompt: str | list[int] | list[str]
+    prompt: Text | Annotated[list[int], Field(min_length=1)] | Annotated[list[Text], Field(min_length=1)]
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
     logprobs: int | None = None
@@ -97,8 +115,6 @@ class CompletionRequest(GenerationRequest):
             if len(self.prompt) != 1:
                 raise ValueError("prompt: one prompt per request; send a string (or a list with one string)")
             self.prompt = self.prompt[0]
-        if isinstance(self.prompt, list) and not self.prompt:
-            raise ValueError("prompt: empty token list; send a non-empty prompt")
         for name, bad in {"echo": self.echo, "logprobs": self.logprobs is not None,
                           "best_of": self.best_of not in (None, 1), "suffix": self.suffix is not None}.items():
             if bad:
@@ -106,25 +122,33 @@ class CompletionRequest(GenerationRequest):
         return self
 
 
+class ContentPart(BaseModel):
+    """One part of a message's list content; only {"type": "text", "text": ...} is served."""
+    model_config = _STRICT
+
+    type: str
+    text: Text | None = None
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    content: Text | list[ContentPart] | None = None
     name: str | None = None
 
     def text(self) -> str:
-        """The message text; list content may only hold {"type": "text", "text": ...} parts."""
+        """The message text; list content may only hold text parts."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
         parts = []
         for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError(f"messages: content part of type {part.get('type')!r} is not supported; "
+            if part.type != "text" or part.text is None:
+                raise ValueError(f"messages: content part of type {part.type!r} is not supported; "
                                  "send text parts only")
-            parts.append(part["text"])
+            parts.append(part.text)
         return "".join(parts)
 
 

@@ -2,18 +2,35 @@
 (nucleus, Holtzman et al. 2019, arXiv:1904.09751) → one multinomial draw with the request's own generator.
 
 Sampling runs row by row on float32 logits, so a seeded request draws the same tokens whatever else is in the batch.
+No accepted parameter can make the distribution NaN/inf: the ranges are OpenAI's (temperature in [0, 2], top_p in
+(0, 1], finite numbers), a temperature below MIN_TEMPERATURE is greedy (a float32 division by 1e-300 divides by 0),
+the scores are shifted so the most likely token scores 0 before they are divided, and a nucleus always keeps its
+most likely token. The engine still runs sampling per request (sparsefast.serve.engine): a failure here, e.g. from
+NaN logits, fails that request alone.
+
+`warp_logits` is the one per-request logits-processing step: a new rule that reshapes the distribution (penalties,
+logit bias, ...) goes there, before the temperature, as in HF's LogitsProcessorList.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+MIN_TEMPERATURE = 1e-5  # below this a request is greedy (vLLM's _SAMPLING_EPS): x / T stays finite in float32
+MAX_TEMPERATURE = 2.0  # OpenAI's upper bound
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+# ours (OpenAI states none): with MAX_STOP_STRINGS it bounds the stop check of one decode step
+# (sparsefast.serve.detokenize: a search of at most this many characters plus the step's new text per stop string)
+MAX_STOP_CHARS = 256
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request generates. temperature 0 = greedy; top_k 0 = off; seed → a private torch.Generator."""
+    """How one request generates. temperature 0 (or below MIN_TEMPERATURE) = greedy; top_k 0 = off;
+    seed → a private torch.Generator; stop: at most MAX_STOP_STRINGS strings of at most MAX_STOP_CHARS characters."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -25,24 +42,61 @@ class SamplingParams:
 
     def validate(self) -> SamplingParams:
         """Return self, or raise ValueError("<field>: <problem>; <fix>") for the first bad field."""
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens: must be an integer >= 1, got {self.max_tokens!r}; pass e.g. 16")
-        if not isinstance(self.temperature, (int, float)) or not 0.0 <= float(self.temperature) <= 100.0:
-            raise ValueError(f"temperature: must be a number in [0, 100], got {self.temperature!r}; 0 is greedy")
-        if not isinstance(self.top_p, (int, float)) or not 0.0 < float(self.top_p) <= 1.0:
+        _check_finite("temperature", self.temperature)
+        if not 0.0 <= self.temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature: must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature!r}; "
+                             "0 is greedy")
+        _check_finite("top_p", self.top_p)
+        if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p: must be in (0, 1], got {self.top_p!r}; 1 keeps every token")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+        if not _is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k: must be an integer >= 0, got {self.top_k!r}; 0 turns it off")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
-                                      or not 0 <= self.seed < 2**63):
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
             raise ValueError(f"seed: must be an integer in [0, 2**63) or None, got {self.seed!r}")
-        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
-            raise ValueError(f"stop: must be a tuple of non-empty strings, got {self.stop!r}")
+        _check_stop(self.stop)
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos: must be true or false, got {self.ignore_eos!r}")
         return self
 
     @property
     def greedy(self) -> bool:
-        return float(self.temperature) == 0.0
+        return float(self.temperature) < MIN_TEMPERATURE
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_finite(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}: must be a finite number, got {value!r}")
+
+
+def _check_stop(stop: object) -> None:
+    if not isinstance(stop, tuple) or not all(isinstance(s, str) and s for s in stop):
+        raise ValueError(f"stop: must be a tuple of non-empty strings, got {type(stop).__name__}")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise ValueError(f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}; keep the ones that matter")
+    for i, s in enumerate(stop):
+        if len(s) > MAX_STOP_CHARS:
+            raise ValueError(f"stop: a stop string may have at most {MAX_STOP_CHARS} characters, stop string {i} "
+                             f"has {len(s)}; shorten it")
+        if (why := invalid_unicode(s)) is not None:
+            raise ValueError(f"stop: stop string {i} is not valid Unicode ({why}); send UTF-8 text")
+
+
+def invalid_unicode(text: str) -> str | None:
+    """Why `text` is not valid Unicode text, or None when it is. Python strings may hold lone UTF-16 surrogates (its
+    JSON reader makes one from "\\ud800" or the bytes ED A0 80), which UTF-8 cannot encode and tokenizers refuse."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"a lone UTF-16 surrogate (U+{ord(text[exc.start]):04X}) at character {exc.start}"
+    return None
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
@@ -52,25 +106,37 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return torch.Generator(device=device).manual_seed(params.seed)
 
 
-def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """Next token id from one row of logits [vocab] (any float dtype).
+def warp_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The sampling distribution's scores: float32 [vocab] from one row of logits [vocab] (any float dtype), -inf for
+    the tokens top_k / top_p exclude; softmax of the result is what `sample_next` draws from.
 
-    Greedy: argmax (ties → lowest id, as torch.argmax and HF generate). Otherwise softmax(logits / T) restricted to
-    the top_k largest logits, then to the smallest set whose probability reaches top_p (the most likely token is
-    always kept), renormalised, one torch.multinomial draw.
+    Scores are (logits - max) / temperature: the most likely token scores exactly 0 and every other score is <= 0, so
+    no temperature >= MIN_TEMPERATURE overflows and the softmax has at least one finite term, whatever the logits'
+    magnitude (they must be finite where they matter: NaN logits are a model failure, not a parameter's).
     """
-    if params.greedy:
-        return int(torch.argmax(logits))
-    scores = logits.float() / float(params.temperature)
+    scores = logits.float()
+    scores = (scores - scores.max()) / float(params.temperature)
     if 0 < params.top_k < scores.numel():
         kth = torch.topk(scores, params.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))
     if params.top_p < 1.0:
         sorted_scores, order = torch.sort(scores, descending=True)
         probs = torch.softmax(sorted_scores, dim=-1)
-        # drop a token when the mass before it already reaches top_p; the first token has zero mass before it
-        before = torch.cumsum(probs, dim=-1) - probs
-        drop = before >= float(params.top_p)
+        # drop a token when the mass before it already reaches top_p; the most likely token always stays (a top_p
+        # below float32's smallest number compares as 0, which its zero mass before it would reach)
+        drop = torch.cumsum(probs, dim=-1) - probs >= float(params.top_p)
+        drop[0] = False
         scores = scores.index_put((order[drop],), torch.tensor(float("-inf"), device=scores.device))
-    probs = torch.softmax(scores, dim=-1)
+    return scores
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """Next token id from one row of logits [vocab] (any float dtype).
+
+    Greedy: argmax (ties → lowest id, as torch.argmax and HF generate). Otherwise one torch.multinomial draw from
+    softmax(warp_logits(logits, params)).
+    """
+    if params.greedy:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(warp_logits(logits, params), dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))

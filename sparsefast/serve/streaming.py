@@ -4,8 +4,9 @@ server-sent events (`EventStream` over `completion_chunks` / `chat_chunks`).
 SSE format (OpenAI's): one `data: {json}` line per chunk, each followed by a blank line, then `data: [DONE]`. A chunk
 goes out for every event with text or a finish reason; chat streams open with a chunk whose delta holds the role;
 `stream_options.include_usage` adds `"usage": null` to every chunk and a last chunk with empty choices and the usage.
-A request the engine ends "error" or "cancelled" gets an error chunk ({"error": {...}}, code = the finish reason)
-instead of a finish, then `[DONE]`.
+A request the engine ends "error" (it failed this request alone: sparsefast.serve.engine) or "cancelled" gets an
+error chunk ({"error": {...}}, the body and code a non-streamed request gets with its 500 / 503) instead of a finish,
+then `[DONE]`.
 
 Both paths watch for the client's `http.disconnect` while they wait for the engine, and cancel the request however
 they end, so a client that goes away frees its batch slot at the next engine step. Both feed the metrics (time to
@@ -58,6 +59,14 @@ class _MetricsTracker:
                                          completion_tokens=event.completion_tokens)
 
 
+def _abnormal_end(event: TokenEvent) -> APIError:
+    """The error of a request the engine ended "error" (500 engine_error) or "cancelled" (503 cancelled)."""
+    if event.finish_reason == "error":
+        return APIError(500, "generation failed inside the engine for this request; see the server log",
+                        code="engine_error")
+    return APIError(503, "request cancelled: the server is shutting down", code="cancelled")
+
+
 async def _until_disconnect(receive: Callable, scope: anyio.abc.CancelScope) -> None:
     while True:
         message = await receive()
@@ -84,10 +93,8 @@ async def collect_text(request: Request, stream: TokenStream, metrics: ServerMet
     last = tracker.last
     if last is None:  # the client disconnected before any event: nobody reads this answer
         raise APIError(503, "client disconnected before the first token", code="cancelled")
-    if last.finish_reason == "error":
-        raise APIError(500, "generation failed inside the engine; see the server log", code="engine_error")
-    if last.finish_reason == "cancelled":
-        raise APIError(503, "request cancelled: the server is shutting down", code="cancelled")
+    if last.finish_reason in ("error", "cancelled"):
+        raise _abnormal_end(last)
     return "".join(parts), last
 
 
@@ -107,9 +114,8 @@ async def _event_chunks(stream: TokenStream, head: dict[str, Any], include_usage
     async for event in stream:
         last = event
         if event.finish_reason in ("cancelled", "error"):
-            status = 500 if event.finish_reason == "error" else 503
-            yield event, error_body(status, f"generation ended abnormally ({event.finish_reason})",
-                                    code=event.finish_reason)
+            err = _abnormal_end(event)
+            yield event, error_body(err.status, err.message, code=err.code, type=err.type)
             return
         if event.text or event.finish_reason is not None:
             yield event, {**head, "choices": [choice(event)], **extra}

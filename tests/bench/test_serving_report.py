@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from sparsefast.bench.serving_report import merge_runs, parse_int_list, plot, ratios, run_serving_benchmark
+from sparsefast.bench.serving_report import failures, merge_runs, parse_int_list, plot, ratios, run_serving_benchmark
 
 
 def _level(tpot_p50: float, tpot_mean: float, throughput: float) -> dict:
@@ -71,3 +71,24 @@ def test_bad_settings_fail_before_any_server(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         run_serving_benchmark(args.pop("variant_specs"), **args)
     assert not any(tmp_path.iterdir())  # no server log: nothing started
+
+
+def test_failures_name_dead_servers_and_failed_requests():
+    out = {"variants": [{"name": "ok", "error": None, "levels": {"1": {"completed": 4, "failed": 0, "errors": []}}},
+                        {"name": "late", "error": None, "levels": {"1": {"completed": 4, "failed": 0, "errors": []},
+                                                                    "8": {"completed": 30, "failed": 2,
+                                                                          "errors": ["ReadTimeout: "]}}},
+                        {"name": "dead", "error": "not healthy within 300 s; log: x.log", "levels": {}}]}
+    assert failures(out) == {"late": "2 of 32 requests failed at concurrency 8: ReadTimeout: ",
+                             "dead": "not healthy within 300 s; log: x.log"}
+
+
+def test_the_plot_replaces_a_file_only_with_overwrite(tmp_path):
+    run = {"machine": {}, "settings": {"device": "cpu", "prompt_len": 8, "output_len": 4}, "variants": OUT["variants"]}
+    png = tmp_path / "p.png"
+    png.write_text("the user's picture")
+    with pytest.raises(FileExistsError, match="p.png appeared while this result was being written"):
+        plot(run, png, overwrite=False)
+    assert png.read_text() == "the user's picture" and sorted(p.name for p in tmp_path.iterdir()) == ["p.png"]
+    plot(run, png)
+    assert png.read_bytes()[:4] == b"\x89PNG"

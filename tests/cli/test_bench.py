@@ -58,3 +58,73 @@ def test_bench_prune_zero_sizes_and_cpu_peak_rss(tmp_path, story_llama_dir, caps
     rss = json.loads(js.read_text())["methods"]["magnitude"]["peak_rss_bytes"]
     assert rss > 50 * 2**20 and f"peak RSS {rss / 2**30:.2f} GiB" in captured.out
     assert "peak 0.00 GiB" not in captured.out
+
+
+def test_bench_serve_that_measured_nothing_fails_and_writes_nothing(tmp_path, capsys):
+    """Issue 20, case 8: every server failed (here: nothing listens on the port), so the run exits non-zero and
+    writes neither the JSON nor the plot."""
+    from sparsefast.bench.serving import free_port
+
+    out, png = tmp_path / "serve.json", tmp_path / "serve.png"
+    code = main(["bench", "serve", "--variant", f"dead=url:http://127.0.0.1:{free_port()}", "--load-timeout", "1",
+                 "--concurrency", "1", "--output-len", "4", "--log-dir", str(tmp_path / "logs"), "--json", str(out),
+                 "--plot", str(png)])
+    captured = capsys.readouterr()
+    assert code == 1 and "1 variant(s) failed (dead: not healthy within 1 s" in captured.err
+    assert "no result was written" in captured.err and not out.exists() and not png.exists()
+
+
+def _level(completed: int, failed: int) -> dict:
+    ms = {"mean": 10.0, "p50": 10.0}
+    return {"completed": completed, "failed": failed, "errors": ["HTTP 500: b'engine_error'"] if failed else [],
+            "tpot_ms": ms, "output_throughput_tok_s": 5.0, "ttft_ms": ms, "itl_ms": ms, "e2el_ms": ms}
+
+
+def test_bench_serve_marks_a_failed_variant_and_exits_non_zero(tmp_path, capsys, monkeypatch):
+    import sparsefast.bench.serving_report as report
+
+    def measured(variants, *a, **k):
+        return {"variants": [{"name": "ok", "error": None, "levels": {"1": _level(4, 0)}},
+                             {"name": "flaky", "error": None, "levels": {"1": _level(3, 1)}},
+                             {"name": "dead", "error": "server exited with code 1 before serving", "levels": {}}]}
+
+    monkeypatch.setattr(report, "_measure", measured)
+    out = tmp_path / "serve.json"
+    code = main(["bench", "serve", "--variant", "ok=url:http://h:1", "--variant", "flaky=url:http://h:2",
+                 "--variant", "dead=url:http://h:3", "--concurrency", "1", "--json", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and "2 variant(s) failed" in err and "the result marks them failed" in err
+    assert json.loads(out.read_text())["failed"] == {
+        "flaky": "1 of 4 requests failed at concurrency 1: HTTP 500: b'engine_error'",
+        "dead": "server exited with code 1 before serving"}
+    code = main(["bench", "serve", "--variant", "ok=url:http://h:1", "--concurrency", "1", "--json", str(out)])
+    assert code == 2 and "serve.json exists; choose another file name or pass --overwrite" in capsys.readouterr().err
+
+
+def test_bench_prune_records_a_failed_method_and_exits_non_zero(tmp_path, story_llama_dir, capsys, monkeypatch):
+    import sparsefast.api as api
+
+    real = api.prune
+
+    def sparsegpt_breaks(model, config, *a, **k):
+        if config.method == "sparsegpt":
+            raise RuntimeError("CUDA out of memory\n(simulated)")
+        return real(model, config, *a, **k)
+
+    monkeypatch.setattr(api, "prune", sparsegpt_breaks)
+    out = tmp_path / "bench.json"
+    code = main(["bench", "prune", str(story_llama_dir), "--methods", "magnitude,sparsegpt", "--nsamples", "1",
+                 "--seqlen", "8", "--device", "cpu", "--json", str(out)])
+    captured = capsys.readouterr()
+    assert code == 1 and "1 method(s) failed (sparsegpt: RuntimeError: CUDA out of memory (simulated))" in captured.err
+    assert [ln for ln in captured.err.splitlines() if "error" in ln] == [captured.err.splitlines()[-1]]  # one line
+    res = json.loads(out.read_text())
+    assert set(res["methods"]) == {"magnitude"} and res["failed"] == {
+        "sparsegpt": "RuntimeError: CUDA out of memory\n(simulated)"}
+    code = main(["bench", "prune", str(story_llama_dir), "--methods", "sparsegpt", "--nsamples", "1", "--seqlen", "8",
+                 "--device", "cpu", "--json", str(tmp_path / "none.json")])
+    assert code == 1 and "no result was written" in capsys.readouterr().err
+    assert not (tmp_path / "none.json").exists()
+    code = main(["bench", "prune", str(story_llama_dir), "--device", "cpu", "--json", str(out)])
+    captured = capsys.readouterr()
+    assert code == 2 and "bench.json exists" in captured.err and "magnitude" not in captured.out  # before any work

@@ -111,6 +111,31 @@ def test_seqlen_beyond_context(story_llama_dir, data_dir):
         run_eval([str(story_llama_dir), "--seqlen", "1024", "--data-dir", str(data_dir)])
 
 
+def test_zero_shot_alone_runs_on_a_short_context_model(story_llama_dir, tmp_path):
+    """Issue 20, case 10: `eval TINY --tasks piqa` asks for no perplexity, so no --seqlen default (2048 > the story
+    llama's 512) is checked and none runs; with --ppl the default window is capped by the context."""
+    out = tmp_path / "zs.json"
+    assert run_eval([str(story_llama_dir), "--tasks", "piqa", "--limit", "2", "--device", "cpu", "--no-progress",
+                     "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert "perplexity" not in result and result["zeroshot"]["tasks"]["piqa"]["acc"] is not None
+
+
+def test_default_window_fits_the_model(story_llama_dir, shared_dir, tmp_path):
+    out = tmp_path / "ppl.json"
+    assert run_eval([str(story_llama_dir), "--data-dir", str(shared_dir / "data"), "--max-windows", "1",
+                     "--device", "cpu", "--no-progress", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["perplexity"]["seqlen"] == 512  # min(2048, the model's context)
+
+
+def test_json_is_not_replaced_without_overwrite(story_llama_dir, data_dir, tmp_path, no_model_load):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("the user's notes")
+    with pytest.raises(ValueError, match="notes.txt exists; choose another file name or pass --overwrite"):
+        run_eval([str(story_llama_dir), "--data-dir", str(data_dir), "--json", str(notes)])
+    assert notes.read_text() == "the user's notes"
+
+
 def test_registered_in_main_parser():
     """`sparsefast eval` is reachable from the top-level command (when every subcommand module exists)."""
     from sparsefast import cli

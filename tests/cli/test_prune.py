@@ -118,10 +118,68 @@ def test_overwrite(tmp_path, story_llama_dir, calib_file, capsys):
             "--overwrite", "--no-progress"]
     code, _, err = run(argv, capsys)  # not a sparsefast output: --overwrite does not touch it
     assert code == 2 and "not a sparsefast output" in err and (out / "old.bin").read_text() == "x"
-    (out / "sparsefast.json").write_text("{}")  # an earlier result of ours is replaced
-    code, _, err = run(argv, capsys)
+    (out / "old.bin").unlink()
+    code, _, err = run(argv, capsys)  # empty: taken
     assert code == 0, err
-    assert not (out / "old.bin").exists() and json.loads((out / "sparsefast.json").read_text())["calibration"] is None
+    code, _, err = run(argv, capsys)  # our own output: replaced
+    assert code == 0, err
+    assert json.loads((out / "sparsefast.json").read_text())["calibration"] is None
+
+
+def test_overwrite_never_deletes_a_project_folder_holding_a_report(tmp_path, story_llama_dir, capsys):
+    """Issue 20, case 5: the report the user wrote with --json sparsefast.json does not make the folder ours."""
+    proj = tmp_path / "proj"
+    (proj / "src").mkdir(parents=True)
+    (proj / "thesis.tex").write_text("years of work")
+    (proj / "src" / "main.py").write_text("print('mine')")
+    assert run(["prune", str(story_llama_dir), *MAGNITUDE, "--json", str(proj / "sparsefast.json")], capsys)[0] == 0
+    code, _, err = run(["prune", str(story_llama_dir), *MAGNITUDE, "--out", str(proj), "--overwrite"], capsys)
+    assert code == 2 and "delete it yourself or choose another --out" in one_error_line(err)
+    assert sorted(p.relative_to(proj).as_posix() for p in proj.rglob("*")) == [
+        "sparsefast.json", "src", "src/main.py", "thesis.tex"]
+
+
+def test_json_never_replaces_a_file_without_overwrite(tmp_path, story_llama_dir, capsys, monkeypatch):
+    """Issue 20, case 6: `prune M --json notes.txt` refuses before any work; with --overwrite it replaces it."""
+    import sparsefast.models as models
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("the user's notes")
+    real_load = models.load_model
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before --json was checked")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    code, _, err = run(["prune", str(story_llama_dir), *MAGNITUDE, "--json", str(notes)], capsys)
+    assert code == 2 and "notes.txt exists; choose another file name or pass --overwrite" in one_error_line(err)
+    assert notes.read_text() == "the user's notes"
+    monkeypatch.setattr(models, "load_model", real_load)
+    code, _, err = run(["prune", str(story_llama_dir), *MAGNITUDE, "--json", str(notes), "--overwrite"], capsys)
+    assert code == 0, err
+    assert json.loads(notes.read_text())["method"] == "magnitude"
+
+
+def test_a_second_run_on_a_claimed_out_stops_before_work(tmp_path, story_llama_dir, capsys):
+    """Issue 20, case 7, across two processes: this test holds the claim on --out (as a running `sparsefast prune`
+    does from its checks to its save); `sparsefast prune --out ... --overwrite` in another process stops at once,
+    exit 2, "not saved", and the output is untouched."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from sparsefast.checkpoint import OutputClaim, load_report
+
+    out = tmp_path / "out"
+    assert run(["prune", str(story_llama_dir), *MAGNITUDE, "--out", str(out)], capsys)[0] == 0
+    repo = Path(__file__).resolve().parents[2]
+    with OutputClaim(out, overwrite=True):
+        second = subprocess.run([sys.executable, "-m", "sparsefast", "prune", str(story_llama_dir), *MAGNITUDE,
+                                 "--sparsity", "0.5", "--out", str(out), "--overwrite"], cwd=repo,
+                                capture_output=True, text=True, timeout=300)
+    assert second.returncode == 2 and "this result was not saved" in one_error_line(second.stderr)
+    assert "Loading" not in second.stderr  # stopped before the model was read
+    assert load_report(out)["config"]["sparsity"] == 0.25
 
 
 def test_flags_left_out_give_the_config_defaults():

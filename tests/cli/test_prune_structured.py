@@ -4,6 +4,7 @@ presets, and bad input before any loading."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -22,11 +23,12 @@ def test_prune_structured_cli_end_to_end(tmp_path, story_llama_dir, capsys):
     out = tmp_path / "pruned"
     rc = main(["prune-structured", str(story_llama_dir), "--ratio", "0.25", "--importance", "element1",
                "--aggregation", "sum", "--strategy", "block", "--layers", "0-1", "--calib", str(calib),
-               "--nsamples", "2", "--seqlen", "32", "--device", "cpu", "--out", str(out)])
+               "--nsamples", "2", "--seqlen", "32", "--device", "cpu", "--out", str(out), "--json",
+               str(tmp_path / "report.json")])
     assert rc == 0
-    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert printed["parameters"][1] < printed["parameters"][0]
     report = json.loads((out / "sparsefast.json").read_text())
+    assert json.loads((tmp_path / "report.json").read_text()) == report
+    assert report["after"]["parameters"] < report["before"]["parameters"]
     assert report["removed"]["per_layer"]["0"] == {"query_heads": 4, "kv_heads": 0, "mlp_channels":
                                                    report["layers"][0]["intermediate_size"] // 3}
     assert report["after"]["macs_per_token"]["total"] < report["before"]["macs_per_token"]["total"]
@@ -98,8 +100,45 @@ def test_no_progress_silences_the_bars(tmp_path, story_llama_dir, capfd):
     assert main([*argv, "--out", str(tmp_path / "b"), "--no-progress"]) == 0
     captured = capfd.readouterr()
     assert "it/s]" not in captured.err and "%|" not in captured.err, captured.err
-    assert json.loads(captured.out.strip().splitlines()[-1])["parameters"][1] < 656000
+    assert "prune-structured:" not in captured.err and "parameters 656,000 -> " in captured.out
     assert transformers.utils.logging.is_progress_bar_enabled()        # restored for the rest of the process
+
+
+def test_every_phase_reports_progress_and_the_run_ends_with_a_summary(tmp_path, story_llama_dir, capsys):
+    """Issue 20, case 9: a line per phase with its time on stderr (a bar over the gradient samples), then on stdout
+    the same human summary as `prune` (parameters before -> after, time, "saved DIR"); the JSON only with --json."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TEXT)
+    out = tmp_path / "pruned"
+    assert main(["prune-structured", str(story_llama_dir), "--ratio", "0.25", "--importance", "element1", "--layers",
+                 "0-1", "--calib", str(calib), "--nsamples", "2", "--seqlen", "32", "--device", "cpu", "--out",
+                 str(out)]) == 0
+    captured = capsys.readouterr()
+    lines = re.split(r"[\r\n]", captured.err)  # tqdm redraws with carriage returns
+    for phase in ("graph", "calibration", "importance", "pruning"):
+        assert any(re.fullmatch(rf"prune-structured: {phase}: .*\(\d+\.\d s\)", ln) for ln in lines), phase
+    assert f"prune-structured: saving {out}" in captured.err and "importance: gradients" in captured.err
+    report = json.loads((out / "sparsefast.json").read_text())
+    before, after = report["before"]["parameters"], report["after"]["parameters"]
+    lines = captured.out.strip().splitlines()
+    assert f"parameters {before:,} -> {after:,}" in lines[-2] and re.search(r"in \d+\.\d s \(", lines[-2])
+    assert re.fullmatch(rf"saved {re.escape(str(out))} \(\d+\.\d s\)", lines[-1])
+    assert "{" not in captured.out  # no JSON blob without --json
+
+
+def test_json_is_not_replaced_without_overwrite(tmp_path, story_llama_dir, capsys, monkeypatch):
+    import sparsefast.models as models
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before --json was checked")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("the user's notes")
+    rc = main(["prune-structured", str(story_llama_dir), "--layers", "0-1", "--out", str(tmp_path / "o"), "--json",
+               str(notes)])
+    assert rc == 2 and "notes.txt exists; choose another file name or pass --overwrite" in capsys.readouterr().err
+    assert notes.read_text() == "the user's notes" and not (tmp_path / "o").exists()
 
 
 def test_preset_and_explicit_options(tmp_path):

@@ -116,3 +116,18 @@ def test_flags_left_out_give_the_config_defaults(tmp_path):
 
     args = build_parser().parse_args(["recover", "m", "--out", str(tmp_path), "--dtype", RecoverConfig.dtype])
     assert recover_cli.config_from_args(args) == RecoverConfig()
+
+
+def test_json_is_not_replaced_without_overwrite(story_llama_dir, tmp_path, capsys, main, monkeypatch):
+    import sparsefast.models as models
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before --json was checked")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("the user's notes")
+    code = main(["recover", str(story_llama_dir), "--data", str(ALPACA), "--out", str(tmp_path / "o"), "--json",
+                 str(notes), "--dtype", "fp32", "--device", "cpu"])
+    assert code == 2 and "notes.txt exists; choose another file name or pass --overwrite" in capsys.readouterr().err
+    assert notes.read_text() == "the user's notes" and not (tmp_path / "o").exists()

@@ -73,14 +73,18 @@ def test_save_refuses_to_clobber_and_load_checks_files(tmp_path):
     assert (tmp_path / "full" / "keep.txt").read_text() == "x"
     with pytest.raises(ValueError, match="not a sparsefast output"):  # --overwrite never replaces foreign files
         save_structural(model, tmp_path / "full", overwrite=True)
-    (tmp_path / "full" / "sparsefast.json").write_text("{}")  # an earlier output of ours is replaced
-    save_structural(model, tmp_path / "full", overwrite=True)
-    assert not (tmp_path / "full" / "keep.txt").exists()
+    (tmp_path / "full" / "sparsefast.json").write_text("{}")  # a report named sparsefast.json proves nothing
+    with pytest.raises(ValueError, match="no record of the files sparsefast wrote"):
+        save_structural(model, tmp_path / "full", overwrite=True)
+    assert (tmp_path / "full" / "keep.txt").read_text() == "x"
+    save_structural(model, tmp_path / "ours", overwrite=True)
+    save_structural(model, tmp_path / "ours", overwrite=True)  # an output whose record lists everything is replaced
+    assert (tmp_path / "ours" / "structure.json").is_file()
     with pytest.raises(FileNotFoundError, match="structure.json"):
         load_structural(tmp_path)
-    (tmp_path / "full" / "structure.json").write_text(json.dumps({"format": "other", "version": 9}))
+    (tmp_path / "ours" / "structure.json").write_text(json.dumps({"format": "other", "version": 9}))
     with pytest.raises(ValueError, match="format"):
-        load_structural(tmp_path / "full")
+        load_structural(tmp_path / "ours")
 
 
 @pytest.fixture(scope="module")

@@ -115,4 +115,4 @@ def test_engine_error_is_500_with_openai_body_and_an_error_event_when_streaming(
         assert payloads[-1] == "[DONE]"
         texts = [json.loads(p)["choices"][0]["text"] for p in payloads[:-2]]
         assert texts == ["w0 ", "w1 "]
-        assert json.loads(payloads[-2])["error"]["code"] == "error"
+        assert json.loads(payloads[-2])["error"]["code"] == "engine_error"

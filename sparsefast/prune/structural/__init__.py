@@ -13,11 +13,13 @@ prune_structured), live with the other configs in sparsefast.config.structural.
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from sparsefast.config.structural import StructuralConfig
 from sparsefast.models.weights import check_finite_weights
@@ -83,15 +85,25 @@ def _removed_summary(graph: StructureGraph, removed: list) -> dict[str, Any]:
             "decoder_layers": sorted(u.layer for u in removed if u.kind == "layer") if layers else []}
 
 
+def _phase_done(progress: bool, what: str, since: float) -> float:
+    """One progress line on stderr for a finished phase, with its elapsed time; returns the time now."""
+    now = time.perf_counter()
+    if progress:
+        print(f"prune-structured: {what} ({now - since:.1f} s)", file=sys.stderr, flush=True)
+    return now
+
+
 def prune_structured(model: nn.Module, tokenizer, config: StructuralConfig,
                      calib: torch.Tensor | None = None, *, calib_source: str = "c4",
-                     data_dir: str | None = None) -> dict[str, Any]:
+                     data_dir: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Prune `model` in place per `config`; returns the report written to sparsefast.json.
 
     calib: LongTensor [nsamples, seqlen] of token ids for the gradient importances; None → drawn from
     `calib_source` with `tokenizer` (only when the importance needs gradients). `config` is valid by construction;
     every check that needs the model runs once, before any gradient is computed or weight touched: finite weights,
     config.seqlen against the model's context, and the plan (layer ranges, ratios) in `plan_candidates`.
+    progress: one line on stderr per finished phase (graph, calibration, importance, pruning) with its time, and a
+    bar over the calibration samples of the gradient pass.
     """
     check_finite_weights(model)  # a NaN would spread through the Taylor importances into a "pruned" model
     if calib is None:
@@ -99,18 +111,35 @@ def prune_structured(model: nn.Module, tokenizer, config: StructuralConfig,
     t0 = time.perf_counter()
     graph = build_graph(model)
     plan = plan_candidates(model, graph, config)
-    t_graph = time.perf_counter() - t0
+    t_graph = _phase_done(progress, f"graph: {len(plan.units)} candidate units traced", t0) - t0
+    t_calib = 0.0
     if config.needs_gradients and calib is None:
         from sparsefast.data import get_calibration
 
+        t = time.perf_counter()
         calib = get_calibration(calib_source, tokenizer, config.nsamples, config.seqlen, config.seed, data_dir)
+        t_calib = _phase_done(progress, f"calibration: {config.nsamples} samples x {config.seqlen} tokens from "
+                                        f"{calib_source}", t) - t
     model.sparsefast_layers = _layer_info(model, graph, [])
     before = {"parameters": count_parameters(model), "macs_per_token": macs_per_token(model, config.seqlen)}
     _, layers = decoder_layers(model)
     t1 = time.perf_counter()
-    scores, imp_stats = unit_importance(model, plan.units, config, calib, layers)
+    # the gradient pass runs one model forward (and backward) per calibration sample: a pre-hook on the model
+    # advances the bar without threading a callback through the importance code
+    bar = tqdm(total=len(calib) if config.needs_gradients else 0, desc="importance: gradients", unit="sample",
+               disable=not progress or not config.needs_gradients, leave=False)
+
+    def count_sample(*_: Any) -> None:  # returns None: a pre-hook's return value would replace the inputs
+        bar.update(1)
+
+    hook = model.register_forward_pre_hook(count_sample)
+    try:
+        scores, imp_stats = unit_importance(model, plan.units, config, calib, layers)
+    finally:
+        hook.remove()
+        bar.close()
     removed = select(plan, scores, config)
-    t2 = time.perf_counter()
+    t2 = _phase_done(progress, f"importance: {config.importance} over {len(plan.units)} units", t1)
     if config.strategy == "layer":
         gone = sorted(u.layer for u in removed)
         info = [e for e in _layer_info(model, graph, []) if e["index"] not in gone]
@@ -123,7 +152,7 @@ def prune_structured(model: nn.Module, tokenizer, config: StructuralConfig,
         if config.strategy == "channel":
             set_hidden_size(model)
     model.sparsefast_layers = info
-    t3 = time.perf_counter()
+    t3 = _phase_done(progress, f"pruning: removed {len(removed)} of {len(plan.units)} units", t2)
     after = {"parameters": count_parameters(model), "macs_per_token": macs_per_token(model, config.seqlen)}
     return {
         "method": "llm-pruner-structural",
@@ -140,5 +169,6 @@ def prune_structured(model: nn.Module, tokenizer, config: StructuralConfig,
         "after": after,
         "parameter_ratio": after["parameters"] / before["parameters"],
         "importance": imp_stats,
-        "seconds": {"graph": t_graph, "importance": t2 - t1, "slicing": t3 - t2, "total": t3 - t0},
+        "seconds": {"graph": t_graph, "calibration": t_calib, "importance": t2 - t1, "slicing": t3 - t2,
+                    "total": t3 - t0},
     }

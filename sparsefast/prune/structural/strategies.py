@@ -8,7 +8,8 @@ to whole units (ratio 0.2: 6 of 32 heads of 128 channels, 308 of 1536 MLP channe
 * block   — attention heads of the layers in `attn_layers` and MLP channels of those in `mlp_layers` (both default to
   `layers`, whose own default, every layer but the first and the last, is sparsefast's: LLM-Pruner's scripts pass
   explicit ranges): per layer ratio·n units of each kind (local), or one ranking over the range (global;
-  at least one unit per kind and layer is kept unless allow_empty_layers).
+  at least one unit per kind and layer is kept unless allow_empty_layers). `uniform` makes both ranges every layer
+  (`StructuralConfig.layer_ranges`), so local ranking leaves all layers the same widths: a plain config.
   GQA: `divisible` removes the same number of query heads (ratio·group size) from every KV group and keeps every KV
   head, so num_heads stays a multiple of num_key_value_heads; `kv_groups` removes whole KV heads with their query
   heads. MHA (one query per group) is the same under both.
