@@ -13,7 +13,7 @@ import sys
 from sparsefast import __version__
 
 # subcommand module names under sparsefast.cli, in the order `--help` lists them
-SUBCOMMANDS = ("prune", "eval", "bench", "prune_structured", "recover", "serve", "generate")
+SUBCOMMANDS = ("prune", "eval", "bench", "prune_structured", "recover", "serve", "generate", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,16 @@
+"""Exporters: pruned (and dense) models as files the engines users already run load, one module per target.
+
+* `export_gguf` (sparsefast.export.gguf): one GGUF file for llama.cpp / Ollama; per-layer widths through llama.cpp's
+  `deci` architecture, the plain `llama` one when every layer has the same widths.
+* `export_vllm` (sparsefast.export.vllm): a Hugging Face directory vLLM loads: a plain config when every layer has the
+  same widths, else `DeciLMForCausalLM` (nemotron-nas `block_configs`).
+
+Both take a model as `sparsefast.load` returns it (dense, mask-pruned or structural) and write atomically and
+exclusively, like every sparsefast output. This package module imports no torch (the `export` parser takes its
+choices from here); import the exporters from their modules.
+"""
+
+TARGETS = ("gguf", "vllm")
+# GGUF weight types (sparsefast.export.gguf); vLLM takes the float ones (safetensors in that dtype)
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+VLLM_OUTTYPES = ("f32", "f16", "bf16")
