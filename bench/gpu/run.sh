@@ -12,7 +12,7 @@
 # process per file); 3 Wanda mask microbenchmark (LLaMA-7B/70B shapes) + end-to-end pruning speed on a
 # LLaMA-7B-shaped random bf16 model (LAYERS decoder layers, default 4); 4 2:4 matmul at M in {1,16,2048} on the
 # 7B/70B shapes vs cuBLAS and cuSPARSELt, writing the Sparse24Linear dispatch table; 5 end-to-end decode
-# (dense / 2:4 / structural 20%) on a LLaMA-7B-shaped random bf16 model; 6 structured gather vs index_select.
+# (dense / 2:4, compiled and eager step) on a LLaMA-7B-shaped random bf16 model; 6 structured gather vs index_select.
 # Random weights throughout: timings do not depend on the values (every JSON says so).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -99,11 +99,11 @@ S24_ARGS=(--models llama-7b,llama-70b --m-list 1,16,2048 --out "$OUT")
 [ $DRY -eq 1 ] && S24_ARGS+=(--dry-run)
 stage sparse24-matmul 120 45 "$PY" bench/micro/bench_sparse24_matmul.py "${S24_ARGS[@]}"
 
-# 5. end-to-end decode: dense vs 2:4 (Sparse24Linear, the table of stage 4) vs structural 20%
+# 5. end-to-end decode: dense vs 2:4 (Sparse24Linear, the table of stage 4), bf16, compiled and eager step
 table="$(ls -t "$OUT"/*-sparse24-dispatch.json 2>/dev/null | head -1)"
 [ -n "$table" ] && export SPARSEFAST_SPARSE24_TABLE="$table"
 DEC_ARGS=(--model "$([ $DRY -eq 1 ] && echo llama-tiny-random || echo llama-7b-random)" --out "$OUT")
-[ $DRY -eq 1 ] && DEC_ARGS+=(--device cpu --dry-run) || DEC_ARGS+=(--device cuda)
+[ $DRY -eq 1 ] && DEC_ARGS+=(--device cpu --dry-run) || DEC_ARGS+=(--device cuda --variants dense,2:4 --dtypes bfloat16 --rounds 3)
 stage decode-e2e 150 60 "$PY" bench/e2e/bench_decode.py "${DEC_ARGS[@]}"
 
 # 6. if time is left: structured gather vs index_select

@@ -3,21 +3,19 @@
 * `engine_batch1`: one request through sparsefast.serve's GenerationEngine: tokens/s end to end (N new tokens / time
   from submit to the last token), decode-only ((N - 1) / time from the first to the last token), TTFT, and the median
   inter-token latency (robust to the few-ms stalls a shared CPU adds to some steps: 1 / ITL is the steady state).
-* `engine_concurrent`: C requests submitted together; output-token throughput = C·N / (last token − submit).
-* `generate_batch1`: `model.generate(do_sample=False)`, the peer of the engine at batch 1.
-* `transformers_cb`: transformers' continuous batching (`generate_batch`, paged cache) on the same prompts, the
-  peer at batch C; the error it raises is recorded, not fatal (whether it handles a checkpoint is part of the result).
+* `engine_concurrent`: C requests submitted together; output-token throughput = C·N / (last token − submit), and
+  each request's TPOT = (last − first token) / (N − 1).
 * `weight_bytes_per_token`: every parameter and buffer a decode step reads (shared tensors once; an untied input
   embedding counts one row, the LM head counts whole; a sparse linear counts the format its dispatch runs at one
   token), so weight GB/s = bytes/token × tokens/s, compared with sparsefast.bench.memory.memory_bandwidth.
-EOS is ignored (`ignore_eos`, `min_new_tokens`) so every request makes exactly N tokens.
+EOS is ignored (`ignore_eos`) so every request makes exactly N tokens. The side-by-side benchmark built on these
+(variants and peers, each in a worker process) is sparsefast.bench.decode_run.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Any
 
 import torch
 
@@ -90,54 +88,3 @@ def engine_concurrent(engine: GenerationEngine, prompts: list[list[int]], n: int
     wall = max(ends) - t0
     return {"output_tokens_per_s": len(prompts) * n / wall, "wall_s": wall,
             "tpot_s_median": statistics.median(tpots), "median_itl_s": statistics.median(itls)}
-
-
-class _TokenClock:
-    """A generate() streamer that only timestamps: put() is called with the prompt, then once per new token."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def put(self, value: Any) -> None:
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.inference_mode()
-def generate_batch1(model: torch.nn.Module, prompt: list[int], n: int, device: torch.device) -> dict[str, float]:
-    """`model.generate` of exactly `n` greedy tokens at batch 1: tokens_per_s (end to end), median_itl_s."""
-    ids = torch.tensor([prompt], device=device)
-    clock = _TokenClock()
-    _sync(device)
-    t0 = time.perf_counter()
-    out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, streamer=clock)
-    _sync(device)
-    dt = time.perf_counter() - t0
-    assert out.shape[1] == len(prompt) + n
-    return {"tokens_per_s": n / dt, "median_itl_s": _median_gap(clock.times[1:])}
-
-
-def transformers_cb(model: torch.nn.Module, prompts: list[list[int]], n: int) -> dict[str, Any]:
-    """transformers' continuous batching on the same prompts: tokens/s (all requests) or the error it raised."""
-    from transformers import GenerationConfig
-
-    cfg = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=-1, pad_token_id=0)
-    t0 = time.perf_counter()
-    try:
-        out = model.generate_batch(prompts, generation_config=cfg, warmup=False)
-    except Exception as exc:  # recorded: whether the peer handles this checkpoint is part of the measurement
-        return {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-    dt = time.perf_counter() - t0
-    made = [len(o.generated_tokens) for o in out.values()]
-    failed = [rid for rid, o in out.items() if getattr(o, "error", None)]
-    res: dict[str, Any] = {"tokens_per_s": sum(made) / dt, "wall_s": dt, "generated": made}
-    if failed or sum(made) < len(prompts) * n:
-        res["error"] = f"{len(failed)} failed requests, {sum(made)} of {len(prompts) * n} tokens"
-    return res

@@ -13,6 +13,7 @@ import argparse
 import sys
 import time
 
+from sparsefast.cli.serve import add_engine_options
 from sparsefast.config.sparsify import SPARSE_MODES
 
 
@@ -32,6 +33,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     p.add_argument("--sparse", default="auto", choices=SPARSE_MODES,
                    help="auto: 2:4 linears run as Sparse24Linear on CUDA (default); off: as loaded")
+    # off by default: one completion gains less than a first compile costs (a server compiles once, at load)
+    add_engine_options(p, compile_default="off")
     p.set_defaults(func=run)
     return p
 
@@ -63,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     t0 = time.perf_counter()
-    model, tokenizer = load(args.model, device=device)
+    model, tokenizer = load(args.model, device=device, dtype=args.dtype)
     swapped = swapped_layer_names(sparsify_(model, SparsifyConfig(mode=args.sparse)))
     prompt = _prompt_ids(tokenizer, args.prompt, args.chat)
     context = model_context(model)
@@ -73,7 +76,11 @@ def run(args: argparse.Namespace) -> int:
                          f"context of {context} tokens; shorten the prompt or lower --max-tokens")
     note = f", {len(swapped)} linears as Sparse24Linear" if swapped else ""
     print(f"[loaded {args.model} in {time.perf_counter() - t0:.1f} s{note}]", file=sys.stderr, flush=True)
-    engine = GenerationEngine(model, tokenizer, max_batch=1, max_queue=1, max_model_len=need, device=str(device))
+    engine = GenerationEngine(model, tokenizer, max_batch=1, max_queue=1, max_model_len=need, device=str(device),
+                              compile=args.compile)
+    if engine.compile_seconds:
+        print(f"[decode step compiled in {sum(engine.compile_seconds.values()):.1f} s; inductor cache "
+              f"{engine.runner.cache_dir}]", file=sys.stderr, flush=True)
     engine.start()
     stream = engine.submit(prompt, params)
     first = last = None

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sparsefast.config.sparsify import SPARSE_MODES
+from sparsefast.device import DTYPE_CHOICES
+from sparsefast.serve.compiled import COMPILE_MODES
 
 if TYPE_CHECKING:  # the serve stack (fastapi, torch) is imported in run(): `sparsefast --help` stays light
     from transformers import PreTrainedTokenizerBase
@@ -49,9 +51,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--sparse", default="auto", choices=SPARSE_MODES,
                    help="sparse linears: auto (default; 2:4 layers become Sparse24Linear on CUDA), sparse24 (that "
                         "swap on any device) or off (serve the model as loaded); see sparsefast.nn.sparsify_")
+    add_engine_options(p, compile_default="auto")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=run)
     return p
+
+
+def add_engine_options(p: argparse.ArgumentParser, compile_default: str) -> None:
+    """--dtype and --compile, the engine settings `serve` and `generate` share."""
+    p.add_argument("--dtype", default="auto", choices=(*DTYPE_CHOICES, "bf16", "fp32"),
+                   help="weights and activations: auto (the checkpoint's; float32 on CPU for half types), float32, "
+                        "bfloat16 / bf16 (half the weight bytes per token), float16")
+    p.add_argument("--compile", default=compile_default, choices=COMPILE_MODES,
+                   help=f"decode step compiled with torch.compile at load, one graph per batch bucket, kept in "
+                        f"inductor's disk cache (sparsefast.serve.compiled): auto (eager where that fails), on, "
+                        f"off (eager); default {compile_default}")
 
 
 def check_args(args: argparse.Namespace) -> str | None:
@@ -82,16 +96,21 @@ def build_loader(args: argparse.Namespace) -> Loader:
     """() -> (engine, tokenizer): loads the model and wraps it in a GenerationEngine (run in the loader thread)."""
 
     def load() -> tuple[GenerationEngine, PreTrainedTokenizerBase]:
+        from sparsefast.device import resolve_dtype
         from sparsefast.models import load_model
         from sparsefast.nn import SparsifyConfig, sparsify_, swapped_layer_names
         from sparsefast.serve.engine import GenerationEngine
 
-        model, tokenizer = load_model(args.model, device=args.device)
+        model, tokenizer = load_model(args.model, device=args.device, dtype=resolve_dtype(args.dtype))
         device = str(next(model.parameters()).device)
         swapped = swapped_layer_names(sparsify_(model, SparsifyConfig(mode=args.sparse)))
         logging.getLogger("sparsefast.serve").info("sparse linears swapped in: %d", len(swapped))
         engine = GenerationEngine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
-                                  max_model_len=args.max_model_len, device=device)
+                                  max_model_len=args.max_model_len, device=device, compile=args.compile)
+        if engine.compile_seconds:
+            logging.getLogger("sparsefast.serve").info(
+                "decode step compiled for batch buckets %s in %.1f s (inductor cache %s)",
+                list(engine.compile_seconds), sum(engine.compile_seconds.values()), engine.runner.cache_dir)
         return engine, tokenizer
 
     return load

@@ -1,7 +1,10 @@
 """Preallocated KV cache with static slots (gpt-fast's static cache, one slot per concurrent request).
 
-Layer l holds keys and values of shape [max_batch, kv_heads_l, max_model_len, head_dim]: the head count is read per
-layer, so structurally pruned models with a different number of KV heads in each layer need nothing special.
+Layer l holds keys and values of shape [rows, kv_heads_l, max_model_len, head_dim]: the head count is read per layer,
+so structurally pruned models with a different number of KV heads in each layer need nothing special. rows is
+max_batch, plus one with `spare_row=True`, a row that belongs to no request: the compiled decode step
+(sparsefast.serve.compiled) pads a batch to its bucket with rows that write and read there, so padding never touches
+a request's keys.
 """
 
 from __future__ import annotations
@@ -29,12 +32,14 @@ class SlotAllocator:
 
 
 class StaticKVCache:
-    """keys[l], values[l]: [max_batch, kv_heads[l], max_len, head_dim] tensors of `dtype` on `device`."""
+    """keys[l], values[l]: [max_batch (+ 1 with spare_row), kv_heads[l], max_len, head_dim] tensors of `dtype` on
+    `device`. Rows 0..max_batch-1 are the request slots; `spare_row_index` (max_batch, or None) is the padding row."""
 
     def __init__(self, kv_heads: list[int], head_dim: int, max_batch: int, max_len: int, *,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, spare_row: bool = False) -> None:
         self.max_batch, self.max_len, self.head_dim = max_batch, max_len, head_dim
-        shapes = [(max_batch, h, max_len, head_dim) for h in kv_heads]
+        self.spare_row_index = max_batch if spare_row else None
+        shapes = [(max_batch + int(spare_row), h, max_len, head_dim) for h in kv_heads]
         self.keys = [torch.zeros(s, dtype=dtype, device=device) for s in shapes]
         self.values = [torch.zeros(s, dtype=dtype, device=device) for s in shapes]
 

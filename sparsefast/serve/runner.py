@@ -11,15 +11,23 @@
 
 from __future__ import annotations
 
+import logging
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from sparsefast.models import LlamaAdapter, get_adapter
+from sparsefast.serve.compiled import CompiledRunner, check_compile_mode
 from sparsefast.serve.kv_cache import StaticKVCache
 
 _ATTN_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# (layer, k, v) -> (keys, values): stores a step's keys and values [B, kv_heads, T, head_dim] in the cache and returns
+# what attention reads
+KeysValues = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+log = logging.getLogger(__name__)
 
 
 def _sliding_window(config) -> int | None:
@@ -47,10 +55,12 @@ def batched_runner_supported(model: nn.Module, max_len: int) -> bool:
 class LlamaBatchRunner:
     """Batched prefill/decode for the LLaMA layout over a static per-slot KV cache.
 
-    Args: model (eval mode, on `device`), max_batch slots, max_len positions per slot.
+    Args: model (eval mode, on `device`), max_batch slots, max_len positions per slot; spare_row: one more cache row
+    that belongs to no slot, where the compiled step's padding rows go (sparsefast.serve.kv_cache).
     """
 
-    def __init__(self, model: nn.Module, max_batch: int, max_len: int, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, max_batch: int, max_len: int, device: torch.device, *,
+                 spare_row: bool = False) -> None:
         adapter = get_adapter(model)
         self.model, self.device = model, device
         self.layers = adapter.decoder_layers(model)
@@ -61,7 +71,8 @@ class LlamaBatchRunner:
         self.head_dim = int(self.layers[0].self_attn.head_dim)
         self.kv_heads = [layer.self_attn.k_proj.out_features // self.head_dim for layer in self.layers]
         dtype = self.embed.weight.dtype
-        self.cache = StaticKVCache(self.kv_heads, self.head_dim, max_batch, max_len, dtype=dtype, device=device)
+        self.cache = StaticKVCache(self.kv_heads, self.head_dim, max_batch, max_len, dtype=dtype, device=device,
+                                   spare_row=spare_row)
 
     def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
         """Run each prompt into its slot (positions 0..len-1) in one forward; logits [n, vocab] of each prompt's
@@ -79,15 +90,31 @@ class LlamaBatchRunner:
         return self._forward(tokens, slots, torch.tensor(positions, device=self.device)[:, None],
                              uniform=len(set(positions)) == 1)
 
+    def decode_static(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                      mask: torch.Tensor) -> torch.Tensor:
+        """The decode step as sparsefast.serve.compiled captures it: tensors in, tensors out, no value read back
+        to Python, so the shapes of the arguments are the only thing a compiled graph depends on.
+
+        ids, positions: [B, 1] long; slots: [B] long, distinct cache rows (a padding row may repeat the spare row);
+        mask: [B, 1, 1, L] bool, key k visible to row b iff k <= positions[b] (L = the keys read, at least
+        max(positions) + 1). Returns logits [B, vocab]."""
+        length = mask.shape[-1]
+
+        def keys_values(li: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            self.cache.write(li, slots, positions, k, v)
+            return self.cache.read(li, slots, None, length)
+
+        return self._run(ids, positions, keys_values, mask, causal=False)
+
     def release(self, slot: int) -> None:
         """Nothing to free: a slot's stale keys are masked out (positions beyond the new owner's length)."""
 
     def _forward(self, ids: torch.Tensor, slots: list[int], positions: torch.Tensor, *,
                  causal_from_zero: bool = False, uniform: bool = False,
                  last: torch.Tensor | None = None) -> torch.Tensor:
-        """ids, positions: [B, T] (long); returns logits [B, vocab] at column `last` [B] of each row (default the
-        final column)."""
-        b, t = ids.shape
+        """The eager step. ids, positions: [B, T] (long); returns logits [B, vocab] at column `last` [B] of each row
+        (default the final column)."""
+        b = ids.shape[0]
         length = int(positions.max()) + 1
         first = slots[0] if slots == list(range(slots[0], slots[0] + b)) else None
         slot_t = torch.tensor(slots, device=self.device)
@@ -96,36 +123,43 @@ class LlamaBatchRunner:
         else:
             keys = torch.arange(length, device=self.device)
             mask = (keys[None, None, None, :] <= positions[:, None, :, None])  # [B, 1, T, length]
+
+        def keys_values(li: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            self.cache.write(li, slot_t, positions, k, v)
+            if causal_from_zero:
+                return k, v  # prefill from 0: the prompt's own keys are the whole context
+            return self.cache.read(li, slot_t, first, length)
+
+        return self._run(ids, positions, keys_values, mask, causal=causal_from_zero, last=last)
+
+    def _run(self, ids: torch.Tensor, positions: torch.Tensor, keys_values: KeysValues, mask: torch.Tensor | None,
+             *, causal: bool, last: torch.Tensor | None = None) -> torch.Tensor:
+        """Embedding, every decoder layer, final norm and head; keys_values(layer, k, v) stores this step's keys and
+        values and returns the keys and values attention reads. Logits [B, vocab] of column `last` (default -1)."""
+        b = ids.shape[0]
         hidden = self.embed(ids)
         cos_sin = self.rotary(hidden, positions)
         for li, layer in enumerate(self.layers):
-            residual = hidden
-            hidden = self._attention(layer.self_attn, li, layer.input_layernorm(hidden), cos_sin, slot_t, first,
-                                     positions, length, mask, causal_from_zero)
-            hidden = residual + hidden
+            x = layer.input_layernorm(hidden)
+            hidden = hidden + self._attention(layer.self_attn, li, x, cos_sin, keys_values, mask, causal)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        last = hidden[:, -1] if last is None else hidden[torch.arange(b, device=self.device), last]
+        rows = hidden[:, -1] if last is None else hidden[torch.arange(b, device=self.device), last]
         if self.norm is not None:
-            last = self.norm(last)
+            rows = self.norm(rows)
         if b > 1 and type(self.head) is nn.Linear and self.head.bias is None:
             # [vocab, hidden] @ [hidden, B]: for a few rows MKL runs this ~2x faster than F.linear's x @ Wᵀ on CPU
             # (the head is the largest matrix of a small model)
-            return torch.mm(self.head.weight, last.t()).t()
-        return self.head(last)
+            return torch.mm(self.head.weight, rows.t()).t()
+        return self.head(rows)
 
     def _attention(self, attn: nn.Module, li: int, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
-                   slots: torch.Tensor, first: int | None, positions: torch.Tensor, length: int,
-                   mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+                   keys_values: KeysValues, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
         b, t, _ = x.shape
         q = attn.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         k = attn.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         v = attn.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, *cos_sin)
-        self.cache.write(li, slots, positions, k, v)
-        if causal:
-            keys, values = k, v  # prefill from 0: the prompt's own keys are the whole context
-        else:
-            keys, values = self.cache.read(li, slots, first, length)
+        keys, values = keys_values(li, k, v)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal and t > 1,
                                              scale=attn.scaling, enable_gqa=q.shape[1] != keys.shape[1])
         return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
@@ -156,14 +190,30 @@ class HFRequestRunner:
         self.caches[slot] = None
 
 
-def make_runner(model: nn.Module, max_batch: int, max_len: int, device: torch.device, kind: str = "auto"):
-    """kind: auto (batched when supported) | batched | hf."""
+def make_runner(model: nn.Module, max_batch: int, max_len: int, device: torch.device, kind: str = "auto",
+                compile: str = "off"):
+    """kind: auto (batched when supported) | batched | hf. compile: off (eager) | on (the batched runner's decode
+    step compiled, sparsefast.serve.compiled; raises where it cannot be) | auto (compiled where the batched runner
+    runs and the compile succeeds, else eager, with a warning in the log when the compile failed)."""
     if kind not in ("auto", "batched", "hf"):
         raise ValueError(f"runner must be auto, batched or hf; got {kind!r}")
+    check_compile_mode(compile)
     supported = batched_runner_supported(model, max_len)
     if kind == "batched" and not supported:
         raise ValueError(f"the batched runner does not support {type(model).__name__} at max_model_len {max_len}; "
                          "use runner='hf' or 'auto'")
-    if kind == "batched" or (kind == "auto" and supported):
+    if compile == "on" and (kind == "hf" or not supported):
+        raise ValueError(f"compile='on' needs the batched runner, which {type(model).__name__} at max_model_len "
+                         f"{max_len} does not use; use compile='auto' or 'off'")
+    if not (kind == "batched" or (kind == "auto" and supported)):
+        return HFRequestRunner(model, max_batch, max_len, device)
+    if compile == "off":
         return LlamaBatchRunner(model, max_batch, max_len, device)
-    return HFRequestRunner(model, max_batch, max_len, device)
+    runner = LlamaBatchRunner(model, max_batch, max_len, device, spare_row=max_batch > 1)
+    try:
+        return CompiledRunner(runner, max_batch, max_len)
+    except Exception as exc:
+        if compile == "on":
+            raise
+        log.warning("compiling the decode step failed (%s: %s); decoding eagerly", type(exc).__name__, exc)
+        return runner

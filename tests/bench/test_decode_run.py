@@ -1,0 +1,185 @@
+"""The side-by-side decode benchmark (sparsefast.bench.decode_run / decode_report / decode_options): the summary's
+arithmetic on known numbers; the whole run on the tiny story llama with real sparsefast workers and the peer worker
+script driving fake llama_cpp / vllm packages (the real ones live in venvs CI does not build); a worker that fails to
+load is recorded, not fatal; the busy core; bad options refused before any work."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sparsefast.bench.decode_options import DecodeBenchConfig
+from sparsefast.bench.decode_report import summarize
+from sparsefast.bench.decode_run import BusyCore, Variant, run_decode_bench, start_workers
+
+FAKE_LLAMA_CPP = '''
+import time
+__version__ = "fake"
+class Llama:
+    def __init__(self, model_path, **kw):
+        self.model_path = model_path
+    def generate(self, tokens, **kw):
+        i = 0
+        while True:  # never stops by itself, like llama.cpp's generator
+            time.sleep(0.001)
+            yield (len(tokens) + i) % 7
+            i += 1
+'''
+FAKE_VLLM = '''
+import os, time, types
+__version__ = "fake"
+class SamplingParams:
+    def __init__(self, max_tokens, temperature, ignore_eos):
+        self.max_tokens = max_tokens
+class LLM:
+    def __init__(self, model, **kw):
+        print("vllm chatter on stdout")  # must not reach the protocol, nor what a child process prints
+        os.system("echo engine process chatter")
+    def generate(self, prompts, params, use_tqdm=True):
+        time.sleep(0.001 * params.max_tokens)
+        out = types.SimpleNamespace(token_ids=list(range(params.max_tokens)))
+        return [types.SimpleNamespace(outputs=[out]) for _ in prompts]
+'''
+
+
+@pytest.fixture
+def fake_peer_python(tmp_path) -> str:
+    """A "venv python" that runs this interpreter with fake llama_cpp and vllm packages on its path."""
+    pkgs = tmp_path / "pkgs"
+    (pkgs / "llama_cpp").mkdir(parents=True)
+    (pkgs / "llama_cpp" / "__init__.py").write_text(FAKE_LLAMA_CPP)
+    (pkgs / "vllm").mkdir()
+    (pkgs / "vllm" / "__init__.py").write_text(FAKE_VLLM)
+    (pkgs / "vllm" / "inputs.py").write_text("TokensPrompt = dict\n")
+    python = tmp_path / "venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(f'#!/bin/sh\nPYTHONPATH="{pkgs}" exec "{sys.executable}" "$@"\n')
+    python.chmod(python.stat().st_mode | stat.S_IXUSR)
+    return str(python)
+
+
+def _reply(tpot: float, **extra) -> dict:
+    return {"result": {"decode_tokens_per_s": 1 / tpot, "ttft_s": 0.1, "median_itl_s": tpot, **extra}}
+
+
+def test_summary_arithmetic():
+    variants = [Variant("d", [], "sparsefast", "float32", "dense", compiled=True),
+                Variant("s", [], "sparsefast", "float32", "2:4", compiled=True),
+                Variant("e", [], "sparsefast", "float32", "dense", compiled=False),
+                Variant("llama", [], "llama_cpp", "f32", concurrent=False),
+                Variant("vllm", [], "vllm", "float32")]
+    conc = {"result": {"output_tokens_per_s": 160.0, "tpot_s_median": 0.05}}
+    raw = {"d": {"b1": [_reply(0.04), _reply(0.05), _reply(0.06)], "concurrent": [conc] * 3},
+           "s": {"b1": [_reply(0.025)] * 3, "concurrent": [conc] * 3},
+           "e": {"b1": [_reply(0.1)] * 2 + [{"error": "boom"}], "concurrent": []},
+           "llama": {"b1": [{"result": {"tpot_s": 0.04}}] * 3, "concurrent": []},
+           "vllm": {"b1": [{"result": {"tpot_s": 0.1}}] * 3,
+                    "concurrent": [{"result": {"tpot_s": 0.04, "output_tokens_per_s": 100.0}}] * 3}}
+    readies = {"d": {"weight_bytes_per_token": 500_000_000}, "s": {"weight_bytes_per_token": 300_000_000},
+               "e": {"weight_bytes_per_token": 500_000_000}, "llama": {"model_bytes": 520_000_000}, "vllm": {}}
+    out = summarize(variants, raw, readies, {"copy_gbs": 20.0}, concurrency=8)
+    d = out["variants"]["d"]
+    assert d["b1_tpot_s"] == 0.05 and d["b1_tokens_per_s"] == pytest.approx(20.0)
+    assert d["b1_weight_gbs"] == pytest.approx(10.0) and d["b1_fraction_of_copy_bw"] == pytest.approx(0.5)
+    assert d["concurrent_vs_b1"] == pytest.approx(8.0)
+    assert out["variants"]["e"]["errors"] == ["boom"] and out["variants"]["e"]["b1_tpot_s"] == 0.1
+    assert out["variants"]["vllm"]["weight_bytes_per_token"] == 500_000_000  # the dense model's, same dtype
+    assert out["variants"]["llama"]["weight_bytes_per_token"] == 520_000_000  # the GGUF file
+    assert out["ratios"]["s"]["vs_dense_same_precision_and_mode"] == pytest.approx(2.0)
+    assert out["ratios"]["s"]["vs llama"] == pytest.approx(1.6) and out["ratios"]["s"]["vs vllm"] == pytest.approx(4.0)
+    assert out["ratios"]["d"]["compiled_vs_eager"] == pytest.approx(2.0)
+    goals = out["goals"]
+    assert goals["dense_fp32_b1_fraction_of_copy_bw"] == {"value": pytest.approx(0.5), "target": 0.6, "met": False}
+    assert goals["2:4_vs_compiled_dense_fp32_b1"]["met"] is True
+    assert goals["50%_vs_compiled_dense_fp32_b1"]["met"] is None  # not measured in this run
+    assert goals["2:4 float32 b1 vs llama"]["value"] == pytest.approx(1.6)
+    assert goals["dense fp32 c8 TPOT vs vllm"] == {"value": pytest.approx(1.25), "target": 1.0, "met": False}
+
+
+def test_whole_run_with_fake_peers(story_llama_dir, fake_peer_python, tmp_path):
+    out = tmp_path / "decode.json"
+    cfg = DecodeBenchConfig(model=str(story_llama_dir), sparsities=("dense", "2:4"), dtypes=("float32",),
+                            compile_modes=("off",), pruner="magnitude", llama_cpp_python=fake_peer_python,
+                            gguf_types=("f32",), vllm_python=fake_peer_python, concurrency=2, prompt_len=4,
+                            new_tokens=3, rounds=2, threads=1, choice_loads=1, json_path=str(out))
+    result = run_decode_bench(cfg, progress=lambda *a: None)
+    assert result["failed"] == {} and json.loads(out.read_text())["what"] == "decode"
+    names = ["sparsefast dense float32 eager", "sparsefast 2:4 float32 eager", "llama.cpp F32", "vLLM float32"]
+    assert list(result["variants"]) == names
+    for name in names:
+        rows = result["raw"][name]
+        assert len(rows["b1"]) == 2 and all("result" in r for r in rows["b1"] + rows["concurrent"]), rows
+    assert len(result["raw"]["llama.cpp F32"]["concurrent"]) == 0  # one sequence at a time
+    assert result["raw"]["llama.cpp F32"]["b1"][0]["result"]["tokens"] == 3
+    dense = result["variants"]["sparsefast dense float32 eager"]
+    assert result["variants"]["vLLM float32"]["weight_bytes_per_token"] == dense["weight_bytes_per_token"]
+    assert result["workers"]["sparsefast 2:4 float32 eager"]["swapped"]  # the timed CPU swap ran
+    choice = result["kernel_choice"]["sparsefast 2:4 float32 eager"]
+    assert set(choice) == {"quiet", "under_test", "stable", "differing_layers"} and len(choice["under_test"]) == 1
+    assert "vs llama.cpp F32" in result["ratios"]["sparsefast 2:4 float32 eager"]
+    with pytest.raises(ValueError, match="exists; choose another file name or pass --overwrite"):
+        run_decode_bench(cfg)  # refused before any work
+
+
+def test_a_worker_that_fails_to_load_is_recorded(tmp_path):
+    ok = Variant("ok", [sys.executable, "-c", "import json, sys; print(json.dumps({'ready': {}}), flush=True); "
+                                              "sys.stdin.readline()"], "sparsefast", "float32")
+    bad = Variant("bad", [sys.executable, "-c", "import sys; sys.exit(3)"], "sparsefast", "float32")
+    workers, failed = start_workers([bad, ok], tmp_path, progress=lambda *a: None)
+    try:
+        assert list(workers) == ["ok"] and "exited with code 3" in failed["bad"]
+    finally:
+        for w in workers.values():
+            w.close()
+
+
+def test_busy_core_spins_on_that_core_until_the_block_ends():
+    core = min(os.sched_getaffinity(0))
+    with BusyCore(core) as busy:
+        deadline = time.time() + 10
+        while os.sched_getaffinity(busy.proc.pid) != {core} and time.time() < deadline:
+            time.sleep(0.05)
+        assert os.sched_getaffinity(busy.proc.pid) == {core} and busy.proc.poll() is None
+    assert busy.proc.poll() is not None
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"sparsities": ("dense", "70%")}, "--variants takes a comma list of dense, 2:4, 50%"),
+    ({"dtypes": ("float16",)}, "--dtypes takes a comma list of float32, bfloat16"),
+    ({"compile_modes": ()}, "--compile takes a comma list of on, off; got none"),
+    ({"checkpoints": {"2:4": "/nonexistent"}}, "not a checkpoint directory"),
+    ({"busy_core": 4096}, "--busy-core 4096 is not a core this process may run on"),
+    ({"device": "cuda", "busy_core": 0}, "CPU measurements; drop them with --device cuda"),
+    ({"new_tokens": 1}, "--new-tokens must be >= 2"),
+    ({"llama_cpp_python": "/nonexistent/bin/python"}, "is not an executable python"),
+])
+def test_bad_options_are_refused_on_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DecodeBenchConfig(**kwargs)
+
+
+def test_the_peer_worker_is_standalone():
+    """peer_worker.py runs in venvs without sparsefast: it imports only the standard library (and the peer)."""
+    source = (Path(__file__).resolve().parents[2] / "sparsefast" / "bench" / "peer_worker.py").read_text()
+    assert "sparsefast" not in "".join(line for line in source.splitlines() if line.startswith(("import", "from")))
+
+
+def test_command_line(capsys):
+    from sparsefast.bench.decode_options import add_decode_arguments, config_from_args
+    from sparsefast.cli import main
+
+    parser = __import__("argparse").ArgumentParser()
+    add_decode_arguments(parser)
+    dry = config_from_args(parser.parse_args(["--dry-run", "--variants", "dense,2:4", "--compile", "off"]))
+    assert (dry.model, dry.pruner, dry.rounds, dry.out_dir) == ("llama-tiny-random", "magnitude", 1, "/tmp")
+    assert dry.sparsities == ("dense", "2:4") and dry.compile_modes == ("off",) and dry.choice_loads == 0
+    assert config_from_args(parser.parse_args(["--busy-core", "0"])).choice_loads == 3
+    assert main(["bench", "decode", "--variants", "dense,70%"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--variants takes a comma list of dense, 2:4, 50%" in err[0]

@@ -1,0 +1,132 @@
+"""The compiled decode step (sparsefast.serve.compiled) against the eager step, on the tiny story llama (CPU, inductor's
+C++ backend): greedy output token for token, with requests of different prompt lengths joining and leaving so the
+batch crosses bucket boundaries and changes size within a bucket, without a recompile (graphs counted); the sparse CPU
+ops stay inside the one graph; 2:4 with the kernels swapped in; structural per-layer widths and bf16 (slow: a
+compile each). The inductor cache (TORCHINDUCTOR_CACHE_DIR) makes a second run compile in seconds."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from sparsefast.serve import runner as runner_module
+from sparsefast.serve.compiled import CompiledRunner, batch_buckets, bucket_for
+from sparsefast.serve.engine import GenerationEngine, SamplingParams
+from sparsefast.serve.runner import LlamaBatchRunner
+
+PROMPTS = ["Once upon a time", "The little dog ran to the park and saw a big", "Tom had a red ball. He",
+           "Lily", "One day, a girl named Sue went to the shop with her mom. She wanted to buy", "The sun"]
+MAX_TOKENS = [14, 5, 9, 12, 3, 8]  # finishing at different steps: the batch shrinks 4 -> 3 -> ... and others join
+
+
+def _load(story_llama_dir, **kw):
+    from sparsefast.api import load
+
+    return load(story_llama_dir, **kw)
+
+
+def served(model, tok, compile: str, max_batch: int, prompts=PROMPTS, max_tokens=MAX_TOKENS):
+    """Every request queued before the engine starts (the first step admits max_batch of them in one padded
+    prefill; the rest join as slots free up). Returns (token ids per request, engine)."""
+    engine = GenerationEngine(model, tok, max_batch=max_batch, max_model_len=96, compile=compile)
+    try:
+        streams = [engine.submit(tok(p)["input_ids"], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+                   for p, n in zip(prompts, max_tokens)]
+        engine.start()
+        return [[t for ev in s for t in ev.token_ids] for s in streams], engine
+    finally:
+        engine.shutdown()
+
+
+def test_batch_buckets():
+    assert batch_buckets(1) == (1,) and batch_buckets(8) == (1, 2, 4, 8) and batch_buckets(6) == (1, 2, 4, 6)
+    assert [bucket_for(b, (1, 2, 4, 6)) for b in range(1, 7)] == [1, 2, 4, 4, 6, 6]
+    with pytest.raises(ValueError, match="exceeds the largest bucket 4"):
+        bucket_for(5, (1, 2, 4))
+    with pytest.raises(ValueError, match="max_batch must be an integer >= 1"):
+        batch_buckets(0)
+
+
+def test_compiled_greedy_equals_eager_batched_across_buckets_without_recompiling(story_llama_dir):
+    model, tok = _load(story_llama_dir)
+    eager, _ = served(model, tok, "off", max_batch=4)
+    compiled, engine = served(model, tok, "on", max_batch=4)
+    assert isinstance(engine.runner, CompiledRunner)
+    assert compiled == eager
+    # one graph per bucket, compiled at construction; batches of 1..4 and every key length reused them
+    assert sorted(engine.compile_seconds) == [1, 2, 4] and engine.runner.graphs == 3
+
+
+def test_sparse_cpu_ops_stay_inside_one_graph(story_llama_dir):
+    """torch._dynamo.explain over the step a 2:4 model with the CPU kernels swapped in runs: no graph break, the
+    sparse op in the graph (tracing only, no inductor compile)."""
+    from sparsefast.api import prune
+    from sparsefast.config import MagnitudeConfig
+    from sparsefast.nn import SparsifyConfig, sparsify_, swapped_layer_names
+
+    model, _ = _load(story_llama_dir)
+    prune(model, MagnitudeConfig(pattern="2:4", device="cpu"), progress=False)
+    assert len(swapped_layer_names(sparsify_(model, SparsifyConfig(calibrate=False)))) == 14
+    runner = LlamaBatchRunner(model, max_batch=2, max_len=32, device=torch.device("cpu"), spare_row=True)
+    inputs = (torch.tensor([[5], [0]]), torch.tensor([[3], [0]]), torch.tensor([0, 2]),
+              torch.arange(4)[None, :].le(torch.tensor([[3], [0]])).view(2, 1, 1, 4))
+    with torch.inference_mode():
+        runner.decode_static(*inputs)  # the eager call that decides each layer's route for M = 2
+        explained = torch._dynamo.explain(runner.decode_static)(*inputs)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+    ops = {str(node.target) for g in explained.graphs for node in g.graph.nodes}
+    assert "sparsefast.sparse24_linear_cpu.default" in ops
+
+
+def test_auto_falls_back_to_eager_when_the_compile_fails(story_llama_dir, monkeypatch, caplog):
+    model, tok = _load(story_llama_dir)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(runner_module, "CompiledRunner", broken)
+    with caplog.at_level(logging.WARNING, logger="sparsefast.serve.runner"):
+        engine = GenerationEngine(model, tok, max_batch=2, max_model_len=32, compile="auto")
+    assert type(engine.runner) is LlamaBatchRunner and engine.compile_seconds == {}
+    assert "compiling the decode step failed (RuntimeError: no C++ compiler); decoding eagerly" in caplog.text
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        GenerationEngine(model, tok, max_batch=2, max_model_len=32, compile="on")
+
+
+def test_compiled_equals_eager_two_four_with_the_cpu_kernels(story_llama_dir):
+    from sparsefast.api import prune
+    from sparsefast.config import MagnitudeConfig
+    from sparsefast.nn import SparsifyConfig, sparsify_
+
+    model, tok = _load(story_llama_dir)
+    prune(model, MagnitudeConfig(pattern="2:4", device="cpu"), progress=False)
+    sparsify_(model, SparsifyConfig(calibrate=False))
+    eager, _ = served(model, tok, "off", max_batch=2, prompts=PROMPTS[:3], max_tokens=MAX_TOKENS[:3])
+    compiled, engine = served(model, tok, "on", max_batch=2, prompts=PROMPTS[:3], max_tokens=MAX_TOKENS[:3])
+    assert compiled == eager and engine.runner.graphs == 2
+
+
+@pytest.mark.slow
+def test_compiled_equals_eager_structural_per_layer_widths(story_llama_dir, tmp_path):
+    from sparsefast.models import save_structural
+    from sparsefast.prune.structural import StructuralConfig, prune_structured
+
+    model, tok = _load(story_llama_dir)
+    prune_structured(model, tok, StructuralConfig(ratio=0.5, importance="l2", layers="0-0", gqa="kv_groups"))
+    save_structural(model, tmp_path / "struct", tokenizer=tok)
+    model, tok = _load(tmp_path / "struct")
+    assert model.model.layers[0].self_attn.k_proj.out_features < model.model.layers[1].self_attn.k_proj.out_features
+    eager, _ = served(model, tok, "off", max_batch=2, prompts=PROMPTS[:3], max_tokens=MAX_TOKENS[:3])
+    compiled, engine = served(model, tok, "on", max_batch=2, prompts=PROMPTS[:3], max_tokens=MAX_TOKENS[:3])
+    assert compiled == eager and engine.runner.graphs == 2
+
+
+@pytest.mark.slow
+def test_compiled_equals_eager_bf16(story_llama_dir):
+    model, tok = _load(story_llama_dir, dtype="bfloat16")
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    eager, _ = served(model, tok, "off", max_batch=2, prompts=PROMPTS[:3], max_tokens=MAX_TOKENS[:3])
+    compiled, engine = served(model, tok, "on", max_batch=2, prompts=PROMPTS[:3], max_tokens=MAX_TOKENS[:3])
+    assert compiled == eager and engine.runner.graphs == 2
