@@ -4,8 +4,9 @@ export (issue 22's acceptance: the structural speedup survives export and quanti
 Each model is exported at every --outtypes value, then llama.cpp (bench/peers/llama_cpp.sh) generates --tokens greedy
 tokens --repeats times per file (a fresh context each time), the files interleaved round by round so that a change
 of machine load hits all of them alike. Decode tokens/s = (tokens - 1) / time from the first generated token to
-the last; the result keeps every repeat, the median and the structural / dense ratio per outtype. Run it on a quiet
-machine (the load average is recorded). Writes bench/results/YYYY-MM-DD-cpu-llama-cpp-decode-smollm2.json.
+the last; the result keeps every repeat, the median and the structural / dense ratio per outtype, and each file's
+greedy tokens (a q8_0 file's tokens drift from its f32 file's after a while: quantization, not the export). Run it on
+a quiet machine (the load average is recorded). Writes bench/results/YYYY-MM-DD-cpu-llama-cpp-decode-smollm2.json.
 
     python bench/e2e/export_decode.py --llama-cpp-venv /work/peers/llama-cpp --structural /tmp/smollm2-s20 \\
         --outtypes f32,q8_0 --keep-dir /tmp/smollm2-gguf
@@ -50,15 +51,18 @@ def main() -> int:
         model, tok = sparsefast.load(source)
         prompt_ids = list(tok(PROMPT)["input_ids"])
         for outtype in outtypes:
-            files[name, outtype] = export_gguf(model, tok, work / f"smollm2-{name}-{outtype}.gguf", overwrite=True)
+            files[name, outtype] = export_gguf(model, tok, work / f"smollm2-{name}-{outtype}.gguf", outtype=outtype,
+                                               overwrite=True)
         del model
     speeds: dict[tuple[str, str], list[float]] = {key: [] for key in files}
-    loads = []
+    loads, extra_bufts, tokens = [], set(), {}
     for _ in range(args.repeats):
         loads.append(load_average())
         for key, path in files.items():
             run = llama_cpp_run(path, prompt_ids, args.tokens, threads=args.threads)
             speeds[key].append(run["decode_tokens_per_s"][0])
+            tokens.setdefault(f"{key[0]}-{key[1]}", run["tokens"])
+            extra_bufts.add(run["extra_bufts"])
     rows = []
     for outtype in outtypes:
         dense = statistics.median(speeds["dense", outtype])
@@ -72,6 +76,7 @@ def main() -> int:
               flush=True)
     payload = {"peers": peer_versions(), "threads": args.threads, "tokens": args.tokens, "repeats": args.repeats,
                "prompt_ids": prompt_ids, "structural": args.structural, "load_average_per_round": loads,
+               "llama_cpp_extra_bufts": sorted(extra_bufts), "greedy_tokens": tokens,
                "rows": rows}
     for path in write_result("llama-cpp-decode-smollm2", payload, device="cpu"):
         print("wrote", path)

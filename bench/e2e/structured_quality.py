@@ -25,6 +25,9 @@ rows share one architecture and, LoRA merged, one cost per token; the pass prune
 gradients, and checks the parameter count against the rows'):
 
     python bench/e2e/structured_quality.py --out bench/results/....json --decode-side-by-side
+
+`--uniform` measures rows pruned with `prune-structured --uniform` (every layer alike, a plain Llama checkpoint) into
+the same JSON (with `--resume` and the same flags); their speed column is their own decode measurement.
 """
 
 from __future__ import annotations
@@ -87,7 +90,7 @@ def decode_side_by_side(out: Path, repeats: int) -> int:
 
     result = json.loads(out.read_text())
     s = result["settings"]
-    pruned_params = {r["parameters"] for r in result["rows"] if r["importance"] != "dense"}
+    pruned_params = {r["parameters"] for r in result["rows"] if r["importance"] != "dense" and not r.get("uniform")}
     dense, tok = load_model(s["model"], device="cpu")
     pruned, _ = load_model(s["model"], device="cpu")
     cfg = StructuralConfig(ratio=s["ratio"], importance="random", aggregation=s["aggregation"], layers=s["layers"],
@@ -146,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora-importances", default="element1,element2,l2",
                    help="importances that also get a LoRA-recovered row (default: %(default)s)")
     p.add_argument("--no-lora", action="store_true")
+    p.add_argument("--uniform", action="store_true",
+                   help="prune every layer alike (prune-structured --uniform, no --layers): rows marked uniform, kept "
+                        "beside the layer-wise rows of the same --out (--resume)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default=None)
@@ -166,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                              batch_size=args.lora_batch_size, grad_accum=args.lora_grad_accum)
     for imp in importances:  # every name checked (on construction) before the first measurement
         StructuralConfig(ratio=args.ratio, importance=imp, aggregation=args.aggregation, nsamples=args.nsamples,
-                         seqlen=args.seqlen, layers=args.layers)
+                         seqlen=args.seqlen, layers=args.layers, uniform=args.uniform)
     out = Path(args.out) if args.out else result_path(f"{Path(args.model).name}-structured", device=args.device)
     settings = {"model": args.model, "ratio": args.ratio, "strategy": "block", "aggregation": args.aggregation,
                 "layers": args.layers,
@@ -190,12 +196,20 @@ def main(argv: list[str] | None = None) -> int:
         previous = json.loads(out.read_text())
         if {**previous["settings"], "lora": None} != {**settings, "lora": None}:
             p.error(f"--resume: {out} was measured with other settings; use another --out or the same flags")
-        same_lora = previous["settings"]["lora"] == settings["lora"]
+        def lora_recipe(lora: dict | None) -> dict | None:  # what a LoRA row depends on (not which rows have one)
+            return None if lora is None else {k: v for k, v in lora.items() if k != "importances"}
+
+        same_lora = lora_recipe(previous["settings"]["lora"]) == lora_recipe(settings["lora"])
+        if same_lora and settings["lora"] is not None:
+            settings["lora"]["importances"] = sorted({*previous["settings"]["lora"]["importances"],
+                                                      *lora_importances})
         if not same_lora:  # the rows without LoRA do not depend on the LoRA settings: keep those, redo the rest
             print(f"--resume: other LoRA settings than {out}; its LoRA rows are measured again", flush=True)
         result["rows"] = [r for r in previous["rows"] if same_lora or not r["lora"]]
         result["resumed_from_commits"] = [*previous.get("resumed_from_commits", []), commit_of(previous)]
-    done = {(r["importance"], r["lora"]) for r in result["rows"]}
+    done = {(r["importance"], r["lora"]) for r in result["rows"] if r.get("uniform", False) == args.uniform}
+    if any(r["importance"] == "dense" for r in result["rows"]):
+        done.add(("dense", False))  # the dense row does not depend on --uniform
     samples = None
     if not args.no_lora:
         records = load_recovery_data("alpaca", data_dir=args.data_dir, max_samples=args.lora_records)
@@ -215,14 +229,15 @@ def main(argv: list[str] | None = None) -> int:
             continue
         model, tok = load_model(args.model, device="cpu")
         cfg = StructuralConfig(ratio=args.ratio, importance=imp, aggregation=args.aggregation, nsamples=args.nsamples,
-                               seqlen=args.seqlen, layers=args.layers, seed=0)
+                               seqlen=args.seqlen, layers=args.layers, seed=0, uniform=args.uniform)
         model.to(args.device)
         rep = prune_structured(model, tok, cfg, calib)
         model.to("cpu")
         pruning = {"seconds": rep["seconds"], "removed": rep["removed"], "parameter_ratio": rep["parameter_ratio"],
                    "importance_stats": rep["importance"]}
         if (imp, False) not in done:
-            record({"importance": imp, "lora": False, "pruning": pruning, **measure(model, tok, args)})
+            record({"importance": imp, "lora": False, "uniform": args.uniform, "pruning": pruning,
+                    **measure(model, tok, args)})
         if not with_lora:
             continue
         if samples is None:
@@ -231,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         model.to("cpu")
         stats = {**{k: v for k, v in stats.items() if k != "config"}, "records": len(records.records),
                  "dropped_too_long": dropped, "data": records.source}
-        record({"importance": imp, "lora": True, "pruning": pruning, "recovery": stats, **measure(model, tok, args)})
+        record({"importance": imp, "lora": True, "uniform": args.uniform, "pruning": pruning, "recovery": stats,
+                **measure(model, tok, args)})
     print(f"wrote {out}")
     return 0
 

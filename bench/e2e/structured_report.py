@@ -26,15 +26,17 @@ IMPORTANCE_ORDER = ["dense", "random", "l2", "vector", "element1", "element2"]
 
 
 def ordered_rows(result: dict) -> list[dict]:
-    """Dense first, then each importance without and with LoRA (the JSON keeps measurement order)."""
+    """Dense first, then each importance without and with LoRA, then the uniform rows (prune-structured --uniform)
+    the same way (the JSON keeps measurement order)."""
     def key(row: dict) -> tuple:
         imp = row["importance"]
-        return (IMPORTANCE_ORDER.index(imp) if imp in IMPORTANCE_ORDER else len(IMPORTANCE_ORDER), imp, row["lora"])
+        return (row.get("uniform", False), IMPORTANCE_ORDER.index(imp) if imp in IMPORTANCE_ORDER
+                else len(IMPORTANCE_ORDER), imp, row["lora"])
     return sorted(result["rows"], key=key)
 
 
 def row_name(row: dict) -> str:
-    return row["importance"] + (" + LoRA" if row["lora"] else "")
+    return row["importance"] + (" uniform" if row.get("uniform") else "") + (" + LoRA" if row["lora"] else "")
 
 
 def retained(row: dict, dense: dict, metric: str = "acc_norm") -> float:
@@ -45,7 +47,7 @@ def retained(row: dict, dense: dict, metric: str = "acc_norm") -> float:
 def decode_ms(row: dict, result: dict) -> float:
     """CPU ms/token of `row`: the side-by-side measurement of its architecture when there is one."""
     side = result.get("decode_side_by_side")
-    if side is None:
+    if side is None or row.get("uniform"):  # a uniform row has an architecture of its own: its own measurement
         return row["decode_latency_cpu"]["decode_ms_per_token"]
     return side["dense_ms_per_token"] if row["importance"] == "dense" else side["pruned_ms_per_token"]
 

@@ -46,8 +46,9 @@ def peer_python(peer: str) -> Path:
 def llama_cpp_run(gguf: str | os.PathLike, prompt_ids: list[int], max_tokens: int, *, threads: int | None = None,
                   repeats: int = 1, timeout: float = 900) -> dict[str, Any]:
     """Run `gguf` in llama.cpp (peer venv), loaded once, `repeats` times: {"tokens": the greedy token ids (the same on
-    every repeat, else RuntimeError), "llama_cpp": version, "decode_tokens_per_s": [per repeat], "prompt_s": [per
-    repeat, time to the first token]}. Raises RuntimeError with the worker's error and log tail when it fails."""
+    every repeat, else RuntimeError), "llama_cpp": version, "extra_bufts": whether its extra CPU buffer types were on
+    (peer_worker.py), "decode_tokens_per_s": [per repeat], "prompt_s": [per repeat, time to the first token]}.
+    Raises RuntimeError with the worker's error when it fails."""
     threads = threads or os.cpu_count()
     argv = [str(peer_python("llama_cpp")), str(decode_run.PEER_WORKER), "llama_cpp", str(gguf), "--threads",
             str(threads), "--max-len", str(len(prompt_ids) + max_tokens + 8)]
@@ -66,7 +67,8 @@ def llama_cpp_run(gguf: str | os.PathLike, prompt_ids: list[int], max_tokens: in
     tokens = results[0]["token_ids"]
     if any(r["token_ids"] != tokens for r in results):
         raise RuntimeError(f"llama.cpp gave different greedy tokens on a repeat of {gguf}")
-    return {"tokens": tokens, "llama_cpp": worker.ready["version"], "prompt_s": [r["ttft_s"] for r in results],
+    return {"tokens": tokens, "llama_cpp": worker.ready["version"], "extra_bufts": worker.ready.get("extra_bufts"),
+            "prompt_s": [r["ttft_s"] for r in results],
             "decode_tokens_per_s": [1 / r["tpot_s"] if max_tokens > 1 else None for r in results]}
 
 

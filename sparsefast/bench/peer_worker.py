@@ -29,9 +29,31 @@ import sys
 import time
 
 
+def _amx_cpu() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " amx_tile" in f.read()
+    except OSError:
+        return False
+
+
 def _llama_cpp(args: argparse.Namespace):
     import llama_cpp
+    import llama_cpp.llama as llama_module
 
+    # llama.cpp's extra CPU buffer types repack weights for AMX / other kernels at load. On the AMX Xeons this project
+    # ran on, its AMX path killed the process with SIGSEGV at the first decode of a Q8_0 file (also of one quantized by
+    # llama.cpp itself), F32 ran: "auto" turns them off on CPUs with AMX, and the ready line says which was used.
+    extra_bufts = args.extra_bufts == "on" or (args.extra_bufts == "auto" and not _amx_cpu())
+    if not extra_bufts:
+        default_params = llama_module.llama_cpp.llama_model_default_params
+
+        def without_extra_bufts():
+            params = default_params()
+            params.use_extra_bufts = False
+            return params
+
+        llama_module.llama_cpp.llama_model_default_params = without_extra_bufts
     llm = llama_cpp.Llama(model_path=args.model, n_ctx=args.max_len, n_threads=args.threads,
                           n_threads_batch=args.threads, verbose=False)
 
@@ -52,7 +74,7 @@ def _llama_cpp(args: argparse.Namespace):
                 "median_itl_s": statistics.median(gaps) if gaps else None, "wall_s": times[-1] - t0}
 
     info = {"peer": "llama_cpp", "version": llama_cpp.__version__, "threads": args.threads,
-            "model_bytes": os.path.getsize(args.model)}
+            "model_bytes": os.path.getsize(args.model), "extra_bufts": extra_bufts}
     return run, info
 
 
@@ -119,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="llama_cpp threads (default: all cores)")
     p.add_argument("--dtype", default="auto", help="vllm dtype (float32, bfloat16, ...)")
     p.add_argument("--max-len", type=int, default=512, help="context positions (prompt + new tokens)")
+    p.add_argument("--extra-bufts", choices=("auto", "on", "off"), default="auto",
+                   help="llama_cpp: its extra CPU buffer types (weight repacking, AMX); auto: off on AMX CPUs")
     args = p.parse_args(argv)
     out = protocol_stream()
     run, info = PEERS[args.peer](args)

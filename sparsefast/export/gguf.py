@@ -10,7 +10,9 @@ Tensors follow convert_hf_to_gguf.py: GGUF names (`blk.N.attn_q.weight`, ...), q
 half-split rotary layout to llama.cpp's interleaved pairs (per layer, with that layer's head counts), no `output`
 tensor when the head is tied to the embedding. `outtype` sets the 2-D weights: f32, f16, bf16 or q8_0 (blocks of
 32 along a row: a tensor whose rows are not a multiple of 32, e.g. down_proj of an MLP pruned to 1229 channels,
-falls back to f16, as the converter does); 1-D norms are always f32. Zeros of a mask-pruned model stay exact zeros
+would fall back to f16, as the converter does, so q8_0 zero-pads each layer's MLP to a multiple of 32 channels
+instead: zero gate/up rows and zero down_proj columns add exactly nothing, silu(0)·0 = 0, and cost a few bytes,
+e.g. 1228 → 1248 channels); 1-D norms are always f32. Zeros of a mask-pruned model stay exact zeros
 in every outtype, but llama.cpp computes them densely: only structural pruning makes it faster.
 
 Metadata: the model's hyper-parameters, the tokenizer and chat template (sparsefast.export.gguf_vocab), and
@@ -20,6 +22,7 @@ atomically and exclusively (sparsefast.export.output).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -45,6 +48,7 @@ from sparsefast.export.output import atomic_output_file, check_output_path
 from sparsefast.models.base import get_adapter
 
 OWNER_KEY = "sparsefast.version"
+Q8_0_BLOCK = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]  # weights per Q8_0 block, along a row
 _FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
 # transformers' per-layer module → GGUF tensor name (after `blk.N.`), LLaMA family (sparsefast.models.llama)
@@ -78,6 +82,8 @@ def export_gguf(model: nn.Module, tokenizer: Any, out: str | os.PathLike, *, out
     path = check_gguf_output(out, overwrite=overwrite, outtype=outtype, sources=sources)
     check_exportable(model)
     widths = layer_widths(model)
+    if outtype == "q8_0":  # whole Q8_0 blocks along down_proj's rows (module docstring)
+        widths = [dataclasses.replace(w, ffn=-(-w.ffn // Q8_0_BLOCK) * Q8_0_BLOCK) for w in widths]
     arch = "llama" if uniform_widths(widths) is not None else "deci"
     with atomic_output_file(path, overwrite=overwrite, is_own_file=is_sparsefast_gguf) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
@@ -139,6 +145,10 @@ def _gguf_tensors(model: nn.Module, widths: list[LayerWidths]) -> Iterable[tuple
                 weight = rotary_rows_to_gguf(weight, w.heads)
             elif short == "attn_k":
                 weight = rotary_rows_to_gguf(weight, w.kv_heads)
+            elif short in ("ffn_gate", "ffn_up") and weight.shape[0] < w.ffn:
+                weight = torch.nn.functional.pad(weight, (0, 0, 0, w.ffn - weight.shape[0]))  # zero channels
+            elif short == "ffn_down" and weight.shape[1] < w.ffn:
+                weight = torch.nn.functional.pad(weight, (0, w.ffn - weight.shape[1]))
             yield f"blk.{i}.{short}.weight", weight
     yield "output_norm.weight", adapter.final_norm(model).weight
     head = adapter.lm_head(model).weight

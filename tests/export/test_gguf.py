@@ -101,7 +101,7 @@ def test_rotary_permutation_turns_half_split_rope_into_pairwise_rope():
 @pytest.mark.parametrize("outtype,kind,atol", [("f16", gguf.GGMLQuantizationType.F16, 1e-3),
                                                ("bf16", gguf.GGMLQuantizationType.BF16, 1e-2),
                                                ("q8_0", gguf.GGMLQuantizationType.Q8_0, 2e-2)])
-def test_outtypes_and_q8_fallback(story_layerwise, tmp_path, outtype, kind, atol):
+def test_outtypes_and_q8_mlp_padding(story_layerwise, tmp_path, outtype, kind, atol):
     model, tok = story_layerwise
     with torch.no_grad():   # mask-pruned zeros must stay exact zeros in every outtype
         model.model.layers[0].mlp.up_proj.weight[:, ::2] = 0
@@ -109,12 +109,20 @@ def test_outtypes_and_q8_fallback(story_layerwise, tmp_path, outtype, kind, atol
     t = _tensors(r)
     assert t["blk.0.ffn_up.weight"].tensor_type == kind
     assert t["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
-    # 269 MLP channels are not whole Q8_0 blocks of 32: down_proj falls back to f16
-    want = gguf.GGMLQuantizationType.F16 if outtype == "q8_0" else kind
-    assert t["blk.1.ffn_down.weight"].tensor_type == want
+    assert t["blk.1.ffn_down.weight"].tensor_type == kind
     up = _values(t["blk.0.ffn_up.weight"])
     assert (up[:, ::2] == 0).all()
     np.testing.assert_allclose(up, model.model.layers[0].mlp.up_proj.weight.detach().numpy(), atol=atol)
+    # layer 1 keeps 269 MLP channels, not whole Q8_0 blocks of 32 along down_proj's rows: q8_0 pads it to 288 with
+    # zero gate/up rows and zero down columns (exact), the other outtypes keep 269
+    mlp = model.model.layers[1].mlp
+    ffn = 288 if outtype == "q8_0" else 269
+    assert mlp.down_proj.weight.shape[1] == 269 and list(_field(r, "deci.feed_forward_length"))[1] == ffn
+    down, gate = _values(t["blk.1.ffn_down.weight"]), _values(t["blk.1.ffn_gate.weight"])
+    assert down.shape[1] == gate.shape[0] == ffn
+    assert (down[:, 269:] == 0).all() and (gate[269:] == 0).all()
+    assert (_values(t["blk.1.ffn_up.weight"])[269:] == 0).all()
+    np.testing.assert_allclose(down[:, :269], mlp.down_proj.weight.detach().numpy(), atol=atol)
 
 
 def test_untied_head_and_gpt2_tokenizer(tmp_path):
