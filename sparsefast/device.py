@@ -12,6 +12,8 @@ if TYPE_CHECKING:
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
+# which implementation runs an op (sparsefast.ops._dispatch.select_backend says how "auto" picks)
+BACKEND_CHOICES = ("auto", "cuda", "triton", "cpu", "torch")
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:

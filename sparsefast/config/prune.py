@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
-from sparsefast.device import DEVICE_CHOICES, resolve_dtype
+from sparsefast.device import BACKEND_CHOICES, DEVICE_CHOICES, resolve_dtype
 
 if TYPE_CHECKING:
     from torch import nn
@@ -109,11 +109,8 @@ class PruneConfig:
         if self.device not in DEVICE_CHOICES and not str(self.device).startswith("cuda:"):
             raise ValueError(f"device must be one of {', '.join(DEVICE_CHOICES)} (or cuda:N), got {self.device!r}")
         resolve_dtype(self.dtype)
-        # sparsefast.ops imports torch: imported when a config is made, so that importing this module does not
-        from sparsefast.ops._dispatch import BACKENDS
-
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.backend not in BACKEND_CHOICES:
+            raise ValueError(f"backend must be one of {', '.join(BACKEND_CHOICES)}, got {self.backend!r}")
 
     @cached_property
     def parsed_pattern(self) -> Pattern:

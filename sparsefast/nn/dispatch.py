@@ -58,7 +58,7 @@ from typing import Callable
 
 import torch
 
-from sparsefast._ext import load_cpu_extension
+from sparsefast._ext import load_cpu_extension, load_extension
 from sparsefast.ops.sparse24 import cuda_supported
 from sparsefast.ops.sparse24_cpu import kernel_supported
 
@@ -163,15 +163,16 @@ def cpu_backend_for(table: DispatchTable, x: torch.Tensor, values: torch.Tensor)
 def sparse24_backend_for(table: DispatchTable, x: torch.Tensor, values: torch.Tensor, in_features: int,
                          semi_structured_weight: Callable[[], torch.Tensor | None]) -> str:
     """"cuda", "semi_structured" or "dense" for a CUDA input x [..., in_features] on the CUDA 2:4 layout `values`:
-    `table`'s choice at M where it can run, else the next best (semi_structured_weight() is None where torch cannot
-    convert this weight; it is only called when the table picks that backend)."""
-    backend = table.backend_for(tokens_of(x))
-    kernels_ok = cuda_supported(x, values, in_features)
-    if backend == "semi_structured" and semi_structured_weight() is None:
-        backend = "cuda"
-    if backend == "cuda":
-        return "cuda" if kernels_ok else "dense"
-    return "semi_structured" if backend == "semi_structured" else "dense"  # a "cpu" row means nothing on CUDA
+    `table`'s choice at M where it can run, else the next best: our kernels need the extension (a build without CUDA
+    has none) and a case they take; torch's semi-structured path needs a weight torch can convert
+    (semi_structured_weight() is None otherwise; it is only called when that path is considered)."""
+    preference = {"cuda": ("cuda", "semi_structured"), "semi_structured": ("semi_structured", "cuda")}
+    for backend in preference.get(table.backend_for(tokens_of(x)), ()):  # a "cpu" row means nothing on CUDA
+        if backend == "cuda" and cuda_supported(x, values, in_features) and load_extension() is not None:
+            return "cuda"
+        if backend == "semi_structured" and semi_structured_weight() is not None:
+            return "semi_structured"
+    return "dense"
 
 
 def fastest_cpu_layout(measured: dict[str, tuple[DispatchTable, dict]]) -> str | None:

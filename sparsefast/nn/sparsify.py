@@ -144,6 +144,10 @@ def swapped_layer_names(records: dict[str, dict]) -> list[str]:
 
 def swap_linear_with_sparse(model: nn.Module, filter_fn: Callable[[str, nn.Linear], bool] | None = None, *,
                             calibrate: bool = True) -> dict[str, dict]:
-    """`sparsify_(model, SparsifyConfig(calibrate=calibrate), filter_fn)`: the name the README documents for the
-    measured CPU swap."""
+    """`sparsify_(model, SparsifyConfig(calibrate=calibrate), filter_fn)` for a model on the CPU: the name the README
+    documents for the measured CPU swap. ValueError, before anything is swapped, when a linear is elsewhere."""
+    for name, mod in model.named_modules():
+        if type(mod) is nn.Linear and mod.weight.device.type != "cpu":
+            raise ValueError(f"swap_linear_with_sparse swaps CPU layers only; layer {name!r} is on "
+                             f"{mod.weight.device}: use sparsefast.nn.sparsify_(model) for CUDA (2:4 Sparse24Linear)")
     return sparsify_(model, SparsifyConfig(calibrate=calibrate), filter_fn)

@@ -1,4 +1,4 @@
-"""Backend selection shared by every op (DESIGN.md "Backend dispatch").
+"""Backend selection shared by every op.
 
 `auto` picks, in order: `cuda` (compiled extension loaded, tensors on CUDA, op supports the case) → `triton` (tensors
 on CUDA, triton importable) → `cpu` (the CPU extension's kernels, for ops that have them, on CPU tensors) → `torch`.
@@ -15,7 +15,7 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
+from sparsefast.device import BACKEND_CHOICES
 
 
 @functools.lru_cache(maxsize=None)
@@ -41,8 +41,8 @@ def select_backend(op: str, tensor: torch.Tensor, backend: str | None, *, has: t
     """
     if backend is None or backend == "auto":
         backend = os.environ.get("SPARSEFAST_BACKEND", "auto") or "auto"
-    if backend not in BACKENDS:
-        raise ValueError(f"{op}: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"{op}: unknown backend {backend!r}; choose one of {', '.join(BACKEND_CHOICES)}")
     on_cuda = tensor.is_cuda
     if backend == "auto":
         if "cuda" in has and on_cuda and cuda_ok:

@@ -97,17 +97,20 @@ def test_cpu_backend_for_follows_the_table_where_the_kernels_run(monkeypatch):
     assert cpu_backend_for(DEFAULT_CPU_DISPATCH, torch.zeros(1, 8), values) == "dense"  # extension missing
 
 
-@pytest.mark.parametrize("kernels_ok,semi_ok,want", [
-    (True, True, ["cuda", "semi_structured", "dense", "dense"]),
-    (True, False, ["cuda", "cuda", "dense", "dense"]),  # torch cannot convert the weight: our kernels instead
-    (False, False, ["dense", "dense", "dense", "dense"]),
-    (False, True, ["dense", "semi_structured", "dense", "dense"]),
+@pytest.mark.parametrize("supported,built,semi_ok,want,asks", [
+    (True, True, True, ["cuda", "semi_structured", "dense", "dense"], 1),
+    (True, True, False, ["cuda", "cuda", "dense", "dense"], 1),  # torch cannot convert the weight: our kernels
+    (False, True, False, ["dense", "dense", "dense", "dense"], 2),  # a case our kernels do not take
+    (False, True, True, ["semi_structured", "semi_structured", "dense", "dense"], 2),
+    (True, False, True, ["semi_structured", "semi_structured", "dense", "dense"], 2),  # a build without CUDA
+    (True, False, False, ["dense", "dense", "dense", "dense"], 2),
 ])
-def test_sparse24_backend_for_falls_back_to_what_can_run(monkeypatch, kernels_ok, semi_ok, want):
-    """The table's choice where it can run; semi_structured without a converted weight → our kernels → dense; a
-    "cpu" row means nothing for a CUDA input."""
+def test_sparse24_backend_for_falls_back_to_what_can_run(monkeypatch, supported, built, semi_ok, want, asks):
+    """The table's choice where it can run, else the other 2:4 path (our kernels need the extension and a case they
+    take; semi_structured a weight torch converted), else dense; a "cpu" row means nothing for a CUDA input."""
     table = DispatchTable(((1, "cuda"), (8, "semi_structured"), (16, "dense"), (2**62, "cpu")))
-    monkeypatch.setattr(dispatch, "cuda_supported", lambda x, values, in_features: kernels_ok)
+    monkeypatch.setattr(dispatch, "cuda_supported", lambda x, values, in_features: supported)
+    monkeypatch.setattr(dispatch, "load_extension", lambda: object() if built else None)
     asked = []
 
     def semi():
@@ -116,7 +119,7 @@ def test_sparse24_backend_for_falls_back_to_what_can_run(monkeypatch, kernels_ok
 
     values = torch.zeros(1)
     got = [sparse24_backend_for(table, torch.zeros(m, 64), values, 64, semi) for m in (1, 8, 16, 17)]
-    assert got == want and len(asked) == 1  # the semi-structured weight is only asked for where the table picks it
+    assert got == want and len(asked) == asks  # the semi-structured weight is asked for only where it may run
 
 
 def test_fastest_cpu_layout_is_the_least_total_time_where_a_kernel_wins():

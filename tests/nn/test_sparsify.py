@@ -94,6 +94,13 @@ def test_auto_refuses_layers_on_devices_without_kernels():
         sparsify_(model)
 
 
+def test_the_cpu_swap_alias_refuses_layers_elsewhere_before_swapping():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8, device="meta"))
+    with pytest.raises(ValueError, match=r"swaps CPU layers only; layer '1' is on meta: use sparsefast.nn.sparsify_"):
+        swap_linear_with_sparse(model)
+    assert all(type(m) is nn.Linear for m in model)
+
+
 def test_sparse24_mode_keeps_greedy_tokens_of_tiny_llama():
     model = tiny_model("llama", seed=1)
     prune_linears(model, None)

@@ -5,7 +5,8 @@ themselves (GPU: decode and mma.sp GEMM against fp64 / cuBLAS references).
 GPU tests, self-diagnosing order: (1) the one-warp probe maps every single kept value of a 16x64 block to where the
 tensor core used it and names the broken part (values fragment order, row halves, metadata nibble/word/k-tile order);
 (2) exact small-integer problems on ragged shapes print which row blocks / tokens / splits are wrong;
-(3) LLaMA shapes with the DESIGN.md 2x rule; (4) opcheck. Run with -s to see the diagnostics.
+(3) LLaMA shapes, error vs an fp64 reference <= 2x that of the dense matmul in the same precision; (4) opcheck.
+Run with -s to see the diagnostics.
 """
 
 from __future__ import annotations
