@@ -206,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         if not same_lora:  # the rows without LoRA do not depend on the LoRA settings: keep those, redo the rest
             print(f"--resume: other LoRA settings than {out}; its LoRA rows are measured again", flush=True)
         result["rows"] = [r for r in previous["rows"] if same_lora or not r["lora"]]
+        if "decode_side_by_side" in previous:  # the layer-wise architecture's speed does not change with new rows
+            result["decode_side_by_side"] = previous["decode_side_by_side"]
         result["resumed_from_commits"] = [*previous.get("resumed_from_commits", []), commit_of(previous)]
     done = {(r["importance"], r["lora"]) for r in result["rows"] if r.get("uniform", False) == args.uniform}
     if any(r["importance"] == "dense" for r in result["rows"]):

@@ -44,11 +44,14 @@ def retained(row: dict, dense: dict, metric: str = "acc_norm") -> float:
     return row["zeroshot"]["average"][metric] / dense["zeroshot"]["average"][metric]
 
 
-def decode_ms(row: dict, result: dict) -> float:
-    """CPU ms/token of `row`: the side-by-side measurement of its architecture when there is one."""
+def decode_ms(row: dict, result: dict) -> float | None:
+    """CPU ms/token of `row`: the side-by-side measurement of its architecture when there is one (None for a uniform
+    row then: its architecture was not in that run, and its own timing, alone on whatever machine, is no match)."""
     side = result.get("decode_side_by_side")
-    if side is None or row.get("uniform"):  # a uniform row has an architecture of its own: its own measurement
+    if side is None:
         return row["decode_latency_cpu"]["decode_ms_per_token"]
+    if row.get("uniform"):
+        return None
     return side["dense_ms_per_token"] if row["importance"] == "dense" else side["pruned_ms_per_token"]
 
 
@@ -66,7 +69,7 @@ def markdown_table(result: dict) -> str:
                  f"{lp['wikitext2']:.2f}", f"{lp['ptb']:.2f}"]
         cells += [f"{zs['tasks'][t]['acc_norm']:.3f}" for t in tasks]
         cells += [f"{zs['average']['acc']:.4f}", f"{zs['average']['acc_norm']:.4f}", f"{100 * retained(r, dense):.1f}%",
-                  f"{decode_ms(r, result):.1f}"]
+                  "–" if decode_ms(r, result) is None else f"{decode_ms(r, result):.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
