@@ -2,8 +2,9 @@
 
 Field names and defaults follow OpenAI's /v1/completions and /v1/chat/completions (vLLM's
 `entrypoints/openai/protocol.py` is the field's reference), plus vLLM's sampling extensions `top_k` and `ignore_eos`.
-Fields OpenAI defines but this server does not implement (logprobs, echo, n > 1, penalties, tools, ...) are accepted
-only at their "off" value and rejected otherwise with a 400 that names the field, instead of being silently ignored.
+Fields OpenAI defines but this server does not implement (logprobs, echo, n > 1, penalties, tools, tool_choice,
+response_format, ...) are accepted only at their "off" value and rejected otherwise with a 400 that names the field,
+instead of being silently ignored.
 Unknown fields are ignored, as OpenAI's SDK sends extras through `extra_body`.
 
 Requests are strict where OpenAI's API is: pydantic's strict mode (no "16" or true for an integer, no "yes" for a
@@ -77,13 +78,15 @@ class GenerationRequest(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
     user: str | None = None
 
     @model_validator(mode="after")
     def _reject_unimplemented(self) -> "GenerationRequest":
         # an accepted-but-ignored option would return something other than what the client asked for
         unsupported = {"n": self.n != 1, "presence_penalty": self.presence_penalty != 0.0,
-                       "frequency_penalty": self.frequency_penalty != 0.0, "logit_bias": bool(self.logit_bias)}
+                       "frequency_penalty": self.frequency_penalty != 0.0, "logit_bias": bool(self.logit_bias),
+                       "response_format": self.response_format not in (None, {"type": "text"})}
         for name, bad in unsupported.items():
             if bad:
                 raise ValueError(f"{name}: not supported by this server; leave it at its default")
@@ -102,7 +105,8 @@ class GenerationRequest(BaseModel):
 
 class CompletionRequest(GenerationRequest):
     """POST /v1/completions. `prompt` is a string or a list of token ids (one prompt per request)."""
-    prompt: Text | Annotated[list[int], Field(min_length=1)] | Annotated[list[Text], Field(min_length=1)]
+    prompt: (Text | Annotated[list[int], Field(min_length=1)] | Annotated[list[Text], Field(min_length=1)]
+             | Annotated[list[list[int]], Field(min_length=1)])
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
     logprobs: int | None = None
@@ -111,10 +115,14 @@ class CompletionRequest(GenerationRequest):
 
     @model_validator(mode="after")
     def _reject_unimplemented_completion(self) -> "CompletionRequest":
-        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], (str, list)):
             if len(self.prompt) != 1:
-                raise ValueError("prompt: one prompt per request; send a string (or a list with one string)")
+                raise ValueError(f"prompt: {len(self.prompt)} prompts in one request; this server takes one prompt "
+                                 "per request (a string, a list of token ids, or a list holding one of either): "
+                                 "send them as separate requests")
             self.prompt = self.prompt[0]
+            if isinstance(self.prompt, list) and not self.prompt:
+                raise ValueError("prompt: an empty list of token ids; send at least one token id")
         for name, bad in {"echo": self.echo, "logprobs": self.logprobs is not None,
                           "best_of": self.best_of not in (None, 1), "suffix": self.suffix is not None}.items():
             if bad:
@@ -158,14 +166,20 @@ class ChatCompletionRequest(GenerationRequest):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
+    top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _reject_unimplemented_chat(self) -> "ChatCompletionRequest":
         if self.logprobs:
             raise ValueError("logprobs: not supported by this server; leave it false")
+        if self.top_logprobs is not None:
+            raise ValueError("top_logprobs: not supported by this server (it needs logprobs); leave it unset")
         if self.tools:
             raise ValueError("tools: tool calling is not supported by this server; leave it unset")
+        if self.tool_choice not in (None, "none"):
+            raise ValueError("tool_choice: tool calling is not supported by this server; leave it unset")
         return self
 
     def requested_max_tokens(self) -> int | None:

@@ -1,8 +1,8 @@
 """The server's endpoints, as module-level handlers on two routers that `create_app` mounts.
 
-`router`: GET /health (503 {"status": "loading"|"error"} until the model is loaded, then 200) and GET /metrics
-(Prometheus text); neither needs the API key. `openai_router` (/v1, API key checked when one is configured):
-GET /v1/models, POST /v1/completions and POST /v1/chat/completions (the tokenizer's chat template, or the server's
+`router`: GET and HEAD /health (503 {"status": "loading"|"error"} until the model is loaded, then 200) and GET
+/metrics (Prometheus text); neither needs the API key. `openai_router` (/v1, API key checked when one is configured):
+GET /v1/models, GET /v1/models/{id} (404 for any other id), POST /v1/completions and POST /v1/chat/completions (the tokenizer's chat template, or the server's
 `--chat-template`), each answering in one JSON body or, with `stream: true`, as server-sent events.
 
 Handlers reach the app's `ServerState` (config, metrics, engine, tokenizer) through the `server_state` dependency.
@@ -56,7 +56,7 @@ router = APIRouter()
 openai_router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
 
-@router.get("/health")
+@router.api_route("/health", methods=["GET", "HEAD"])
 async def health(state: State) -> Response:
     if state.engine is not None:
         return JSONResponse({"status": "ok"})
@@ -71,8 +71,18 @@ async def prometheus_metrics(state: State) -> Response:
 
 @openai_router.get("/models")
 async def list_models(state: State) -> P.ModelList:
+    return P.ModelList(data=[_model_card(state)])
+
+
+@openai_router.get("/models/{model_id:path}")
+async def retrieve_model(model_id: str, state: State) -> P.ModelCard:
+    _check_model(model_id, state.config)
+    return _model_card(state)
+
+
+def _model_card(state: ServerState) -> P.ModelCard:
     engine, _ = state.require_loaded()
-    return P.ModelList(data=[P.ModelCard(id=state.config.model_name, max_model_len=engine.max_model_len)])
+    return P.ModelCard(id=state.config.model_name, max_model_len=engine.max_model_len)
 
 
 @openai_router.post("/completions")

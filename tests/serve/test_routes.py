@@ -1,6 +1,6 @@
 """The endpoints (sparsefast.serve.routes) over HTTP. Against the real server (uvicorn on a free 127.0.0.1 port, the
 real GenerationEngine, the tiny story llama) driven with the real `openai` client: models, completions matching the
-model's greedy output, token-id prompts, chat through the template, 16 concurrent clients, stop strings, seeded
+model's greedy output, token-id prompts, models.retrieve and HEAD /health, chat through the template, 16 concurrent clients, stop strings, seeded
 sampling, the API key, unknown models, invalid parameters. Against a scripted engine: a full queue (429) and a
 tokenizer without a chat template."""
 
@@ -32,6 +32,15 @@ from tests.serve.server_helpers import (
 def test_models_lists_the_served_model(client):
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL]
+
+
+def test_models_retrieve_and_head_health(served, client):
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve("gpt-4")
+    assert err.value.body["code"] == "model_not_found"
+    head = httpx.head(served[0] + "/health")
+    assert head.status_code == 200 and head.content == b""
 
 
 def test_completion_matches_the_model_greedy(served, client):
@@ -122,6 +131,9 @@ def test_unknown_model_is_404(client):
     (dict(prompt="word " * 400), "prompt"),
     (dict(prompt=[5, 10**6]), "prompt"),
     (dict(stop=[""]), "stop"),
+    (dict(prompt=[[5, 6], [7, 8]]), "prompt"),
+    (dict(prompt=["a", "b"]), "prompt"),
+    (dict(extra_body={"response_format": {"type": "json_object"}}), "response_format"),
 ])
 def test_invalid_parameters_are_400_naming_the_field(client, kwargs, param):
     args = dict(model=MODEL, prompt="Once upon a time", max_tokens=4) | kwargs
@@ -129,6 +141,25 @@ def test_invalid_parameters_are_400_naming_the_field(client, kwargs, param):
         client.completions.create(**args)
     body = err.value.body
     assert body["param"] == param and body["type"] == "invalid_request_error" and param in body["message"]
+
+
+def test_a_batch_of_one_token_prompt_is_that_prompt(served, client):
+    ids = completion_ids(served[2], PROMPTS[1])
+    one = client.completions.create(model=MODEL, prompt=[ids], max_tokens=6, temperature=0)
+    assert one.choices[0].text == client.completions.create(model=MODEL, prompt=ids, max_tokens=6,
+                                                             temperature=0).choices[0].text
+
+
+@pytest.mark.parametrize("kwargs,param", [
+    (dict(top_logprobs=2), "top_logprobs"),
+    (dict(tool_choice="auto"), "tool_choice"),
+    (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}), "response_format"),
+])
+def test_chat_options_not_served_are_400_not_ignored(client, kwargs, param):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                       **kwargs)
+    assert err.value.body["param"] == param and param in err.value.body["message"]
 
 
 def test_full_queue_is_429_and_queued_requests_still_finish(tokenizer):
