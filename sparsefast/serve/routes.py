@@ -3,7 +3,8 @@
 `router`: GET and HEAD /health (503 {"status": "loading"|"error"} until the model is loaded, then 200) and GET
 /metrics (Prometheus text); neither needs the API key. `openai_router` (/v1, API key checked when one is configured):
 GET /v1/models, GET /v1/models/{id} (404 for any other id), POST /v1/completions and POST /v1/chat/completions
-(the tokenizer's chat template, or the server's `--chat-template`), each answering in one JSON body or, with `stream: true`, as server-sent events.
+(the tokenizer's chat template, or the server's `--chat-template`), each answering in one JSON body or, with
+`stream: true`, as server-sent events.
 
 Handlers reach the app's `ServerState` (config, metrics, engine, tokenizer) through the `server_state` dependency.
 They never block the event loop: tokenization and chat templating run in a worker thread, and the engine's streams

@@ -1,8 +1,8 @@
 """The endpoints (sparsefast.serve.routes) over HTTP. Against the real server (uvicorn on a free 127.0.0.1 port, the
 real GenerationEngine, the tiny story llama) driven with the real `openai` client: models, models.retrieve and HEAD
 /health, completions matching the model's greedy output, token-id prompts, chat through the template, 16 concurrent
-clients, stop strings, seeded sampling, the API key, unknown models, invalid parameters. Against a scripted engine: a full queue (429) and a
-tokenizer without a chat template."""
+clients, stop strings, seeded sampling, the API key, unknown models, invalid parameters. Against a scripted engine:
+a full queue (429) and a tokenizer without a chat template."""
 
 from __future__ import annotations
 
