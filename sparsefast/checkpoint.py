@@ -47,25 +47,32 @@ PARTIAL_TAG = ".partial-"
 LOCK_SUFFIX = ".lock"
 
 
+def check_apart_from_sources(path: Path, sources: Iterable[str | os.PathLike]) -> None:
+    """ValueError when the resolved output `path` is one of `sources` (the model being read), contains one, or lies
+    inside one: an output never replaces, removes or adds to its input."""
+    for source in sources:
+        src = Path(source).expanduser().resolve()
+        if path == src or path in src.parents or src in path.parents:
+            how = "is" if path == src else "contains" if path in src.parents else "is inside"
+            raise ValueError(f"output {path} {how} the model source {src}; the input is never changed: choose "
+                             "another --out")
+
+
 def check_output_dir(out: str | os.PathLike, overwrite: bool = False, *,
                      sources: Iterable[str | os.PathLike] = ()) -> Path:
     """Validate `out` before any work; returns the resolved path. Raises ValueError naming the problem and the fix.
 
-    Refused: the current directory or one of its parents; a path that is, or contains, one of `sources` (the model
-    being read); a file; a non-empty directory without `overwrite`, or with it unless sparsefast owns it
-    (`_check_owned`); a location whose nearest existing ancestor is not a writable directory.
+    Refused: the current directory or one of its parents; a path that is, contains or lies inside one of `sources`
+    (the model being read: check_apart_from_sources); a file; a non-empty directory without `overwrite`, or with it
+    unless sparsefast owns it (`_check_owned`); a location whose nearest existing ancestor is not a writable
+    directory.
     """
     path = Path(out).expanduser().resolve()
     cwd = Path.cwd().resolve()
     if path == cwd or path in cwd.parents:
         raise ValueError(f"output {path} is the current directory or one of its parents; a save there would replace "
                          f"your working files: choose a new directory, e.g. --out {cwd / 'pruned'}")
-    for source in sources:
-        src = Path(source).expanduser().resolve()
-        if path == src or path in src.parents:
-            how = "is" if path == src else "contains"
-            raise ValueError(f"output {path} {how} the model source {src}; the input is never replaced: choose "
-                             "another --out")
+    check_apart_from_sources(path, sources)
     if path.exists() and not path.is_dir():
         raise ValueError(f"output {path} exists and is not a directory; choose another --out")
     if path.is_dir() and any(path.iterdir()):

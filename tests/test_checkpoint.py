@@ -196,6 +196,8 @@ def test_out_may_not_be_the_cwd_its_parents_or_the_model_source(tmp_path, monkey
             check_output_dir(out, overwrite=True, sources=[src])
     with pytest.raises(ValueError, match="contains the model source"):
         check_output_dir(tmp_path / "models", overwrite=True, sources=[src / "model.safetensors"])
+    with pytest.raises(ValueError, match="is inside the model source"):  # adding files to the input changes it too
+        check_output_dir(src / "pruned", sources=[src])
     assert load_report(src)["method"] == "dense original"
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from sparsefast.checkpoint import (
     PARTIAL_TAG,
+    check_apart_from_sources,
     check_output_file,
     current_umask,
     publish_file,
@@ -33,16 +34,11 @@ def check_output_path(out: str | os.PathLike, *, overwrite: bool, is_own_file: C
 
     Refused (beyond sparsefast.checkpoint.check_output_file: a directory, an existing file without `overwrite`, a
     parent that is not an existing writable directory): the model source itself or a path inside a source
-    directory (the input is never changed); with `overwrite`, an existing file unless `is_own_file(path)`."""
+    directory (check_apart_from_sources); with `overwrite`, an existing file unless `is_own_file(path)`."""
     path = Path(out).expanduser().resolve()
     if path.is_dir():
         raise ValueError(f"output {path} is a directory; give a {what} file name, e.g. --out {path / 'model'}.{what}")
-    for source in sources:
-        src = Path(source).expanduser().resolve()
-        if path == src or src in path.parents:
-            how = "is" if path == src else "is inside"
-            raise ValueError(f"output {path} {how} the model source {src}; the input is never changed: choose "
-                             "another --out")
+    check_apart_from_sources(path, sources)
     check_output_file(path, overwrite=overwrite)
     if path.exists() and not is_own_file(path):
         raise ValueError(f"output {path} exists and was not written by sparsefast export; --overwrite replaces "
