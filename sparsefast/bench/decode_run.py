@@ -261,15 +261,31 @@ def prepare_checkpoints(cfg: DecodeBenchConfig, work: Path, progress=print) -> t
             return model, _id_tokenizer(RANDOM_MODELS[cfg.model])
         return load(cfg.model)
 
-    model, tok = fresh()
     ggufs: dict[str, str] = {}
-    if gguf_types:
+    reports = {s: {"bench": "decode", "model": cfg.model, "sparsity": s, "pruner": None if SPARSITIES[s] is None
+                   else "magnitude" if random else cfg.pruner} for s in needed}
+    for sparsity in needed:  # a run with --warm-only before this one, in the same --work-dir, made these already
+        path = work / f"ckpt-{_file_stem(sparsity)}"
+        if _made_here(path, reports[sparsity]):
+            out[sparsity] = str(path)
+            progress(f"[setup] {sparsity}: {path} (made by an earlier run in this work directory)")
+    for outtype in gguf_types:
+        path = work / f"model-{outtype}.gguf"
+        if _gguf_made_here(path, cfg.model):
+            ggufs[outtype] = str(path)
+            progress(f"[setup] {path} (made by an earlier run in this work directory)")
+    todo = [s for s in needed if s not in out]
+    if not todo and len(ggufs) == len(gguf_types):
+        return out, ggufs
+    model, tok = fresh()
+    if len(ggufs) < len(gguf_types):
         from sparsefast.export.gguf import export_gguf
 
-        for outtype in gguf_types:
-            ggufs[outtype] = str(export_gguf(model, tok, work / f"model-{outtype}.gguf", outtype=outtype))
+        for outtype in (t for t in gguf_types if t not in ggufs):
+            ggufs[outtype] = str(export_gguf(model, tok, work / f"model-{outtype}.gguf", outtype=outtype,
+                                             name=cfg.model))
             progress(f"[setup] wrote {ggufs[outtype]}")
-    for sparsity in needed:
+    for sparsity in todo:
         pattern = SPARSITIES[sparsity]
         if pattern is not None:
             model, tok = fresh()
@@ -280,11 +296,32 @@ def prepare_checkpoints(cfg: DecodeBenchConfig, work: Path, progress=print) -> t
                 prune(model, WandaConfig(pattern=pattern, nsamples=32, seqlen=512), calib, progress=False)
             else:
                 prune(model, MagnitudeConfig(pattern=pattern, device="cpu"), progress=False)
-        report = {"bench": "decode", "sparsity": sparsity, "pruner": None if pattern is None else
-                  "magnitude" if random else cfg.pruner}
-        out[sparsity] = str(save_checkpoint(model, tok, work / f"ckpt-{_file_stem(sparsity)}", report))
+        out[sparsity] = str(save_checkpoint(model, tok, work / f"ckpt-{_file_stem(sparsity)}", reports[sparsity]))
         progress(f"[setup] {sparsity}: {out[sparsity]}")
     return out, ggufs
+
+
+def _made_here(path: Path, report: dict) -> bool:
+    """Whether `path` is a checkpoint this benchmark saved with `report` (same model, sparsity and pruner)."""
+    from sparsefast.checkpoint import load_report
+
+    try:
+        saved = load_report(path)
+    except (OSError, ValueError):
+        return False
+    return all(saved.get(k) == v for k, v in report.items())
+
+
+def _gguf_made_here(path: Path, model: str) -> bool:
+    """Whether `path` is a GGUF file sparsefast exported from `model` (its general.name)."""
+    from sparsefast.export.gguf import is_sparsefast_gguf
+
+    if not path.is_file() or not is_sparsefast_gguf(path):
+        return False
+    import gguf
+
+    field = gguf.GGUFReader(path).fields.get("general.name")
+    return field is not None and field.contents() == model
 
 
 def run_decode_bench(cfg: DecodeBenchConfig, progress=print) -> dict[str, Any] | None:

@@ -16,7 +16,7 @@ import pytest
 
 from sparsefast.bench.decode_options import DecodeBenchConfig
 from sparsefast.bench.decode_report import summarize
-from sparsefast.bench.decode_run import BusyCore, Variant, run_decode_bench, start_workers
+from sparsefast.bench.decode_run import BusyCore, Variant, prepare_checkpoints, run_decode_bench, start_workers
 
 FAKE_LLAMA_CPP = '''
 import time
@@ -125,6 +125,22 @@ def test_whole_run_with_fake_peers(story_llama_dir, fake_peer_python, tmp_path):
     assert "vs llama.cpp F32" in result["ratios"]["sparsefast 2:4 float32 eager"]
     with pytest.raises(ValueError, match="exists; choose another file name or pass --overwrite"):
         run_decode_bench(cfg)  # refused before any work
+
+
+def test_a_second_run_in_the_work_directory_reuses_what_the_first_made(story_llama_dir, tmp_path):
+    """--warm-only, then the measured run, in one --work-dir: the checkpoints and GGUF files of the same model are
+    reused, not refused as existing outputs; another model's are not taken."""
+    cfg = DecodeBenchConfig(model=str(story_llama_dir), sparsities=("dense", "2:4"), pruner="magnitude",
+                            llama_cpp_python=sys.executable, gguf_types=("f32",))
+    first = prepare_checkpoints(cfg, tmp_path, progress=lambda *a: None)
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    said = []
+    assert prepare_checkpoints(cfg, tmp_path, progress=said.append) == first
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == stamps
+    assert len(said) == 3 and all("made by an earlier run" in line for line in said)
+    other = DecodeBenchConfig(model="llama-tiny-random", sparsities=("dense",), llama_cpp_python=sys.executable)
+    with pytest.raises(ValueError, match="exists"):  # not this model's checkpoint: never reused, never replaced
+        prepare_checkpoints(other, tmp_path, progress=lambda *a: None)
 
 
 def test_a_worker_that_fails_to_load_is_recorded(tmp_path):
