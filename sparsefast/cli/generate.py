@@ -34,7 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--sparse", default="auto", choices=SPARSE_MODES,
                    help="auto: 2:4 linears run as Sparse24Linear on CUDA (default); off: as loaded")
     # off by default: one completion gains less than a first compile costs (a server compiles once, at load)
-    add_engine_options(p, compile_default="off")
+    add_engine_options(p)
     p.set_defaults(func=run)
     return p
 

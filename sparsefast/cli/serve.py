@@ -51,21 +51,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--sparse", default="auto", choices=SPARSE_MODES,
                    help="sparse linears: auto (default; 2:4 layers become Sparse24Linear on CUDA), sparse24 (that "
                         "swap on any device) or off (serve the model as loaded); see sparsefast.nn.sparsify_")
-    add_engine_options(p, compile_default="auto")
+    add_engine_options(p)
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=run)
     return p
 
 
-def add_engine_options(p: argparse.ArgumentParser, compile_default: str) -> None:
+def add_engine_options(p: argparse.ArgumentParser) -> None:
     """--dtype and --compile, the engine settings `serve` and `generate` share."""
     p.add_argument("--dtype", default="auto", choices=(*DTYPE_CHOICES, "bf16", "fp32"),
                    help="weights and activations: auto (the checkpoint's; float32 on CPU for half types), float32, "
                         "bfloat16 / bf16 (half the weight bytes per token), float16")
-    p.add_argument("--compile", default=compile_default, choices=COMPILE_MODES,
-                   help=f"decode step compiled with torch.compile at load, one graph per batch bucket, kept in "
-                        f"inductor's disk cache (sparsefast.serve.compiled): auto (eager where that fails), on, "
-                        f"off (eager); default {compile_default}")
+    p.add_argument("--compile", default="off", choices=COMPILE_MODES,
+                   help="decode step compiled with torch.compile at load, one graph per batch bucket, kept in "
+                        "inductor's disk cache (sparsefast.serve.compiled): on, auto (eager where compiling fails), "
+                        "off (eager; the default: a first load compiles for minutes, and on a CPU the compiled step "
+                        "was faster at batch 1 only, bench/RESULTS.md)")
 
 
 def check_args(args: argparse.Namespace) -> str | None:

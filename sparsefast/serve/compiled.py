@@ -22,8 +22,10 @@ through `torch.compile` with inductor: C++/OpenMP kernels on CPU, the whole step
 * The compiled kernels are cached on disk by inductor's FX graph cache (`inductor_cache_dir()`: TORCHINDUCTOR_CACHE_DIR,
   else inductor's default under the temp directory), so a second load of the same model compiles in seconds.
 
-Greedy output equals the eager step's token for token on the test models (tests/serve/test_compiled.py); what the
-compiled step is worth on a CPU is in the decode benchmark (sparsefast.bench.decode, bench/e2e/bench_decode.py).
+Greedy output equals the eager step's token for token on the test models (tests/serve/test_compiled.py). What the
+compiled step is worth is measured by `sparsefast bench decode` (bench/RESULTS.md, "Decode side by side"): on a 2-core
+CPU it shortened the batch-1 step but not a step of 8 concurrent requests, and a first load compiles for minutes,
+so `serve` and `generate` default to --compile off.
 """
 
 from __future__ import annotations
