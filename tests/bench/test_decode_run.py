@@ -19,17 +19,27 @@ from sparsefast.bench.decode_report import summarize
 from sparsefast.bench.decode_run import BusyCore, Variant, prepare_checkpoints, run_decode_bench, start_workers
 
 FAKE_LLAMA_CPP = '''
-import time
+from llama_cpp.llama import Llama
 __version__ = "fake"
+'''
+FAKE_LLAMA_CPP_LLAMA = '''
+import time
+from llama_cpp import llama_cpp  # llama-cpp-python's layout: the ctypes bindings, read by Llama at load
 class Llama:
     def __init__(self, model_path, **kw):
         self.model_path = model_path
+        self.params = llama_cpp.llama_model_default_params()  # where peer_worker turns extra buffer types off
     def generate(self, tokens, **kw):
         i = 0
         while True:  # never stops by itself, like llama.cpp's generator
             time.sleep(0.001)
             yield (len(tokens) + i) % 7
             i += 1
+'''
+FAKE_LLAMA_CPP_BINDINGS = '''
+import types
+def llama_model_default_params():
+    return types.SimpleNamespace(use_extra_bufts=True)
 '''
 FAKE_VLLM = '''
 import os, time, types
@@ -54,6 +64,8 @@ def fake_peer_python(tmp_path) -> str:
     pkgs = tmp_path / "pkgs"
     (pkgs / "llama_cpp").mkdir(parents=True)
     (pkgs / "llama_cpp" / "__init__.py").write_text(FAKE_LLAMA_CPP)
+    (pkgs / "llama_cpp" / "llama.py").write_text(FAKE_LLAMA_CPP_LLAMA)
+    (pkgs / "llama_cpp" / "llama_cpp.py").write_text(FAKE_LLAMA_CPP_BINDINGS)
     (pkgs / "vllm").mkdir()
     (pkgs / "vllm" / "__init__.py").write_text(FAKE_VLLM)
     (pkgs / "vllm" / "inputs.py").write_text("TokensPrompt = dict\n")
@@ -117,6 +129,8 @@ def test_whole_run_with_fake_peers(story_llama_dir, fake_peer_python, tmp_path):
         assert len(rows["b1"]) == 2 and all("result" in r for r in rows["b1"] + rows["concurrent"]), rows
     assert len(result["raw"]["llama.cpp F32"]["concurrent"]) == 0  # one sequence at a time
     assert result["raw"]["llama.cpp F32"]["b1"][0]["result"]["tokens"] == 3
+    amx = " amx_tile" in Path("/proc/cpuinfo").read_text()  # llama.cpp's extra buffer types crash on AMX CPUs
+    assert result["workers"]["llama.cpp F32"]["extra_bufts"] is (not amx)
     dense = result["variants"]["sparsefast dense float32 eager"]
     assert result["variants"]["vLLM float32"]["weight_bytes_per_token"] == dense["weight_bytes_per_token"]
     assert result["workers"]["sparsefast 2:4 float32 eager"]["swapped"]  # the timed CPU swap ran
