@@ -1,5 +1,5 @@
-"""`sparsefast bench prune` and `sparsefast bench serve`: argument parsing; the benchmarks are sparsefast.bench's
-(prune_speed, serving_report), shared with the scripts under bench/.
+"""`sparsefast bench prune|serve|decode`: measurements side by side in one run, written as JSON (and plots) with the
+machine, versions, commit and load. The implementations are sparsefast.bench's, shared with the scripts under bench/.
 
 prune: pruning speed of Wanda (triton kernels), Wanda (torch twins), SparseGPT and magnitude on the same model with
 the same calibration ids, in one run: calibration-forward and metric+mask time per layer and in total, peak memory,
@@ -13,6 +13,9 @@ Example (CPU, SmolLM2 dense vs 20% structural vs the dense model under `transfor
   sparsefast bench serve --variant dense=sparsefast:smollm2 --variant s20=sparsefast:ckpt/smollm2-s20 \\
       --variant transformers-serve=transformers:ckpt/smollm2-dense --baseline dense --peer transformers-serve \\
       --concurrency 1,8 --json out.json --plot out.png
+
+decode: sparsefast's decode (dense / 2:4 / 50%, fp32 / bf16, compiled / eager) next to llama.cpp and vLLM CPU, batch 1
+and concurrent; `sparsefast bench decode --help` (and --dry-run for a quick check of the harness).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from sparsefast.bench.prune_speed import METHOD_CONFIGS
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("bench", help="benchmarks (prune: pruning speed of every method on one model)",
+    p = subparsers.add_parser("bench", help="benchmarks: pruning speed, serving, decode next to llama.cpp / vLLM",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="bench_command", required=True)
     q = sub.add_parser("prune", help="pruning speed: wanda (triton / torch), sparsegpt, magnitude side by side")
