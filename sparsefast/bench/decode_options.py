@@ -4,7 +4,7 @@ construction, every check before any work), and the one parser both use. Imports
 Examples:
   # the committed CPU run, on a quiet machine (peer venvs from bench/peers/llama_cpp.sh and vllm_cpu.sh); once
   # with --warm-only first, so the measured run finds the compiled steps in the inductor cache
-  sparsefast bench decode --llama-cpp /work/peers/llama-cpp --vllm /work/peers/vllm-cpu
+  sparsefast bench decode --llama-cpp ../peers/llama-cpp --vllm ../peers/vllm-cpu
   # under load: a process spinning on core 1 throughout, the kernel choice checked in 3 more timed swaps
   sparsefast bench decode --busy-core 1 --dtypes float32
   # the harness in a minute or two (tiny random model; its timings mean nothing)
