@@ -98,6 +98,8 @@ def _register_cpu_fakes() -> None:
 
     for name in ("sparse24_linear_cpu", "sparse_unstructured_linear_cpu"):
         torch.library.register_fake(f"sparsefast::{name}")(fake)
+    torch.library.register_fake("sparsefast::dense_linear_cpu")(
+        lambda x, weight, bias, isa: x.new_empty((*x.shape[:-1], weight.shape[0])))
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,14 +1,16 @@
-"""CPU sparse linear kernels (2:4 and unstructured) against torch's dense F.linear (MKL / oneDNN), same run.
+"""CPU sparse linear kernels (2:4 and unstructured) and sparsefast's dense GEMV kernel against torch's dense F.linear
+(MKL / oneDNN), same run.
 
 Full run (writes bench/results/<date>-cpu-sparse-linear[-<tag>].json and PNG plots with the same stem; on a quiet
 machine: other processes share the DRAM bandwidth being measured):
     python bench/micro/bench_sparse_cpu.py --models smollm2 --tag smollm2-2t --threads 2
 Shapes: SmolLM2-135M and the LLaMA shapes (sparsefast.bench.shapes.CPU_MODELS).
-Per (shape, dtype, M): the medians of single calls of dense F.linear on the dense-with-zeros weight, the 2:4 kernel
-and the unstructured kernel at each sparsity, interleaved call by call (a busy machine slows all alike). Every
-variant cycles through enough copies of its weight to move >= 4x the last-level cache per round, so each call reads
-its weight from DRAM as decode does. GB/s = bytes of the weight format read per call / time; the copy bandwidth
-(read + write) is measured in the same run as the roofline.
+Per (shape, dtype, M): the medians of single calls of dense F.linear on the dense-with-zeros weight, the dense kernel
+(`dense-kernel`, sparsefast.ops.dense_cpu) on the same weight, the 2:4 kernel and the unstructured kernel at each
+sparsity, interleaved call by call (a busy machine slows all alike). Every variant cycles through enough copies of its
+weight to move >= 4x the last-level cache per round, so each call reads its weight from DRAM as decode does. GB/s =
+bytes of the weight format read per call / time; the copy bandwidth (read + write) is measured in the same run as the
+roofline.
 
 Under pytest (CI) the file runs in quick mode: tiny shapes, one call each, results to a temp dir; the timings mean
 nothing there, the point is that the harness, the baselines and the JSON writer keep working.
@@ -29,6 +31,7 @@ from sparsefast.bench.results import result_path, run_metadata
 from sparsefast.bench.shapes import CPU_MODELS, QUICK_SHAPES, select_shapes
 from sparsefast.checkpoint import write_json
 from sparsefast.nn.dispatch import interleaved_median_ms, last_level_cache_bytes
+from sparsefast.ops.dense_cpu import dense_linear_cpu
 from sparsefast.ops.sparse24 import to_sparse24_by_magnitude
 from sparsefast.ops.sparse24_cpu import pack_sparse24_cpu, sparse24_linear_cpu
 from sparsefast.ops.sparse_unstructured import pack_sparse_unstructured, sparse_unstructured_linear_cpu
@@ -57,6 +60,8 @@ def variants(out_f: int, in_f: int, dtype: torch.dtype, sparsities, min_bytes: i
     out: dict[str, tuple] = {}
     dense = Rotating(lambda: (w24,), tensor_bytes(w24), min_bytes)
     out["dense"] = (tensor_bytes(w24), 0.0, lambda x: lambda: F.linear(x, *dense.next()))
+    dense_k = Rotating(lambda: (w24.clone(),), tensor_bytes(w24), min_bytes)
+    out["dense-kernel"] = (tensor_bytes(w24), 0.0, lambda x: lambda: dense_linear_cpu(x, *dense_k.next()))
     p24 = pack_sparse24_cpu(w24)
     r24 = Rotating(lambda: p24, tensor_bytes(*p24), min_bytes)
     out["2:4"] = (tensor_bytes(*p24), 0.5, lambda x: lambda: sparse24_linear_cpu(x, *r24.next(), None, out_f, in_f))
@@ -150,11 +155,13 @@ def main(argv: list[str] | None = None) -> int:
         for dt in args.dtypes.split(","):
             rows += measure_shape(shape, dt, tokens, SPARSITIES, args.reps, min_bytes)
             print(f"{shape} {dt}: " + ", ".join(f"M={r['M']} {r['variant']} {r['speedup_vs_dense']:.2f}x"
-                                                for r in rows[-len(tokens) * (2 + len(SPARSITIES)):]
-                                                if r["variant"] in ("2:4", "unstructured-0.5")), flush=True)
+                                                for r in rows[-len(tokens) * (3 + len(SPARSITIES)):]
+                                                if r["variant"] in ("dense-kernel", "2:4", "unstructured-0.5")),
+                  flush=True)
     path = result_path("sparse-linear" + (f"-{args.tag}" if args.tag else ""), device="cpu")
     stem = path.with_suffix("")
-    payload = {"what": "cpu sparse linear kernels vs dense F.linear", "metadata": run_metadata("cpu"),
+    payload = {"what": "cpu sparse linear kernels and the dense kernel vs dense F.linear",
+               "metadata": run_metadata("cpu"),
                "threads": torch.get_num_threads(), "copy_bandwidth_gbs": copy_gbs,
                "isa": int(torch.ops.sparsefast.cpu_best_isa()), "reps": args.reps, "min_bytes_per_round":
                min_bytes, "rows": rows}
@@ -169,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
 def test_bench_sparse_cpu_quick(benchmark, shape, results, quick):
     """CI: the harness on tiny shapes (one call per variant); real numbers come from main() above."""
     rows = measure_shape(shape, "fp32", (1, 3), (0.7,), reps=1, min_bytes=0)
-    assert {r["variant"] for r in rows} == {"dense", "2:4", "unstructured-0.7"}
+    assert {r["variant"] for r in rows} == {"dense", "dense-kernel", "2:4", "unstructured-0.7"}
     gen = torch.Generator().manual_seed(1)
     var = variants(shape[2], shape[3], torch.float32, (0.7,), 0, gen)
     benchmark(var["2:4"][2](torch.randn(1, shape[3], generator=gen)))

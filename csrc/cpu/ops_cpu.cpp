@@ -11,7 +11,7 @@
 #include <vector>
 
 
-#include "cpu/sparse_linear_cpu.h"
+#include "cpu/linear_cpu.h"
 
 namespace {
 
@@ -20,17 +20,21 @@ using sparsefast_cpu::kTileRows;
 
 int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 
-void check_common(const at::Tensor& x, const at::Tensor& values, int64_t in_features, int64_t isa) {
+void check_input(const at::Tensor& x, const at::Tensor& weight, int64_t in_features, int64_t isa) {
   TORCH_CHECK_VALUE(isa == sparsefast_cpu::kAuto || sparsefast_cpu::isa_supported(static_cast<int>(isa)),
-                    "sparse linear: instruction set ", isa, " is not supported on this CPU (best: ",
+                    "cpu linear: instruction set ", isa, " is not supported on this CPU (best: ",
                     sparsefast_cpu::best_isa(), ")");
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == in_features, "sparse linear: x must be [..., ", in_features, "]");
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == in_features, "cpu linear: x must be [..., ", in_features, "]");
   TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
-                    "sparse linear: x must be float32 or bfloat16");
-  TORCH_CHECK_VALUE(values.scalar_type() == at::kFloat || values.scalar_type() == at::kBFloat16,
-                    "sparse linear: values must be float32 or bfloat16");
+                    "cpu linear: x must be float32 or bfloat16");
+  TORCH_CHECK_VALUE(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16,
+                    "cpu linear: weights must be float32 or bfloat16");
+  TORCH_CHECK_VALUE(x.device().is_cpu() && weight.device().is_cpu(), "cpu linear: CPU tensors only");
+}
+
+void check_common(const at::Tensor& x, const at::Tensor& values, int64_t in_features, int64_t isa) {
+  check_input(x, values, in_features, isa);
   TORCH_CHECK_VALUE(values.is_contiguous(), "sparse linear: packed tensors must be contiguous");
-  TORCH_CHECK_VALUE(x.device().is_cpu() && values.device().is_cpu(), "sparse linear: CPU tensors only");
 }
 
 // x [..., in] as fp32 [M, kp], zero-padded: x itself when it already is that.
@@ -116,6 +120,20 @@ at::Tensor sparse_unstructured_linear_cpu(const at::Tensor& x, const at::Tensor&
   return run_tiles(x, w, in_features, tiles, bias, isa, sparsefast_cpu::unstructured_linear_tiles);
 }
 
+// y = x Wᵀ (+ bias) with W [out, in] as it is stored (row-major rows, any row stride: a view of a larger matrix too).
+at::Tensor dense_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            int64_t isa) {
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(0) > 0 && weight.size(1) > 0 &&
+                        (weight.stride(1) == 1 || weight.size(1) == 1) && weight.stride(0) >= weight.size(1),
+                    "dense linear: weight must be a 2-D [out, in] tensor with unit column stride");
+  const int64_t out_features = weight.size(0), in_features = weight.size(1);
+  check_input(x, weight, in_features, isa);
+  const int64_t kp = round_up(in_features, 16), tiles = round_up(out_features, kTileRows) / kTileRows;
+  const sparsefast_cpu::DenseWeight w{weight.data_ptr(), weight.scalar_type() == at::kBFloat16, out_features,
+                                      in_features, weight.stride(0), kp};
+  return run_tiles(x, w, in_features, tiles, bias, isa, sparsefast_cpu::dense_linear_tiles);
+}
+
 int64_t cpu_best_isa() { return sparsefast_cpu::best_isa(); }
 
 }  // namespace
@@ -126,10 +144,12 @@ TORCH_LIBRARY_FRAGMENT(sparsefast, m) {
         "int in_features, int isa) -> Tensor");
   m.def("sparse_unstructured_linear_cpu(Tensor x, Tensor values, Tensor mask, Tensor tile_offsets, Tensor? bias, "
         "int out_features, int in_features, int isa) -> Tensor");
+  m.def("dense_linear_cpu(Tensor x, Tensor weight, Tensor? bias, int isa) -> Tensor");
   m.def("cpu_best_isa() -> int", &cpu_best_isa);
 }
 
 TORCH_LIBRARY_IMPL(sparsefast, CPU, m) {
   m.impl("sparse24_linear_cpu", &sparse24_linear_cpu);
   m.impl("sparse_unstructured_linear_cpu", &sparse_unstructured_linear_cpu);
+  m.impl("dense_linear_cpu", &dense_linear_cpu);
 }

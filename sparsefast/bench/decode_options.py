@@ -17,9 +17,17 @@ import argparse
 import os
 from dataclasses import dataclass, field, replace
 
-SPARSITIES = {"dense": None, "2:4": "2:4", "50%": "unstructured"}  # variant name -> prune pattern
+# variant name -> prune pattern. "dense" runs sparsefast's dense CPU kernel for few tokens (sparsify_ mode auto, what
+# serve and generate do by default); "dense-torch" is the same dense checkpoint with torch's F.linear everywhere
+# (mode off): what the kernel adds.
+SPARSITIES = {"dense": None, "dense-torch": None, "2:4": "2:4", "50%": "unstructured"}
 GGUF_TYPES = ("f32", "bf16", "q8_0")
 DTYPES = ("float32", "bfloat16")
+
+
+def checkpoint_name(variant: str) -> str:
+    """The checkpoint a variant runs: "dense" for both dense variants, else its own."""
+    return "dense" if SPARSITIES[variant] is None else variant
 
 
 def _choices(name: str, values: tuple[str, ...], allowed) -> None:
@@ -68,8 +76,9 @@ class DecodeBenchConfig:
         if self.device == "cuda" and (self.llama_cpp_python or self.vllm_python or self.busy_core is not None):
             raise ValueError("--llama-cpp, --vllm and --busy-core are CPU measurements; drop them with --device cuda")
         for sparsity, path in self.checkpoints.items():
-            if sparsity not in SPARSITIES:
-                raise ValueError(f"--checkpoint {sparsity}=...: the name must be one of {', '.join(SPARSITIES)}")
+            if sparsity not in SPARSITIES or sparsity != checkpoint_name(sparsity):
+                raise ValueError(f"--checkpoint {sparsity}=...: the name must be one of "
+                                 f"{', '.join(s for s in SPARSITIES if s == checkpoint_name(s))}")
             if not os.path.isfile(os.path.join(path, "config.json")):
                 raise ValueError(f"--checkpoint {sparsity}={path}: not a checkpoint directory (no config.json)")
         for python in (self.llama_cpp_python, self.vllm_python):

@@ -102,6 +102,8 @@ def summarize(variants: list, raw: dict[str, dict[str, list]], readies: dict[str
         r = ratios.setdefault(name, {})
         r["vs_dense_same_precision_and_mode"] = _ratio(rate(name), rate(sf.get(("dense", precision, compiled))))
         r["vs_compiled_dense_same_precision"] = _ratio(rate(name), rate(sf.get(("dense", precision, True))))
+        r["vs_dense_torch_same_precision_and_mode"] = _ratio(rate(name),
+                                                             rate(sf.get(("dense-torch", precision, compiled))))
         if compiled:
             r["compiled_vs_eager"] = _ratio(rate(name), rate(sf.get((sparsity, precision, False))))
         if precision == "bfloat16":

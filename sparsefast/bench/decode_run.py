@@ -5,9 +5,10 @@ reads, GB/s against the copy bandwidth measured in the same run).
 Each measured thing is a worker process, loaded once and then asked for one measurement at a time (the protocol of
 sparsefast/bench/peer_worker.py), so only one of them runs at any moment and rounds interleave them (slow phases of a
 shared machine hit all alike; the order alternates between rounds):
-* sparsefast variants (sparsefast.bench.decode_worker): {dense, Wanda 2:4, Wanda 50% unstructured} x {float32,
-  bfloat16} x {eager, compiled step}, each through the GenerationEngine `sparsefast serve` runs, sparse linears swapped
-  in by the timed CPU choice (`sparsify_` mode auto) at load;
+* sparsefast variants (sparsefast.bench.decode_worker): {dense, dense-torch, Wanda 2:4, Wanda 50% unstructured} x
+  {float32, bfloat16} x {eager, compiled step}, each through the GenerationEngine `sparsefast serve` runs, its
+  linears swapped at load as serve swaps them (`sparsify_` mode auto: the timed CPU choice of sparse layouts, the
+  dense CPU kernel for the rest), except dense-torch (mode off: torch's F.linear everywhere);
 * peers (sparsefast/bench/peer_worker.py, each in its own venv): llama.cpp (llama-cpp-python; F32, BF16, Q8_0 GGUF of
   the same weights, written by sparsefast.export.gguf) and vLLM's CPU backend (the dense checkpoint, float32 and
   bfloat16).
@@ -37,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sparsefast.bench.decode_options import SPARSITIES, DecodeBenchConfig
+from sparsefast.bench.decode_options import SPARSITIES, DecodeBenchConfig, checkpoint_name
 
 PEER_WORKER = Path(__file__).resolve().parent / "peer_worker.py"
 READY_TIMEOUT_S = 1800.0  # a cold compile of every bucket, or vLLM's own compile, on a busy 2-core machine
@@ -130,14 +131,15 @@ def sparsefast_variants(cfg: DecodeBenchConfig, checkpoints: dict[str, str]) -> 
     """Workers of sparsefast.bench.decode_worker for every checkpoint (sparsity name -> dir) x dtype x compile."""
     variants = []
     max_len = cfg.prompt_len + cfg.new_tokens + 1
-    for sparsity, ckpt in checkpoints.items():
+    for sparsity in cfg.sparsities:
+        ckpt = checkpoints[checkpoint_name(sparsity)]
         for dtype in cfg.dtypes:
             for mode in cfg.compile_modes:
                 name = f"sparsefast {sparsity} {dtype} {'compiled' if mode == 'on' else 'eager'}"
                 argv = [sys.executable, "-m", "sparsefast.bench.decode_worker", ckpt, "--dtype", dtype,
                         "--compile", mode, "--threads", str(cfg.engine_threads), "--max-batch",
                         str(cfg.concurrency), "--max-len", str(max_len), "--device", cfg.device,
-                        "--sparse", "off" if sparsity == "dense" else "auto"]
+                        "--sparse", "off" if sparsity == "dense-torch" else "auto"]
                 variants.append(Variant(name, argv, "sparsefast", dtype, sparsity, compiled=mode == "on"))
     return variants
 
@@ -249,7 +251,7 @@ def prepare_checkpoints(cfg: DecodeBenchConfig, work: Path, progress=print) -> t
     from sparsefast.config import MagnitudeConfig, WandaConfig
 
     random = cfg.model in RANDOM_MODELS
-    needed = [s for s in cfg.sparsities if s not in cfg.checkpoints]
+    needed = [s for s in dict.fromkeys(map(checkpoint_name, cfg.sparsities)) if s not in cfg.checkpoints]
     gguf_types = cfg.gguf_types if cfg.llama_cpp_python and not random else ()
     out = dict(cfg.checkpoints)
     if not needed and not gguf_types:
@@ -347,7 +349,7 @@ def run_decode_bench(cfg: DecodeBenchConfig, progress=print) -> dict[str, Any] |
     torch.set_num_threads(cfg.engine_threads)
     try:
         ckpts, ggufs = prepare_checkpoints(cfg, work, progress)
-        variants = sparsefast_variants(cfg, {s: ckpts[s] for s in cfg.sparsities})
+        variants = sparsefast_variants(cfg, ckpts)
         variants += peer_variants(cfg, ggufs, ckpts.get("dense"))
         refs = _one_per_checkpoint(variants) if cfg.choice_loads else {}
         quiet = {}
@@ -412,6 +414,6 @@ def _one_per_checkpoint(variants: list[Variant]) -> dict[str, Variant]:
     mode), by name."""
     seen: dict[tuple[str, str], Variant] = {}
     for v in variants:
-        if v.kind == "sparsefast" and v.sparsity != "dense":
+        if v.kind == "sparsefast" and SPARSITIES[v.sparsity] is not None:
             seen.setdefault((v.sparsity, v.precision), v)
     return {v.name: v for v in seen.values()}

@@ -36,6 +36,7 @@ def load_variant(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
 
     from sparsefast.api import load
     from sparsefast.bench.decode import IdTokenizer, weight_bytes_per_token
+    from sparsefast.nn.dense_linear import DenseCpuLinear
     from sparsefast.serve.engine import GenerationEngine
 
     torch.set_num_threads(args.threads)
@@ -50,6 +51,7 @@ def load_variant(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
     info = {"weight_bytes_per_token": weight_bytes_per_token(model), "dtype": str(model.dtype).replace("torch.", ""),
             "threads": torch.get_num_threads(), "load_s": loaded, "swap_s": swapped,
             "swapped": sorted(n for n, c in chosen.items() if c != "dense"), "chosen": chosen,
+            "dense_kernel_layers": sum(isinstance(m, DenseCpuLinear) for m in model.modules()),
             "compile": args.compile, "compiled": bool(engine.compile_seconds),
             "compile_seconds": engine.compile_seconds,
             "inductor_cache": getattr(engine.runner, "cache_dir", None)}

@@ -10,7 +10,8 @@ time on this path. Backends:
 * ``cuda``: sparsefast's 2:4 CUDA kernels (the op's kernel="auto": decode kernel for small M, mma.sp GEMM above);
 * ``semi_structured``: torch.sparse.to_sparse_semi_structured (cuSPARSELt / CUTLASS) on the unpacked weight;
 * ``cpu``: sparsefast's CPU kernels (sparsefast.ops.sparse24_cpu, sparsefast.ops.sparse_unstructured);
-* ``dense``: F.linear on the dense-with-zeros weight (inputs no kernel takes, and the safe fallback).
+* ``dense``: the dense route on the dense-with-zeros weight (sparsefast.ops.dense_cpu.linear_cpu: the dense CPU
+  kernel for few tokens, else F.linear; inputs no sparse kernel takes, and the safe fallback).
 
 CUDA tables are measured per GPU family and shipped: sparsefast/nn/dispatch_tables/<family>.json, chosen by CUDA
 device name (h100, h200), written from the `*-sparse24-dispatch.json` of bench/micro/bench_sparse24_matmul.py. The table
@@ -19,14 +20,15 @@ of the input's device family; else DEFAULT_DISPATCH, the custom kernels for ever
 packed weight without materialising a dense or cuSPARSELt copy, so it never costs extra memory). It is chosen at the
 first CUDA forward, so a layer built on the CPU and moved to the GPU gets its GPU's table.
 
-CPU tables are measured on the machine that runs them: a CPU's balance of memory bandwidth and vector throughput
-varies between machines (and with threads), so there is no table to ship. `calibrate_cpu_dispatch` times, on this
-machine and at the current torch thread count, the layer's packed weight with the sparse kernel against torch's dense
-F.linear on the dense-with-zeros weight, at CALIBRATION_TOKENS, interleaving the two (the same conditions for both) and
-taking medians. A token bucket uses the kernel only when its median beats dense by MARGIN; otherwise that bucket runs
-dense, so a swapped layer is never slower than dense by more than the timing noise, by design. Results are cached per
-(shape, dtype, layout, sparsity to 2 decimals, threads) for the life of the process: one calibration serves every
-layer of that shape. `fastest_cpu_layout` then picks a layer's layout (2:4 / unstructured / none: stay dense).
+CPU tables are measured on the machine that runs them: a CPU's balance of memory bandwidth and vector throughput varies
+between machines (and with threads), so there is no table to ship. `calibrate_cpu_dispatch` times, on this machine and
+at the current torch thread count, the layer's packed weight with the sparse kernel against the dense route
+(`linear_cpu`: the dense CPU kernel up to DENSE_KERNEL_MAX_TOKENS, F.linear above) on the dense-with-zeros weight, at
+CALIBRATION_TOKENS, interleaving the two (the same conditions for both) and taking medians. A token bucket uses the
+kernel only when its median beats dense by MARGIN; otherwise that bucket runs dense, so a swapped layer is never slower
+than dense by more than the timing noise, by design. Results are cached per (shape, dtype, layout, sparsity to 2
+decimals, threads) for the life of the process: one calibration serves every layer of that shape. `fastest_cpu_layout`
+then picks a layer's layout (2:4 / unstructured / none: stay dense).
 
 Both candidates are timed with their weight read from DRAM, not from cache, because that is the regime of batch-1
 decode: a token reads every weight of the model once (SmolLM2-135M in fp32 is 538 MB, against an L3 of tens of MB),
@@ -59,6 +61,7 @@ from typing import Callable
 import torch
 
 from sparsefast._ext import load_cpu_extension, load_extension
+from sparsefast.ops.dense_cpu import linear_cpu
 from sparsefast.ops.sparse24 import cuda_supported
 from sparsefast.ops.sparse24_cpu import kernel_supported
 
@@ -268,7 +271,6 @@ def _cold_medians(kernel_copy: Callable[[], Callable[[torch.Tensor], torch.Tenso
     kernels = [kernel_copy() for _ in range(n_kernel)]
     # One rotation each across all M, so a copy is used again only after all the others of both candidates.
     next_dense, next_kernel = itertools.cycle(dense_weights).__next__, itertools.cycle(kernels).__next__
-    linear = torch.nn.functional.linear
     in_features = dense_weight.shape[1]
     medians: dict[int, tuple[float, float]] = {}
     gen = torch.Generator().manual_seed(0)
@@ -279,7 +281,7 @@ def _cold_medians(kernel_copy: Callable[[], Callable[[torch.Tensor], torch.Tenso
             # neighbours are mostly swapped layers too, so each candidate is timed after calls of its own kind.
             t = interleaved_median_ms(
                 {"kernel": lambda: [next_kernel()(x) for _ in range(RUN_CALLS)],
-                 "dense": lambda: [linear(x, next_dense()) for _ in range(RUN_CALLS)]},
+                 "dense": lambda: [linear_cpu(x, next_dense()) for _ in range(RUN_CALLS)]},
                 reps=reps, budget_s=budget_s / len(tokens))
             medians[m] = (statistics.median(t["kernel"]) / RUN_CALLS, statistics.median(t["dense"]) / RUN_CALLS)
     return medians, n_kernel, n_dense
@@ -288,7 +290,7 @@ def _cold_medians(kernel_copy: Callable[[], Callable[[torch.Tensor], torch.Tenso
 def calibrate_cpu_dispatch(kernel_copy: Callable[[], Callable[[torch.Tensor], torch.Tensor]], kernel_bytes: int,
                            dense_weight: torch.Tensor, *, key: tuple, tokens: tuple[int, ...] = CALIBRATION_TOKENS,
                            reps: int = 15, budget_s: float = 0.5) -> tuple[DispatchTable, dict]:
-    """Measure the sparse kernel against F.linear(x, dense_weight) for x [M, in] at each M in `tokens`, both with
+    """Measure the sparse kernel against linear_cpu(x, dense_weight) for x [M, in] at each M in `tokens`, both with
     their weights read from DRAM (see the module docstring).
 
     kernel_copy: called once per packed copy (only on a cache miss); each call must pack or clone a NEW copy of the

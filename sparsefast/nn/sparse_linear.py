@@ -2,9 +2,10 @@
 or unstructured (sparsefast.ops.sparse_unstructured). `sparsefast.nn.sparsify_` puts one in each layer where a layout
 beats dense on this machine, with the table measured there (sparsefast.nn.dispatch).
 
-Forward picks, by the number of tokens M, the CPU kernel or dense F.linear from the layer's dispatch table. A layer
-whose table runs dense for some M keeps its dense weight too (`dense` buffer, the original tensor, not a copy), so
-those M cost exactly what nn.Linear costs; a layer whose kernel wins everywhere keeps only the packed weight.
+Forward picks, by the number of tokens M, the CPU kernel or the dense route (sparsefast.ops.dense_cpu.linear_cpu)
+from the layer's dispatch table. A layer whose table runs dense for some M keeps its dense weight too (`dense`
+buffer, the original tensor, not a copy), so those M cost exactly what a dense layer costs; a layer whose kernel
+wins everywhere keeps only the packed weight.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sparsefast.nn.dispatch import DEFAULT_CPU_DISPATCH, DispatchTable, cpu_backend_for
+from sparsefast.ops.dense_cpu import dense_route
 from sparsefast.ops.sparse24_cpu import (
     cpu_isa,
     pack_sparse24_cpu,
@@ -55,7 +56,7 @@ class SparseLinear(nn.Module):
         self.register_buffer("bias", bias)
         self.register_buffer("dense", dense)
         self.dispatch = dispatch if dispatch is not None else DEFAULT_CPU_DISPATCH
-        self._routes: dict[tuple, Callable[[torch.Tensor], torch.Tensor] | None] = {}  # see forward(); None: dense
+        self._routes: dict[tuple, tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = {}  # see forward()
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, layout: str = "unstructured", dispatch: DispatchTable | None = None,
@@ -106,11 +107,15 @@ class SparseLinear(nn.Module):
         # much as the bytes the sparse layout saves.
         key = (x.numel(), x.dtype, x.device.type)
         if key not in self._routes:
-            self._routes[key] = self.kernel_call() if self.backend_for(x) == "cpu" else None
-        route = self._routes[key]
-        if route is not None:
-            return route(x)
-        return F.linear(x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            self._routes[key] = (("cpu", self.kernel_call()) if self.backend_for(x) == "cpu"
+                                 else ("dense", self.dense_call(x)))
+        return self._routes[key][1](x)
+
+    def dense_call(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """x -> y through the dense route (sparsefast.ops.dense_cpu.dense_route) on the dense-with-zeros weight, as
+        forward() calls it for inputs like `x` once it has chosen dense."""
+        route = dense_route(x, self.dense_weight())
+        return lambda x: route(x, self.dense_weight(), self.bias)
 
     def kernel_call(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """x -> y through the CPU kernel as forward() calls it once it has chosen the kernel: the registered op,

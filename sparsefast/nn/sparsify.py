@@ -28,6 +28,7 @@ from torch import nn
 
 from sparsefast._ext import load_cpu_extension
 from sparsefast.config.sparsify import SparsifyConfig
+from sparsefast.nn.dense_linear import use_dense_cpu_kernels_
 from sparsefast.nn.dispatch import DispatchTable, calibrate_cpu_dispatch, fastest_cpu_layout, load_dispatch_table
 from sparsefast.nn.sparse24_linear import Sparse24Linear
 from sparsefast.nn.sparse_linear import SparseLinear
@@ -134,6 +135,8 @@ def sparsify_(model: nn.Module, config: SparsifyConfig | None = None,
         if new is not mod:
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    if config.mode == "auto":
+        use_dense_cpu_kernels_(model)
     return records
 
 

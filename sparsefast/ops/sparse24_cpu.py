@@ -2,7 +2,7 @@
 
 y = x Wᵀ (+ bias), W [N=out, K=in] 2:4 sparse along K (every 4-group of a row holds at most 2 nonzeros; Mishra et
 al. 2021). The CUDA layout of sparsefast.ops.sparse24 is ordered for mma.sp fragments; this one is ordered for a CPU
-that streams the weight once per call (csrc/cpu/sparse_linear_cpu.cpp).
+that streams the weight once per call (csrc/cpu/linear_cpu.cpp).
 
 Layout: tiles of 8 output rows × 32 input columns. N_p = round_up(N, 8), K_p = round_up(K, 32); rows and columns of
 padding are zeros. A block of 32 columns holds 8 groups of 4; each group keeps 2 positions.

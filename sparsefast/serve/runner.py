@@ -20,6 +20,8 @@ from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from sparsefast.models import LlamaAdapter, get_adapter
+from sparsefast.nn.dense_linear import DenseCpuLinear
+from sparsefast.ops.dense_cpu import dense_kernel_fits
 from sparsefast.serve.compiled import CompiledRunner, check_compile_mode
 from sparsefast.serve.kv_cache import StaticKVCache
 
@@ -146,11 +148,18 @@ class LlamaBatchRunner:
         rows = hidden[:, -1] if last is None else hidden[torch.arange(b, device=self.device), last]
         if self.norm is not None:
             rows = self.norm(rows)
-        if b > 1 and type(self.head) is nn.Linear and self.head.bias is None:
+        if b > 1 and self._head_as_mm(rows):
             # [vocab, hidden] @ [hidden, B]: for a few rows MKL runs this ~2x faster than F.linear's x @ Wᵀ on CPU
             # (the head is the largest matrix of a small model)
             return torch.mm(self.head.weight, rows.t()).t()
         return self.head(rows)
+
+    def _head_as_mm(self, rows: torch.Tensor) -> bool:
+        """Whether the head runs as torch.mm: a bias-free dense head (nn.Linear, or a DenseCpuLinear for the M where
+        it would run F.linear rather than the dense CPU kernel)."""
+        if type(self.head) is DenseCpuLinear:
+            return self.head.bias is None and not dense_kernel_fits(rows, self.head.weight)
+        return type(self.head) is nn.Linear and self.head.bias is None
 
     def _attention(self, attn: nn.Module, li: int, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
                    keys_values: KeysValues, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:

@@ -116,14 +116,20 @@ def test_summary_arithmetic():
 
 def test_whole_run_with_fake_peers(story_llama_dir, fake_peer_python, tmp_path):
     out = tmp_path / "decode.json"
-    cfg = DecodeBenchConfig(model=str(story_llama_dir), sparsities=("dense", "2:4"), dtypes=("float32",),
+    cfg = DecodeBenchConfig(model=str(story_llama_dir), sparsities=("dense", "dense-torch", "2:4"), dtypes=("float32",),
                             compile_modes=("off",), pruner="magnitude", llama_cpp_python=fake_peer_python,
                             gguf_types=("f32",), vllm_python=fake_peer_python, concurrency=2, prompt_len=4,
                             new_tokens=3, rounds=2, threads=1, choice_loads=1, json_path=str(out))
     result = run_decode_bench(cfg, progress=lambda *a: None)
     assert result["failed"] == {} and json.loads(out.read_text())["what"] == "decode"
-    names = ["sparsefast dense float32 eager", "sparsefast 2:4 float32 eager", "llama.cpp F32", "vLLM float32"]
+    names = ["sparsefast dense float32 eager", "sparsefast dense-torch float32 eager", "sparsefast 2:4 float32 eager",
+             "llama.cpp F32", "vLLM float32"]
     assert list(result["variants"]) == names
+    # both dense variants run the one dense checkpoint: with the dense CPU kernel (serve's default), and without
+    workers = result["workers"]
+    assert workers["sparsefast dense float32 eager"]["dense_kernel_layers"] > 0
+    assert workers["sparsefast dense-torch float32 eager"]["dense_kernel_layers"] == 0
+    assert "vs_dense_torch_same_precision_and_mode" in result["ratios"]["sparsefast dense float32 eager"]
     for name in names:
         rows = result["raw"][name]
         assert len(rows["b1"]) == 2 and all("result" in r for r in rows["b1"] + rows["concurrent"]), rows
@@ -180,10 +186,11 @@ def test_busy_core_spins_on_that_core_until_the_block_ends():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"sparsities": ("dense", "70%")}, "--variants takes a comma list of dense, 2:4, 50%"),
+    ({"sparsities": ("dense", "70%")}, "--variants takes a comma list of dense, dense-torch, 2:4, 50%"),
     ({"dtypes": ("float16",)}, "--dtypes takes a comma list of float32, bfloat16"),
     ({"compile_modes": ()}, "--compile takes a comma list of on, off; got none"),
     ({"checkpoints": {"2:4": "/nonexistent"}}, "not a checkpoint directory"),
+    ({"checkpoints": {"dense-torch": "/nonexistent"}}, "the name must be one of dense, 2:4, 50%"),
     ({"busy_core": 4096}, "--busy-core 4096 is not a core this process may run on"),
     ({"device": "cuda", "busy_core": 0}, "CPU measurements; drop them with --device cuda"),
     ({"new_tokens": 1}, "--new-tokens must be >= 2"),
@@ -212,4 +219,4 @@ def test_command_line(capsys):
     assert config_from_args(parser.parse_args(["--busy-core", "0"])).choice_loads == 3
     assert main(["bench", "decode", "--variants", "dense,70%"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--variants takes a comma list of dense, 2:4, 50%" in err[0]
+    assert len(err) == 1 and "--variants takes a comma list of dense, dense-torch, 2:4, 50%" in err[0]

@@ -59,6 +59,21 @@ def test_compiled_greedy_equals_eager_batched_across_buckets_without_recompiling
     assert sorted(engine.compile_seconds) == [1, 2, 4] and engine.runner.graphs == 3
 
 
+def test_compiled_equals_eager_with_the_dense_cpu_kernel(story_llama_dir):
+    """A dense model as serve runs it (sparsify_ auto: every linear a DenseCpuLinear): compiled == eager == the
+    model with torch's F.linear everywhere."""
+    from sparsefast.nn import DenseCpuLinear, SparsifyConfig, sparsify_
+
+    model, tok = _load(story_llama_dir)
+    args = dict(max_batch=2, prompts=PROMPTS[:3], max_tokens=MAX_TOKENS[:3])
+    plain, _ = served(model, tok, "off", **args)
+    sparsify_(model, SparsifyConfig())
+    assert isinstance(model.lm_head, DenseCpuLinear)
+    eager, _ = served(model, tok, "off", **args)
+    compiled, engine = served(model, tok, "on", **args)
+    assert compiled == eager == plain and engine.runner.graphs == 2
+
+
 def test_sparse_cpu_ops_stay_inside_one_graph(story_llama_dir):
     """torch._dynamo.explain over the step a 2:4 model with the CPU kernels swapped in runs: no graph break, the
     sparse op in the graph (tracing only, no inductor compile)."""
@@ -78,6 +93,7 @@ def test_sparse_cpu_ops_stay_inside_one_graph(story_llama_dir):
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
     ops = {str(node.target) for g in explained.graphs for node in g.graph.nodes}
     assert "sparsefast.sparse24_linear_cpu.default" in ops
+    assert "sparsefast.dense_linear_cpu.default" in ops  # the dense (tied) head: sparsify_ auto's DenseCpuLinear
 
 
 def test_auto_falls_back_to_eager_when_the_compile_fails(story_llama_dir, monkeypatch, caplog):

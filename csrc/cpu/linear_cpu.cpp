@@ -1,4 +1,4 @@
-// CPU sparse linear kernels (layouts in sparse_linear_cpu.h). One code path per instruction set, each compiled with
+// CPU linear kernels (layouts in linear_cpu.h). One code path per instruction set, each compiled with
 // a target attribute so one binary carries all of them and picks at run time (the CI CPU may be Intel or AMD, with
 // or without AVX-512):
 //   2:4, avx512: per 32-column block, x is permuted onto the 16 stored values (vpermt2ps with indices decoded from the
@@ -7,6 +7,8 @@
 //   unstructured, avx512: per row, a 16-column chunk = one vexpandps of its stored values, one FMA per token;
 //   unstructured, avx2:   two 8-column halves, each expanded with a permute table (vpermps) and a lane mask;
 //   both layouts are tiled (8 rows), so a call reads each tile's values as one sequential stream;
+//   dense, avx512 / avx2: 8 rows of W [N, K] side by side, one 16- (8-) column chunk of each per step, one FMA per row
+//                and token; bf16 weights are widened to fp32 by a shift (exact), x stays fp32;
 //   scalar: plain loops, for other CPUs and as the readable statement of what the vector paths compute.
 // Register blocking: the 8 rows of a tile x 1 or 2 tokens of accumulators; a tile's weights come from memory once per
 // call and from L1/L2 for further token pairs.
@@ -17,7 +19,7 @@
 // rate, so from DRAM it reached only 8.5 GB/s; the permute kernel runs at 60-80 GB/s from L2, and with the tiled
 // layout (one sequential stream instead of 4 interleaved row streams) at 20 GB/s from DRAM. The committed per-linear
 // results are in bench/results/2026-12-03-cpu-sparse-linear-*.json.
-#include "cpu/sparse_linear_cpu.h"
+#include "cpu/linear_cpu.h"
 
 #include <cstring>
 
@@ -39,9 +41,22 @@ inline float bf16_to_f32(uint16_t v) {
 }
 
 template <bool BF16>
+constexpr int64_t kBytes = BF16 ? 2 : 4;  // bytes per stored value
+
+template <bool BF16>
 inline float value_at(const void* values, int64_t i) {
   return BF16 ? bf16_to_f32(static_cast<const uint16_t*>(values)[i]) : static_cast<const float*>(values)[i];
 }
+
+#ifdef SF_X86
+// Software prefetch into L2 of the cache line `offset` bytes after `base`, issued a fixed distance ahead of the
+// stream being read. The hardware prefetcher alone left the weight streams at 15-25 GB/s where a plain read of the
+// same buffer runs at 28 (ad-hoc layer walks on a 2-core Xeon); with it the kernels read at the plain-read rate.
+// The address is computed as an integer: it may lie past the end of the array (a prefetch never faults).
+inline void prefetch_l2(const void* base, int64_t offset) {
+  _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(base) + offset), _MM_HINT_T1);
+}
+#endif
 
 // y[t0 + t, row] = sums[r][t] + bias[row] for the rows first_row + r < n (the last tile's padding rows are dropped).
 template <int RN, int TB>
@@ -112,7 +127,9 @@ SF_AVX512 void tile24_512(const Sparse24Weight& w, int64_t tile, int r0, const f
   const uint32_t* meta = w.meta + tile * blocks * kTileRows + r0;
   const int64_t v0 = tile * blocks * kTileValues + r0 * 16;
   const float* xb = x + t0 * w.kp;
+  const int64_t tile_values = blocks * kTileValues;
   for (int64_t b = 0; b < blocks; ++b) {
+    if (b % 2 == 0) prefetch_l2(meta, (blocks + b) * kTileRows * 4);  // a line holds 2 blocks' metas
     __m512 xlo[TB], xhi[TB];
 #pragma GCC unroll 8
     for (int t = 0; t < TB; ++t) {
@@ -124,7 +141,9 @@ SF_AVX512 void tile24_512(const Sparse24Weight& w, int64_t tile, int r0, const f
       // lane j = 2g + s: column 4g + i_s of the block, i_s = bits 2j, 2j+1 of the meta word ((A & B) | C = 0xEA)
       const __m512i pos = _mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(meta[b * kTileRows + r])), shifts);
       const __m512i idx = _mm512_ternarylogic_epi32(pos, two_bits, group_base, 0xEA);
-      const __m512 v = load16_512<BF16>(w.values, v0 + b * kTileValues + r * 16);
+      const int64_t at = v0 + b * kTileValues + r * 16;
+      prefetch_l2(w.values, (at + tile_values) * kBytes<BF16>);  // the same value of the next tile
+      const __m512 v = load16_512<BF16>(w.values, at);
 #pragma GCC unroll 8
       for (int t = 0; t < TB; ++t)
         acc[r][t] = _mm512_fmadd_ps(v, _mm512_permutex2var_ps(xlo[t], idx, xhi[t]), acc[r][t]);
@@ -187,6 +206,7 @@ SF_AVX2 void tile24_256(const Sparse24Weight& w, int64_t tile, int r0, const flo
   const int64_t v0 = tile * blocks * kTileValues + r0 * 16;
   const float* xb = x + t0 * w.kp;
   for (int64_t b = 0; b < blocks; ++b) {
+    if (b % 2 == 0) prefetch_l2(meta, (blocks + b) * kTileRows * 4);
 #pragma GCC unroll 8
     for (int r = 0; r < RN; ++r) {
       const __m256i word = _mm256_set1_epi32(static_cast<int>(meta[b * kTileRows + r]));
@@ -194,7 +214,9 @@ SF_AVX2 void tile24_256(const Sparse24Weight& w, int64_t tile, int r0, const flo
       for (int h = 0; h < 2; ++h) {
         const __m256i pos = _mm256_srlv_epi32(word, h ? shifts_hi : shifts_lo);
         const __m256i idx = _mm256_or_si256(_mm256_and_si256(pos, two_bits), group_base);
-        const __m256 v = load8_256<BF16>(w.values, v0 + b * kTileValues + r * 16 + 8 * h);
+        const int64_t at = v0 + b * kTileValues + r * 16 + 8 * h;
+        if (h == 0) prefetch_l2(w.values, (at + blocks * kTileValues) * kBytes<BF16>);  // the next tile's
+        const __m256 v = load8_256<BF16>(w.values, at);
 #pragma GCC unroll 8
         for (int t = 0; t < TB; ++t) {
           const float* xh = xb + t * w.kp + kBlockCols * b + 16 * h;
@@ -260,6 +282,7 @@ void tiles_u_scalar(const UnstructuredWeight& w, const float* x, int64_t m, cons
 
 #ifdef SF_X86
 // ---------------------------------------------------------------- unstructured, AVX-512
+constexpr int64_t kPrefetchValues = 2048;  // how far ahead of the value being read its stream is prefetched
 // Tokens t0..t0+TB-1 of one tile: the tile's values are walked in order with one pointer.
 template <int TB, bool BF16>
 SF_AVX512 void tile_u_512(const UnstructuredWeight& w, int64_t tile, const float* x, int64_t t0, const float* bias,
@@ -275,11 +298,13 @@ SF_AVX512 void tile_u_512(const UnstructuredWeight& w, int64_t tile, const float
   const float* xb = x + t0 * w.kp;
   for (int64_t c = 0; c < chunks; ++c) {
     __m512 xv[TB];
+    if (c % 4 == 0) prefetch_l2(mk, (c + 64) * kTileRows * 2);  // a line holds 4 chunks' masks
 #pragma GCC unroll 8
     for (int t = 0; t < TB; ++t) xv[t] = _mm512_loadu_ps(xb + t * w.kp + 16 * c);
 #pragma GCC unroll 8
     for (int r = 0; r < kTileRows; ++r) {
       const uint32_t mask = mk[c * kTileRows + r];
+      prefetch_l2(w.values, (vi + kPrefetchValues) * kBytes<BF16>);
       const __m512 v = _mm512_maskz_expand_ps(static_cast<__mmask16>(mask), load16_512<BF16>(w.values, vi));
       vi += __builtin_popcount(mask);
 #pragma GCC unroll 8
@@ -338,10 +363,12 @@ SF_AVX2 void tile_u_256(const UnstructuredWeight& w, int64_t tile, const float* 
   int64_t vi = w.tile_offsets[tile];
   const float* xt = x + t0 * w.kp;
   for (int64_t c = 0; c < chunks; ++c) {
+    if (c % 4 == 0) prefetch_l2(mk, (c + 64) * kTileRows * 2);
 #pragma GCC unroll 8
     for (int r = 0; r < kTileRows; ++r) {
       const uint32_t mask = mk[c * kTileRows + r];
       const uint32_t lo = mask & 0xFF, hi = mask >> 8;
+      prefetch_l2(w.values, (vi + kPrefetchValues) * kBytes<BF16>);
       const __m256 v0 = load_half256<BF16>(w.values, vi, lo);
       vi += __builtin_popcount(lo);
       const __m256 v1 = load_half256<BF16>(w.values, vi, hi);
@@ -364,6 +391,172 @@ SF_AVX2 void tiles_u_256(const UnstructuredWeight& w, const float* x, int64_t m,
 }
 #endif  // SF_X86
 
+// ================================================================ dense
+// Row `row`'s columns [16c, 16c + 16) as fp32, the columns beyond k zero (the last chunk of a row whose k % 16 != 0).
+template <bool BF16>
+inline void dense_chunk_padded(const DenseWeight& w, int64_t row, int64_t c, float (&out)[16]) {
+  for (int j = 0; j < 16; ++j) {
+    const int64_t col = 16 * c + j;
+    out[j] = col < w.k ? value_at<BF16>(w.values, row * w.ld + col) : 0.f;
+  }
+}
+
+template <bool BF16>
+void tiles_dense_scalar(const DenseWeight& w, const float* x, int64_t m, const float* bias, float* y, int64_t t0,
+                        int64_t t1) {
+  const int64_t chunks = w.kp / 16;
+  for (int64_t tile = t0; tile < t1; ++tile) {
+    for (int64_t r = 0; r < kTileRows; ++r) {
+      const int64_t row = tile * kTileRows + r;
+      if (row >= w.n) break;
+      for (int64_t t = 0; t < m; ++t) {
+        const float* xt = x + t * w.kp;
+        float acc[16] = {};  // one partial sum per column lane, summed pairwise: the vector paths' rounding
+        for (int64_t c = 0; c < chunks; ++c) {
+          float v[16];
+          dense_chunk_padded<BF16>(w, row, c, v);
+          for (int j = 0; j < 16; ++j) acc[j] += v[j] * xt[16 * c + j];
+        }
+        for (int width = 8; width >= 1; width /= 2)
+          for (int j = 0; j < width; ++j) acc[j] += acc[j + width];
+        y[t * w.n + row] = acc[0] + (bias ? bias[row] : 0.f);
+      }
+    }
+  }
+}
+
+#ifdef SF_X86
+// ---------------------------------------------------------------- dense, AVX-512
+// Rows row0..row0+RN-1 (all < n) for tokens t0..t0+TB-1.
+template <int RN, int TB, bool BF16>
+SF_AVX512 void rows_dense_512(const DenseWeight& w, int64_t row0, const float* x, int64_t t0, const float* bias,
+                              float* y) {
+  __m512 acc[RN][TB];
+#pragma GCC unroll 8
+  for (int r = 0; r < RN; ++r)
+#pragma GCC unroll 8
+    for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_setzero_ps();
+  const int64_t full = w.k / 16;
+  const float* xb = x + t0 * w.kp;
+  for (int64_t c = 0; c < full; ++c) {
+    __m512 xv[TB];
+#pragma GCC unroll 8
+    for (int t = 0; t < TB; ++t) xv[t] = _mm512_loadu_ps(xb + t * w.kp + 16 * c);
+#pragma GCC unroll 8
+    for (int r = 0; r < RN; ++r) {
+      const int64_t at = (row0 + r) * w.ld + 16 * c;
+      prefetch_l2(w.values, (at + kTileRows * w.ld) * kBytes<BF16>);  // the same column of the next tile
+      const __m512 v = load16_512<BF16>(w.values, at);
+#pragma GCC unroll 8
+      for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_fmadd_ps(v, xv[t], acc[r][t]);
+    }
+  }
+  if (full * 16 < w.k) {
+#pragma GCC unroll 8
+    for (int r = 0; r < RN; ++r) {
+      float tail[16];
+      dense_chunk_padded<BF16>(w, row0 + r, full, tail);
+      const __m512 v = _mm512_loadu_ps(tail);
+#pragma GCC unroll 8
+      for (int t = 0; t < TB; ++t)
+        acc[r][t] = _mm512_fmadd_ps(v, _mm512_loadu_ps(xb + t * w.kp + 16 * full), acc[r][t]);
+    }
+  }
+  float sums[RN][TB];
+#pragma GCC unroll 8
+  for (int r = 0; r < RN; ++r)
+#pragma GCC unroll 8
+    for (int t = 0; t < TB; ++t) sums[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+  store_rows<RN, TB>(w.n, row0, t0, sums, bias, y);
+}
+
+// Whole tiles: 8 rows x token pairs (16 accumulators), then a single token; the last, shorter tile row by row (its
+// rows beyond n are not W's).
+template <bool BF16>
+SF_AVX512 void tiles_dense_512(const DenseWeight& w, const float* x, int64_t m, const float* bias, float* y,
+                               int64_t t0, int64_t t1) {
+  for (int64_t tile = t0; tile < t1; ++tile) {
+    const int64_t row0 = tile * kTileRows;
+    if (row0 + kTileRows <= w.n) {
+      int64_t t = 0;
+      for (; t + 2 <= m; t += 2) rows_dense_512<8, 2, BF16>(w, row0, x, t, bias, y);
+      if (t < m) rows_dense_512<8, 1, BF16>(w, row0, x, t, bias, y);
+    } else {
+      for (int64_t row = row0; row < w.n; ++row)
+        for (int64_t t = 0; t < m; ++t) rows_dense_512<1, 1, BF16>(w, row, x, t, bias, y);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- dense, AVX2
+// Rows row0..row0+RN-1 (all < n) for tokens t0..t0+TB-1; a 16-column chunk as two 8-lane halves into one
+// accumulator per row and token (the scalar path's 16 lanes folded to 8 by the final sum).
+template <int RN, int TB, bool BF16>
+SF_AVX2 void rows_dense_256(const DenseWeight& w, int64_t row0, const float* x, int64_t t0, const float* bias,
+                            float* y) {
+  __m256 acc[RN][TB];
+#pragma GCC unroll 8
+  for (int r = 0; r < RN; ++r)
+#pragma GCC unroll 8
+    for (int t = 0; t < TB; ++t) acc[r][t] = _mm256_setzero_ps();
+  const int64_t full = w.k / 16;
+  const float* xb = x + t0 * w.kp;
+  for (int64_t c = 0; c < full; ++c) {
+#pragma GCC unroll 8
+    for (int r = 0; r < RN; ++r) {
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        const int64_t at = (row0 + r) * w.ld + 16 * c + 8 * h;
+        if (h == 0) prefetch_l2(w.values, (at + kTileRows * w.ld) * kBytes<BF16>);
+        const __m256 v = load8_256<BF16>(w.values, at);
+#pragma GCC unroll 8
+        for (int t = 0; t < TB; ++t)
+          acc[r][t] = _mm256_fmadd_ps(v, _mm256_loadu_ps(xb + t * w.kp + 16 * c + 8 * h), acc[r][t]);
+      }
+    }
+  }
+  if (full * 16 < w.k) {
+#pragma GCC unroll 8
+    for (int r = 0; r < RN; ++r) {
+      float tail[16];
+      dense_chunk_padded<BF16>(w, row0 + r, full, tail);
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h)
+#pragma GCC unroll 8
+        for (int t = 0; t < TB; ++t)
+          acc[r][t] = _mm256_fmadd_ps(_mm256_loadu_ps(tail + 8 * h),
+                                      _mm256_loadu_ps(xb + t * w.kp + 16 * full + 8 * h), acc[r][t]);
+    }
+  }
+  float sums[RN][TB];
+#pragma GCC unroll 8
+  for (int r = 0; r < RN; ++r)
+#pragma GCC unroll 8
+    for (int t = 0; t < TB; ++t) sums[r][t] = hsum256(acc[r][t]);
+  store_rows<RN, TB>(w.n, row0, t0, sums, bias, y);
+}
+
+// 16 ymm: 8 rows x 1 token, or 4 rows x 2 tokens, of accumulators beside the loaded values.
+template <bool BF16>
+SF_AVX2 void tiles_dense_256(const DenseWeight& w, const float* x, int64_t m, const float* bias, float* y,
+                             int64_t t0, int64_t t1) {
+  for (int64_t tile = t0; tile < t1; ++tile) {
+    const int64_t row0 = tile * kTileRows;
+    if (row0 + kTileRows <= w.n) {
+      int64_t t = 0;
+      for (; t + 2 <= m; t += 2) {
+        rows_dense_256<4, 2, BF16>(w, row0, x, t, bias, y);
+        rows_dense_256<4, 2, BF16>(w, row0 + 4, x, t, bias, y);
+      }
+      if (t < m) rows_dense_256<8, 1, BF16>(w, row0, x, t, bias, y);
+    } else {
+      for (int64_t row = row0; row < w.n; ++row)
+        for (int64_t t = 0; t < m; ++t) rows_dense_256<1, 1, BF16>(w, row, x, t, bias, y);
+    }
+  }
+}
+#endif  // SF_X86
+
 template <bool BF16>
 void run_tiles24(const Sparse24Weight& w, const float* x, int64_t m, const float* bias, float* y, int64_t t0,
                  int64_t t1, int isa) {
@@ -382,6 +575,16 @@ void run_tiles_u(const UnstructuredWeight& w, const float* x, int64_t m, const f
   if (isa == kAvx2) return tiles_u_256<BF16>(w, x, m, bias, y, t0, t1);
 #endif
   tiles_u_scalar<BF16>(w, x, m, bias, y, t0, t1);
+}
+
+template <bool BF16>
+void run_tiles_dense(const DenseWeight& w, const float* x, int64_t m, const float* bias, float* y, int64_t t0,
+                     int64_t t1, int isa) {
+#ifdef SF_X86
+  if (isa == kAvx512) return tiles_dense_512<BF16>(w, x, m, bias, y, t0, t1);
+  if (isa == kAvx2) return tiles_dense_256<BF16>(w, x, m, bias, y, t0, t1);
+#endif
+  tiles_dense_scalar<BF16>(w, x, m, bias, y, t0, t1);
 }
 
 }  // namespace
@@ -408,6 +611,13 @@ void unstructured_linear_tiles(const UnstructuredWeight& w, const float* x, int6
   if (isa == kAuto) isa = best_isa();
   if (w.bf16) return run_tiles_u<true>(w, x, m, bias, y, tile_begin, tile_end, isa);
   run_tiles_u<false>(w, x, m, bias, y, tile_begin, tile_end, isa);
+}
+
+void dense_linear_tiles(const DenseWeight& w, const float* x, int64_t m, const float* bias, float* y,
+                        int64_t tile_begin, int64_t tile_end, int isa) {
+  if (isa == kAuto) isa = best_isa();
+  if (w.bf16) return run_tiles_dense<true>(w, x, m, bias, y, tile_begin, tile_end, isa);
+  run_tiles_dense<false>(w, x, m, bias, y, tile_begin, tile_end, isa);
 }
 
 }  // namespace sparsefast_cpu

@@ -1,6 +1,6 @@
-// CPU sparse linear kernels, torch-free: y[M, N] = x[M, K] · Wᵀ (+ bias) for a compactly stored sparse W [N, K].
-// Each weight byte is read from memory once per call and reused for all M tokens: batch-1 decode is bound by the
-// bytes a layer moves, and these layouts move about half of the dense bytes at 50% sparsity.
+// CPU linear kernels, torch-free: y[M, N] = x[M, K] · Wᵀ (+ bias) for a compactly stored sparse W [N, K], or a dense
+// row-major one. Each weight byte is read from memory once per call and reused for all M tokens: batch-1 decode is
+// bound by the bytes a layer moves, and the sparse layouts move about half of the dense bytes at 50% sparsity.
 //
 // 2:4 layout (documented bit by bit, with its packer and exact inverse, in sparsefast/ops/sparse24_cpu.py):
 //   tiles of 8 output rows x 32 input columns (Kp = K rounded up to 32, Np = N rounded up to 8, zeros beyond);
@@ -18,6 +18,9 @@
 //          (the vector loads read up to 16 elements past a chunk's start);
 //   tile_offsets [Np/8 + 1] int64: tile t's values are values[tile_offsets[t] .. tile_offsets[t+1]).
 //   A chunk's stored values are expanded into a 16-lane register (AVX-512 vexpandps / an AVX2 permute table).
+// Dense: W itself, [N, K] row-major with a row stride (no packing, so any nn.Linear weight or a tied embedding runs
+//   as it is stored); 8 rows at a time, each an 8-stream read of 16-column chunks (a zero-padded copy for the last
+//   K % 16 columns of a row).
 #pragma once
 
 #include <cstdint>
@@ -47,6 +50,15 @@ struct UnstructuredWeight {
   int64_t kp;                   // in_features rounded up to 16
 };
 
+struct DenseWeight {
+  const void* values;  // [n, k] row-major (row i starts at values + i * ld), fp32 or bf16
+  bool bf16;
+  int64_t n;           // out_features
+  int64_t k;           // in_features
+  int64_t ld;          // row stride in elements (>= k)
+  int64_t kp;          // k rounded up to 16: the width of x
+};
+
 // The best instruction set this CPU supports.
 int best_isa();
 // Whether `isa` (kScalar, kAvx2, kAvx512) can run on this CPU and was compiled in.
@@ -61,5 +73,9 @@ void sparse24_linear_tiles(const Sparse24Weight& w, const float* x, int64_t m, c
 // The same for an unstructured weight; x: [m, kp] with kp = w.kp.
 void unstructured_linear_tiles(const UnstructuredWeight& w, const float* x, int64_t m, const float* bias, float* y,
                                int64_t tile_begin, int64_t tile_end, int isa);
+
+// The same for a dense weight; tiles are groups of 8 rows (the last one may be shorter); x: [m, kp].
+void dense_linear_tiles(const DenseWeight& w, const float* x, int64_t m, const float* bias, float* y,
+                        int64_t tile_begin, int64_t tile_end, int isa);
 
 }  // namespace sparsefast_cpu
