@@ -40,7 +40,10 @@ void check_common(const at::Tensor& x, const at::Tensor& values, int64_t in_feat
 // x [..., in] as fp32 [M, kp], zero-padded: x itself when it already is that.
 at::Tensor padded_input(const at::Tensor& x, int64_t in_features, int64_t kp) {
   const int64_t m = x.numel() / in_features;
-  if (x.scalar_type() == at::kFloat && x.is_contiguous() && in_features == kp) return x.view({m, kp});
+  if (in_features == kp) {  // no padding: x itself, or one conversion (a bf16 decode step's every call)
+    if (x.scalar_type() == at::kFloat && x.is_contiguous()) return x.view({m, kp});
+    return x.reshape({m, kp}).to(at::kFloat).contiguous();
+  }
   at::Tensor xf = at::zeros({m, kp}, x.options().dtype(at::kFloat));
   xf.narrow(1, 0, in_features).copy_(x.reshape({m, in_features}));
   return xf;

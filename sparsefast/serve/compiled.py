@@ -100,8 +100,9 @@ class CompiledRunner:
         self.compile_seconds = self._compile_buckets()
 
     # the runner interface the engine calls ------------------------------------------------------------------------
-    def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
-        return self.runner.prefill(slots, prompts)
+    def prefill(self, slots: list[int], prompts: list[list[int]], *,
+                all_positions: bool = False) -> torch.Tensor | list[torch.Tensor]:
+        return self.runner.prefill(slots, prompts, all_positions=all_positions)
 
     def release(self, slot: int) -> None:
         self.runner.release(slot)

@@ -45,6 +45,7 @@ from sparsefast.models import model_context
 from sparsefast.serve.detokenize import IncrementalDetokenizer
 from sparsefast.serve.engine_client import EngineClient, EngineClosedError, QueueFullError, TokenEvent, TokenStream
 from sparsefast.serve.kv_cache import SlotAllocator
+from sparsefast.serve.logprobs import TokenLogprob, position_logprobs, prompt_logprobs
 from sparsefast.serve.runner import make_runner
 from sparsefast.serve.sampling import SamplingParams, make_generator, sample_next
 
@@ -132,6 +133,7 @@ class _Request:
         self.output: list[int] = []
         self.slot = -1
         self.done = False
+        self.prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # sent with the first event
 
     @property
     def position(self) -> int:
@@ -289,7 +291,18 @@ class GenerationEngine(EngineClient):
             self._running.append(req)
             fresh.append(req)
         for group in _prefill_groups(fresh):
-            logits = self.runner.prefill([r.slot for r in group], [r.prompt for r in group])
+            scoring = group[0].params.prompt_logprobs is not None  # such a request is prefilled alone
+            logits = self.runner.prefill([r.slot for r in group], [r.prompt for r in group], all_positions=scoring)
+            if scoring:
+                req = group[0]
+                self._score_prompt(req, logits[0])
+                if req.done:  # scoring failed: already ended with "error"
+                    continue
+                if req.params.max_tokens == 0:
+                    self._end_scored(req)
+                else:
+                    self._advance(req, logits[0][-1])
+                continue
             for req, row in zip(group, logits):
                 self._advance(req, row)
         # the requests admitted above already produced this step's token
@@ -309,13 +322,30 @@ class GenerationEngine(EngineClient):
         ...) fails `req` alone, with an "error" event, and the other requests of the batch go on; a failed forward
         is the only thing that fails a whole batch (`_loop`)."""
         try:
-            self._accept(req, sample_next(logits, req.params, req.generator))
+            token = sample_next(logits, req.params, req.generator)
+            k = req.params.logprobs
+            self._accept(req, token, () if k is None else tuple(position_logprobs(logits[None], [token], k)))
         except Exception:
             log.exception("request %s failed while sampling or detokenizing; the rest of its batch goes on",
                           req.stream.request_id)
             self._finish(req, "error")
 
-    def _accept(self, req: _Request, token: int) -> None:
+    def _score_prompt(self, req: _Request, logits: torch.Tensor) -> None:
+        """The prompt logprobs of `req` from its prefill logits [len(prompt), vocab]; a failure fails `req` alone."""
+        try:
+            req.prompt_logprobs = prompt_logprobs(logits, req.prompt, req.params.prompt_logprobs)
+        except Exception:
+            log.exception("request %s failed while scoring its prompt", req.stream.request_id)
+            self._finish(req, "error")
+
+    def _end_scored(self, req: _Request) -> None:
+        """End a max_tokens 0 request after its prefill: one event with its prompt logprobs, finish "length"."""
+        req.done = True
+        req.stream._push(TokenEvent("", (), "length", len(req.prompt), 0, time.perf_counter(),
+                                    prompt_logprobs=req.prompt_logprobs))
+        self._release(req)
+
+    def _accept(self, req: _Request, token: int, logprobs: tuple[TokenLogprob, ...] = ()) -> None:
         # everything that may raise (detokenizing, the stop check) runs before the request is marked done, so a
         # failure leaves it unfinished and `_advance` can still end its stream with "error"
         text = req.detok.add(token)
@@ -328,7 +358,9 @@ class GenerationEngine(EngineClient):
         if reason is not None:
             text += req.detok.flush()
             req.done = True
-        req.stream._push(TokenEvent(text, (token,), reason, len(req.prompt), len(req.output), time.perf_counter()))
+        req.stream._push(TokenEvent(text, (token,), reason, len(req.prompt), len(req.output), time.perf_counter(),
+                                    logprobs, req.prompt_logprobs))
+        req.prompt_logprobs = None  # sent with the first event only
         if reason is not None:
             self._release(req)
 
@@ -358,15 +390,16 @@ class GenerationEngine(EngineClient):
 
 def _prefill_groups(requests: list[_Request]) -> list[list[_Request]]:
     """Consecutive groups whose padded size (rows x longest prompt) stays within PREFILL_TOKENS: prompts admitted
-    together are prefilled in one forward (the weights are read once), a long prompt runs alone."""
+    together are prefilled in one forward (the weights are read once), a long prompt runs alone. A request that
+    asks for prompt logprobs is prefilled alone (its forward keeps the logits of every position: len x vocab)."""
     groups: list[list[_Request]] = []
     for req in requests:
-        if groups:
-            g = groups[-1]
-            if (len(g) + 1) * max(len(req.prompt), *(len(r.prompt) for r in g)) <= PREFILL_TOKENS:
-                g.append(req)
-                continue
-        groups.append([req])
+        g = groups[-1] if groups else None
+        if (g is not None and req.params.prompt_logprobs is None and g[0].params.prompt_logprobs is None
+                and (len(g) + 1) * max(len(req.prompt), *(len(r.prompt) for r in g)) <= PREFILL_TOKENS):
+            g.append(req)
+        else:
+            groups.append([req])
     return groups
 
 

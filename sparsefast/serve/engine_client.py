@@ -25,6 +25,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from sparsefast.serve.logprobs import TokenLogprob
+
 if TYPE_CHECKING:
     from sparsefast.serve.sampling import SamplingParams
 
@@ -49,6 +51,10 @@ class TokenEvent:
     finish_reason: None while the request runs; "stop" | "length" | "cancelled" | "error" on its last event.
     prompt_tokens, completion_tokens: the request's counts so far (completion_tokens includes an EOS that ended it).
     time: `time.perf_counter()` when the event was produced (the clock of `TokenStream.submitted`).
+    logprobs: one TokenLogprob per id of token_ids when the request asked for logprobs, else ().
+    prompt_logprobs: on the request's first event, when it asked for prompt logprobs: one entry per prompt token
+        (the first one's logprob None); else None. A request with max_tokens 0 gets one event: these and finish
+        "length".
     """
 
     text: str
@@ -57,6 +63,8 @@ class TokenEvent:
     prompt_tokens: int
     completion_tokens: int
     time: float
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @runtime_checkable

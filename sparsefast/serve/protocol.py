@@ -2,9 +2,9 @@
 
 Field names and defaults follow OpenAI's /v1/completions and /v1/chat/completions (vLLM's
 `entrypoints/openai/protocol.py` is the field's reference), plus vLLM's sampling extensions `top_k` and `ignore_eos`.
-Fields OpenAI defines but this server does not implement (logprobs, echo, n > 1, penalties, tools, tool_choice,
-response_format, ...) are accepted only at their "off" value and rejected otherwise with a 400 that names the field,
-instead of being silently ignored.
+Fields OpenAI defines but this server does not implement (n > 1, penalties, logit_bias, tools, tool_choice,
+response_format, best_of, suffix, echo with stream) are accepted only at their "off" value and rejected otherwise
+with a 400 that names the field, instead of being silently ignored.
 Unknown fields are ignored, as OpenAI's SDK sends extras through `extra_body`.
 
 Requests are strict where OpenAI's API is: pydantic's strict mode (no "16" or true for an integer, no "yes" for a
@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from sparsefast.serve.logprobs import MAX_LOGPROBS
 from sparsefast.serve.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TEMPERATURE, invalid_unicode
 
 
@@ -104,30 +105,38 @@ class GenerationRequest(BaseModel):
 
 
 class CompletionRequest(GenerationRequest):
-    """POST /v1/completions. `prompt` is a string or a list of token ids (one prompt per request)."""
+    """POST /v1/completions. `prompt` is a string, a list of token ids, or a list of either (one choice per prompt,
+    `index` in prompt order). `logprobs` k: each token's logprob and its k most likely alternatives (legacy
+    completions shape); `echo`: the prompt is returned before the completion (with its tokens' logprobs when
+    `logprobs` is set: scoring, as evaluation harnesses use it); `max_tokens` 0 only with `echo`."""
     prompt: (Text | Annotated[list[int], Field(min_length=1)] | Annotated[list[Text], Field(min_length=1)]
-             | Annotated[list[list[int]], Field(min_length=1)])
-    max_tokens: int | None = Field(16, ge=1)
+             | Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)])
+    max_tokens: int | None = Field(16, ge=0)
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None
     suffix: str | None = None
 
     @model_validator(mode="after")
     def _reject_unimplemented_completion(self) -> "CompletionRequest":
-        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], (str, list)):
-            if len(self.prompt) != 1:
-                raise ValueError(f"prompt: {len(self.prompt)} prompts in one request; this server takes one prompt "
-                                 "per request (a string, a list of token ids, or a list holding one of either): "
-                                 "send them as separate requests")
-            self.prompt = self.prompt[0]
-            if isinstance(self.prompt, list) and not self.prompt:
-                raise ValueError("prompt: an empty list of token ids; send at least one token id")
-        for name, bad in {"echo": self.echo, "logprobs": self.logprobs is not None,
-                          "best_of": self.best_of not in (None, 1), "suffix": self.suffix is not None}.items():
+        for name, bad in {"best_of": self.best_of not in (None, 1), "suffix": self.suffix is not None}.items():
             if bad:
                 raise ValueError(f"{name}: not supported by this server; leave it unset")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 generates nothing; it is allowed with echo=true (return, and with "
+                             "logprobs score, the prompt)")
+        if self.stream and len(self.prompts()) > 1:
+            raise ValueError("prompt: a streamed request takes one prompt; send several prompts without stream, or "
+                             "one request per prompt")
+        if self.stream and self.echo:
+            raise ValueError("echo: not supported with stream=true by this server; send it without stream")
         return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt of the request: a string or a list of token ids."""
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], (str, list)):
+            return list(self.prompt)
+        return [self.prompt]
 
 
 class ContentPart(BaseModel):
@@ -166,16 +175,14 @@ class ChatCompletionRequest(GenerationRequest):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _reject_unimplemented_chat(self) -> "ChatCompletionRequest":
-        if self.logprobs:
-            raise ValueError("logprobs: not supported by this server; leave it false")
-        if self.top_logprobs is not None:
-            raise ValueError("top_logprobs: not supported by this server (it needs logprobs); leave it unset")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: needs logprobs=true; set it, or leave top_logprobs unset")
         if self.tools:
             raise ValueError("tools: tool calling is not supported by this server; leave it unset")
         if self.tool_choice not in (None, "none"):
@@ -209,6 +216,7 @@ class _ResponseObject(BaseModel):
 
 
 class CompletionChoice(_Choice):
+    logprobs: dict[str, Any] | None = None  # sparsefast.serve.logprobs.completion_logprobs
     text: str
     finish_reason: str | None
 
@@ -225,6 +233,7 @@ class ResponseMessage(BaseModel):
 
 
 class ChatChoice(_Choice):
+    logprobs: dict[str, Any] | None = None  # sparsefast.serve.logprobs.chat_logprobs
     message: ResponseMessage
     finish_reason: str | None
 

@@ -23,12 +23,13 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from sparsefast.serve import protocol as P
-from sparsefast.serve.engine_client import EngineClient, EngineClosedError, QueueFullError, TokenStream
+from sparsefast.serve.engine_client import EngineClient, EngineClosedError, QueueFullError, TokenEvent, TokenStream
 from sparsefast.serve.errors import APIError
+from sparsefast.serve.logprobs import TokenTexts, chat_logprobs, completion_logprobs
 from sparsefast.serve.metrics import CONTENT_TYPE
 from sparsefast.serve.sampling import SamplingParams
 from sparsefast.serve.state import ServerConfig, ServerState
-from sparsefast.serve.streaming import EventStream, chat_chunks, collect_text, completion_chunks, event_usage
+from sparsefast.serve.streaming import EventStream, chat_chunks, collect, completion_chunks, event_usage
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -90,18 +91,47 @@ def _model_card(state: ServerState) -> P.ModelCard:
 async def create_completion(body: P.CompletionRequest, request: Request, state: State) -> Response:
     _check_model(body.model, state.config)
     engine, tokenizer = state.require_loaded()
-    if isinstance(body.prompt, str):
-        prompt_ids = await anyio.to_thread.run_sync(_encode_text, tokenizer, body.prompt)
-    else:
-        prompt_ids = _check_ids(body.prompt, tokenizer)
-    stream = _submit(engine, state.config, prompt_ids, body, body.max_tokens, "prompt")
+    prompts = [await anyio.to_thread.run_sync(_encode_text, tokenizer, p) if isinstance(p, str)
+               else _check_ids(p, tokenizer) for p in body.prompts()]
+    k = body.logprobs
+    # echo + logprobs scores the prompt (prompt logprobs from the prefill); max_tokens 0 always needs the prefill's
+    # scoring path, which is the one the engine runs without generating
+    scoring = k if body.echo and k is not None else (0 if body.max_tokens == 0 else None)
+    streams = _submit_all(engine, state.config, prompts, body, body.max_tokens, "prompt", logprobs=k,
+                          prompt_logprobs=scoring)
     request_id, model = P.new_id("cmpl"), state.config.model_name
     if body.stream:
-        return EventStream(stream, completion_chunks(stream, request_id, model, body.include_usage()), state.metrics)
-    text, last = await collect_text(request, stream, state.metrics)
-    return JSONResponse(P.CompletionResponse(
-        id=request_id, model=model, choices=[P.CompletionChoice(text=text, finish_reason=last.finish_reason)],
-        usage=event_usage(last)).model_dump())
+        texts = None if k is None else TokenTexts(tokenizer, prompts[0])
+        return EventStream(streams[0], completion_chunks(streams[0], request_id, model, body.include_usage(), texts),
+                           state.metrics)
+    choices, lasts = [], []
+    try:
+        for index, (stream, prompt, ids) in enumerate(zip(streams, body.prompts(), prompts)):
+            text, events = await collect(request, stream, state.metrics)
+            lasts.append(events[-1])
+            choices.append(_completion_choice(index, text, events, prompt, ids, body, tokenizer))
+    finally:
+        for stream in streams:
+            stream.cancel()  # idempotent: the prompts not read yet when one failed or the client left
+    usage = P.Usage(prompt_tokens=sum(e.prompt_tokens for e in lasts),
+                    completion_tokens=sum(e.completion_tokens for e in lasts),
+                    total_tokens=sum(e.prompt_tokens + e.completion_tokens for e in lasts))
+    return JSONResponse(P.CompletionResponse(id=request_id, model=model, choices=choices, usage=usage).model_dump())
+
+
+def _completion_choice(index: int, text: str, events: list[TokenEvent], prompt: str | list[int], ids: list[int],
+                       body: P.CompletionRequest, tokenizer: PreTrainedTokenizerBase) -> P.CompletionChoice:
+    """One prompt's choice: its text (after the prompt's with echo) and, when asked, the logprobs of its tokens (the
+    prompt's first with echo). ids: the prompt's token ids."""
+    prefix = "" if not body.echo else prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
+    logprobs = None
+    if body.logprobs is not None:
+        entries = [e for ev in events for e in ev.logprobs]
+        if body.echo:
+            entries = [*(events[0].prompt_logprobs or ()), *entries]
+        logprobs = completion_logprobs(entries, TokenTexts(tokenizer, () if body.echo else ids))
+    return P.CompletionChoice(index=index, text=prefix + text, logprobs=logprobs,
+                              finish_reason=events[-1].finish_reason)
 
 
 @openai_router.post("/chat/completions")
@@ -109,14 +139,19 @@ async def create_chat_completion(body: P.ChatCompletionRequest, request: Request
     _check_model(body.model, state.config)
     engine, tokenizer = state.require_loaded()
     prompt_ids = await anyio.to_thread.run_sync(_encode_chat, tokenizer, body.messages, state.config.chat_template)
-    stream = _submit(engine, state.config, prompt_ids, body, body.requested_max_tokens(), "messages")
+    k = (body.top_logprobs or 0) if body.logprobs else None
+    stream = _submit_all(engine, state.config, [prompt_ids], body, body.requested_max_tokens(), "messages",
+                         logprobs=k)[0]
     request_id, model = P.new_id("chatcmpl"), state.config.model_name
+    texts = None if k is None else TokenTexts(tokenizer, prompt_ids)
     if body.stream:
-        return EventStream(stream, chat_chunks(stream, request_id, model, body.include_usage()), state.metrics)
-    text, last = await collect_text(request, stream, state.metrics)
+        return EventStream(stream, chat_chunks(stream, request_id, model, body.include_usage(), texts), state.metrics)
+    text, events = await collect(request, stream, state.metrics)
+    logprobs = None if texts is None else chat_logprobs([e for ev in events for e in ev.logprobs], texts)
     return JSONResponse(P.ChatCompletionResponse(
-        id=request_id, model=model, usage=event_usage(last),
-        choices=[P.ChatChoice(message=P.ResponseMessage(content=text), finish_reason=last.finish_reason)],
+        id=request_id, model=model, usage=event_usage(events[-1]),
+        choices=[P.ChatChoice(message=P.ResponseMessage(content=text), logprobs=logprobs,
+                              finish_reason=events[-1].finish_reason)],
     ).model_dump())
 
 
@@ -158,14 +193,39 @@ def _encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[P.ChatMessag
     return [int(i) for i in ids]
 
 
-def _submit(engine: EngineClient, config: ServerConfig, prompt_ids: list[int], body: P.GenerationRequest,
-            max_tokens: int | None, prompt_field: str) -> TokenStream:
-    """Build SamplingParams (the server's limits applied) and submit; maps engine errors to HTTP errors.
+def _submit_all(engine: EngineClient, config: ServerConfig, prompts: list[list[int]], body: P.GenerationRequest,
+                max_tokens: int | None, prompt_field: str, *, logprobs: int | None = None,
+                prompt_logprobs: int | None = None) -> list[TokenStream]:
+    """Build each prompt's SamplingParams (the server's limits applied) and submit them all, or none: a prompt that
+    is refused cancels the ones already queued. Engine errors become HTTP errors.
 
     max_tokens None (OpenAI's default for chat) generates up to the end of the context, capped by the server's
     max_tokens_limit; an explicit max_tokens above that limit is a 400."""
+    params = [_params(engine, config, ids, body, max_tokens, prompt_field, logprobs, prompt_logprobs)
+              for ids in prompts]
+    streams: list[TokenStream] = []
+    try:
+        for ids, p in zip(prompts, params):
+            streams.append(engine.submit(ids, p))
+    except BaseException as exc:
+        for stream in streams:
+            stream.cancel()
+        if isinstance(exc, QueueFullError):
+            raise APIError(429, f"server busy: {engine.max_queue} requests already queued ({exc}); retry later",
+                           code="queue_full") from exc
+        if isinstance(exc, EngineClosedError):
+            raise APIError(503, f"server is shutting down ({exc})", code="engine_closed") from exc
+        if isinstance(exc, ValueError):
+            raise APIError.bad_value(exc) from exc
+        raise
+    return streams
+
+
+def _params(engine: EngineClient, config: ServerConfig, prompt_ids: list[int], body: P.GenerationRequest,
+            max_tokens: int | None, prompt_field: str, logprobs: int | None,
+            prompt_logprobs: int | None) -> SamplingParams:
     room = engine.max_model_len - len(prompt_ids)
-    if room < 1:
+    if room < (0 if max_tokens == 0 else 1):
         raise APIError(400, f"{prompt_field}: {len(prompt_ids)} prompt tokens leave no room in the "
                             f"{engine.max_model_len}-token context; shorten the prompt", param=prompt_field,
                        code="context_length_exceeded")
@@ -176,14 +236,8 @@ def _submit(engine: EngineClient, config: ServerConfig, prompt_ids: list[int], b
         raise APIError(400, f"max_tokens: {max_tokens} exceeds this server's limit of {limit}; ask for fewer",
                        param="max_tokens", code="invalid_value")
     try:
-        stops = body.stop_strings()
-        params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                                top_k=body.top_k, seed=body.seed, stop=stops, ignore_eos=body.ignore_eos).validate()
-        return engine.submit(prompt_ids, params)
-    except QueueFullError as exc:
-        raise APIError(429, f"server busy: {engine.max_queue} requests already queued ({exc}); retry later",
-                       code="queue_full") from exc
-    except EngineClosedError as exc:
-        raise APIError(503, f"server is shutting down ({exc})", code="engine_closed") from exc
+        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                              top_k=body.top_k, seed=body.seed, stop=body.stop_strings(), ignore_eos=body.ignore_eos,
+                              logprobs=logprobs, prompt_logprobs=prompt_logprobs).validate()
     except ValueError as exc:
         raise APIError.bad_value(exc) from exc

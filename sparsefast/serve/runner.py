@@ -76,13 +76,19 @@ class LlamaBatchRunner:
         self.cache = StaticKVCache(self.kv_heads, self.head_dim, max_batch, max_len, dtype=dtype, device=device,
                                    spare_row=spare_row)
 
-    def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+    def prefill(self, slots: list[int], prompts: list[list[int]], *,
+                all_positions: bool = False) -> torch.Tensor | list[torch.Tensor]:
         """Run each prompt into its slot (positions 0..len-1) in one forward; logits [n, vocab] of each prompt's
-        last position. Shorter prompts are right-padded: causal attention keeps the padding out of their real
-        positions, and what it writes to the cache past a prompt's end is masked, then overwritten, by its decode."""
+        last position, or with all_positions the logits of every position of each prompt ([len_i, vocab] each: row
+        t is the distribution of the token after prompt token t; prompt logprobs). Shorter prompts are right-padded:
+        causal attention keeps the padding out of their real positions, and what it writes to the cache past a
+        prompt's end is masked, then overwritten, by its decode."""
         longest = max(map(len, prompts))
         ids = torch.tensor([p + [0] * (longest - len(p)) for p in prompts], device=self.device)
         pos = torch.arange(longest, device=self.device)[None].expand(len(prompts), -1)
+        if all_positions:
+            logits = self._forward(ids, slots, pos, causal_from_zero=True, all_positions=True)
+            return [row[:len(p)] for row, p in zip(logits, prompts)]
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
         return self._forward(ids, slots, pos, causal_from_zero=True, last=last)
 
@@ -112,10 +118,10 @@ class LlamaBatchRunner:
         """Nothing to free: a slot's stale keys are masked out (positions beyond the new owner's length)."""
 
     def _forward(self, ids: torch.Tensor, slots: list[int], positions: torch.Tensor, *,
-                 causal_from_zero: bool = False, uniform: bool = False,
-                 last: torch.Tensor | None = None) -> torch.Tensor:
+                 causal_from_zero: bool = False, uniform: bool = False, last: torch.Tensor | None = None,
+                 all_positions: bool = False) -> torch.Tensor:
         """The eager step. ids, positions: [B, T] (long); returns logits [B, vocab] at column `last` [B] of each row
-        (default the final column)."""
+        (default the final column), or [B, T, vocab] at every column with all_positions."""
         b = ids.shape[0]
         length = int(positions.max()) + 1
         first = slots[0] if slots == list(range(slots[0], slots[0] + b)) else None
@@ -132,12 +138,14 @@ class LlamaBatchRunner:
                 return k, v  # prefill from 0: the prompt's own keys are the whole context
             return self.cache.read(li, slot_t, first, length)
 
-        return self._run(ids, positions, keys_values, mask, causal=causal_from_zero, last=last)
+        return self._run(ids, positions, keys_values, mask, causal=causal_from_zero, last=last,
+                         all_positions=all_positions)
 
     def _run(self, ids: torch.Tensor, positions: torch.Tensor, keys_values: KeysValues, mask: torch.Tensor | None,
-             *, causal: bool, last: torch.Tensor | None = None) -> torch.Tensor:
+             *, causal: bool, last: torch.Tensor | None = None, all_positions: bool = False) -> torch.Tensor:
         """Embedding, every decoder layer, final norm and head; keys_values(layer, k, v) stores this step's keys and
-        values and returns the keys and values attention reads. Logits [B, vocab] of column `last` (default -1)."""
+        values and returns the keys and values attention reads. Logits [B, vocab] of column `last` (default -1), or
+        [B, T, vocab] of every column with all_positions."""
         b = ids.shape[0]
         hidden = self.embed(ids)
         cos_sin = self.rotary(hidden, positions)
@@ -145,6 +153,8 @@ class LlamaBatchRunner:
             x = layer.input_layernorm(hidden)
             hidden = hidden + self._attention(layer.self_attn, li, x, cos_sin, keys_values, mask, causal)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        if all_positions:
+            return self.head(hidden if self.norm is None else self.norm(hidden))
         rows = hidden[:, -1] if last is None else hidden[torch.arange(b, device=self.device), last]
         if self.norm is not None:
             rows = self.norm(rows)
@@ -182,18 +192,22 @@ class HFRequestRunner:
         self.caches: list = [None] * max_batch
 
     def _step(self, slot: int, ids: list[int]) -> torch.Tensor:
+        """Logits [len(ids), vocab] of the new positions."""
         out = self.model(input_ids=torch.tensor([ids], device=self.device), past_key_values=self.caches[slot],
                          use_cache=True)
         self.caches[slot] = out.past_key_values
-        return out.logits[0, -1]
+        return out.logits[0]
 
-    def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+    def prefill(self, slots: list[int], prompts: list[list[int]], *,
+                all_positions: bool = False) -> torch.Tensor | list[torch.Tensor]:
+        """As LlamaBatchRunner.prefill."""
         for slot in slots:
             self.caches[slot] = None
-        return torch.stack([self._step(s, p) for s, p in zip(slots, prompts)])
+        logits = [self._step(s, p) for s, p in zip(slots, prompts)]
+        return logits if all_positions else torch.stack([row[-1] for row in logits])
 
     def decode(self, slots: list[int], ids: list[int], positions: list[int]) -> torch.Tensor:
-        return torch.stack([self._step(s, [i]) for s, i in zip(slots, ids)])
+        return torch.stack([self._step(s, [i])[-1] for s, i in zip(slots, ids)])
 
     def release(self, slot: int) -> None:
         self.caches[slot] = None

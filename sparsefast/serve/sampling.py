@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sparsefast.serve.logprobs import MAX_LOGPROBS
+
 MIN_TEMPERATURE = 1e-5  # below this a request is greedy (vLLM's _SAMPLING_EPS): x / T stays finite in float32
 MAX_TEMPERATURE = 2.0  # OpenAI's upper bound
 MAX_STOP_STRINGS = 4  # OpenAI's limit
@@ -30,7 +32,10 @@ MAX_STOP_CHARS = 256
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request generates. temperature 0 (or below MIN_TEMPERATURE) = greedy; top_k 0 = off;
-    seed → a private torch.Generator; stop: at most MAX_STOP_STRINGS strings of at most MAX_STOP_CHARS characters."""
+    seed → a private torch.Generator; stop: at most MAX_STOP_STRINGS strings of at most MAX_STOP_CHARS characters.
+    logprobs: report each generated token's logprob and this many most likely alternatives (0..MAX_LOGPROBS; None
+    = none); prompt_logprobs: the same for every prompt token (sparsefast.serve.logprobs). max_tokens 0 generates
+    nothing and is allowed only with prompt_logprobs (scoring a prompt)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -39,11 +44,18 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def validate(self) -> SamplingParams:
         """Return self, or raise ValueError("<field>: <problem>; <fix>") for the first bad field."""
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens: must be an integer >= 1, got {self.max_tokens!r}; pass e.g. 16")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+                raise ValueError(f"{name}: must be an integer in [0, {MAX_LOGPROBS}] or None, got {value!r}")
+        if not _is_int(self.max_tokens) or self.max_tokens < (0 if self.prompt_logprobs is not None else 1):
+            raise ValueError(f"max_tokens: must be an integer >= 1 (0 only to score a prompt, with prompt "
+                             f"logprobs), got {self.max_tokens!r}; pass e.g. 16")
         _check_finite("temperature", self.temperature)
         if not 0.0 <= self.temperature <= MAX_TEMPERATURE:
             raise ValueError(f"temperature: must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature!r}; "

@@ -1,4 +1,4 @@
-"""From an engine's `TokenStream` to an HTTP answer: the whole text of a non-streamed request (`collect_text`), or
+"""From an engine's `TokenStream` to an HTTP answer: the whole text and events of a non-streamed request (`collect`), or
 server-sent events (`EventStream` over `completion_chunks` / `chat_chunks`).
 
 SSE format (OpenAI's): one `data: {json}` line per chunk, each followed by a blank line, then `data: [DONE]`. A chunk
@@ -28,6 +28,7 @@ from fastapi.responses import Response
 from sparsefast.serve import protocol as P
 from sparsefast.serve.engine_client import TokenEvent, TokenStream
 from sparsefast.serve.errors import APIError, error_body
+from sparsefast.serve.logprobs import TokenTexts, chat_logprobs, completion_logprobs
 from sparsefast.serve.metrics import ServerMetrics
 
 # (event, chunk) pairs of one streamed request; event None for the chunks no event produced (chat's role chunk, the
@@ -75,18 +76,19 @@ async def _until_disconnect(receive: Callable, scope: anyio.abc.CancelScope) -> 
             return
 
 
-async def collect_text(request: Request, stream: TokenStream, metrics: ServerMetrics) -> tuple[str, TokenEvent]:
-    """All of a non-streamed request's text and its last event; a client disconnect cancels the request.
+async def collect(request: Request, stream: TokenStream, metrics: ServerMetrics) -> tuple[str, list[TokenEvent]]:
+    """All of a non-streamed request's text and its events (the last one has the finish reason); a client disconnect
+    cancels the request.
 
     Raises APIError 500 when the engine failed the request, 503 when it was cancelled (shutdown) or the client left
     before any event."""
-    tracker, parts = _MetricsTracker(stream, metrics), []
+    tracker, events = _MetricsTracker(stream, metrics), []
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_until_disconnect, request.receive, tg.cancel_scope)
             async for event in stream:
                 tracker.see(event)
-                parts.append(event.text)
+                events.append(event)
             tg.cancel_scope.cancel()
     finally:
         stream.cancel()  # idempotent; frees the slot when the client went away
@@ -95,7 +97,7 @@ async def collect_text(request: Request, stream: TokenStream, metrics: ServerMet
         raise APIError(503, "client disconnected before the first token", code="cancelled")
     if last.finish_reason in ("error", "cancelled"):
         raise _abnormal_end(last)
-    return "".join(parts), last
+    return "".join(e.text for e in events), events
 
 
 def _sse(obj: Mapping[str, Any] | str) -> bytes:
@@ -105,8 +107,8 @@ def _sse(obj: Mapping[str, Any] | str) -> bytes:
 
 async def _event_chunks(stream: TokenStream, head: dict[str, Any], include_usage: bool,
                         choice: Callable[[TokenEvent], dict[str, Any]], first: dict[str, Any] | None = None) -> Chunks:
-    """`first` (if any), one chunk per event with text or a finish reason (`choice(event)` builds its choice), then
-    the usage chunk; an "error" or "cancelled" end yields an error chunk and nothing more."""
+    """`first` (if any), one chunk per event with text, logprobs or a finish reason (`choice(event)` builds its
+    choice), then the usage chunk; an "error" or "cancelled" end yields an error chunk and nothing more."""
     extra = {"usage": None} if include_usage else {}
     if first is not None:
         yield None, {**head, "choices": [first], **extra}
@@ -117,25 +119,41 @@ async def _event_chunks(stream: TokenStream, head: dict[str, Any], include_usage
             err = _abnormal_end(event)
             yield event, error_body(err.status, err.message, code=err.code, type=err.type)
             return
-        if event.text or event.finish_reason is not None:
+        if event.text or event.finish_reason is not None or event.logprobs:  # held-back text: its logprobs go now
             yield event, {**head, "choices": [choice(event)], **extra}
     if include_usage and last is not None:
         yield None, {**head, "choices": [], "usage": event_usage(last).model_dump()}
 
 
-def completion_chunks(stream: TokenStream, request_id: str, model: str, include_usage: bool) -> Chunks:
-    """The chunks of a streamed /v1/completions answer (`text_completion` objects)."""
+def completion_chunks(stream: TokenStream, request_id: str, model: str, include_usage: bool,
+                      logprob_texts: TokenTexts | None = None) -> Chunks:
+    """The chunks of a streamed /v1/completions answer (`text_completion` objects); with `logprob_texts` (the token
+    texts after the prompt), each chunk's logprobs object holds its tokens' logprobs (text offsets counted over the
+    whole answer)."""
     head = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model}
-    return _event_chunks(stream, head, include_usage, lambda ev: {"index": 0, "text": ev.text, "logprobs": None,
-                                                                   "finish_reason": ev.finish_reason})
+    offset = 0
+
+    def choice(ev: TokenEvent) -> dict[str, Any]:
+        nonlocal offset
+        logprobs = None
+        if logprob_texts is not None:
+            logprobs = completion_logprobs(ev.logprobs, logprob_texts, offset)
+            offset += sum(map(len, logprobs["tokens"]))
+        return {"index": 0, "text": ev.text, "logprobs": logprobs, "finish_reason": ev.finish_reason}
+
+    return _event_chunks(stream, head, include_usage, choice)
 
 
-def chat_chunks(stream: TokenStream, request_id: str, model: str, include_usage: bool) -> Chunks:
-    """The chunks of a streamed /v1/chat/completions answer (`chat.completion.chunk` objects, role chunk first)."""
+def chat_chunks(stream: TokenStream, request_id: str, model: str, include_usage: bool,
+                logprob_texts: TokenTexts | None = None) -> Chunks:
+    """The chunks of a streamed /v1/chat/completions answer (`chat.completion.chunk` objects, role chunk first);
+    with `logprob_texts`, each chunk carries its tokens' logprobs in the chat shape."""
     head = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
     first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
     return _event_chunks(stream, head, include_usage,
-                         lambda ev: {"index": 0, "delta": {"content": ev.text} if ev.text else {}, "logprobs": None,
+                         lambda ev: {"index": 0, "delta": {"content": ev.text} if ev.text else {},
+                                     "logprobs": None if logprob_texts is None else
+                                     chat_logprobs(ev.logprobs, logprob_texts),
                                      "finish_reason": ev.finish_reason}, first)
 
 

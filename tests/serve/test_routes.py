@@ -127,12 +127,11 @@ def test_unknown_model_is_404(client):
     (dict(max_tokens=0), "max_tokens"),
     (dict(max_tokens=TOKENS_LIMIT + 1), "max_tokens"),
     (dict(n=2), "n"),
-    (dict(logprobs=2), "logprobs"),
+    (dict(logprobs=21), "logprobs"),
     (dict(prompt="word " * 400), "prompt"),
     (dict(prompt=[5, 10**6]), "prompt"),
     (dict(stop=[""]), "stop"),
-    (dict(prompt=[[5, 6], [7, 8]]), "prompt"),
-    (dict(prompt=["a", "b"]), "prompt"),
+    (dict(prompt=[[5, 6], []]), "prompt"),
     (dict(extra_body={"response_format": {"type": "json_object"}}), "response_format"),
 ])
 def test_invalid_parameters_are_400_naming_the_field(client, kwargs, param):
