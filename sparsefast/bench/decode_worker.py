@@ -2,6 +2,9 @@
 timed on request, for sparsefast.bench.decode_run. Each variant runs alone in its process because the CPU kernels and
 MKL run on OpenMP, whose workers wait worse when several threads of one process have run torch ops (the CPU
 extension's notes, csrc/cpu/ops_cpu.cpp): one engine thread per process is the condition `sparsefast serve` runs in.
+For the same reason the worker loads, swaps and builds its engine on a thread that exits before the first request
+(sparsefast.serve.engine.build_in_thread); runs before 2026-12-05 12:30 UTC built on the main thread, which made
+every sparsefast variant about 2x slower than `sparsefast serve` runs it.
 
     python -m sparsefast.bench.decode_worker CKPT --dtype float32 --compile on --threads 2 --max-batch 8 --max-len 97
 
@@ -21,6 +24,7 @@ from typing import Any, Callable
 
 from sparsefast.bench.peer_worker import protocol_stream, serve_requests
 from sparsefast.serve.compiled import COMPILE_MODES
+from sparsefast.serve.engine import build_in_thread
 
 
 def _swap(model, sparse: str) -> dict[str, str]:
@@ -78,7 +82,8 @@ def handler(args: argparse.Namespace, engine: Any) -> Callable[[dict], dict]:
 
     def handle(request: dict) -> dict:
         if request.get("op") == "choices":
-            return {"result": {"swapped_per_load": kernel_choices(args, int(request["loads"]))}}
+            loads = int(request["loads"])
+            return {"result": {"swapped_per_load": build_in_thread(lambda: kernel_choices(args, loads))}}
         prompts, n = request["prompts"], int(request["new_tokens"])
         if len(prompts) == 1:
             return {"result": engine_batch1(engine, prompts[0], n)}
@@ -99,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = p.parse_args(argv)
     out = protocol_stream()
-    engine, _model, info = load_variant(args)
+    # built on a thread that exits, as `sparsefast serve` builds (sparsefast.serve.engine.build_in_thread: why)
+    engine, _model, info = build_in_thread(lambda: load_variant(args))
     try:
         serve_requests(out, info, handler(args, engine))
     finally:

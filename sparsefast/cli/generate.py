@@ -62,22 +62,27 @@ def run(args: argparse.Namespace) -> int:
     from sparsefast.device import resolve_device
     from sparsefast.models import model_context
     from sparsefast.nn import SparsifyConfig, sparsify_, swapped_layer_names
-    from sparsefast.serve.engine import GenerationEngine
+    from sparsefast.serve.engine import GenerationEngine, build_in_thread
 
     device = resolve_device(args.device)
-    t0 = time.perf_counter()
-    model, tokenizer = load(args.model, device=device, dtype=args.dtype)
-    swapped = swapped_layer_names(sparsify_(model, SparsifyConfig(mode=args.sparse)))
-    prompt = _prompt_ids(tokenizer, args.prompt, args.chat)
-    context = model_context(model)
-    need = len(prompt) + params.max_tokens
-    if context is not None and need > context:
-        raise ValueError(f"prompt of {len(prompt)} tokens + --max-tokens {params.max_tokens} exceeds the model's "
-                         f"context of {context} tokens; shorten the prompt or lower --max-tokens")
-    note = f", {len(swapped)} linears as Sparse24Linear" if swapped else ""
-    print(f"[loaded {args.model} in {time.perf_counter() - t0:.1f} s{note}]", file=sys.stderr, flush=True)
-    engine = GenerationEngine(model, tokenizer, max_batch=1, max_queue=1, max_model_len=need, device=str(device),
-                              compile=args.compile)
+
+    def build() -> tuple[GenerationEngine, list[int]]:
+        # on a thread that exits before decoding starts (sparsefast.serve.engine.build_in_thread: why)
+        t0 = time.perf_counter()
+        model, tokenizer = load(args.model, device=device, dtype=args.dtype)
+        swapped = swapped_layer_names(sparsify_(model, SparsifyConfig(mode=args.sparse)))
+        prompt = _prompt_ids(tokenizer, args.prompt, args.chat)
+        context = model_context(model)
+        need = len(prompt) + params.max_tokens
+        if context is not None and need > context:
+            raise ValueError(f"prompt of {len(prompt)} tokens + --max-tokens {params.max_tokens} exceeds the "
+                             f"model's context of {context} tokens; shorten the prompt or lower --max-tokens")
+        note = f", {len(swapped)} linears as Sparse24Linear" if swapped else ""
+        print(f"[loaded {args.model} in {time.perf_counter() - t0:.1f} s{note}]", file=sys.stderr, flush=True)
+        return GenerationEngine(model, tokenizer, max_batch=1, max_queue=1, max_model_len=need, device=str(device),
+                                compile=args.compile), prompt
+
+    engine, prompt = build_in_thread(build)
     if engine.compile_seconds:
         print(f"[decode step compiled in {sum(engine.compile_seconds.values()):.1f} s; inductor cache "
               f"{engine.runner.cache_dir}]", file=sys.stderr, flush=True)

@@ -313,3 +313,19 @@ def test_async_iteration_streams_the_same_tokens(engine, dense):
         return await asyncio.gather(one(), one())
 
     assert asyncio.run(run_two()) == [expected, expected]
+
+
+def test_build_in_thread_returns_or_raises_from_a_thread_that_has_ended():
+    import threading
+
+    from sparsefast.serve.engine import build_in_thread
+
+    seen = []
+    assert build_in_thread(lambda: seen.append(threading.current_thread()) or 7) == 7
+    assert seen[0] is not threading.main_thread() and not seen[0].is_alive()
+
+    def fail():
+        raise ValueError("bad checkpoint")
+
+    with pytest.raises(ValueError, match="bad checkpoint"):
+        build_in_thread(fail)
