@@ -12,7 +12,9 @@ read of the same memory runs at 28 GB/s; the kernel reads at 28-30 GB/s in both,
 the time of the linears. Ad-hoc layer walks on a 2-core Xeon with AMX (all 210 SmolLM2-135M linears of 30 layers,
 weights from DRAM), kernel vs F.linear: fp32 1.03x at M = 1, 1.48x at 4, 1.28x at 8, 1.15x at 16, 0.85x at 32; bf16
 2.3x at 1, 1.4x at 4, 1.08x at 8, 0.64x at 16 (oneDNN's AMX GEMM takes over). Hence DENSE_KERNEL_MAX_TOKENS = 8.
-The committed per-linear measurement is the `dense-kernel` variant of bench/micro/bench_sparse_cpu.py.
+Per linear, each call's weight from DRAM (the `dense-kernel` variant of bench/micro/bench_sparse_cpu.py, committed:
+bench/results/2026-12-05-cpu-sparse-linear-smollm2-2t.json, same Xeon), over the 4 SmolLM2 shapes: fp32 0.86-1.01x
+at M = 1, 1.08-1.43x at 4, 1.00-1.27x at 8, 0.96-1.10x at 16; bf16 1.70-1.91x, 1.30-1.52x, 0.99-1.19x, 0.65-0.96x.
 """
 
 from __future__ import annotations

@@ -22,10 +22,12 @@ is captured once per batch bucket at construction (sparsefast.serve.compiled: to
 on CUDA, the sparse ops inside the graph, batches padded to 1, 2, 4, ... so serving never recompiles); prefill stays
 eager. What that is worth, against the eager step and against llama.cpp and vLLM on the same weights, with and
 without another process busy on a core: bench/results/*-cpu-decode-smollm2.json and *-cpu-decode-smollm2-busy.json
-(`sparsefast bench decode`). What the profile of the compiled CPU step shows: the linears' matmuls (MKL at one or a
-few tokens) are nearly all of it, so on CPU the step reads weights at the speed of those GEMVs; small OpenMP parallel
-regions (attention, the fused kernels) pay a wake-up per region when another process holds a core, which is why the
-benchmark's busy-core run exists.
+(`sparsefast bench decode`). What the profile of the compiled CPU step shows (torch.profiler, bf16 SmolLM2-135M,
+2-core Xeon, ad-hoc): the linears are about two thirds of it, run by sparsefast's kernels (the dense GEMV of
+sparsefast.ops.dense_cpu for dense layers and the head: torch's bf16 matmul read weights at half the rate), then
+single-token attention (SDPA, ~12%) and the fused glue (norms, rotary, residuals); every region is an OpenMP parallel
+region, so the engine must be built where its step is the process's only OpenMP user (`build_in_thread`), and a
+process busy on another core costs a wake-up per region (the benchmark's busy-core run).
 """
 
 from __future__ import annotations
