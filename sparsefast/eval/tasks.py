@@ -1,9 +1,11 @@
-"""Zero-shot multiple-choice tasks: data adapters that rebuild lm-evaluation-harness's prompts.
+"""Zero-shot tasks: data adapters that rebuild lm-evaluation-harness's prompts.
 
-Every task turns one dataset row into an :class:`MCExample`: for each answer choice ``i`` one
-log-likelihood request ``(contexts[i], continuations[i])`` and the text whose length normalises
-``acc_norm`` (characters) and ``acc_bytes`` (UTF-8 bytes). The strings are the ones lm-eval (v0.4 task YAMLs)
-scores, zero-shot, with its default target delimiter ``" "``:
+A multiple-choice task (lm-eval's ``output_type: multiple_choice``) turns one dataset row into an :class:`MCExample`:
+for each answer choice ``i`` one log-likelihood request ``(contexts[i], continuations[i])`` and the text whose length
+normalises ``acc_norm`` (characters) and ``acc_bytes`` (UTF-8 bytes). A loglikelihood task (``output_type:
+loglikelihood``: LAMBADA) turns a row into one :class:`ContinuationExample`, scored by whether greedy decoding produces
+the continuation. The strings are the ones lm-eval (v0.4 task YAMLs) scores, zero-shot, with its default target
+delimiter ``" "``:
 
 =============  ======================================================  ==========================
 task           context                                                 continuation
@@ -14,6 +16,7 @@ hellaswag      ``preprocess({activity_label}: {ctx_a} {ctx_b.capitalize()})``  `
 winogrande     ``sentence[:blank] + option`` (one context per option)  ``" " + sentence[blank+1:].strip()``
 arc_*          ``Question: {question}\\nAnswer:``                      ``" {choice}"``
 openbookqa     ``{question_stem}``                                     ``" {choice}"``
+lambada_openai ``text`` without its last ``" "``-separated word        ``" " + that word``
 =============  ======================================================  ==========================
 
 Two row layouts are read: the files in ``shared/data`` (see its SOURCES.md) and the HF hub datasets that
@@ -26,6 +29,8 @@ lm-eval downloads. Where the local files differ from lm-eval's source:
 * arc (MosaicML export): every row has exactly 4 choices; choice texts are as in ai2_arc.
 * piqa: the original dev files (``valid.jsonl`` + ``valid-labels.lst``), identical to the HF rows.
 * winogrande: MosaicML's ``context_options``/``continuation`` is lm-eval's partial-scoring layout.
+* lambada_openai (MosaicML export): ``context`` + ``" "`` + ``continuation`` is the HF row's ``text``; lm-eval's
+  split of that text is applied to it (it gives back the file's context and continuation, for all 5153 rows).
 """
 
 from __future__ import annotations
@@ -56,6 +61,18 @@ class MCExample:
             raise ValueError(f"an example needs >= 2 choices with one context/continuation each, got {self}")
         if not 0 <= self.gold < n:
             raise ValueError(f"gold index {self.gold} is outside the {n} choices")
+
+
+@dataclass(frozen=True)
+class ContinuationExample:
+    """One item of a loglikelihood task: ``continuation`` scored after ``context``; ``acc`` is whether greedy decoding
+    produces every continuation token, lm-eval's ``perplexity`` is exp of minus the mean summed log-likelihood."""
+
+    context: str
+    continuation: str
+
+
+Example = MCExample | ContinuationExample
 
 
 def _same_context(context: str, choices: Iterable[str], gold: int) -> MCExample:
@@ -93,6 +110,10 @@ def _winogrande_local(row: dict) -> MCExample:
     return MCExample(options, (cont,) * len(options), (cont[1:],) * len(options), int(row["gold"]))
 
 
+def _lambada_local(row: dict) -> ContinuationExample:
+    return _lambada({"text": row["context"] + " " + row["continuation"]})
+
+
 # ---- HF hub layouts (the datasets lm-eval downloads) -------------------------------------------------
 
 def _boolq_hf(row: dict) -> MCExample:
@@ -127,18 +148,28 @@ def _openbookqa_hf(row: dict) -> MCExample:
     return _same_context(row["question_stem"], choices["text"], choices["label"].index(row["answerKey"].strip()))
 
 
+def _lambada(row: dict) -> ContinuationExample:
+    # lm-eval's lambada_openai.yaml: doc_to_text "{{text.split(' ')[:-1]|join(' ')}}", doc_to_target
+    # "{{' '+text.split(' ')[-1]}}"
+    words = row["text"].split(" ")
+    if len(words) < 2:
+        raise ValueError("a LAMBADA text needs at least two space-separated words")
+    return ContinuationExample(" ".join(words[:-1]), " " + words[-1])
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """Where a task's rows live locally (relative to the data dir) and on the HF hub, and how to read them."""
 
     local_file: str
-    local_adapter: Callable[[dict], MCExample]
+    local_adapter: Callable[[dict], Example]
     hf_path: str
     hf_name: str | None
     hf_split: str
-    hf_adapter: Callable[[dict], MCExample]
+    hf_adapter: Callable[[dict], Example]
     labels_file: str | None = None  # PIQA keeps its labels in a separate .lst file
-    has_acc_norm: bool = True  # False where lm-eval's task config reports acc only (boolq, winogrande)
+    has_acc_norm: bool = True  # False where lm-eval's task config reports acc only (boolq, winogrande, lambada)
+    output_type: str = "multiple_choice"  # lm-eval's: "multiple_choice" (MCExample) or "loglikelihood"
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -154,6 +185,8 @@ TASKS: dict[str, TaskSpec] = {
                               "test", _arc_hf),
     "openbookqa": TaskSpec("openbookqa/openbook_qa.jsonl", _openbookqa_local, "allenai/openbookqa", "main", "test",
                            _openbookqa_hf),
+    "lambada_openai": TaskSpec("lambada/lambada_openai.jsonl", _lambada_local, "EleutherAI/lambada_openai", "default",
+                               "test", _lambada, has_acc_norm=False, output_type="loglikelihood"),
 }
 
 
@@ -180,7 +213,7 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def _adapt(rows: Iterable[dict], adapter: Callable[[dict], MCExample], where: str) -> list[MCExample]:
+def _adapt(rows: Iterable[dict], adapter: Callable[[dict], Example], where: str) -> list[Example]:
     out = []
     for i, row in enumerate(rows, 1):
         try:
@@ -190,7 +223,7 @@ def _adapt(rows: Iterable[dict], adapter: Callable[[dict], MCExample], where: st
     return out
 
 
-def load_local_task(name: str, path: Path, limit: int | None = None) -> list[MCExample]:
+def load_local_task(name: str, path: Path, limit: int | None = None) -> list[Example]:
     """Examples of task ``name`` from its local file ``path`` (first ``limit`` rows when given)."""
     spec = TASKS[name]
     rows = read_jsonl(path)
@@ -203,7 +236,7 @@ def load_local_task(name: str, path: Path, limit: int | None = None) -> list[MCE
     return _adapt(rows[:limit] if limit is not None else rows, spec.local_adapter, str(path))
 
 
-def load_hf_task(name: str, limit: int | None = None) -> list[MCExample]:
+def load_hf_task(name: str, limit: int | None = None) -> list[Example]:
     """Examples of task ``name`` from the HF hub dataset lm-eval uses (needs ``datasets`` and network)."""
     import datasets
 

@@ -1,7 +1,7 @@
-"""Zero-shot multiple-choice evaluation by log-likelihood, with lm-evaluation-harness's conventions.
+"""Zero-shot evaluation by log-likelihood, with lm-evaluation-harness's conventions.
 
 For each item and answer choice ``i`` the model scores ``LL_i = sum_t log p(cont_t | context, cont_<t)``
-over the continuation tokens. Three metrics per task, the same set from both backends:
+over the continuation tokens. Three metrics per multiple-choice task, the same set from both backends:
 
 * ``acc`` picks ``argmax_i LL_i``;
 * ``acc_norm`` picks ``argmax_i LL_i / len(choice_i)`` in *characters* (the answer text without the leading space),
@@ -12,6 +12,9 @@ over the continuation tokens. Three metrics per task, the same set from both bac
   from ``acc_norm`` only on non-ASCII choices (57 of ~12k rows of the shared data). The lm-eval backend reports it
   as None (lm-eval's task configs do not request it).
 
+A loglikelihood task (LAMBADA) has one continuation per item: ``acc`` is 1 where greedy decoding produces all of its
+tokens (lm-eval's ``is_greedy``), acc_norm and acc_bytes equal acc, and ``perplexity`` is ``exp(-mean LL)``.
+
 Prompts: see :mod:`sparsefast.eval.tasks` (Gao et al., "A framework for few-shot language model evaluation",
 lm-evaluation-harness v0.4).
 
@@ -19,8 +22,12 @@ Tokenisation follows lm-eval's HF backend: no BOS/special tokens; trailing space
 the continuation; an empty context is replaced by lm-eval's prefix token (BOS when the tokenizer has one, else EOS);
 ``enc(context + continuation)`` is split at ``len(enc(context))`` (when ``enc(context)`` is not
 a prefix of it -- tokenizers whose pieces span the boundary -- the continuation is encoded on its own); sequences
-longer than the model's context keep their last tokens. Requests are sorted by length and scored in right-padded
-batches (one forward per request; the log-softmax is taken only at continuation positions, in fp32).
+longer than the model's context keep their last tokens. The token ids go to a scorer: :class:`ModelScorer` (the model
+in this process: requests sorted by length, right-padded batches, one forward per request, the log-softmax taken
+only at continuation positions, in fp32) or :class:`sparsefast.eval.server.ServerScorer` (a served model's prompt
+logprobs over OpenAI's /v1/completions, as lm-eval's local-completions asks for them). Everything else -- the
+prompts, the tokenization, the metrics -- is one code path (:func:`score_tasks`), so a served model is scored as a
+local one is.
 
 When ``lm_eval`` is importable and no local data directory was asked for, ``backend="auto"`` hands the
 whole run to lm-eval-harness (its own data from the HF hub); otherwise the built-in scorer runs.
@@ -33,11 +40,12 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import NamedTuple, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
-from sparsefast.eval.tasks import TASKS, MCExample, check_task_names, load_hf_task, load_local_task
+from sparsefast.eval.tasks import TASKS, Example, MCExample, check_task_names, load_hf_task, load_local_task
 
 BACKENDS = ("auto", "builtin", "lm_eval")
 
@@ -88,72 +96,116 @@ def _max_length(model) -> int:
     return 2048
 
 
-@torch.no_grad()
-def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], *, batch_size: int = 16,
-                   max_batch_tokens: int = 8192, device: str | torch.device = "cpu",
-                   progress: bool = True) -> list[float]:
-    """Summed log-likelihood of each continuation given its context, as float64 Python floats.
+class Loglikelihood(NamedTuple):
+    """A continuation's summed log-probability given its context, and whether greedy decoding (argmax at every
+    continuation position) produces it: lm-eval's ``(logprob, is_greedy)``."""
 
-    One causal-LM forward per request on ``input_ids[:, :-1]`` of ``context + continuation``
-    (``[B, T]`` int64, right-padded, ``B <= batch_size`` and ``B * T <= max_batch_tokens``).
-    """
-    if batch_size < 1 or max_batch_tokens < 1:
-        raise ValueError("batch_size and max_batch_tokens must be >= 1")
-    max_len = _max_length(model)
+    logprob: float
+    is_greedy: bool
+
+
+class LoglikelihoodScorer(Protocol):
+    """Where the log-probabilities come from: the model in this process (:class:`ModelScorer`) or a served model
+    (:class:`sparsefast.eval.server.ServerScorer`). Both score the same token ids, so results agree within the
+    float32 arithmetic of the two forwards."""
+
+    max_tokens: int  # the longest token sequence (context + continuation) one score covers
+
+    def score(self, sequences: list[tuple[list[int], int]], progress: bool) -> list[Loglikelihood]:
+        """For each ``(ids, n)``: the Loglikelihood of ``ids[-n:]`` given ``ids[:-n]`` (``0 < n < len(ids)``)."""
+        ...
+
+
+class ModelScorer:
+    """The causal LM in this process: one forward per sequence on ``ids[:-1]`` (``[B, T]`` int64, right-padded,
+    ``B <= batch_size`` and ``B * T <= max_batch_tokens``, longest first); the log-softmax is taken only at
+    continuation positions, in fp32."""
+
+    def __init__(self, model, *, batch_size: int = 16, max_batch_tokens: int = 8192,
+                 device: str | torch.device = "cpu", pad_id: int = 0) -> None:
+        if batch_size < 1 or max_batch_tokens < 1:
+            raise ValueError("batch_size and max_batch_tokens must be >= 1")
+        self.model, self.batch_size, self.max_batch_tokens = model, batch_size, max_batch_tokens
+        self.device, self.pad_id = device, pad_id
+        self.max_tokens = _max_length(model) + 1  # the forward sees all but the last token
+
+    @torch.no_grad()
+    def score(self, sequences: list[tuple[list[int], int]], progress: bool = True) -> list[Loglikelihood]:
+        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i][0]))
+        results: list[Loglikelihood] = [Loglikelihood(0.0, False)] * len(sequences)
+        was_training = self.model.training
+        self.model.eval()
+        bar = tqdm(total=len(order), desc="loglikelihood", unit="req", disable=not progress)
+        start = 0
+        while start < len(order):
+            width = len(sequences[order[start]][0]) - 1  # longest input in the batch (sorted descending)
+            n = max(1, min(self.batch_size, self.max_batch_tokens // width, len(order) - start))
+            batch = order[start:start + n]
+            input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+            attention = torch.zeros((n, width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                full = sequences[i][0]
+                input_ids[row, : len(full) - 1] = torch.tensor(full[:-1])
+                attention[row, : len(full) - 1] = 1
+            logits = self.model(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device)).logits
+            for row, i in enumerate(batch):
+                full, n_cont = sequences[i]
+                # input position j predicts token j + 1: the continuation is predicted by the last n_cont inputs
+                end = len(full) - 1
+                logp = logits[row, end - n_cont: end].float().log_softmax(-1)
+                targets = torch.tensor(full[-n_cont:], dtype=torch.long, device=logp.device)
+                results[i] = Loglikelihood(float(logp.gather(-1, targets[:, None]).sum(dtype=torch.float64)),
+                                           bool((logp.argmax(-1) == targets).all()))
+            bar.update(n)
+            start += n
+        bar.close()
+        self.model.train(was_training)
+        return results
+
+
+def encode_requests(tokenizer, requests: list[tuple[str, str]], max_tokens: int) -> list[tuple[list[int], int]]:
+    """``(ids, n)`` per ``(context, continuation)``: ids = context + continuation tokens (lm-eval's split,
+    :func:`encode_request`; an empty context becomes the prefix token), keeping the last ``max_tokens``; n = the
+    continuation tokens that remain scored."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    encoded = []  # (context+continuation ids, left-truncated to max_len + 1; number of continuation tokens)
+    encoded = []
     for ctx, cont in requests:
         ctx_ids, cont_ids = encode_request(tokenizer, ctx, cont)
         if not cont_ids:
             raise ValueError(f"continuation {cont!r} (after context {ctx[-40:]!r}) encodes to no tokens")
         if not ctx_ids:
             ctx_ids = [prefix_token_id(tokenizer, pad_id)]
-        full = (ctx_ids + cont_ids)[-(max_len + 1):]
+        full = (ctx_ids + cont_ids)[-max_tokens:]
         encoded.append((full, min(len(cont_ids), len(full) - 1)))
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
-    results = [0.0] * len(encoded)
-    was_training = model.training
-    model.eval()
-    bar = tqdm(total=len(order), desc="loglikelihood", unit="req", disable=not progress)
-    start = 0
-    while start < len(order):
-        width = len(encoded[order[start]][0]) - 1  # longest input in the batch (sorted descending)
-        n = max(1, min(batch_size, max_batch_tokens // width, len(order) - start))
-        batch = order[start:start + n]
-        input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-        attention = torch.zeros((n, width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            full = encoded[i][0]
-            input_ids[row, : len(full) - 1] = torch.tensor(full[:-1])
-            attention[row, : len(full) - 1] = 1
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
-        for row, i in enumerate(batch):
-            full, n_cont = encoded[i]
-            # input position j predicts token j + 1: the continuation is predicted by the last n_cont inputs
-            end = len(full) - 1
-            logp = logits[row, end - n_cont: end].float().log_softmax(-1)
-            targets = torch.tensor(full[-n_cont:], dtype=torch.long, device=logp.device)
-            results[i] = float(logp.gather(-1, targets[:, None]).sum(dtype=torch.float64))
-        bar.update(n)
-        start += n
-    bar.close()
-    model.train(was_training)
-    return results
+    return encoded
+
+
+def loglikelihoods(scorer: LoglikelihoodScorer, tokenizer, requests: list[tuple[str, str]], *,
+                   progress: bool = True) -> list[Loglikelihood]:
+    """Loglikelihood of each continuation given its context (float64 sums), tokenized here with ``tokenizer`` and
+    scored by ``scorer`` (this process's model or a server): the one path both take."""
+    return scorer.score(encode_requests(tokenizer, requests, scorer.max_tokens), progress)
 
 
 METRICS = ("acc", "acc_norm", "acc_bytes")
 
 
-def score_example(lls: list[float], example: MCExample, *, has_acc_norm: bool = True) -> dict[str, float]:
-    """``{"acc", "acc_norm", "acc_bytes"}`` of one item from its per-choice summed log-likelihoods (ties go to the
-    first choice, as lm-eval's argmax). ``has_acc_norm=False`` (boolq, winogrande): acc_norm is acc, as lm-eval."""
+def pick_choices(lls: list[float], example: MCExample, *, has_acc_norm: bool = True) -> dict[str, int]:
+    """The choice index each metric picks from the per-choice summed log-likelihoods (ties go to the first choice,
+    as lm-eval's argmax): ``acc`` the largest LL, ``acc_norm`` the largest LL per character of the answer, ``acc_bytes``
+    per UTF-8 byte. ``has_acc_norm=False`` (boolq, winogrande): acc_norm picks what acc picks, as lm-eval reports."""
 
-    def pick(lengths: list[int]) -> float:
-        return float(max(range(len(lls)), key=lambda i: (lls[i] / lengths[i], -i)) == example.gold)
+    def pick(lengths: list[int]) -> int:
+        return max(range(len(lls)), key=lambda i: (lls[i] / lengths[i], -i))
 
     acc = pick([1] * len(lls))
     return {"acc": acc, "acc_norm": pick([max(len(c), 1) for c in example.choices]) if has_acc_norm else acc,
             "acc_bytes": pick([max(len(c.encode("utf-8")), 1) for c in example.choices])}
+
+
+def score_example(lls: list[float], example: MCExample, *, has_acc_norm: bool = True) -> dict[str, float]:
+    """``{"acc", "acc_norm", "acc_bytes"}`` of one item: 1.0 where the metric's pick (:func:`pick_choices`) is gold."""
+    return {m: float(i == example.gold) for m, i in pick_choices(lls, example, has_acc_norm=has_acc_norm).items()}
 
 
 def _stderr(values: list[float]) -> float:
@@ -165,7 +217,7 @@ def _stderr(values: list[float]) -> float:
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
-def load_task(name: str, *, limit: int | None = None, data_dir: str | None = None) -> tuple[list[MCExample], str]:
+def load_task(name: str, *, limit: int | None = None, data_dir: str | None = None) -> tuple[list[Example], str]:
     """(examples, source) for one task: the local file under ``data_dir`` / $SPARSEFAST_DATA if present,
     else the HF hub dataset when ``datasets`` is installed; FileNotFoundError otherwise."""
     from sparsefast.data.files import find_data_file
@@ -181,29 +233,57 @@ def load_task(name: str, *, limit: int | None = None, data_dir: str | None = Non
     return load_local_task(name, path, limit), str(path)
 
 
-def _evaluate_builtin(model, tokenizer, tasks: list[str], limit, data_dir, device, batch_size,
-                      max_batch_tokens, progress) -> dict:
+def _task_requests(examples: list[Example]) -> list[tuple[str, str]]:
+    return [r for ex in examples for r in (zip(ex.contexts, ex.continuations) if isinstance(ex, MCExample)
+                                           else [(ex.context, ex.continuation)])]
+
+
+def _score_items(name: str, examples: list[Example], lls: list[Loglikelihood]) -> list[dict]:
+    """One record per item: its metrics (0/1), what each metric picked and the log-likelihoods behind it."""
+    spec, items, k = TASKS[name], [], 0
+    for doc_id, ex in enumerate(examples):
+        if isinstance(ex, MCExample):
+            values = [ll.logprob for ll in lls[k: k + len(ex.choices)]]
+            picks = pick_choices(values, ex, has_acc_norm=spec.has_acc_norm)
+            items.append({"doc_id": doc_id, "gold": ex.gold, "loglikelihoods": values, "pred": picks,
+                          **{m: float(i == ex.gold) for m, i in picks.items()}})
+            k += len(ex.choices)
+        else:  # loglikelihood task: acc is greedy-match; no length normalisation, so every metric is acc
+            ll = lls[k]
+            items.append({"doc_id": doc_id, "loglikelihood": ll.logprob, "is_greedy": ll.is_greedy,
+                          **{m: float(ll.is_greedy) for m in METRICS}})
+            k += 1
+    return items
+
+
+def score_tasks(scorer: LoglikelihoodScorer, tokenizer, tasks: list[str], *, limit: int | None = None,
+                data_dir: str | None = None, progress: bool = True, samples: bool = False) -> dict:
+    """The builtin zero-shot evaluation with any scorer: every task's data is read first (errors before work), its
+    requests tokenized with ``tokenizer`` and scored, each item scored by :func:`_score_items`. ``samples``: each
+    task's result keeps its per-item records under "samples". Returns ``{"backend": "builtin", "limit", "tasks"}``."""
     loaded = {name: load_task(name, limit=limit, data_dir=data_dir) for name in tasks}  # all data errors first
     out: dict = {"backend": "builtin", "limit": limit, "tasks": {}}
     for name, (examples, source) in loaded.items():
-        requests = [(c, k) for ex in examples for c, k in zip(ex.contexts, ex.continuations)]
+        requests = _task_requests(examples)
         t0 = time.perf_counter()
-        lls = loglikelihoods(model, tokenizer, requests, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
-                             device=device, progress=progress)
-        hits: dict[str, list[float]] = {m: [] for m in METRICS}
-        k = 0
-        for ex in examples:
-            scores = score_example(lls[k: k + len(ex.choices)], ex, has_acc_norm=TASKS[name].has_acc_norm)
-            k += len(ex.choices)
-            for m in METRICS:
-                hits[m].append(scores[m])
+        items = _score_items(name, examples, loglikelihoods(scorer, tokenizer, requests, progress=progress))
         task: dict = {}
         for m in METRICS:
-            task[m] = sum(hits[m]) / len(hits[m])
-            task[f"{m}_stderr"] = _stderr(hits[m])
+            hits = [item[m] for item in items]
+            task[m] = sum(hits) / len(hits)
+            task[f"{m}_stderr"] = _stderr(hits)
+        if TASKS[name].output_type == "loglikelihood":  # lm-eval's "perplexity" aggregation
+            task["perplexity"] = math.exp(-sum(item["loglikelihood"] for item in items) / len(items))
         out["tasks"][name] = {**task, "n": len(examples), "requests": len(requests),
-                              "seconds": time.perf_counter() - t0, "source": source}
+                              "seconds": time.perf_counter() - t0, "source": source,
+                              **({"samples": items} if samples else {})}
+    out["average"] = _average(out["tasks"])
     return out
+
+
+def _average(results: dict[str, dict]) -> dict[str, float]:
+    """Unweighted means over tasks of acc and acc_norm."""
+    return {m: sum(t[m] for t in results.values()) / len(results) for m in ("acc", "acc_norm")}
 
 
 def _evaluate_lm_eval(model, tokenizer, tasks: list[str], limit, device, batch_size) -> dict:
@@ -222,13 +302,14 @@ def _evaluate_lm_eval(model, tokenizer, tasks: list[str], limit, device, batch_s
             "acc_norm": float(r.get("acc_norm,none", r["acc,none"])),
             "acc_norm_stderr": float(r.get("acc_norm_stderr,none", r.get("acc_stderr,none", float("nan")))),
             "acc_bytes": None, "acc_bytes_stderr": None, "source": "lm_eval",
+            **({"perplexity": float(r["perplexity,none"])} if "perplexity,none" in r else {}),
         }
     return out
 
 
 def evaluate_zeroshot(model, tokenizer, tasks: list[str], *, limit: int | None = None, data_dir: str | None = None,
                       device: str | torch.device = "cpu", batch_size: int = 16, max_batch_tokens: int = 8192,
-                      backend: str = "auto", progress: bool = True) -> dict:
+                      backend: str = "auto", progress: bool = True, samples: bool = False) -> dict:
     """Zero-shot acc and acc_norm of a causal LM on lm-eval multiple-choice tasks.
 
     Args:
@@ -238,6 +319,7 @@ def evaluate_zeroshot(model, tokenizer, tasks: list[str], *, limit: int | None =
             arc_challenge, openbookqa).
         limit: score only the first ``limit`` items of each task.
         data_dir: root of the local task files (``boolq/boolq.jsonl`` ...); None: $SPARSEFAST_DATA.
+        samples: keep each task's per-item records (builtin backend; :func:`score_tasks`).
     Returns:
         ``{"backend", "limit", "tasks": {name: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n", ...}},
         "average": {"acc", "acc_norm"}, "seconds"}`` -- averages are unweighted means over tasks; see the module
@@ -252,8 +334,11 @@ def evaluate_zeroshot(model, tokenizer, tasks: list[str], *, limit: int | None =
     if chosen == "lm_eval":
         out = _evaluate_lm_eval(model, tokenizer, tasks, limit, device, batch_size)
     else:
-        out = _evaluate_builtin(model, tokenizer, tasks, limit, data_dir, device, batch_size, max_batch_tokens,
-                                progress)
-    out["average"] = {m: sum(t[m] for t in out["tasks"].values()) / len(tasks) for m in ("acc", "acc_norm")}
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        scorer = ModelScorer(model, batch_size=batch_size, max_batch_tokens=max_batch_tokens, device=device,
+                             pad_id=pad_id)
+        out = score_tasks(scorer, tokenizer, tasks, limit=limit, data_dir=data_dir, progress=progress,
+                          samples=samples)
+    out["average"] = _average(out["tasks"])
     out["seconds"] = time.perf_counter() - t0
     return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import json
+import math
 import sys
 import types
 from pathlib import Path
@@ -79,6 +80,14 @@ def test_prompt_formats_hf_rows_match_local():
     assert arc.contexts[0] == _first("arc_easy").contexts[0]
 
 
+def test_lambada_splits_the_text_at_its_last_space_as_lm_eval():
+    ex = _first("lambada_openai")
+    assert ex == T.ContinuationExample("Tom had a red ball. He threw the ball to his dog. The dog ran and brought "
+                                       "back the", " ball")
+    assert _hf_first("lambada_openai", "lambada_openai") == ex  # the HF row's text, split by lm-eval's YAML
+    assert not T.TASKS["lambada_openai"].has_acc_norm
+
+
 def test_encode_request_moves_trailing_space(story):
     _, tok = story
     ctx, cont = Z.encode_request(tok, "Question: hi \nAnswer: ", "yes")
@@ -103,12 +112,26 @@ def test_loglikelihoods_match_hand_computation(story):
     model, tok = story
     reqs = [("Once upon a time there was a", " little girl"), ("Tom had a", " big red ball that he loved"),
             ("She", " smiled."), ("The dog ran to the park and saw a cat. The cat", " ran up a tree.")]
-    got = Z.loglikelihoods(model, tok, reqs, batch_size=3, progress=False)  # padded batches of mixed length
+    scored = Z.loglikelihoods(Z.ModelScorer(model, batch_size=3), tok, reqs, progress=False)  # padded, mixed length
+    got = [ll.logprob for ll in scored]
     want = [_hand_ll(model, tok, c, k) for c, k in reqs]
     assert got == pytest.approx(want, rel=1e-5, abs=1e-4)
     assert all(v < 0 for v in got)
-    one = Z.loglikelihoods(model, tok, reqs, batch_size=1, max_batch_tokens=1, progress=False)
-    assert one == pytest.approx(got, rel=1e-5, abs=1e-4)
+    one = Z.loglikelihoods(Z.ModelScorer(model, batch_size=1, max_batch_tokens=1), tok, reqs, progress=False)
+    assert [ll.logprob for ll in one] == pytest.approx(got, rel=1e-5, abs=1e-4)
+    assert [ll.is_greedy for ll in one] == [ll.is_greedy for ll in scored]
+
+
+def test_is_greedy_is_argmax_at_every_continuation_position(story):
+    model, tok = story
+    ctx = tok("Once upon a time there was a", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():  # the model's own greedy continuation of 3 tokens, and the same with its last token changed
+        ids = list(ctx)
+        for _ in range(3):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    other = ids[:-1] + [(ids[-1] + 1) % model.config.vocab_size]
+    greedy, not_greedy = Z.ModelScorer(model).score([(ids, 3), (other, 3)], progress=False)
+    assert greedy.is_greedy and not not_greedy.is_greedy and greedy.logprob > not_greedy.logprob
 
 
 def test_scorer_picks_highest_summed_loglikelihood(story):
@@ -137,6 +160,30 @@ def test_acc_norm_divides_by_characters_acc_bytes_by_bytes():
     # characters and raw LL disagree: "a" (1 char) -2.0 vs "bbbb" (4 chars) -3.0 -> acc 0, acc_norm 1
     ex2 = T.MCExample(("q",) * 2, (" a", " bbbb"), ("a", "bbbb"), gold=1)
     assert Z.score_example([-2.0, -3.0], ex2) == {"acc": 0.0, "acc_norm": 1.0, "acc_bytes": 1.0}
+
+
+def test_lambada_acc_is_greedy_match_and_perplexity_the_mean_loglikelihood(story):
+    model, tok = story
+    out = Z.evaluate_zeroshot(model, tok, ["lambada_openai"], data_dir=str(LOCAL), backend="builtin", progress=False,
+                              samples=True)
+    r = out["tasks"]["lambada_openai"]
+    examples = T.load_local_task("lambada_openai", LOCAL / T.TASKS["lambada_openai"].local_file)
+    lls = [_hand_ll(model, tok, ex.context, ex.continuation) for ex in examples]
+    assert [s["loglikelihood"] for s in r["samples"]] == pytest.approx(lls, rel=1e-5, abs=1e-4)
+    assert r["perplexity"] == pytest.approx(math.exp(-sum(lls) / len(lls)), rel=1e-4)
+    assert r["acc"] == sum(s["is_greedy"] for s in r["samples"]) / len(examples) == r["acc_norm"]
+
+
+def test_samples_record_each_items_picks(story):
+    model, tok = story
+    out = Z.evaluate_zeroshot(model, tok, ["arc_easy"], data_dir=str(LOCAL), backend="builtin", progress=False,
+                              samples=True)
+    examples = T.load_local_task("arc_easy", LOCAL / T.TASKS["arc_easy"].local_file)
+    for item, ex in zip(out["tasks"]["arc_easy"]["samples"], examples, strict=True):
+        assert item["pred"] == Z.pick_choices(item["loglikelihoods"], ex) and item["gold"] == ex.gold
+        assert item["acc"] == float(item["pred"]["acc"] == ex.gold)
+    assert "samples" not in Z.evaluate_zeroshot(model, tok, ["arc_easy"], data_dir=str(LOCAL), backend="builtin",
+                                                progress=False)["tasks"]["arc_easy"]
 
 
 def test_tasks_without_acc_norm_in_lm_eval_report_acc(story):
@@ -174,7 +221,7 @@ def test_empty_context_is_prefixed_with_bos_when_the_tokenizer_has_one():
             seen.append(input_ids[0].tolist())
             return types.SimpleNamespace(logits=torch.zeros(*input_ids.shape, 256))
 
-    Z.loglikelihoods(Model(), tok, [("", "ab")], progress=False)
+    Z.loglikelihoods(Z.ModelScorer(Model()), tok, [("", "ab")], progress=False)
     assert seen == [[1, ord("a")]]  # BOS, then the continuation minus its last token
 
 
@@ -184,7 +231,7 @@ def test_all_tasks_limit_and_result_shape(story):
                               progress=False)
     assert out["backend"] == "builtin" and set(out["tasks"]) == set(T.TASKS)
     assert all(r["n"] == 1 and r["acc"] in (0.0, 1.0) for r in out["tasks"].values())
-    assert out["tasks"]["hellaswag"]["requests"] == 4
+    assert out["tasks"]["hellaswag"]["requests"] == 4 and out["tasks"]["lambada_openai"]["requests"] == 1
     assert out["average"]["acc"] == pytest.approx(sum(r["acc"] for r in out["tasks"].values()) / len(T.TASKS))
 
 
@@ -206,11 +253,15 @@ def test_bad_input_errors(story, tmp_path):
 
 
 @pytest.mark.parametrize("task,rows", [("boolq", 3270), ("piqa", 1838), ("hellaswag", 1000), ("winogrande", 1267),
-                                       ("arc_easy", 2376), ("arc_challenge", 1172), ("openbookqa", 500)])
+                                       ("arc_easy", 2376), ("arc_challenge", 1172), ("openbookqa", 500),
+                                       ("lambada_openai", 5153)])
 def test_shared_task_files_parse(shared_dir, task, rows):
     examples, source = Z.load_task(task, data_dir=str(shared_dir / "data"))
     assert len(examples) == rows and source.endswith(T.TASKS[task].local_file)
-    assert all(0 <= ex.gold < len(ex.choices) for ex in examples)
+    if T.TASKS[task].output_type == "loglikelihood":
+        assert all(ex.continuation.startswith(" ") and ex.context for ex in examples)
+    else:
+        assert all(0 <= ex.gold < len(ex.choices) for ex in examples)
 
 
 def _fake_lm_eval(monkeypatch, calls: list) -> None:
