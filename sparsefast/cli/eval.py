@@ -4,11 +4,17 @@ Examples:
     sparsefast eval smollm2 --ppl wikitext2 --seqlen 512
     sparsefast eval out/smollm2-wanda-2of4 --ppl wikitext2,ptb --protocol llm-pruner --data-dir ../shared/data
     sparsefast eval out/llama-pruned --ppl wikitext2 --tasks piqa,arc_easy --limit 200 --json results.json
+    sparsefast eval out/llama-pruned --tasks piqa,arc_easy,lambada_openai --server http://127.0.0.1:8000 --json s.json
+
+With --server the zero-shot tasks are scored by the model served at that URL (`sparsefast serve MODEL`, or any server
+that returns prompt logprobs with echo on /v1/completions): MODEL gives the tokenizer, the ids are sent, and
+everything else is the local path's, so a served model is scored exactly as a local one.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 from sparsefast.device import DEVICE_CHOICES, DTYPE_CHOICES
@@ -38,6 +44,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="model dtype (default auto: the checkpoint's; half types become float32 on CPU)")
     p.add_argument("--tasks", default="", help="comma list of zero-shot tasks (e.g. piqa,arc_easy,boolq)")
     p.add_argument("--limit", type=int, default=None, help="zero-shot: score only the first N items of each task")
+    p.add_argument("--server", default=None, metavar="URL",
+                   help="zero-shot: score --tasks with the model served at URL (e.g. http://127.0.0.1:8000) instead "
+                        "of loading MODEL's weights; MODEL gives the tokenizer")
+    p.add_argument("--api-key", default=os.environ.get("SPARSEFAST_API_KEY"),
+                   help="--server: the server's API key (default $SPARSEFAST_API_KEY)")
+    p.add_argument("--log-samples", action="store_true",
+                   help="zero-shot: write each item's log-likelihoods and picks into the --json file")
     p.add_argument("--json", default=None,
                    help="write the results to this file (atomically; refused if it exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
@@ -70,6 +83,15 @@ def validate(args: argparse.Namespace) -> dict:
     from sparsefast.models import resolve_model_source
 
     tasks = _split(args.tasks)
+    if args.server is not None:
+        from sparsefast.eval.server import check_server_url
+
+        check_server_url(args.server)
+        if not tasks:
+            raise ValueError("--server scores zero-shot tasks only; add --tasks TASKS")
+        if _split(args.ppl or ""):
+            raise ValueError("--ppl cannot be scored through --server (perplexity runs MODEL's own forward over long "
+                             "windows); drop --ppl, or evaluate it without --server")
     datasets = _split(args.ppl) if args.ppl is not None else ([] if tasks else ["wikitext2"])
     if not datasets and not tasks:
         raise ValueError("nothing to evaluate: give --ppl DATASETS and/or --tasks TASKS")
@@ -91,6 +113,8 @@ def validate(args: argparse.Namespace) -> dict:
         from sparsefast.eval.tasks import check_task_names
 
         tasks = list(check_task_names(tasks))
+    if args.log_samples and (not tasks or args.json is None):
+        raise ValueError("--log-samples writes each zero-shot item into the --json file; add --tasks and --json")
     if args.json is not None:
         from sparsefast.checkpoint import check_output_file
 
@@ -118,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
     from sparsefast.models import load_model, model_context
 
     settings = validate(args)
+    if args.server is not None:
+        return run_server(args, settings["tasks"])
     datasets, tasks, seqlen, device = settings["datasets"], settings["tasks"], settings["seqlen"], settings["device"]
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=settings["dtype"], device=str(device))
@@ -147,14 +173,52 @@ def run(args: argparse.Namespace) -> int:
         from sparsefast.eval.zeroshot import evaluate_zeroshot
 
         t0 = time.perf_counter()
+        # --log-samples asks for the builtin scorer's items (lm-eval's own backend keeps its samples to itself)
         zs = evaluate_zeroshot(model, tokenizer, tasks, limit=args.limit, data_dir=args.data_dir, device=device,
-                               progress=not args.no_progress)
+                               progress=not args.no_progress, samples=args.log_samples,
+                               backend="builtin" if args.log_samples else "auto")
         result["zeroshot"] = zs
         result["timings_s"]["zeroshot"] = round(time.perf_counter() - t0, 3)
-        for name, scores in zs.get("tasks", {}).items():
-            print(f"{name:>14s}  acc {scores['acc']:.4f}  acc_norm {scores['acc_norm']:.4f}")
+        _print_zeroshot(zs)
+    _write(args, result)
+    return 0
+
+
+def run_server(args: argparse.Namespace, tasks: list[str]) -> int:
+    """--server: reach the server and check that it scores prompts (one-line errors, before any work), load MODEL's
+    tokenizer only, then score the tasks through the server on the local path's code (`score_tasks`)."""
+    from sparsefast.eval.server import ServerScorer
+    from sparsefast.eval.zeroshot import score_tasks
+    from sparsefast.models import load_tokenizer
+
+    scorer = ServerScorer(args.server, api_key=args.api_key)
+    t0 = time.perf_counter()
+    card = scorer.connect()
+    tokenizer = load_tokenizer(args.model)
+    scorer.check(tokenizer)
+    setup_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    zs = score_tasks(scorer, tokenizer, tasks, limit=args.limit, data_dir=args.data_dir,
+                     progress=not args.no_progress, samples=args.log_samples)
+    zs["seconds"] = time.perf_counter() - t0
+    result = {"model": args.model,
+              "server": {"url": scorer.base_url, "model": card["id"], "max_model_len": scorer.max_model_len,
+                         "prompts_per_request": scorer.prompts_per_request},
+              "versions": _versions(), "timings_s": {"connect": round(setup_s, 3), "zeroshot": round(zs["seconds"], 3)},
+              "zeroshot": zs}
+    _print_zeroshot(zs)
+    _write(args, result)
+    return 0
+
+
+def _print_zeroshot(zs: dict) -> None:
+    for name, scores in zs.get("tasks", {}).items():
+        ppl = f"  perplexity {scores['perplexity']:.4f}" if scores.get("perplexity") is not None else ""
+        print(f"{name:>14s}  acc {scores['acc']:.4f}  acc_norm {scores['acc_norm']:.4f}{ppl}")
+
+
+def _write(args: argparse.Namespace, result: dict) -> None:
     if args.json is not None:
         from sparsefast.checkpoint import write_json
 
         print(f"results written to {write_json(args.json, result, overwrite=args.overwrite)}")
-    return 0

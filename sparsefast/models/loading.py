@@ -174,8 +174,7 @@ def load_model(
     if kind == "structural":
         model, tokenizer = load_structural(str(location), dtype=dtype, device=str(dev))
         if tokenizer is None:
-            raise FileNotFoundError(f"{location} has no tokenizer (tokenizer_config.json); save the source model's "
-                                    "tokenizer into it: tokenizer.save_pretrained(DIR)")
+            raise FileNotFoundError(_NO_TOKENIZER.format(location=location))
         get_adapter(model)
         return model.eval(), tokenizer
     config = load_config(name_or_path)  # None for GGUF; raises early for unsupported HF architectures
@@ -189,8 +188,7 @@ def load_model(
     try:
         model, info = transformers.AutoModelForCausalLM.from_pretrained(str(location), output_loading_info=True,
                                                                         trust_remote_code=False, **kwargs)
-        tok_kwargs = {"gguf_file": gguf_file} if gguf_file is not None else {}
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(location), trust_remote_code=False, **tok_kwargs)
+        tokenizer = _tokenizer(location, gguf_file)
     except pickle.UnpicklingError:
         # torch's weights-only unpickler refused an object: never retry with full pickle (it would run the code)
         raise ValueError(f"{location}: its pickle weights (.bin) hold objects other than tensors, which sparsefast "
@@ -204,6 +202,31 @@ def load_model(
                          f"{sorted(info['missing_keys'])[0]}); they would be random: restore the weight files")
     get_adapter(model)  # GGUF architectures are only known now
     return model.to(dev).eval(), tokenizer
+
+
+_NO_TOKENIZER = ("{location} has no tokenizer (tokenizer_config.json); save the source model's tokenizer into it: "
+                 "tokenizer.save_pretrained(DIR)")
+
+
+def _tokenizer(location: Path | str, gguf_file: str | None) -> transformers.PreTrainedTokenizerBase:
+    kwargs = {"gguf_file": gguf_file} if gguf_file is not None else {}
+    return transformers.AutoTokenizer.from_pretrained(str(location), trust_remote_code=False, **kwargs)
+
+
+def load_tokenizer(name_or_path: str = SMOLLM2_ALIAS) -> transformers.PreTrainedTokenizerBase:
+    """The tokenizer `load_model(name_or_path)` returns, without reading the weights: what a client of the served
+    model tokenizes with (`sparsefast eval --server`). The same rules: config.json's model_type is checked first, no
+    remote code. Raises FileNotFoundError (no tokenizer there) or ValueError like `load_model`."""
+    kind, location, gguf_file = resolve_model_source(name_or_path)
+    if kind in ("hf_dir", "structural"):
+        read_local_config(location)
+    if kind == "structural" and not (Path(location) / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(_NO_TOKENIZER.format(location=location))
+    try:
+        return _tokenizer(location, gguf_file)
+    except OSError as exc:
+        where = "the Hugging Face hub (offline?)" if kind == "hub" else str(location)
+        raise FileNotFoundError(f"could not load the tokenizer of {name_or_path!r} from {where}: {exc}") from exc
 
 
 def load_structural(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
