@@ -141,9 +141,10 @@ def commit_of(result: dict[str, Any]) -> str | None:
 
 
 def write_result(what: str, payload: dict[str, Any], *, device: str = "auto",
-                 out_dir: str | os.PathLike | None = None) -> list[Path]:
+                 out_dir: str | os.PathLike | None = None, overwrite: bool = True) -> list[Path]:
     """Write {"what", "metadata": run_metadata(), **payload} atomically to `result_path(what, ...)`, plus a copy
-    under $OUT when that is set and `out_dir` is not given. Returns the written paths."""
+    under $OUT when that is set and `out_dir` is not given. overwrite=False never replaces an existing result
+    (`write_json`'s exclusive publish). Returns the written paths."""
     from sparsefast.checkpoint import write_json
 
     path = result_path(what, device=device, out_dir=out_dir)
@@ -152,5 +153,5 @@ def write_result(what: str, payload: dict[str, Any], *, device: str = "auto",
     written = []
     for target in targets:
         target.parent.mkdir(parents=True, exist_ok=True)
-        written.append(write_json(target, data))
+        written.append(write_json(target, data, overwrite=overwrite))
     return written

@@ -29,6 +29,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,8 +84,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(v: Variant, *, device: str, max_batch: int, max_queue: int, log_dir: Path | None) -> None:
-    """Launch the variant's server process (nothing to launch for kind "url")."""
+def start_server(v: Variant, *, device: str, max_batch: int, max_queue: int, log_dir: Path | None,
+                 extra_args: Sequence[str] = ()) -> None:
+    """Launch the variant's server process (nothing to launch for kind "url"); `extra_args` go to `sparsefast serve`."""
     if v.kind == "url":  # a server someone else started; its model id must be the variant's name
         v.base_url, v.model_id = v.target.rstrip("/"), v.name
         return
@@ -94,7 +96,7 @@ def start_server(v: Variant, *, device: str, max_batch: int, max_queue: int, log
         v.model_id = v.name
         cmd = [sys.executable, "-m", "sparsefast", "serve", v.target, "--port", str(port), "--device", device,
                "--served-model-name", v.name, "--max-batch", str(max_batch), "--max-queue", str(max_queue),
-               "--log-level", "warning"]
+               "--log-level", "warning", *extra_args]
     else:
         exe = shutil.which("transformers") or str(Path(sys.executable).with_name("transformers"))
         v.model_id = v.target
