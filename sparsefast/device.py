@@ -62,3 +62,88 @@ def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     if key not in aliases:
         raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(DTYPE_CHOICES)}")
     return aliases[key]
+
+
+THREADS_HELP = ("CPU threads: auto (default: the cores this process may use that no other process keeps busy, and "
+                "at most the container's CPU quota) or a number")
+
+
+def parse_threads(text: str) -> int | None:
+    """--threads as typed: "auto" → None (decide with cpu_threads), else a positive int; ValueError otherwise."""
+    key = str(text).strip().lower()
+    if key == "auto":
+        return None
+    if not key.isdigit() or int(key) < 1:
+        raise ValueError(f"--threads {text!r} is not auto or a positive number of threads; "
+                         "use --threads auto or e.g. 2")
+    return int(key)
+
+
+def _cpu_times() -> dict[int, tuple[int, int]]:
+    """{cpu: (busy jiffies, total jiffies)} from /proc/stat ({} where it does not exist)."""
+    out: dict[int, tuple[int, int]] = {}
+    try:
+        lines = open("/proc/stat").read().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        name, *fields = line.split()
+        if not name.startswith("cpu") or name == "cpu":
+            continue
+        ticks = [int(f) for f in fields[:8]]  # user nice system idle iowait irq softirq steal
+        idle = ticks[3] + ticks[4]
+        out[int(name[3:])] = (sum(ticks) - idle, sum(ticks))
+    return out
+
+
+def _cgroup_cpu_quota() -> int | None:
+    """Whole CPUs the cgroup (v2 cpu.max, v1 cfs quota) allows, rounded up; None without a limit."""
+    import math
+
+    for path, split in (("/sys/fs/cgroup/cpu.max", None), ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "v1")):
+        try:
+            text = open(path).read().split()
+            if split == "v1":
+                text = [text[0], open("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read().split()[0]]
+        except (OSError, IndexError):
+            continue
+        if len(text) < 2 or text[0] in ("max", "-1"):
+            return None
+        return max(1, math.ceil(int(text[0]) / int(text[1])))
+    return None
+
+
+def free_cpu_cores(window_s: float = 0.3, busy_fraction: float = 0.5) -> int:
+    """How many threads a CPU engine should run: the cores this process may use (its affinity), less those that
+    other processes kept busy (> busy_fraction of `window_s`, from /proc/stat; call it while this process is idle,
+    i.e. before loading), and at most the cgroup's CPU quota; at least 1.
+
+    Why: every OpenMP region of a decode step waits for its slowest thread, so a thread that shares a core with a
+    busy process makes each of the step's ~200 regions wait for the scheduler to give it that core back (the
+    benchmark's busy-core run: ~20x slower per token with 2 threads on 2 cores, one of them busy)."""
+    import os
+    import time
+
+    allowed = os.sched_getaffinity(0)
+    before = _cpu_times()
+    time.sleep(window_s)
+    after = _cpu_times()
+    busy = set()
+    for cpu in allowed & before.keys() & after.keys():
+        d_busy, d_total = (a - b for a, b in zip(after[cpu], before[cpu]))
+        if d_total > 0 and d_busy / d_total > busy_fraction:
+            busy.add(cpu)
+    free = len(allowed) - len(busy)
+    quota = _cgroup_cpu_quota()
+    return max(1, min(free, quota) if quota is not None else free)
+
+
+def set_cpu_threads(threads: int | None) -> int:
+    """torch's intra-op threads for a CPU engine: `threads`, or free_cpu_cores() for None (auto). Call before the
+    model is loaded and before anything is compiled (inductor's C++ kernels keep the count they were compiled with).
+    Returns the count set."""
+    import torch
+
+    n = free_cpu_cores() if threads is None else threads
+    torch.set_num_threads(n)
+    return n

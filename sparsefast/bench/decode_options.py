@@ -141,7 +141,9 @@ def add_decode_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (random ids; default 32)")
     q.add_argument("--new-tokens", type=int, default=64, help="tokens per request, EOS ignored (default 64)")
     q.add_argument("--rounds", type=int, default=4, help="interleaved rounds (default 4)")
-    q.add_argument("--threads", type=int, default=None, help="threads of every engine (default: all cores)")
+    q.add_argument("--threads", type=int, default=None,
+                   help="threads of every engine (default: sparsefast's workers each take --threads auto, the cores "
+                        "no other process keeps busy, as serve and generate do; the peers get all cores)")
     q.add_argument("--busy-core", type=int, default=None,
                    help="a busy-loop process pinned to this core for the whole run (result name ends in -busy)")
     q.add_argument("--choice-loads", type=int, default=None,

@@ -137,7 +137,7 @@ def sparsefast_variants(cfg: DecodeBenchConfig, checkpoints: dict[str, str]) -> 
             for mode in cfg.compile_modes:
                 name = f"sparsefast {sparsity} {dtype} {'compiled' if mode == 'on' else 'eager'}"
                 argv = [sys.executable, "-m", "sparsefast.bench.decode_worker", ckpt, "--dtype", dtype,
-                        "--compile", mode, "--threads", str(cfg.engine_threads), "--max-batch",
+                        "--compile", mode, "--threads", str(cfg.threads or "auto"), "--max-batch",
                         str(cfg.concurrency), "--max-len", str(max_len), "--device", cfg.device,
                         "--sparse", "off" if sparsity == "dense-torch" else "auto"]
                 variants.append(Variant(name, argv, "sparsefast", dtype, sparsity, compiled=mode == "on"))

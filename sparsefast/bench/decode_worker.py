@@ -23,6 +23,7 @@ import time
 from typing import Any, Callable
 
 from sparsefast.bench.peer_worker import protocol_stream, serve_requests
+from sparsefast.device import THREADS_HELP, parse_threads, set_cpu_threads
 from sparsefast.serve.compiled import COMPILE_MODES
 from sparsefast.serve.engine import build_in_thread
 
@@ -43,7 +44,7 @@ def load_variant(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
     from sparsefast.nn.dense_linear import DenseCpuLinear
     from sparsefast.serve.engine import GenerationEngine
 
-    torch.set_num_threads(args.threads)
+    set_cpu_threads(parse_threads(args.threads))
     t0 = time.perf_counter()
     model, _ = load(args.checkpoint, dtype=args.dtype, device=args.device)
     loaded = time.perf_counter() - t0
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--sparse", default="auto", help="sparsify_ mode: auto (timed CPU swap), sparse24, off")
     p.add_argument("--compile", default="off", choices=COMPILE_MODES)
-    p.add_argument("--threads", type=int, required=True)
+    p.add_argument("--threads", default="auto", help=THREADS_HELP)
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-len", type=int, required=True)
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")

@@ -15,6 +15,7 @@ import time
 
 from sparsefast.cli.serve import add_engine_options
 from sparsefast.config.sparsify import SPARSE_MODES
+from sparsefast.device import parse_threads
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -58,13 +59,15 @@ def run(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop),
                             ignore_eos=args.ignore_eos).validate()
+    threads = parse_threads(args.threads)
     from sparsefast.api import load
-    from sparsefast.device import resolve_device
+    from sparsefast.device import resolve_device, set_cpu_threads
     from sparsefast.models import model_context
     from sparsefast.nn import SparsifyConfig, sparsify_, swapped_layer_names
     from sparsefast.serve.engine import GenerationEngine, build_in_thread
 
     device = resolve_device(args.device)
+    set_cpu_threads(threads)
 
     def build() -> tuple[GenerationEngine, list[int]]:
         # on a thread that exits before decoding starts (sparsefast.serve.engine.build_in_thread: why)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sparsefast.config.sparsify import SPARSE_MODES
-from sparsefast.device import DTYPE_CHOICES
+from sparsefast.device import DTYPE_CHOICES, THREADS_HELP, parse_threads
 from sparsefast.serve.compiled import COMPILE_MODES
 
 if TYPE_CHECKING:  # the serve stack (fastapi, torch) is imported in run(): `sparsefast --help` stays light
@@ -58,7 +58,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def add_engine_options(p: argparse.ArgumentParser) -> None:
-    """--dtype and --compile, the engine settings `serve` and `generate` share."""
+    """--dtype, --compile and --threads, the engine settings `serve` and `generate` share."""
+    p.add_argument("--threads", default="auto", help=THREADS_HELP + " (set before the model loads)")
     p.add_argument("--dtype", default="auto", choices=(*DTYPE_CHOICES, "bf16", "fp32"),
                    help="weights and activations: auto (the checkpoint's; float32 on CPU for half types), float32, "
                         "bfloat16 / bf16 (half the weight bytes per token), float16")
@@ -80,6 +81,7 @@ def check_args(args: argparse.Namespace) -> str | None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    parse_threads(args.threads)
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError("--api-key is empty; give a non-empty key or leave it out")
     from sparsefast.models import resolve_model_source
@@ -121,6 +123,10 @@ def run(args: argparse.Namespace) -> int:
     template = check_args(args)
     import uvicorn
 
+    from sparsefast.device import set_cpu_threads
+
+    threads = set_cpu_threads(parse_threads(args.threads))  # before the loader thread and the server start
+
     from sparsefast.serve.app import ServerConfig, create_app
 
     config = ServerConfig(model_name=args.served_model_name or args.model, api_key=args.api_key,
@@ -136,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
 
     app = create_app(build_loader(args), config, on_load_error=stop_on_load_error)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("sparsefast.serve").info("CPU threads: %d (--threads %s)", threads, args.threads)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=5))
     server.run()
