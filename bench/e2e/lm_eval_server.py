@@ -204,6 +204,7 @@ def hf_checkpoint(model: str, hf_dir: str | None, work_dir: Path) -> Path:
         return Path(hf_dir).resolve()
     import torch
 
+    from sparsefast.checkpoint import save_checkpoint
     from sparsefast.models import load_model, resolve_model_source
 
     kind, location, _ = resolve_model_source(model)
@@ -212,8 +213,7 @@ def hf_checkpoint(model: str, hf_dir: str | None, work_dir: Path) -> Path:
     out = work_dir / "hf"
     if not (out / "config.json").is_file():
         m, tok = load_model(model, dtype=torch.float32)
-        m.save_pretrained(out)
-        tok.save_pretrained(out)
+        save_checkpoint(m, tok, out)  # a GGUF-dequantized model is saved as the plain float checkpoint it is
     return out
 
 
