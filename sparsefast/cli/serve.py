@@ -35,6 +35,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("model", help="smollm2, a checkpoint dir (dense, mask-pruned or structural), a .gguf or a hub id")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--allowed-origins", type=_origins, default=(), metavar="ORIGINS",
+                   help="comma list of browser origins allowed to call the server (CORS), e.g. "
+                        "http://localhost:3000, or * for any (default: none, no CORS headers)")
     p.add_argument("--api-key", default=os.environ.get("SPARSEFAST_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $SPARSEFAST_API_KEY, else none)")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: MODEL as given)")
@@ -55,6 +58,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=run)
     return p
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    """--allowed-origins: "*" or origins as browsers send them (scheme://host[:port], no path)."""
+    from urllib.parse import urlsplit
+
+    origins = tuple(o.strip().rstrip("/") for o in text.split(",") if o.strip())
+    for origin in origins:
+        parts = urlsplit(origin)
+        if origin != "*" and (parts.scheme not in ("http", "https") or not parts.netloc or parts.path):
+            raise argparse.ArgumentTypeError(f"{origin!r} is not an origin; give scheme://host[:port] (e.g. "
+                                             "http://localhost:3000) or *")
+    return origins
 
 
 def add_engine_options(p: argparse.ArgumentParser) -> None:
@@ -131,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = ServerConfig(model_name=args.served_model_name or args.model, api_key=args.api_key,
                           max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
-                          chat_template=template)
+                          chat_template=template, allowed_origins=args.allowed_origins)
     failure: list[BaseException] = []
     server: uvicorn.Server | None = None
 

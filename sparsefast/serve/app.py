@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
 from sparsefast.serve.engine_client import EngineClient
 from sparsefast.serve.errors import RequestGuard, install_error_handlers
@@ -58,6 +59,9 @@ def create_app(load: Loader, config: ServerConfig, *,
 
     app = FastAPI(title="sparsefast", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
+    if config.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials=False)
     app.include_router(router)
     app.include_router(openai_router)
     install_error_handlers(app)

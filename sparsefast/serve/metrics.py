@@ -2,8 +2,8 @@
 
 Names follow vLLM's `vllm:` metrics in spirit, under the `sparsefast:` prefix:
   sparsefast:requests_total{endpoint, status}    counter, one per finished HTTP request to /v1/*
-  sparsefast:prompt_tokens_total                 counter
-  sparsefast:generation_tokens_total             counter
+  sparsefast:prompt_tokens_total                 counter (every request, also cancelled or failed ones)
+  sparsefast:generation_tokens_total             counter (every request, also cancelled or failed ones)
   sparsefast:time_to_first_token_seconds         histogram: submit -> first generated token
   sparsefast:time_per_output_token_seconds       histogram, one sample per request: (last - first) / (n - 1)
   sparsefast:e2e_request_latency_seconds         histogram: submit -> last event
@@ -58,13 +58,18 @@ class ServerMetrics:
     def observe_request(self, *, submitted: float, first_token: float | None, last_event: float, prompt_tokens: int,
                         completion_tokens: int) -> None:
         """Record one finished generation. Times are time.perf_counter() values from the engine's events."""
-        self.prompt_tokens.inc(prompt_tokens)
-        self.generation_tokens.inc(completion_tokens)
+        self.count_tokens(prompt_tokens, completion_tokens)
         self.e2e.observe(max(0.0, last_event - submitted))
         if first_token is not None:
             self.ttft.observe(max(0.0, first_token - submitted))
             if completion_tokens > 1:
                 self.tpot.observe(max(0.0, (last_event - first_token) / (completion_tokens - 1)))
+
+    def count_tokens(self, prompt_tokens: int, completion_tokens: int) -> None:
+        """Tokens processed for a request, however it ended (observe_request for the ones that finished normally;
+        a cancelled or failed request's tokens were computed too)."""
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(completion_tokens)
 
     def count_request(self, endpoint: str, status: int) -> None:
         self.requests.labels(endpoint=endpoint, status=str(status)).inc()

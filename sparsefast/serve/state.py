@@ -24,12 +24,15 @@ class ServerConfig:
     max_tokens_limit: upper bound on a request's max_tokens (None: only the context bounds it).
     max_body_bytes: request bodies larger than this get 413.
     chat_template: a Jinja chat template overriding the tokenizer's (needed for tokenizers without one).
+    allowed_origins: browser origins (scheme://host[:port], or "*") allowed to call the server cross-origin (CORS,
+        Starlette's CORSMiddleware: preflights answered, no credentials); empty: no CORS headers (the default).
     """
     model_name: str
     api_key: str | None = None
     max_tokens_limit: int | None = None
     max_body_bytes: int = 1 << 20
     chat_template: str | None = None
+    allowed_origins: tuple[str, ...] = ()
 
 
 class ServerState:

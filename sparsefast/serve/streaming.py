@@ -10,7 +10,8 @@ then `[DONE]`.
 
 Both paths watch for the client's `http.disconnect` while they wait for the engine, and cancel the request however
 they end, so a client that goes away frees its batch slot at the next engine step. Both feed the metrics (time to
-first token, time per output token, latency, token counts) for requests that end normally.
+first token, time per output token, latency) for requests that end normally, and the token counts of every request
+however it ends.
 """
 
 from __future__ import annotations
@@ -49,15 +50,24 @@ class _MetricsTracker:
         self.stream, self.metrics = stream, metrics
         self.first: float | None = None
         self.last: TokenEvent | None = None
+        self.observed = False
 
     def see(self, event: TokenEvent) -> None:
         if self.first is None and event.token_ids:
             self.first = event.time
         self.last = event
         if event.finish_reason is not None and event.finish_reason not in ("cancelled", "error"):
+            self.observed = True
             self.metrics.observe_request(submitted=self.stream.submitted, first_token=self.first,
                                          last_event=event.time, prompt_tokens=event.prompt_tokens,
                                          completion_tokens=event.completion_tokens)
+
+    def close(self) -> None:
+        """The request is over: a request that did not finish normally (client gone, cancelled, failed) still
+        counts the tokens its last event reports."""
+        if not self.observed and self.last is not None:
+            self.observed = True
+            self.metrics.count_tokens(self.last.prompt_tokens, self.last.completion_tokens)
 
 
 def _abnormal_end(event: TokenEvent) -> APIError:
@@ -92,6 +102,7 @@ async def collect(request: Request, stream: TokenStream, metrics: ServerMetrics)
             tg.cancel_scope.cancel()
     finally:
         stream.cancel()  # idempotent; frees the slot when the client went away
+        tracker.close()
     last = tracker.last
     if last is None:  # the client disconnected before any event: nobody reads this answer
         raise APIError(503, "client disconnected before the first token", code="cancelled")
@@ -182,6 +193,7 @@ class EventStream(Response):
             pass
         finally:
             self.stream.cancel()
+            self.tracker.close()
 
     async def _pump(self, send: Callable) -> None:
         async for event, chunk in self.chunks:

@@ -39,3 +39,38 @@ def test_metrics_parse_and_count_what_was_served(served, client):
         assert value(after, hist, hist + "_count") == value(before, hist, hist + "_count") + 1
     assert value(after, "sparsefast:num_requests_running", "sparsefast:num_requests_running") == 0
     assert value(after, "sparsefast:num_requests_waiting", "sparsefast:num_requests_waiting") == 0
+
+
+def test_failed_and_abandoned_requests_count_their_tokens(tokenizer):
+    """A request the engine fails after 3 tokens (500) and a streamed one the client drops after 2 chunks still add
+    the tokens they used to the token counters; neither adds a latency sample."""
+    import time
+
+    from tests.serve.scripted_engine import ScriptedEngine
+    from tests.serve.server_helpers import SCRIPTED_MODEL, serve_scripted
+
+    def scrape(base: str) -> dict[str, float]:
+        text = httpx.get(base + "/metrics").text
+        return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
+
+    gen, prompt = "sparsefast:generation_tokens_total", "sparsefast:prompt_tokens_total"
+    ttft = "sparsefast:time_to_first_token_seconds_count"
+    ids = tokenizer("Once upon a time")["input_ids"]
+    with serve_scripted(ScriptedEngine(fail_after=3), tokenizer) as base:
+        r = httpx.post(base + "/v1/completions", json={"model": SCRIPTED_MODEL, "prompt": ids, "max_tokens": 10})
+        assert r.status_code == 500
+        after = scrape(base)
+        assert after[gen] == 3 and after[prompt] == len(ids) and after.get(ttft, 0) == 0
+    with serve_scripted(ScriptedEngine(step_s=0.05), tokenizer) as base:
+        body = {"model": SCRIPTED_MODEL, "prompt": ids, "max_tokens": 50, "stream": True}
+        with httpx.stream("POST", base + "/v1/completions", json=body) as s:
+            chunks = 0
+            for line in s.iter_lines():
+                chunks += line.startswith("data: {")
+                if chunks == 2:
+                    break
+        deadline = time.monotonic() + 10
+        while scrape(base).get(gen, 0) == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        after = scrape(base)
+        assert 2 <= after[gen] < 50 and after[prompt] == len(ids) and after.get(ttft, 0) == 0

@@ -196,3 +196,33 @@ def test_chat_without_a_template_is_400(tokenizer):
             scripted_client(base).chat.completions.create(model=SCRIPTED_MODEL,
                                                           messages=[{"role": "user", "content": "hi"}])
         assert err.value.body["code"] == "no_chat_template" and "--chat-template" in err.value.body["message"]
+
+
+def test_cors_only_for_the_allowed_origins(tokenizer):
+    """--allowed-origins: the preflight and the response carry the origin for an allowed one, nothing for another;
+    without the option no CORS headers at all."""
+    origin = "http://localhost:3000"
+    preflight = {"Origin": origin, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    with serve_scripted(ScriptedEngine(), tokenizer, allowed_origins=(origin,)) as base:
+        pre = httpx.options(base + "/v1/completions", headers=preflight)
+        assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == origin
+        assert "POST" in pre.headers["access-control-allow-methods"]
+        got = httpx.get(base + "/v1/models", headers={"Origin": origin})
+        assert got.status_code == 200 and got.headers["access-control-allow-origin"] == origin
+        other = httpx.get(base + "/v1/models", headers={"Origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+    with serve_scripted(ScriptedEngine(), tokenizer) as base:
+        got = httpx.get(base + "/v1/models", headers={"Origin": origin})
+        assert got.status_code == 200 and "access-control-allow-origin" not in got.headers
+
+
+def test_allowed_origins_flag_is_checked():
+    from sparsefast.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["serve", "m", "--allowed-origins", "http://localhost:3000, https://app.example/"])
+    assert args.allowed_origins == ("http://localhost:3000", "https://app.example")
+    assert parser.parse_args(["serve", "m", "--allowed-origins", "*"]).allowed_origins == ("*",)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "m", "--allowed-origins", "localhost:3000/app"])
