@@ -74,3 +74,18 @@ def test_failed_and_abandoned_requests_count_their_tokens(tokenizer):
             time.sleep(0.05)
         after = scrape(base)
         assert 2 <= after[gen] < 50 and after[prompt] == len(ids) and after.get(ttft, 0) == 0
+
+
+def test_request_counter_is_labelled_by_route_template(tokenizer):
+    """Paths a client makes up do not add series: unknown /v1 paths are not counted, model ids share the template."""
+    from tests.serve.scripted_engine import ScriptedEngine
+    from tests.serve.server_helpers import serve_scripted
+
+    with serve_scripted(ScriptedEngine(), tokenizer) as base:
+        for path in ("/v1/nope/1", "/v1/nope/2", "/v1/models/a", "/v1/models/b", "/v1/models"):
+            httpx.get(base + path)
+        text = httpx.get(base + "/metrics").text
+    counts = {tuple(sorted(s.labels.items())): s.value for f in text_string_to_metric_families(text)
+              for s in f.samples if s.name == "sparsefast:requests_total"}
+    assert counts == {(("endpoint", "/v1/models/{model_id:path}"), ("status", "404")): 2,
+                      (("endpoint", "/v1/models"), ("status", "200")): 1}
