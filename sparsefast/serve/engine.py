@@ -26,8 +26,10 @@ without another process busy on a core: bench/results/*-cpu-decode-smollm2.json 
 2-core Xeon, ad-hoc): the linears are about two thirds of it, run by sparsefast's kernels (the dense GEMV of
 sparsefast.ops.dense_cpu for dense layers and the head: torch's bf16 matmul read weights at half the rate), then
 single-token attention (SDPA, ~12%) and the fused glue (norms, rotary, residuals); every region is an OpenMP parallel
-region, so the engine must be built where its step is the process's only OpenMP user (`build_in_thread`), and a
-process busy on another core costs a wake-up per region (the benchmark's busy-core run).
+region, so the engine must be built where its step is the process's only OpenMP user (`build_in_thread`), and must
+not run a thread on a core another process keeps busy: each region would wait for that thread's turn on the core
+(the benchmark's busy-core run: ~0.5 s per token with 2 threads on 2 cores, one busy; 42.6 ms with the 1 thread
+that `--threads auto`, sparsefast.device.free_cpu_cores, chose).
 """
 
 from __future__ import annotations
