@@ -52,7 +52,7 @@ from sparsefast.serve.engine_client import EngineClient, EngineClosedError, Queu
 from sparsefast.serve.kv_cache import SlotAllocator
 from sparsefast.serve.logprobs import TokenLogprob, position_logprobs, prompt_logprobs
 from sparsefast.serve.runner import make_runner
-from sparsefast.serve.sampling import SamplingParams, make_generator, sample_next
+from sparsefast.serve.sampling import SamplingParams, adjust_logits, make_generator, sample_next
 
 __all__ = ["EngineClosedError", "GenerationEngine", "QueueFullError", "RequestStream", "SamplingParams", "TokenEvent",
            "build_in_thread"]
@@ -235,6 +235,9 @@ class GenerationEngine(EngineClient):
         bad = [i for i in prompt if not 0 <= i < self.vocab_size]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        bad = [t for t, _ in params.logit_bias if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
         if len(prompt) + params.max_tokens > self.max_model_len:
             raise ValueError(f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} exceeds "
                              f"max_model_len {self.max_model_len}; shorten the prompt or lower max_tokens")
@@ -333,7 +336,8 @@ class GenerationEngine(EngineClient):
         ...) fails `req` alone, with an "error" event, and the other requests of the batch go on; a failed forward
         is the only thing that fails a whole batch (`_loop`)."""
         try:
-            token = sample_next(logits, req.params, req.generator)
+            scores = adjust_logits(logits, req.params, req.prompt, req.output, self.eos_ids)
+            token = sample_next(scores, req.params, req.generator)
             k = req.params.logprobs
             self._accept(req, token, () if k is None else tuple(position_logprobs(logits[None], [token], k)))
         except Exception:

@@ -1,10 +1,10 @@
 """Request and response bodies of the OpenAI-compatible API (pydantic v2).
 
 Field names and defaults follow OpenAI's /v1/completions and /v1/chat/completions (vLLM's
-`entrypoints/openai/protocol.py` is the field's reference), plus vLLM's sampling extensions `top_k` and `ignore_eos`.
-Fields OpenAI defines but this server does not implement (n > 1, penalties, logit_bias, tools, tool_choice,
-response_format, best_of, suffix, echo with stream) are accepted only at their "off" value and rejected otherwise
-with a 400 that names the field, instead of being silently ignored.
+`entrypoints/openai/protocol.py` is the field's reference), plus vLLM's sampling extensions `top_k`, `ignore_eos`,
+`repetition_penalty` and `min_tokens`. Fields OpenAI defines but this server does not implement (n > 1, tools,
+tool_choice, response_format, best_of, suffix, echo with stream) are accepted only at their "off" value and rejected
+otherwise with a 400 that names the field, instead of being silently ignored.
 Unknown fields are ignored, as OpenAI's SDK sends extras through `extra_body`.
 
 Requests are strict where OpenAI's API is: pydantic's strict mode (no "16" or true for an integer, no "yes" for a
@@ -23,7 +23,13 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from sparsefast.serve.logprobs import MAX_LOGPROBS
-from sparsefast.serve.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TEMPERATURE, invalid_unicode
+from sparsefast.serve.sampling import (
+    MAX_REPETITION_PENALTY,
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_TEMPERATURE,
+    invalid_unicode,
+)
 
 
 def _valid_unicode(text: str) -> str:
@@ -78,22 +84,32 @@ class GenerationRequest(BaseModel):
     n: int = Field(1, ge=1)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
-    logit_bias: dict[str, float] | None = None
+    repetition_penalty: float = Field(1.0, gt=0.0, le=MAX_REPETITION_PENALTY, allow_inf_nan=False,
+                                      description="vLLM extension: CTRL's penalty over prompt + output; 1 = off")
+    min_tokens: int = Field(0, ge=0, description="vLLM extension: no EOS before this many tokens")
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]] | None = None
     response_format: dict[str, Any] | None = None
     user: str | None = None
 
     @model_validator(mode="after")
     def _reject_unimplemented(self) -> "GenerationRequest":
         # an accepted-but-ignored option would return something other than what the client asked for
-        unsupported = {"n": self.n != 1, "presence_penalty": self.presence_penalty != 0.0,
-                       "frequency_penalty": self.frequency_penalty != 0.0, "logit_bias": bool(self.logit_bias),
-                       "response_format": self.response_format not in (None, {"type": "text"})}
+        unsupported = {"n": self.n != 1, "response_format": self.response_format not in (None, {"type": "text"})}
         for name, bad in unsupported.items():
             if bad:
                 raise ValueError(f"{name}: not supported by this server; leave it at its default")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options: only allowed together with stream=true")
         return self
+
+    def logit_bias_ids(self) -> tuple[tuple[int, float], ...]:
+        """logit_bias as (token id, bias) pairs; its keys are token ids written as strings (OpenAI's shape)."""
+        pairs = []
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.strip().isdigit():
+                raise ValueError(f"logit_bias: keys must be token ids as strings (e.g. \"50256\"), got {key!r}")
+            pairs.append((int(key), float(bias)))
+        return tuple(sorted(pairs))
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:

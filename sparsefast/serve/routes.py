@@ -238,6 +238,9 @@ def _params(engine: EngineClient, config: ServerConfig, prompt_ids: list[int], b
     try:
         return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                               top_k=body.top_k, seed=body.seed, stop=body.stop_strings(), ignore_eos=body.ignore_eos,
-                              logprobs=logprobs, prompt_logprobs=prompt_logprobs).validate()
+                              logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                              presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                              repetition_penalty=body.repetition_penalty, min_tokens=body.min_tokens,
+                              logit_bias=body.logit_bias_ids()).validate()
     except ValueError as exc:
         raise APIError.bad_value(exc) from exc

@@ -8,8 +8,12 @@ the scores are shifted so the most likely token scores 0 before they are divided
 most likely token. The engine still runs sampling per request (sparsefast.serve.engine): a failure here, e.g. from
 NaN logits, fails that request alone.
 
-`warp_logits` is the one per-request logits-processing step: a new rule that reshapes the distribution (penalties,
-logit bias, ...) goes there, before the temperature, as in HF's LogitsProcessorList.
+`adjust_logits` applies the rules that change the scores themselves, before greedy or sampled choice (OpenAI's
+and vLLM's order: they apply to greedy requests too): `logit_bias`, the repetition penalty over prompt + output
+(CTRL, Keskar et al. 2019: a positive logit divided by it, a negative one multiplied; vLLM's and HF's rule), the
+frequency and presence penalties over the output (OpenAI's definition: logit - count * frequency - (count > 0) *
+presence), and `min_tokens` (EOS is -inf until that many tokens were generated). `warp_logits` then shapes the
+distribution (temperature, top-k, top-p). Reported logprobs are the model's raw ones, before both.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ MAX_STOP_STRINGS = 4  # OpenAI's limit
 # ours (OpenAI states none): with MAX_STOP_STRINGS it bounds the stop check of one decode step
 # (sparsefast.serve.detokenize: a search of at most this many characters plus the step's new text per stop string)
 MAX_STOP_CHARS = 256
+MAX_REPETITION_PENALTY = 2.0  # ours: above it the rule mostly forbids every seen token
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,11 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
 
     def validate(self) -> SamplingParams:
         """Return self, or raise ValueError("<field>: <problem>; <fix>") for the first bad field."""
@@ -70,7 +80,30 @@ class SamplingParams:
         _check_stop(self.stop)
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos: must be true or false, got {self.ignore_eos!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            _check_finite(name, getattr(self, name))
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name}: must be in [-2, 2], got {getattr(self, name)!r}; 0 turns it off")
+        _check_finite("repetition_penalty", self.repetition_penalty)
+        if not 0.0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise ValueError(f"repetition_penalty: must be in (0, {MAX_REPETITION_PENALTY:g}], got "
+                             f"{self.repetition_penalty!r}; 1 turns it off")
+        for token, bias in self.logit_bias:
+            if not _is_int(token) or token < 0:
+                raise ValueError(f"logit_bias: keys must be token ids >= 0, got {token!r}")
+            _check_finite("logit_bias", bias)
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias: biases must be in [-100, 100], got {bias!r} for token {token}")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens: must be an integer in [0, max_tokens={self.max_tokens}], got "
+                             f"{self.min_tokens!r}")
         return self
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether `adjust_logits` changes anything for this request (else the engine skips it)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.min_tokens)
 
     @property
     def greedy(self) -> bool:
@@ -116,6 +149,34 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     if params.seed is None or params.greedy:
         return None
     return torch.Generator(device=device).manual_seed(params.seed)
+
+
+def adjust_logits(logits: torch.Tensor, params: SamplingParams, prompt: list[int], output: list[int],
+                  eos_ids: frozenset[int] | set[int]) -> torch.Tensor:
+    """float32 scores [vocab] from one row of logits [vocab] after logit_bias, the repetition penalty (prompt +
+    output), the frequency / presence penalties (output) and min_tokens (module docstring); the logits as float32
+    when the request sets none of them."""
+    scores = logits.float()
+    if not params.adjusts_logits:
+        return scores
+    scores = scores.clone()
+    vocab = scores.numel()
+    if params.logit_bias:
+        ids = torch.tensor([t for t, _ in params.logit_bias], device=scores.device)
+        if int(ids.max()) >= vocab:
+            raise ValueError(f"logit_bias: token id {int(ids.max())} is outside the vocabulary [0, {vocab})")
+        scores.index_add_(0, ids, torch.tensor([b for _, b in params.logit_bias], device=scores.device))
+    if params.repetition_penalty != 1.0 and (prompt or output):
+        seen = torch.unique(torch.tensor(prompt + output, device=scores.device))
+        vals = scores[seen]
+        p = float(params.repetition_penalty)
+        scores[seen] = torch.where(vals > 0, vals / p, vals * p)
+    if (params.frequency_penalty or params.presence_penalty) and output:
+        counts = torch.bincount(torch.tensor(output, device=scores.device), minlength=vocab)[:vocab].float()
+        scores -= counts * float(params.frequency_penalty) + (counts > 0).float() * float(params.presence_penalty)
+    if len(output) < params.min_tokens and not params.ignore_eos and eos_ids:
+        scores[[t for t in eos_ids if t < vocab]] = float("-inf")
+    return scores
 
 
 def warp_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
