@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 
@@ -69,14 +70,42 @@ at::Tensor output_like(const at::Tensor& x, int64_t out_features) {
 // the main thread and decodes from another), libgomp throttles its spin-waiting and each call pays a worker wake-up:
 // 55-63 ms. A pool of our own that keeps spinning whichever thread calls fixed that case (31-38 ms) but made the
 // server 10x slower: its workers and torch's OpenMP workers then spun against each other on the two cores.
+// A bf16 x with no padding (every bf16 decode step's call) is widened into, and y computed in, this thread's fp32
+// scratch; y is then rounded to bf16 (round to nearest even, as Tensor.to) by the threads that computed its rows: no
+// conversion op per call (two dispatched .to() calls per linear were a measurable part of a bf16 decode step).
+std::vector<float>& scratch(int which, size_t n) {
+  thread_local std::vector<float> buffers[2];
+  if (buffers[which].size() < n) buffers[which].resize(n);
+  return buffers[which];
+}
+
 template <typename Weight, typename Kernel>
 at::Tensor run_tiles(const at::Tensor& x, const Weight& w, int64_t in_features, int64_t tiles,
                      const std::optional<at::Tensor>& bias, int64_t isa, Kernel kernel) {
   constexpr int64_t kGrain = 2;  // tiles (16 rows) per thread at least
-  const at::Tensor xf = padded_input(x, in_features, w.kp), bf = float_bias(bias, w.n);
+  const at::Tensor bf = float_bias(bias, w.n);
+  const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
+  if (x.scalar_type() == at::kBFloat16 && in_features == w.kp && x.is_contiguous()) {
+    const int64_t m = x.numel() / in_features, n = w.n;
+    float* xp = scratch(0, m * in_features).data();
+    const c10::BFloat16* xb = x.data_ptr<c10::BFloat16>();
+    for (int64_t i = 0; i < m * in_features; ++i) xp[i] = static_cast<float>(xb[i]);
+    float* yf = scratch(1, m * n).data();
+    std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
+    sizes.back() = n;
+    at::Tensor y = at::empty(sizes, x.options());
+    c10::BFloat16* yb = y.data_ptr<c10::BFloat16>();
+    at::parallel_for(0, tiles, kGrain, [&](int64_t t0, int64_t t1) {
+      kernel(w, xp, m, bp, yf, t0, t1, static_cast<int>(isa));
+      const int64_t r0 = t0 * kTileRows, r1 = std::min(n, t1 * kTileRows);
+      for (int64_t row = 0; row < m; ++row)
+        for (int64_t c = r0; c < r1; ++c) yb[row * n + c] = c10::BFloat16(yf[row * n + c]);
+    });
+    return y;
+  }
+  const at::Tensor xf = padded_input(x, in_features, w.kp);
   at::Tensor y = output_like(x, w.n);
   const float* xp = xf.data_ptr<float>();
-  const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   const int64_t m = xf.size(0);
   at::parallel_for(0, tiles, kGrain, [&](int64_t t0, int64_t t1) {
