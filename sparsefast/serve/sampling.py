@@ -154,12 +154,11 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
 def adjust_logits(logits: torch.Tensor, params: SamplingParams, prompt: list[int], output: list[int],
                   eos_ids: frozenset[int] | set[int]) -> torch.Tensor:
     """float32 scores [vocab] from one row of logits [vocab] after logit_bias, the repetition penalty (prompt +
-    output), the frequency / presence penalties (output) and min_tokens (module docstring); the logits as float32
-    when the request sets none of them."""
-    scores = logits.float()
+    output), the frequency / presence penalties (output) and min_tokens (module docstring); `logits` itself, not
+    converted, when the request sets none of them (the hot path: every plain request's every token)."""
     if not params.adjusts_logits:
-        return scores
-    scores = scores.clone()
+        return logits
+    scores = logits.float().clone()
     vocab = scores.numel()
     if params.logit_bias:
         ids = torch.tensor([t for t, _ in params.logit_bias], device=scores.device)
