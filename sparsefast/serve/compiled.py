@@ -76,8 +76,8 @@ def check_compile_mode(mode: str) -> str:
 
 
 class CompiledRunner:
-    """A `LlamaBatchRunner` (built with spare_row=True when max_batch > 1) whose decode runs the compiled step; prefill
-    and release are the runner's own.
+    """A `LlamaBatchRunner` (built with spare_row=True when max_batch > 1) whose decode runs the compiled step; prefill,
+    release and copy_slot are the runner's own.
 
     Args: runner; max_batch: its slot count (the largest bucket); max_len: positions per slot. Construction compiles
     every bucket (raises what torch.compile raised; the engine decides whether that falls back to eager).
@@ -111,6 +111,9 @@ class CompiledRunner:
 
     def release(self, slot: int) -> None:
         self.runner.release(slot)
+
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        self.runner.copy_slot(src, dst, length)
 
     @property
     def cache(self):

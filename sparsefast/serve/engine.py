@@ -141,6 +141,7 @@ class _Request:
         self.slot = -1
         self.done = False
         self.prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # sent with the first event
+        self.matcher = params.grammar.matcher() if params.grammar is not None else None  # structured output
 
     @property
     def position(self) -> int:
@@ -190,7 +191,8 @@ class GenerationEngine(EngineClient):
         self.runner = make_runner(model, max_batch, max_model_len, self.device, runner, compile)
         self.compile_seconds: dict[int, float] = dict(getattr(self.runner, "compile_seconds", {}))
         self._slots = SlotAllocator(max_batch)
-        self._waiting: collections.deque[_Request] = collections.deque()
+        # each entry: the samples of one prompt (n of them), admitted together and prefilled once
+        self._waiting: collections.deque[list[_Request]] = collections.deque()
         self._running: list[_Request] = []
         self._cond = threading.Condition()
         self._closed = False
@@ -200,7 +202,7 @@ class GenerationEngine(EngineClient):
     # ---- public API --------------------------------------------------------------------------------------------
     @property
     def queue_depth(self) -> int:
-        return len(self._waiting)
+        return sum(map(len, list(self._waiting)))
 
     @property
     def running(self) -> int:
@@ -228,30 +230,46 @@ class GenerationEngine(EngineClient):
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
         """Queue one request. Raises ValueError (bad prompt/params), QueueFullError, EngineClosedError."""
-        params = params.validate()
+        return self.submit_samples(prompt_ids, [params])[0]
+
+    def submit_samples(self, prompt_ids: list[int], params: list[SamplingParams]) -> list[RequestStream]:
+        """Queue len(params) samples of one prompt (OpenAI's `n`), one stream each: they are admitted together,
+        the prompt is prefilled once and its keys and values copied to the other samples' slots. Raises as
+        `submit`, and ValueError when there are more samples than batch slots."""
+        if not params:
+            raise ValueError("n: at least one sample is needed")
+        if len(params) > self.max_batch:
+            raise ValueError(f"n: {len(params)} samples exceed this server's batch of {self.max_batch} (they decode "
+                             f"together); ask for n <= {self.max_batch}")
+        params = [p.validate() for p in params]
         prompt = [int(i) for i in prompt_ids]
         if not prompt:
             raise ValueError("prompt is empty; pass at least one token id")
         bad = [i for i in prompt if not 0 <= i < self.vocab_size]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
-        bad = [t for t, _ in params.logit_bias if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"logit_bias: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
-        if len(prompt) + params.max_tokens > self.max_model_len:
-            raise ValueError(f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} exceeds "
-                             f"max_model_len {self.max_model_len}; shorten the prompt or lower max_tokens")
-        stream = RequestStream(f"req-{next(self._ids)}")
-        stream._engine_wakeup = self._wakeup
+        for p in params:
+            bad = [t for t, _ in p.logit_bias if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"logit_bias: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+            if len(prompt) + p.max_tokens > self.max_model_len:
+                raise ValueError(f"prompt of {len(prompt)} tokens + max_tokens {p.max_tokens} exceeds "
+                                 f"max_model_len {self.max_model_len}; shorten the prompt or lower max_tokens")
+        group = []
+        for p in params:
+            stream = RequestStream(f"req-{next(self._ids)}")
+            stream._engine_wakeup = self._wakeup
+            group.append(_Request(stream, prompt, p, self.tokenizer, self.device))
         with self._cond:
             if self._closed:
                 raise EngineClosedError("the engine was shut down; create a new GenerationEngine")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFullError(f"{len(self._waiting)} requests are already waiting (max_queue "
-                                     f"{self.max_queue}); retry later")
-            self._waiting.append(_Request(stream, prompt, params, self.tokenizer, self.device))
+            waiting = self.queue_depth
+            if waiting + len(group) > self.max_queue:
+                raise QueueFullError(f"{waiting} requests are already waiting (max_queue {self.max_queue}); "
+                                     "retry later")
+            self._waiting.append(group)
             self._cond.notify_all()
-        return stream
+        return [req.stream for req in group]
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
         """Submit and block until done; the generated token ids (EOS included when it ended the request)."""
@@ -277,11 +295,15 @@ class GenerationEngine(EngineClient):
                         self._cond.wait()
                     if self._closed:
                         break
-                    dropped = [r for r in self._waiting if r.stream.cancelled]  # leave the queue without a slot
-                    for req in dropped:
-                        self._waiting.remove(req)
-                    admitted = []
-                    while self._waiting and len(self._running) + len(admitted) < self.max_batch:
+                    # cancelled requests leave the queue without a slot
+                    dropped = [r for group in self._waiting for r in group if r.stream.cancelled]
+                    if dropped:
+                        groups = ([r for r in g if not r.stream.cancelled] for g in self._waiting)
+                        self._waiting = collections.deque(g for g in groups if g)
+                    admitted: list[list[_Request]] = []  # whole groups: the samples of a prompt start together
+                    free = self.max_batch - len(self._running)
+                    while self._waiting and len(self._waiting[0]) <= free:
+                        free -= len(self._waiting[0])
                         admitted.append(self._waiting.popleft())
                 for req in dropped:
                     self._finish(req, "cancelled")
@@ -289,38 +311,33 @@ class GenerationEngine(EngineClient):
                     self._step(admitted)
                 except Exception:  # a failed forward must not kill the server: fail this batch, keep serving
                     log.exception("generation step failed")
-                    for req in dict.fromkeys(admitted + self._running):
+                    for req in dict.fromkeys([r for g in admitted for r in g] + self._running):
                         self._finish(req, "error")
         self._finish_all("cancelled")
 
-    def _step(self, admitted: list[_Request]) -> None:
+    def _step(self, admitted: list[list[_Request]]) -> None:
         for req in [r for r in self._running if r.stream.cancelled]:
             self._finish(req, "cancelled")
-        fresh = []
-        for req in admitted:
-            if req.stream.cancelled:
-                self._finish(req, "cancelled")
-                continue
-            req.slot = self._slots.acquire()
-            self._running.append(req)
-            fresh.append(req)
-        for group in _prefill_groups(fresh):
+        samples: dict[_Request, list[_Request]] = {}  # the first live sample of each prompt -> all its samples
+        for group in admitted:
+            live = []
+            for req in group:
+                if req.stream.cancelled:
+                    self._finish(req, "cancelled")
+                    continue
+                req.slot = self._slots.acquire()
+                self._running.append(req)
+                live.append(req)
+            if live:
+                samples[live[0]] = live
+        for group in _prefill_groups(list(samples)):
             scoring = group[0].params.prompt_logprobs is not None  # such a request is prefilled alone
             logits = self.runner.prefill([r.slot for r in group], [r.prompt for r in group], all_positions=scoring)
-            if scoring:
-                req = group[0]
-                self._score_prompt(req, logits[0])
-                if req.done:  # scoring failed: already ended with "error"
-                    continue
-                if req.params.max_tokens == 0:
-                    self._end_scored(req)
-                else:
-                    self._advance(req, logits[0][-1])
-                continue
-            for req, row in zip(group, logits):
-                self._advance(req, row)
+            for leader, row in zip(group, logits):
+                self._start_samples(samples[leader], row, scoring)
         # the requests admitted above already produced this step's token
-        batch = [r for r in self._running if r not in admitted]
+        fresh = {r for group in admitted for r in group}
+        batch = [r for r in self._running if r not in fresh]
         if not batch:
             return
         batch.sort(key=lambda r: r.slot)  # contiguous slots → the attention reads cache views
@@ -329,15 +346,46 @@ class GenerationEngine(EngineClient):
         for req, row in zip(batch, logits):
             self._advance(req, row)
 
+    def _start_samples(self, group: list[_Request], logits: torch.Tensor, scoring: bool) -> None:
+        """After the prefill of group[0]'s slot: copy its keys and values to the other samples' slots, then give
+        every sample its first token from the prompt's logits (`logits` [vocab], or [len(prompt), vocab] when
+        `scoring`: the prompt logprobs are computed once and sent to every sample)."""
+        leader = group[0]
+        for req in group[1:]:
+            self.runner.copy_slot(leader.slot, req.slot, len(leader.prompt))
+        if scoring:
+            self._score_prompt(leader, logits)
+            for req in group[1:]:
+                if leader.done:  # scoring failed: every sample of the prompt ends with "error"
+                    self._finish(req, "error")
+                req.prompt_logprobs = leader.prompt_logprobs
+            last = logits[-1]
+        else:
+            last = logits
+        for req in group:
+            if req.done:
+                continue
+            if req.params.max_tokens == 0:
+                self._end_scored(req)
+            else:
+                self._advance(req, last)
+
     def _advance(self, req: _Request, logits: torch.Tensor) -> None:
         """Sample `req`'s next token from its logits row [vocab], detokenize it and check the stop conditions.
 
+        The order: the logit adjustments (penalties, bias, min_tokens), then the grammar's mask (structured output:
+        only the tokens it allows), then greedy or sampled choice, which the grammar then consumes.
+
         This is the per-request part of a step: an exception here (a sampling fault, a tokenizer that cannot decode,
-        ...) fails `req` alone, with an "error" event, and the other requests of the batch go on; a failed forward
-        is the only thing that fails a whole batch (`_loop`)."""
+        a grammar that allows nothing, ...) fails `req` alone, with an "error" event, and the other requests of the
+        batch go on; a failed forward is the only thing that fails a whole batch (`_loop`)."""
         try:
             scores = adjust_logits(logits, req.params, req.prompt, req.output, self.eos_ids)
+            if req.matcher is not None:
+                scores = req.matcher.mask(scores)
             token = sample_next(scores, req.params, req.generator)
+            if req.matcher is not None:
+                req.matcher.accept(token)
             k = req.params.logprobs
             self._accept(req, token, () if k is None else tuple(position_logprobs(logits[None], [token], k)))
         except Exception:
@@ -397,7 +445,7 @@ class GenerationEngine(EngineClient):
 
     def _finish_all(self, reason: str) -> None:
         with self._cond:
-            pending = list(self._waiting) + list(self._running)
+            pending = [r for group in self._waiting for r in group] + list(self._running)
             self._waiting.clear()
         for req in pending:
             self._finish(req, reason)

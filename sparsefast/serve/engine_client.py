@@ -5,7 +5,8 @@ it returns only through `TokenStream`. `GenerationEngine` and its `RequestStream
 implement both, and so does the scripted test double in tests/serve/, which lets the HTTP tests pin down a full
 queue, a slow stream or an engine error. The contract:
 
-* `submit(prompt_ids, params)` queues one request and returns its stream at once (it never waits for generation).
+* `submit(prompt_ids, params)` queues one request and returns its stream at once (it never waits for generation);
+  `submit_samples(prompt_ids, [params, ...])` queues several samples of one prompt (OpenAI's `n`), a stream each.
   It raises `ValueError("<field>: <problem>; <fix>")` for a bad prompt or bad parameters (the HTTP layer answers 400
   naming the field), `QueueFullError` when `max_queue` requests are already waiting (429), and `EngineClosedError`
   after `shutdown()` (503).
@@ -116,4 +117,8 @@ class EngineClient(Protocol):
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> TokenStream:
         """Queue one request; raises ValueError, QueueFullError or EngineClosedError (see the module docstring)."""
+        ...
+
+    def submit_samples(self, prompt_ids: list[int], params: list[SamplingParams]) -> list[TokenStream]:
+        """Queue len(params) samples of one prompt (OpenAI's n), one stream each, all or none; raises as submit."""
         ...

@@ -54,6 +54,12 @@ class StaticKVCache:
         self.keys[layer][rows, :, positions] = k.transpose(1, 2)
         self.values[layer][rows, :, positions] = v.transpose(1, 2)
 
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of row `src` to row `dst` in every layer (n samples of one prompt: the
+        prompt is prefilled once)."""
+        for cache in (*self.keys, *self.values):
+            cache[dst, :, :length] = cache[src, :, :length]
+
     def read(self, layer: int, slots: torch.Tensor, first: int | None, length: int) -> tuple[torch.Tensor, ...]:
         """Keys and values [B, kv_heads, length, head_dim] of `slots`. `first` = slots[0] when the slots are the
         contiguous range first..first+B-1: then a view, else a gathered copy."""

@@ -2,9 +2,10 @@
 
 Field names and defaults follow OpenAI's /v1/completions and /v1/chat/completions (vLLM's
 `entrypoints/openai/protocol.py` is the field's reference), plus vLLM's sampling extensions `top_k`, `ignore_eos`,
-`repetition_penalty` and `min_tokens`. Fields OpenAI defines but this server does not implement (n > 1, tools,
-tool_choice, response_format, best_of, suffix, echo with stream) are accepted only at their "off" value and rejected
-otherwise with a 400 that names the field, instead of being silently ignored.
+`repetition_penalty` and `min_tokens`. `n` samples per prompt; `response_format` json_object / json_schema
+(sparsefast.serve.structured). Fields OpenAI defines but this server does not implement (tools, tool_choice,
+best_of, suffix, echo with stream) are accepted only at their "off" value and rejected otherwise with a 400 that
+names the field, instead of being silently ignored.
 Unknown fields are ignored, as OpenAI's SDK sends extras through `extra_body`.
 
 Requests are strict where OpenAI's API is: pydantic's strict mode (no "16" or true for an integer, no "yes" for a
@@ -41,6 +42,7 @@ def _valid_unicode(text: str) -> str:
 Text = Annotated[str, AfterValidator(_valid_unicode)]  # a string the tokenizer can encode
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS), AfterValidator(_valid_unicode)]
 _STRICT = ConfigDict(extra="ignore", strict=True)
+MAX_N = 128  # OpenAI's bound on n
 
 
 def new_id(prefix: str) -> str:
@@ -66,6 +68,33 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    """response_format.json_schema: OpenAI's {"name", "description", "schema", "strict"}. The output always follows
+    the schema here (strict or not); `name` is optional (OpenAI requires it, vLLM does not)."""
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
+
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: {"type": "text"} (the default), {"type": "json_object"} (any JSON object), or
+    {"type": "json_schema", "json_schema": {...}}."""
+    model_config = _STRICT
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> "ResponseFormat":
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError('json_schema: set it exactly when type is "json_schema" (e.g. {"type": "json_schema", '
+                             '"json_schema": {"name": "answer", "schema": {...}}})')
+        return self
+
+
 class GenerationRequest(BaseModel):
     """The fields /v1/completions and /v1/chat/completions share: the model, sampling, stop strings, streaming, and
     the OpenAI options this server rejects unless off. Ranges are OpenAI's (temperature in [0, 2], top_p in (0, 1]).
@@ -81,23 +110,18 @@ class GenerationRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="vLLM extension: generate exactly max_tokens (benchmarks)")
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=MAX_N, description="samples per prompt (the engine also caps it at its batch)")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     repetition_penalty: float = Field(1.0, gt=0.0, le=MAX_REPETITION_PENALTY, allow_inf_nan=False,
                                       description="vLLM extension: CTRL's penalty over prompt + output; 1 = off")
     min_tokens: int = Field(0, ge=0, description="vLLM extension: no EOS before this many tokens")
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]] | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
     user: str | None = None
 
     @model_validator(mode="after")
-    def _reject_unimplemented(self) -> "GenerationRequest":
-        # an accepted-but-ignored option would return something other than what the client asked for
-        unsupported = {"n": self.n != 1, "response_format": self.response_format not in (None, {"type": "text"})}
-        for name, bad in unsupported.items():
-            if bad:
-                raise ValueError(f"{name}: not supported by this server; leave it at its default")
+    def _stream_options_need_stream(self) -> "GenerationRequest":
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options: only allowed together with stream=true")
         return self

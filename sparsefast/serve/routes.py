@@ -14,6 +14,7 @@ limits; the first failure answers with OpenAI's error body (sparsefast.serve.err
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Annotated
@@ -29,7 +30,8 @@ from sparsefast.serve.logprobs import TokenTexts, chat_logprobs, completion_logp
 from sparsefast.serve.metrics import CONTENT_TYPE
 from sparsefast.serve.sampling import SamplingParams
 from sparsefast.serve.state import ServerConfig, ServerState
-from sparsefast.serve.streaming import EventStream, chat_chunks, collect, completion_chunks, event_usage
+from sparsefast.serve.streaming import EventStream, chat_chunks, collect, completion_chunks, samples_usage
+from sparsefast.serve.structured import Grammar
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -97,26 +99,27 @@ async def create_completion(body: P.CompletionRequest, request: Request, state: 
     # echo + logprobs scores the prompt (prompt logprobs from the prefill); max_tokens 0 always needs the prefill's
     # scoring path, which is the one the engine runs without generating
     scoring = k if body.echo and k is not None else (0 if body.max_tokens == 0 else None)
+    grammar = await _compile_response_format(state, body)
     streams = _submit_all(engine, state.config, prompts, body, body.max_tokens, "prompt", logprobs=k,
-                          prompt_logprobs=scoring)
+                          prompt_logprobs=scoring, grammar=grammar)
     request_id, model = P.new_id("cmpl"), state.config.model_name
     if body.stream:
         texts = None if k is None else TokenTexts(tokenizer, prompts[0])
-        return EventStream(streams[0], completion_chunks(streams[0], request_id, model, body.include_usage(), texts),
+        return EventStream(streams, completion_chunks(streams, request_id, model, body.include_usage(), texts),
                            state.metrics)
     choices, lasts = [], []
     try:
-        for index, (stream, prompt, ids) in enumerate(zip(streams, body.prompts(), prompts)):
-            text, events = await collect(request, stream, state.metrics)
+        # choice index = prompt index * n + sample index (OpenAI's order)
+        for index, stream in enumerate(streams):
+            prompt, ids = body.prompts()[index // body.n], prompts[index // body.n]
+            text, events = await collect(request, stream, state.metrics, count_prompt=index % body.n == 0)
             lasts.append(events[-1])
             choices.append(_completion_choice(index, text, events, prompt, ids, body, tokenizer))
     finally:
         for stream in streams:
-            stream.cancel()  # idempotent: the prompts not read yet when one failed or the client left
-    usage = P.Usage(prompt_tokens=sum(e.prompt_tokens for e in lasts),
-                    completion_tokens=sum(e.completion_tokens for e in lasts),
-                    total_tokens=sum(e.prompt_tokens + e.completion_tokens for e in lasts))
-    return JSONResponse(P.CompletionResponse(id=request_id, model=model, choices=choices, usage=usage).model_dump())
+            stream.cancel()  # idempotent: the choices not read yet when one failed or the client left
+    return JSONResponse(P.CompletionResponse(id=request_id, model=model, choices=choices,
+                                             usage=samples_usage(lasts, body.n)).model_dump())
 
 
 def _completion_choice(index: int, text: str, events: list[TokenEvent], prompt: str | list[int], ids: list[int],
@@ -140,19 +143,27 @@ async def create_chat_completion(body: P.ChatCompletionRequest, request: Request
     engine, tokenizer = state.require_loaded()
     prompt_ids = await anyio.to_thread.run_sync(_encode_chat, tokenizer, body.messages, state.config.chat_template)
     k = (body.top_logprobs or 0) if body.logprobs else None
-    stream = _submit_all(engine, state.config, [prompt_ids], body, body.requested_max_tokens(), "messages",
-                         logprobs=k)[0]
+    grammar = await _compile_response_format(state, body)
+    streams = _submit_all(engine, state.config, [prompt_ids], body, body.requested_max_tokens(), "messages",
+                          logprobs=k, grammar=grammar)
     request_id, model = P.new_id("chatcmpl"), state.config.model_name
     texts = None if k is None else TokenTexts(tokenizer, prompt_ids)
     if body.stream:
-        return EventStream(stream, chat_chunks(stream, request_id, model, body.include_usage(), texts), state.metrics)
-    text, events = await collect(request, stream, state.metrics)
-    logprobs = None if texts is None else chat_logprobs([e for ev in events for e in ev.logprobs], texts)
-    return JSONResponse(P.ChatCompletionResponse(
-        id=request_id, model=model, usage=event_usage(events[-1]),
-        choices=[P.ChatChoice(message=P.ResponseMessage(content=text), logprobs=logprobs,
-                              finish_reason=events[-1].finish_reason)],
-    ).model_dump())
+        return EventStream(streams, chat_chunks(streams, request_id, model, body.include_usage(), texts),
+                           state.metrics)
+    choices, lasts = [], []
+    try:
+        for index, stream in enumerate(streams):
+            text, events = await collect(request, stream, state.metrics, count_prompt=index == 0)
+            lasts.append(events[-1])
+            logprobs = None if texts is None else chat_logprobs([e for ev in events for e in ev.logprobs], texts)
+            choices.append(P.ChatChoice(index=index, message=P.ResponseMessage(content=text), logprobs=logprobs,
+                                        finish_reason=events[-1].finish_reason))
+    finally:
+        for stream in streams:
+            stream.cancel()
+    return JSONResponse(P.ChatCompletionResponse(id=request_id, model=model, usage=samples_usage(lasts, body.n),
+                                                 choices=choices).model_dump())
 
 
 # ----- request checks and prompt preparation -----------------------------------------------------------------------
@@ -193,20 +204,37 @@ def _encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[P.ChatMessag
     return [int(i) for i in ids]
 
 
+async def _compile_response_format(state: ServerState, body: P.GenerationRequest) -> Grammar | None:
+    """The request's response_format compiled (in a worker thread), or None without one; a 400 naming
+    response_format when it cannot be."""
+    fmt = body.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    schema = fmt.json_schema.json_schema if fmt.json_schema is not None else None
+    try:
+        return await anyio.to_thread.run_sync(state.grammars().compile, fmt.type, schema)
+    except ValueError as exc:
+        raise APIError.bad_value(exc) from exc
+
+
 def _submit_all(engine: EngineClient, config: ServerConfig, prompts: list[list[int]], body: P.GenerationRequest,
                 max_tokens: int | None, prompt_field: str, *, logprobs: int | None = None,
-                prompt_logprobs: int | None = None) -> list[TokenStream]:
-    """Build each prompt's SamplingParams (the server's limits applied) and submit them all, or none: a prompt that
-    is refused cancels the ones already queued. Engine errors become HTTP errors.
+                prompt_logprobs: int | None = None, grammar: Grammar | None = None) -> list[TokenStream]:
+    """Build each prompt's SamplingParams (the server's limits applied) and submit them all, `body.n` samples per
+    prompt, or none: a prompt that is refused cancels the ones already queued. Engine errors become HTTP errors.
+    Returns the streams in choice order (prompt index * n + sample index).
 
     max_tokens None (OpenAI's default for chat) generates up to the end of the context, capped by the server's
-    max_tokens_limit; an explicit max_tokens above that limit is a 400."""
-    params = [_params(engine, config, ids, body, max_tokens, prompt_field, logprobs, prompt_logprobs)
+    max_tokens_limit; an explicit max_tokens above that limit is a 400. A seeded request's sample j draws with seed
+    + j (vLLM's rule), so its n samples differ and each is reproducible."""
+    params = [_params(engine, config, ids, body, max_tokens, prompt_field, logprobs, prompt_logprobs, grammar)
               for ids in prompts]
     streams: list[TokenStream] = []
     try:
         for ids, p in zip(prompts, params):
-            streams.append(engine.submit(ids, p))
+            samples = [p if p.seed is None else dataclasses.replace(p, seed=(p.seed + j) % 2**63)
+                       for j in range(body.n)]
+            streams.extend(engine.submit_samples(ids, samples))
     except BaseException as exc:
         for stream in streams:
             stream.cancel()
@@ -222,8 +250,8 @@ def _submit_all(engine: EngineClient, config: ServerConfig, prompts: list[list[i
 
 
 def _params(engine: EngineClient, config: ServerConfig, prompt_ids: list[int], body: P.GenerationRequest,
-            max_tokens: int | None, prompt_field: str, logprobs: int | None,
-            prompt_logprobs: int | None) -> SamplingParams:
+            max_tokens: int | None, prompt_field: str, logprobs: int | None, prompt_logprobs: int | None,
+            grammar: Grammar | None) -> SamplingParams:
     room = engine.max_model_len - len(prompt_ids)
     if room < (0 if max_tokens == 0 else 1):
         raise APIError(400, f"{prompt_field}: {len(prompt_ids)} prompt tokens leave no room in the "
@@ -241,6 +269,6 @@ def _params(engine: EngineClient, config: ServerConfig, prompt_ids: list[int], b
                               logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                               presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                               repetition_penalty=body.repetition_penalty, min_tokens=body.min_tokens,
-                              logit_bias=body.logit_bias_ids()).validate()
+                              logit_bias=body.logit_bias_ids(), grammar=grammar).validate()
     except ValueError as exc:
         raise APIError.bad_value(exc) from exc

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Callable
 
@@ -117,6 +118,10 @@ class LlamaBatchRunner:
     def release(self, slot: int) -> None:
         """Nothing to free: a slot's stale keys are masked out (positions beyond the new owner's length)."""
 
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        """Give slot `dst` the keys and values of slot `src`'s first `length` positions (a shared prefill)."""
+        self.cache.copy_slot(src, dst, length)
+
     def _forward(self, ids: torch.Tensor, slots: list[int], positions: torch.Tensor, *,
                  causal_from_zero: bool = False, uniform: bool = False, last: torch.Tensor | None = None,
                  all_positions: bool = False) -> torch.Tensor:
@@ -211,6 +216,11 @@ class HFRequestRunner:
 
     def release(self, slot: int) -> None:
         self.caches[slot] = None
+
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        """As LlamaBatchRunner.copy_slot: `dst` gets its own copy of `src`'s cache (which holds `length`
+        positions)."""
+        self.caches[dst] = copy.deepcopy(self.caches[src])
 
 
 def make_runner(model: nn.Module, max_batch: int, max_len: int, device: torch.device, kind: str = "auto",

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsefast.serve.logprobs import MAX_LOGPROBS
+from sparsefast.serve.structured import Grammar
 
 MIN_TEMPERATURE = 1e-5  # below this a request is greedy (vLLM's _SAMPLING_EPS): x / T stays finite in float32
 MAX_TEMPERATURE = 2.0  # OpenAI's upper bound
@@ -40,7 +41,8 @@ class SamplingParams:
     seed → a private torch.Generator; stop: at most MAX_STOP_STRINGS strings of at most MAX_STOP_CHARS characters.
     logprobs: report each generated token's logprob and this many most likely alternatives (0..MAX_LOGPROBS; None
     = none); prompt_logprobs: the same for every prompt token (sparsefast.serve.logprobs). max_tokens 0 generates
-    nothing and is allowed only with prompt_logprobs (scoring a prompt)."""
+    nothing and is allowed only with prompt_logprobs (scoring a prompt). grammar: a compiled response_format
+    (sparsefast.serve.structured): only the tokens it allows are chosen."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -56,6 +58,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()
     min_tokens: int = 0
+    grammar: Grammar | None = None
 
     def validate(self) -> SamplingParams:
         """Return self, or raise ValueError("<field>: <problem>; <fix>") for the first bad field."""
@@ -97,6 +100,15 @@ class SamplingParams:
         if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens: must be an integer in [0, max_tokens={self.max_tokens}], got "
                              f"{self.min_tokens!r}")
+        if self.grammar is not None:
+            if not isinstance(self.grammar, Grammar):
+                raise ValueError(f"grammar: must be a sparsefast.serve.structured.Grammar, got "
+                                 f"{type(self.grammar).__name__}")
+            # the grammar ends the output with EOS once the value is complete; both would forbid that EOS
+            for name in ("ignore_eos", "min_tokens"):
+                if getattr(self, name):
+                    raise ValueError(f"{name}: cannot be combined with response_format (the output must end when "
+                                     "the JSON value is complete); leave it unset")
         return self
 
     @property

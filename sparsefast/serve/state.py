@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from sparsefast.serve.engine_client import EngineClient
 from sparsefast.serve.errors import APIError
 from sparsefast.serve.metrics import ServerMetrics
+from sparsefast.serve.structured import GrammarCompiler
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -46,6 +47,7 @@ class ServerState:
         self.engine: EngineClient | None = None
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.error: str | None = None
+        self._grammars: GrammarCompiler | None = None
         # the gauges read the engine at scrape time: 0 while it loads
         self.metrics = ServerMetrics(lambda: self.engine.queue_depth if self.engine is not None else 0,
                                      lambda: self.engine.running if self.engine is not None else 0)
@@ -56,3 +58,10 @@ class ServerState:
             why = f"model failed to load: {self.error}" if self.error else "model is still loading; retry shortly"
             raise APIError(503, why, code="model_not_ready")
         return self.engine, self.tokenizer
+
+    def grammars(self) -> GrammarCompiler:
+        """The response-format compiler for the loaded tokenizer (made on first use); APIError 503 until loaded."""
+        _, tokenizer = self.require_loaded()
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(tokenizer)  # a race makes two, equal: harmless
+        return self._grammars

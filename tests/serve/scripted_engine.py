@@ -90,6 +90,17 @@ class ScriptedEngine(EngineClient):
             self.waiting.append(stream)
         return stream
 
+    def submit_samples(self, prompt_ids: list[int], params: list[SamplingParams]) -> list[ScriptedStream]:
+        streams: list[ScriptedStream] = []
+        try:
+            for p in params:
+                streams.append(self.submit(prompt_ids, p))
+        except BaseException:
+            for stream in streams:
+                stream.cancel()
+            raise
+        return streams
+
     def _loop(self) -> None:
         produced: dict[str, int] = {}
         while not self.closed.is_set():

@@ -81,7 +81,7 @@ def test_served_min_tokens_holds_back_eos(served, client):
 
 
 @pytest.mark.parametrize("extra", [{"logit_bias": {"abc": 1.0}}, {"logit_bias": {"99999999": 1.0}},
-                                   {"logit_bias": {"5": 150}}, {"presence_penalty": 3}, {"n": 2},
+                                   {"logit_bias": {"5": 150}}, {"presence_penalty": 3}, {"n": 0},
                                    {"repetition_penalty": 0}, {"min_tokens": 99}])
 def test_bad_sampling_fields_are_400_naming_the_field(client, extra):
     with pytest.raises(openai.BadRequestError) as err:

@@ -126,13 +126,18 @@ def test_unknown_model_is_404(client):
     (dict(top_p=0.0), "top_p"),
     (dict(max_tokens=0), "max_tokens"),
     (dict(max_tokens=TOKENS_LIMIT + 1), "max_tokens"),
-    (dict(n=2), "n"),
+    (dict(n=0), "n"),
+    (dict(n=129), "n"),
     (dict(logprobs=21), "logprobs"),
     (dict(prompt="word " * 400), "prompt"),
     (dict(prompt=[5, 10**6]), "prompt"),
     (dict(stop=[""]), "stop"),
     (dict(prompt=[[5, 6], []]), "prompt"),
-    (dict(extra_body={"response_format": {"type": "json_object"}}), "response_format"),
+    (dict(extra_body={"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}}),
+     "response_format"),
+    (dict(extra_body={"response_format": {"type": "yaml"}}), "response_format"),
+    (dict(extra_body={"response_format": {"type": "json_schema"}}), "response_format"),
+    (dict(extra_body={"response_format": {"type": "json_object"}, "ignore_eos": True}), "ignore_eos"),
 ])
 def test_invalid_parameters_are_400_naming_the_field(client, kwargs, param):
     args = dict(model=MODEL, prompt="Once upon a time", max_tokens=4) | kwargs
@@ -152,7 +157,7 @@ def test_a_batch_of_one_token_prompt_is_that_prompt(served, client):
 @pytest.mark.parametrize("kwargs,param", [
     (dict(top_logprobs=2), "top_logprobs"),
     (dict(tool_choice="auto"), "tool_choice"),
-    (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}), "response_format"),
+    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools"),
 ])
 def test_chat_options_not_served_are_400_not_ignored(client, kwargs, param):
     with pytest.raises(openai.BadRequestError) as err:

@@ -78,7 +78,7 @@ HOSTILE: dict[str, tuple[Callable[[random.Random], tuple[str, bytes, str]], set[
     "too long prompt": (lambda r: _json(_completion(prompt=[5] * 5000)), {400}),
     "many messages": (lambda r: _json({"model": "story", "messages": [{"role": "user", "content": "hi"}] * 2000}),
                       {400}),
-    "n 2": (lambda r: _json(_completion(n=2)), {400}),
+    "n 0 or too many": (lambda r: _json(_completion(n=r.choice([0, 129]))), {400}),
     "content part not text": (lambda r: _json(_chat([{"type": "image_url", "image_url": {"url": "x"}}]),
                                               "/v1/chat/completions"), {400}),
     "invalid json": (lambda r: _raw(b'{"model": "story", "prompt": '), {400}),
