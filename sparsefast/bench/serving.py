@@ -282,7 +282,8 @@ def run_benchmark(variants: list[Variant], *, tokenizer: Any, text: str, concurr
         for v in variants:  # one at a time: a server that times its sparse-linear swap while loading needs a quiet CPU
             start_server(v, device=device, max_batch=max_batch, max_queue=max_queue, log_dir=log_dir)
             wait_ready(v, load_timeout)
-            print(f"  {v.name:>20} " + (f"ready after {v.load_s:.1f} s" if v.error is None else v.error), flush=True)
+            print(f"  {v.name:>20} " + (v.error or "ready" if v.load_s is None else f"ready after {v.load_s:.1f} s"),
+                  flush=True)
         live = [v for v in variants if v.error is None]
         warm = make_prompts(tokenizer, 1, prompt_len, text, offset=0)
         for v in live:  # one short request each, not measured: first-call allocations and lazy inits

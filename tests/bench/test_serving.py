@@ -7,7 +7,15 @@ import asyncio
 
 import pytest
 
-from sparsefast.bench.serving import RequestResult, Variant, make_prompts, run_level, start_server, summarize
+from sparsefast.bench.serving import (
+    RequestResult,
+    Variant,
+    make_prompts,
+    run_benchmark,
+    run_level,
+    start_server,
+    summarize,
+)
 from sparsefast.data.evaluation import get_eval_text
 from sparsefast.models import load_model
 from sparsefast.serve.app import ServerConfig, create_app
@@ -48,3 +56,16 @@ def test_one_level_against_a_real_server(story_llama_dir):
     assert all(r.output_tokens == 12 for r in results)  # ignore_eos: exactly output_len, counted from usage
     assert all(22 <= r.prompt_tokens <= 27 for r in results)  # ~24 tokens + BOS, re-tokenized text
     assert all(0 < r.ttft < r.latency for r in results) and s["tpot_ms"]["p50"] > 0
+
+
+def test_a_whole_run_against_a_server_given_by_url(story_llama_dir, tmp_path, capsys):
+    # a url variant has no load time to report: the run says "ready" and measures it
+    model, tok = load_model(str(story_llama_dir))
+    engine = GenerationEngine(model, tok, max_batch=2, max_model_len=256)
+    with running_server(create_app(lambda: (engine, tok), ServerConfig(model_name="story"))) as base:
+        run = run_benchmark([Variant.parse(f"story=url:{base}")], tokenizer=tok, text=get_eval_text("wikitext2"),
+                            concurrencies=[2], prompt_len=16, output_len=4, prompts_per_level={2: 4},
+                            request_rate=float("inf"), device="cpu", max_batch=2, max_queue=8, load_timeout=10,
+                            log_dir=tmp_path)
+    assert "story ready\n" in capsys.readouterr().out
+    assert run["variants"][0]["error"] is None and run["variants"][0]["levels"]["2"]["completed"] == 4
