@@ -4,7 +4,10 @@
   embeddings, norms, rotary embedding, q/k/v/o projections, MLP, head — so any linear swapped into the model (a
   Sparse24Linear, a CPU sparse linear) is what runs. Attention is ours: torch SDPA over a `StaticKVCache` with a
   per-row position mask, so rows of different lengths decode together in one batched forward. Head counts are read
-  per layer from the projection widths (structural checkpoints keep different counts per layer).
+  per layer from the projection widths (structural checkpoints keep different counts per layer). The projections
+  that read the same input run as one call where they can (q/k/v; gate/up of the gated MLP): `fuse_linears`
+  concatenates their weights and re-points the model's own tensors to rows of the fused buffer (views, no extra
+  memory, the model's forward and state dict unchanged).
 * `HFRequestRunner` (every other family, e.g. OPT, GPT-NeoX): the HF forward with one HF cache per request, one
   forward per request per step. Requests still join and leave at step boundaries, but their matmuls are not batched.
 """
@@ -22,11 +25,15 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from sparsefast.models import LlamaAdapter, get_adapter
 from sparsefast.nn.dense_linear import DenseCpuLinear
+from sparsefast.nn.fused_linear import fuse_linears
 from sparsefast.ops.dense_cpu import dense_kernel_fits
 from sparsefast.serve.compiled import CompiledRunner, check_compile_mode
 from sparsefast.serve.kv_cache import StaticKVCache
 
 _ATTN_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)), which the runner computes itself with
+# gate and up fused
+_GATED_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP")
 # (layer, k, v) -> (keys, values): stores a step's keys and values [B, kv_heads, T, head_dim] in the cache and returns
 # what attention reads
 KeysValues = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -73,6 +80,9 @@ class LlamaBatchRunner:
         self.rotary = adapter.rotary_embedding(model)
         self.head_dim = int(self.layers[0].self_attn.head_dim)
         self.kv_heads = [layer.self_attn.k_proj.out_features // self.head_dim for layer in self.layers]
+        self.qkv = [fuse_linears([a.q_proj, a.k_proj, a.v_proj]) for a in (layer.self_attn for layer in self.layers)]
+        self.gate_up = [fuse_linears([layer.mlp.gate_proj, layer.mlp.up_proj])
+                        if type(layer.mlp).__name__ in _GATED_MLPS else None for layer in self.layers]
         dtype = self.embed.weight.dtype
         self.cache = StaticKVCache(self.kv_heads, self.head_dim, max_batch, max_len, dtype=dtype, device=device,
                                    spare_row=spare_row)
@@ -157,7 +167,7 @@ class LlamaBatchRunner:
         for li, layer in enumerate(self.layers):
             x = layer.input_layernorm(hidden)
             hidden = hidden + self._attention(layer.self_attn, li, x, cos_sin, keys_values, mask, causal)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = hidden + self._mlp(layer.mlp, li, layer.post_attention_layernorm(hidden))
         if all_positions:
             return self.head(hidden if self.norm is None else self.norm(hidden))
         rows = hidden[:, -1] if last is None else hidden[torch.arange(b, device=self.device), last]
@@ -179,14 +189,28 @@ class LlamaBatchRunner:
     def _attention(self, attn: nn.Module, li: int, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
                    keys_values: KeysValues, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
         b, t, _ = x.shape
-        q = attn.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        fused = self.qkv[li]
+        if fused is None:
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        else:
+            q, k, v = fused(x).split([attn.q_proj.out_features, attn.k_proj.out_features,
+                                      attn.v_proj.out_features], -1)
+        q = q.reshape(b, t, -1, self.head_dim).transpose(1, 2)
+        k = k.reshape(b, t, -1, self.head_dim).transpose(1, 2)
+        v = v.reshape(b, t, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, *cos_sin)
         keys, values = keys_values(li, k, v)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal and t > 1,
                                              scale=attn.scaling, enable_gqa=q.shape[1] != keys.shape[1])
         return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+    def _mlp(self, mlp: nn.Module, li: int, x: torch.Tensor) -> torch.Tensor:
+        fused = self.gate_up[li]
+        if fused is None:
+            return mlp(x)
+        gate, up = fused(x).split([mlp.gate_proj.out_features, mlp.up_proj.out_features], -1)
+        return mlp.down_proj(mlp.act_fn(gate) * up)
 
 
 class HFRequestRunner:

@@ -1,0 +1,118 @@
+"""fuse_linears: the fused layer computes the parts' outputs side by side, for every kind it fuses (dense, the dense
+CPU kernel, 2:4 SparseLinear, with a kept dense copy and bias or without); the parts become views of
+its buffers (no extra memory) and still compute what they did; what cannot fuse is left alone. The engine with its
+fused projections gives the greedy tokens of the model's own forward (tests/serve cover the runner further)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sparsefast.nn import DenseCpuLinear, DispatchTable, SparseLinear, SparsifyConfig, sparsify_
+from sparsefast.nn.fused_linear import fuse_linears
+from sparsefast.serve.engine import GenerationEngine, SamplingParams, build_in_thread
+from tests.nn.model_helpers import greedy_generate, prune_linears, pruned_linear
+from tests.ops.sparse_cpu_helpers import require_cpu_kernels
+
+ROWS = (24, 8, 16)  # multiples of the 8-row tile, like q/k/v
+
+
+def _parts(kind: str, bias: bool, dtype=torch.float32) -> list[nn.Module]:
+    sparsity = None if kind.startswith("2:4") else 0.6
+    lins = [pruned_linear(n, 40, sparsity, seed=i, bias=bias).to(dtype) for i, n in enumerate(ROWS)]
+    if kind == "linear":
+        return lins
+    if kind == "dense-kernel":
+        return [DenseCpuLinear.from_linear(lin) for lin in lins]
+    keep = kind.endswith("+dense")
+    return [SparseLinear.from_dense(lin, kind.split("+")[0], keep_dense=keep) for lin in lins]
+
+
+def _shares_storage(part_tensor: torch.Tensor, fused_tensor: torch.Tensor) -> bool:
+    return part_tensor.untyped_storage().data_ptr() == fused_tensor.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("kind", ["linear", "dense-kernel", "2:4", "2:4+dense"])
+def test_fused_layer_equals_its_parts_side_by_side(kind, bias, dtype):
+    if kind != "linear":
+        require_cpu_kernels()
+    parts = _parts(kind, bias, dtype)
+    xs = [torch.randn(m, 40).to(dtype) for m in (1, 3, 70)]  # kernel sizes, and a prefill size (dense route)
+    with torch.no_grad():
+        before = [torch.cat([p(x) for p in parts], -1) for x in xs]
+        state = [{k: v.clone() for k, v in p.state_dict().items()} for p in parts]
+        fused = fuse_linears(parts)
+        assert type(fused) is (type(parts[0]) if kind != "linear" else nn.Linear)
+        assert fused.out_features == sum(ROWS) and fused.in_features == 40
+        for x, want in zip(xs, before):
+            # each output row is computed as in its part (same kernel, same row order of the sums): equal
+            torch.testing.assert_close(fused(x), want, atol=0, rtol=0)
+            torch.testing.assert_close(torch.cat([p(x) for p in parts], -1), want, atol=0, rtol=0)
+    for p, saved in zip(parts, state):  # the model's view of its layers: the same tensors' values
+        assert p.state_dict().keys() == saved.keys()
+        assert all(torch.equal(p.state_dict()[k], v) for k, v in saved.items())
+    big = fused.values if kind not in ("linear", "dense-kernel") else fused.weight
+    assert all(_shares_storage(p.values if isinstance(p, SparseLinear) else p.weight, big) for p in parts)
+
+
+def test_parts_that_cannot_fuse_are_left_alone():
+    require_cpu_kernels()
+    lin = [pruned_linear(n, 40, None, seed=i) for i, n in enumerate(ROWS)]
+    sparse = [SparseLinear.from_dense(x, "2:4") for x in lin]
+    odd = SparseLinear.from_dense(pruned_linear(12, 40, None, seed=7), "2:4")  # 12 rows: not whole tiles
+    cases = [
+        [lin[0]],  # one part
+        [lin[0], sparse[1]],  # mixed kinds
+        [sparse[0], SparseLinear.from_dense(lin[1], "unstructured")],  # mixed layouts
+        [SparseLinear.from_dense(x, "unstructured") for x in lin],  # unstructured (module docstring)
+        [sparse[0], odd],
+        [sparse[0], SparseLinear.from_dense(lin[1], "2:4", keep_dense=True)],  # dense copy kept by one only
+        [lin[0], pruned_linear(8, 40, None, seed=3, bias=False)],  # bias on one only
+        [lin[0], nn.Linear(41, 8)],  # different input widths
+        [lin[0], lin[1].to(torch.bfloat16)],  # different dtypes
+    ]
+    for parts in cases:
+        ptrs = [p.values.data_ptr() if isinstance(p, SparseLinear) else p.weight.data_ptr() for p in parts]
+        assert fuse_linears(parts) is None
+        assert ptrs == [p.values.data_ptr() if isinstance(p, SparseLinear) else p.weight.data_ptr() for p in parts]
+
+
+@pytest.mark.parametrize("sparsity", [None, 0.7])
+def test_engine_with_fused_projections_keeps_greedy_tokens(story_llama_dir, sparsity):
+    require_cpu_kernels()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(story_llama_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(story_llama_dir)
+    prune_linears(model, sparsity)
+    sparsify_(model, SparsifyConfig(calibrate=False))  # every pruned linear gets its kernel (2:4 or unstructured)
+    ids = torch.randint(3, model.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(0))
+    want = greedy_generate(model, ids)[0, 10:].tolist()
+    engine = build_in_thread(lambda: GenerationEngine(model, tok, max_batch=2, max_model_len=64))
+    fused = engine.runner.qkv + engine.runner.gate_up
+    assert len(fused) == 4 and all(isinstance(f, SparseLinear) if sparsity is None else f is None for f in fused)
+    engine.start()
+    try:
+        got = engine.generate(ids[0].tolist(), SamplingParams(max_tokens=len(want), temperature=0.0, ignore_eos=True))
+    finally:
+        engine.shutdown()
+    assert got == want
+    assert greedy_generate(model, ids)[0, 10:].tolist() == want  # the model's own forward, on the re-pointed tensors
+
+
+def test_dispatch_tables_combine_to_the_kernel_where_every_part_chose_it():
+    require_cpu_kernels()
+    tables = [DispatchTable(((40, "cpu"), (2**62, "dense"))), DispatchTable(((8, "cpu"), (2**62, "dense"))),
+              DispatchTable(((4, "dense"), (64, "cpu"), (2**62, "dense")))]
+    parts = [SparseLinear.from_dense(pruned_linear(n, 40, None, seed=i), "2:4", dispatch=t, keep_dense=True)
+             for i, (n, t) in enumerate(zip(ROWS, tables))]
+    fused = fuse_linears(parts)
+    assert fused.dispatch.rows == ((4, "dense"), (8, "cpu"), (2**62, "dense"))
+    assert [fused.backend_for(torch.empty(m, 40)) for m in (1, 4, 5, 8, 9, 64)] == ["dense"] * 2 + ["cpu"] * 2 + [
+        "dense"] * 2
+    same = [SparseLinear.from_dense(pruned_linear(n, 40, None, seed=i), "2:4", dispatch=tables[0])
+            for i, n in enumerate(ROWS)]
+    assert fuse_linears(same).dispatch is tables[0]
