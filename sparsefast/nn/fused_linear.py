@@ -5,7 +5,9 @@ At decode (a few tokens) a linear of a small model is a short weight stream plus
 dispatch, the thread team's fork and join, a cold start of the stream. Measured on the 2-core Xeon (ad-hoc, M = 1,
 weights from DRAM, 2 threads, medians of 200 interleaved calls): SmolLM2's q, k, v (576+192+192 rows x 576) as three
 calls 72.7 µs in bf16 2:4, as one call 40.3; gate and up (2 x 1536 x 576) 153.7 vs 93.6; the dense kernel 91.2 vs 56.3
-and 215.0 vs 172.4. A 30-layer step makes 210 such calls; fused, 150.
+and 215.0 vs 172.4. A 30-layer step makes 210 such calls; fused, 150. End to end the gain is much smaller than
+these sums: SmolLM2 compiled decode 0-6% faster (dense fp32 level, bf16 and 2:4 +5%; 2 interleaved rounds,
+bench/results/2026-12-06-cpu-fused-projections-ab.txt).
 
 The fused layer is memory-neutral: its weight (or packed tensors) is the concatenation along the output rows, and
 each part's own tensors are re-pointed to its rows of that buffer (views, same values), so the model's own forward,
