@@ -110,8 +110,9 @@ async def create_completion(body: P.CompletionRequest, request: Request, state: 
     choices, lasts = [], []
     try:
         # choice index = prompt index * n + sample index (OpenAI's order)
+        texts_in = body.prompts()
         for index, stream in enumerate(streams):
-            prompt, ids = body.prompts()[index // body.n], prompts[index // body.n]
+            prompt, ids = texts_in[index // body.n], prompts[index // body.n]
             text, events = await collect(request, stream, state.metrics, count_prompt=index % body.n == 0)
             lasts.append(events[-1])
             choices.append(_completion_choice(index, text, events, prompt, ids, body, tokenizer))
