@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 import sparsefast
-from sparsefast.calibrate import prune_layerwise
+from sparsefast.calibrate import layer_outlier_ratios, prune_layerwise
 from sparsefast.config import PruneConfig
 from sparsefast.device import resolve_device, resolve_dtype
-from sparsefast.prune import make_pruner
+from sparsefast.prune import make_pruner, owl_layer_sparsities
 
 
 def compute_device(name: str) -> torch.device:
@@ -96,9 +96,10 @@ def versions() -> dict[str, str]:
 
 def prune(model: nn.Module, config: PruneConfig, calib: torch.Tensor | None = None, *,
           progress: bool = True, offload: bool = True) -> dict[str, Any]:
-    """Prune `model` in place with `config` (MagnitudeConfig | WandaConfig | SparseGPTConfig).
+    """Prune `model` in place with `config` (MagnitudeConfig | WandaConfig | SparseGPTConfig | RIAConfig; any of
+    them with allocation="owl" and/or refine="dsnot").
 
-    calib: LongTensor [nsamples, seqlen] of token ids (ignored by magnitude). The model may live on CPU while
+    calib: LongTensor [nsamples, seqlen] of token ids (ignored when config.needs_calibration is False). The model may live on CPU while
     config.device is "cuda": only the current decoder layer and its activations go to the GPU.
     Returns the report written to sparsefast.json: method, pattern, requested and achieved sparsity per linear and
     overall, calibration settings, timings {calib_forward_s, stats_s, metric_mask_s, total_s, per_layer}, damping
@@ -107,7 +108,9 @@ def prune(model: nn.Module, config: PruneConfig, calib: torch.Tensor | None = No
     adapter = check_prunable(model, config, check_seqlen=False)
     if config.needs_calibration:
         if calib is None:
-            raise ValueError(f"{config.method} needs calibration ids: a LongTensor [nsamples, seqlen]")
+            why = config.method if config.method_needs_calibration else (
+                f"{config.method} with " + ("refine=dsnot" if config.refine else f"allocation={config.allocation}"))
+            raise ValueError(f"{why} needs calibration ids: a LongTensor [nsamples, seqlen]")
         check_calib(model, adapter, calib)
     return _prune_checked(model, adapter, config, calib, compute_device(config.device), progress=progress,
                           offload=offload)
@@ -120,8 +123,19 @@ def _prune_checked(model: nn.Module, adapter: Any, config: PruneConfig, calib: t
         model.to(resolve_dtype(config.dtype))
     pruner = make_pruner(config)
     t0 = time.perf_counter()
+    allocation: dict[str, Any] = {"method": config.allocation}
+    extra_timings: dict[str, float] = {}
+    layer_sparsity = None
+    if config.allocation == "owl":
+        ratios = layer_outlier_ratios(model, adapter, calib, m=config.owl_m, device=device,
+                                      batch_size=config.batch_size, offload=offload, backend=config.backend,
+                                      progress=progress)
+        layer_sparsity = owl_layer_sparsities(ratios, config.target_sparsity, config.owl_lambda)
+        allocation.update(m=config.owl_m, lam=config.owl_lambda, outlier_ratios=ratios, layer_sparsity=layer_sparsity)
+        extra_timings["owl_outlier_pass_s"] = time.perf_counter() - t0
     result = prune_layerwise(model, adapter, pruner, calib if config.needs_calibration else None, device=device,
-                             batch_size=config.batch_size, offload=offload, progress=progress)
+                             batch_size=config.batch_size, offload=offload, progress=progress,
+                             layer_sparsity=layer_sparsity)
     wall = time.perf_counter() - t0
     linears = result["linears"]
     numel = sum(s["numel"] for s in linears.values())
@@ -134,10 +148,11 @@ def _prune_checked(model: nn.Module, adapter: Any, config: PruneConfig, calib: t
         "prunable_params": numel,
         "zeros": zeros,
         "config": config.to_dict(),
+        "allocation": allocation,
         "calibration": None if not config.needs_calibration else {
             "source": config.calib, "nsamples": int(calib.shape[0]), "seqlen": int(calib.shape[1]),
             "seed": config.seed, "batch_size": config.batch_size},
-        "timings": {**result["timings"], "wall_s": wall},
+        "timings": {**result["timings"], **extra_timings, "wall_s": wall},
         "linears": linears,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",

@@ -9,6 +9,9 @@
    the pruned weights — they are the inputs of layer i+1 — and move the layer back where it was.
 So layer i's statistics come from the outputs of the already pruned layers < i. Only the current layer and the
 activations of one batch need to be on the compute device (the others are offloaded to CPU when `offload`).
+
+`layer_outlier_ratios` runs the same loop without pruning (each layer's outputs from its dense weights): OWL's
+per-layer outlier ratios (sparsefast.prune.owl), which `prune_layerwise` then takes as `layer_sparsity`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from sparsefast.ops.sq_norm import sq_norm_accumulate
 from sparsefast.prune.base import Pruner
+from sparsefast.prune.owl import outlier_ratio
 
 
 class _StopForward(Exception):
@@ -119,18 +124,22 @@ def _call_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, device: to
 
 @torch.no_grad()
 def prune_layerwise(model: nn.Module, adapter: Any, pruner: Pruner, calib: torch.Tensor | None, *,
-                    device: torch.device, batch_size: int = 8, offload: bool = True,
-                    progress: bool = True) -> dict[str, Any]:
-    """Prune every decoder layer of `model` in order with `pruner`; modifies the model in place.
+                    device: torch.device, batch_size: int = 8, offload: bool = True, progress: bool = True,
+                    layer_sparsity: list[float] | None = None) -> dict[str, Any]:
+    """Prune every decoder layer of `model` in order with `pruner` (and its refiner); modifies the model in place.
 
-    calib: LongTensor [nsamples, seqlen] of token ids (None for pruners that need no data).
+    calib: LongTensor [nsamples, seqlen] of token ids (None when neither the pruner nor its refiner needs data).
+    layer_sparsity: one unstructured sparsity per decoder layer (OWL) instead of the pruner's single one.
     Returns {"linears": {qualified name: stats}, "timings": {...}} with timings in seconds: calib_forward_s
     (forwards through the layers incl. the statistics hooks), stats_s (time inside the hooks), metric_mask_s
     (the pruner's metric, mask and weight update: Wanda's definition of pruning time), per_layer.
     """
     device = torch.device(device)
     layers = adapter.decoder_layers(model)
-    needs_data = pruner.needs_calibration
+    refiner = pruner.refiner
+    needs_data = pruner.needs_calibration or refiner is not None
+    if layer_sparsity is not None and len(layer_sparsity) != len(layers):
+        raise ValueError(f"layer_sparsity has {len(layer_sparsity)} values for {len(layers)} decoder layers")
     if needs_data and calib is None:
         raise ValueError(f"{pruner.config.method} needs calibration data (calib LongTensor [nsamples, seqlen])")
     use_cache = getattr(model.config, "use_cache", None)
@@ -153,9 +162,13 @@ def prune_layerwise(model: nn.Module, adapter: Any, pruner: Pruner, calib: torch
             layer.to(device)
             linears = adapter.prunable_linears(layer)
             lt = {"layer": i, "calib_forward_s": 0.0, "stats_s": 0.0, "metric_mask_s": 0.0}
+            if layer_sparsity is not None:
+                pruner.sparsity = lt["sparsity"] = layer_sparsity[i]
+            observers = [o for o in (pruner if pruner.needs_calibration else None, refiner) if o is not None]
             if needs_data:
-                pruner.start_layer(linears)
-                handles = [lin.register_forward_hook(_stats_hook(pruner, name, lt, device))
+                for o in observers:
+                    o.start_layer(linears)
+                handles = [lin.register_forward_hook(_stats_hook(observers, name, lt, device))
                            for name, lin in linears.items()]
                 try:
                     _sync(device)
@@ -169,8 +182,12 @@ def prune_layerwise(model: nn.Module, adapter: Any, pruner: Pruner, calib: torch
                         h.remove()
             t0 = time.perf_counter()
             for name, lin in linears.items():
-                linear_stats[f"layers.{i}.{name}"] = pruner.prune(name, lin)
+                stats = linear_stats[f"layers.{i}.{name}"] = pruner.prune(name, lin)
+                if refiner is not None:
+                    stats["dsnot_swaps"] = refiner.swapped.pop(name)
             pruner.end_layer()
+            if refiner is not None:
+                refiner.end_layer()
             _sync(device)
             lt["metric_mask_s"] = time.perf_counter() - t0
             if needs_data and i + 1 < len(layers):
@@ -196,10 +213,55 @@ def prune_layerwise(model: nn.Module, adapter: Any, pruner: Pruner, calib: torch
     return {"linears": linear_stats, "timings": timings}
 
 
-def _stats_hook(pruner: Pruner, name: str, lt: dict, device: torch.device) -> Callable:
+def _stats_hook(observers: list, name: str, lt: dict, device: torch.device) -> Callable:
+    """A forward hook feeding the input of linear `name` to every observer's add_batch (pruner, refiner)."""
     def hook(module: nn.Module, args: tuple, output: Any) -> None:
         t0 = time.perf_counter()
-        pruner.add_batch(name, args[0])
+        for o in observers:
+            o.add_batch(name, args[0])
         _sync(device)
         lt["stats_s"] += time.perf_counter() - t0
     return hook
+
+
+@torch.no_grad()
+def layer_outlier_ratios(model: nn.Module, adapter: Any, calib: torch.Tensor, *, m: float, device: torch.device,
+                         batch_size: int = 8, offload: bool = True, backend: str = "auto",
+                         progress: bool = True) -> list[float]:
+    """OWL's outlier ratio of every decoder layer (sparsefast.prune.owl.outlier_ratio of the Wanda scores
+    |W|·‖X‖₂ of all its prunable linears), the activations coming from the dense model; weights are not changed."""
+    device = torch.device(device)
+    layers = adapter.decoder_layers(model)
+    use_cache = getattr(model.config, "use_cache", None)
+    if use_cache is not None:
+        model.config.use_cache = False
+    ratios = []
+    try:
+        inputs = capture_layer_inputs(model, layers, calib, device=device, batch_size=batch_size, offload=offload)
+        store = torch.device("cpu") if offload else device
+        for i, layer in enumerate(tqdm(layers, desc="owl outlier ratios", disable=not progress)):
+            home = next(layer.parameters()).device
+            layer.to(device)
+            linears = adapter.prunable_linears(layer)
+            acc = {name: torch.zeros(lin.in_features, dtype=torch.float32, device=device)
+                   for name, lin in linears.items()}
+
+            def accumulate(name: str) -> Callable:
+                def hook(module: nn.Module, args: tuple, output: Any) -> None:  # returns None: output unchanged
+                    sq_norm_accumulate(acc[name], args[0].detach(), backend=backend)
+                return hook
+
+            handles = [lin.register_forward_hook(accumulate(name)) for name, lin in linears.items()]
+            try:
+                outputs = [(_call_layer(layer, hidden, kwargs, device).to(store), kwargs) for hidden, kwargs in inputs]
+            finally:
+                for h in handles:
+                    h.remove()
+            ratios.append(outlier_ratio([lin.weight.float().abs() * acc[name].sqrt()[None, :]
+                                         for name, lin in linears.items()], m))
+            inputs = outputs
+            layer.to(home)
+    finally:
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+    return ratios

@@ -1,7 +1,10 @@
-"""`sparsefast prune MODEL`: unstructured or N:M pruning with magnitude, Wanda or SparseGPT, then an atomic save.
+"""`sparsefast prune MODEL`: unstructured or N:M pruning with magnitude, Wanda, SparseGPT or RIA (optionally with
+OWL's per-layer sparsity and DSnoT's mask refinement), then an atomic save.
 
 Example (the README's quick start): prune SmolLM2-135M-Instruct with Wanda 2:4 and print WikiText-2 perplexity:
     sparsefast prune smollm2 --method wanda --pattern 2:4 --nsamples 32 --seqlen 512 --eval wikitext2
+70% unstructured with OWL's layer-wise sparsity, the masks refined by DSnoT:
+    sparsefast prune smollm2 --sparsity 0.7 --sparsity-allocation owl --refine dsnot --eval wikitext2
 """
 
 from __future__ import annotations
@@ -10,10 +13,13 @@ import argparse
 
 # both import no torch (sparsefast.config imports it when a config is made), so `sparsefast --help` stays light
 from sparsefast.config.prune import (
+    ALLOCATIONS,
     MAGNITUDE_SCOPES,
     METHODS,
+    REFINERS,
     MagnitudeConfig,
     PruneConfig,
+    RIAConfig,
     SparseGPTConfig,
     make_config,
 )
@@ -22,7 +28,7 @@ from sparsefast.device import DTYPE_CHOICES
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     d = PruneConfig  # the defaults: a dataclass keeps each field's default as a class attribute
-    p = subparsers.add_parser("prune", help="prune a model (magnitude | wanda | sparsegpt) and save it",
+    p = subparsers.add_parser("prune", help="prune a model (magnitude | wanda | sparsegpt | ria) and save it",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="HF checkpoint dir, hub id, .gguf file, or 'smollm2' (the embedded default)")
     p.add_argument("--method", default="wanda", help=f"one of {', '.join(METHODS)} (default wanda)")
@@ -41,9 +47,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="model dtype (default auto: the checkpoint's; half types become float32 on CPU)")
     p.add_argument("--backend", default=d.backend,
                    help=f"sparsefast.ops backend: auto, torch, triton, cuda (default {d.backend})")
-    p.add_argument("--scope", default=MagnitudeConfig.scope, choices=MAGNITUDE_SCOPES,
-                   help=f"magnitude only: one threshold per linear (layer) or per output row (default "
-                        f"{MagnitudeConfig.scope})")
+    p.add_argument("--scope", default=None, choices=MAGNITUDE_SCOPES,
+                   help=f"magnitude and ria: one threshold per linear (layer) or per output row (default "
+                        f"{MagnitudeConfig.scope} for magnitude, {RIAConfig.scope} for ria)")
+    p.add_argument("--alpha", type=float, default=RIAConfig.alpha,
+                   help=f"ria only: exponent of the activation norm (default {RIAConfig.alpha})")
+    p.add_argument("--sparsity-allocation", default=d.allocation, choices=ALLOCATIONS,
+                   help="uniform: every layer at --sparsity; owl: per-layer sparsity from each layer's outlier "
+                        "ratio, mean = --sparsity (unstructured only; adds one calibration pass)")
+    p.add_argument("--owl-m", type=float, default=d.owl_m,
+                   help=f"owl: an outlier scores above M x the layer's mean Wanda score (default {d.owl_m:g})")
+    p.add_argument("--owl-lambda", type=float, default=d.owl_lambda,
+                   help=f"owl: the layer sparsities lie within --sparsity +- 2 lambda (default {d.owl_lambda:g})")
+    p.add_argument("--refine", default=None, choices=REFINERS,
+                   help="refine every mask: dsnot (prune-and-grow swaps per row that shrink the expected "
+                        "reconstruction error; no training)")
+    p.add_argument("--dsnot-cycles", type=int, default=d.dsnot_cycles,
+                   help=f"dsnot: at most this many swaps per row (default {d.dsnot_cycles})")
+    p.add_argument("--dsnot-threshold", type=float, default=d.dsnot_threshold,
+                   help=f"dsnot: a row stops once |expected error| <= this (default {d.dsnot_threshold:g})")
     p.add_argument("--blocksize", type=int, default=SparseGPTConfig.blocksize,
                    help=f"sparsegpt only: OBS block size (default {SparseGPTConfig.blocksize})")
     p.add_argument("--percdamp", type=float, default=SparseGPTConfig.percdamp,
@@ -69,9 +91,13 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
     options only where they apply); everything downstream trusts it."""
     kwargs = dict(sparsity=args.sparsity, pattern=args.pattern, nsamples=args.nsamples, seqlen=args.seqlen,
                   seed=args.seed, calib=args.calib, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-                  backend=args.backend)
-    if args.method == "magnitude":
+                  backend=args.backend, allocation=args.sparsity_allocation, owl_m=args.owl_m,
+                  owl_lambda=args.owl_lambda, refine=args.refine, dsnot_cycles=args.dsnot_cycles,
+                  dsnot_threshold=args.dsnot_threshold)
+    if args.method in ("magnitude", "ria") and args.scope is not None:
         kwargs["scope"] = args.scope
+    if args.method == "ria":
+        kwargs["alpha"] = args.alpha
     elif args.method == "sparsegpt":
         kwargs.update(blocksize=args.blocksize, percdamp=args.percdamp)
     return make_config(args.method, **kwargs)

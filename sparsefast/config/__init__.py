@@ -2,7 +2,8 @@
 defaults and presets from here, so `sparsefast --help` stays light.
 
     prune.py       PruneConfig and one subclass per mask-pruning method (MagnitudeConfig, WandaConfig,
-                   SparseGPTConfig), sparsity patterns ("unstructured", "N:M"), make_config
+                   SparseGPTConfig, RIAConfig), sparsity patterns ("unstructured", "N:M"), the OWL allocation and
+                   DSnoT refinement settings, make_config
     structural.py  StructuralConfig (LLM-Pruner structural pruning), its presets, choice tuples and layer ranges
     recover.py     RecoverConfig (LoRA recovery) and its defaults
     sparsify.py    SparsifyConfig (which sparse linears sparsefast.nn.sparsify_ swaps in) and SPARSE_MODES
@@ -22,6 +23,7 @@ from sparsefast.config.prune import (
     MagnitudeConfig,
     Pattern,
     PruneConfig,
+    RIAConfig,
     SparseGPTConfig,
     WandaConfig,
     make_config,
@@ -31,5 +33,6 @@ from sparsefast.config.recover import RecoverConfig
 from sparsefast.config.sparsify import SPARSE_MODES, SparsifyConfig
 from sparsefast.config.structural import StructuralConfig
 
-__all__ = ["CONFIGS", "METHODS", "SPARSE_MODES", "MagnitudeConfig", "Pattern", "PruneConfig", "RecoverConfig",
-           "SparseGPTConfig", "SparsifyConfig", "StructuralConfig", "WandaConfig", "make_config", "parse_pattern"]
+__all__ = ["CONFIGS", "METHODS", "SPARSE_MODES", "MagnitudeConfig", "Pattern", "PruneConfig", "RIAConfig",
+           "RecoverConfig", "SparseGPTConfig", "SparsifyConfig", "StructuralConfig", "WandaConfig", "make_config",
+           "parse_pattern"]

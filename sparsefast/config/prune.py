@@ -1,4 +1,5 @@
-"""Mask-pruning configurations (one frozen dataclass per method: magnitude, Wanda, SparseGPT) and the single place
+"""Mask-pruning configurations (one frozen dataclass per method: magnitude, Wanda, SparseGPT, RIA; the per-layer
+allocation (uniform | OWL) and the mask refinement (DSnoT) are settings every method shares) and the single place
 where sparsity patterns are parsed. Imports no torch (sparsefast.config).
 
 A config is parsed and validated once, where it is made: `__post_init__` checks every model-independent setting
@@ -26,8 +27,10 @@ from sparsefast.device import BACKEND_CHOICES, DEVICE_CHOICES, resolve_dtype
 if TYPE_CHECKING:
     from torch import nn
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
+METHODS = ("magnitude", "wanda", "sparsegpt", "ria")
 MAGNITUDE_SCOPES = ("layer", "row")
+ALLOCATIONS = ("uniform", "owl")
+REFINERS = ("dsnot",)
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
@@ -75,10 +78,17 @@ class PruneConfig:
         device; the model may stay on CPU). dtype: None/"auto" keeps the model's dtype, else "float32", "float16",
         "bfloat16" (sparsefast.device.resolve_dtype).
     batch_size: calibration samples per layer forward. backend: passed to every sparsefast.ops call.
+    allocation: "uniform" (every layer at `sparsity`) or "owl" (Yin et al. 2024, sparsefast.prune.owl: per-layer
+        sparsity from the layer's outlier ratio, hyper-parameters owl_m (M: an outlier scores above M × the layer's
+        mean Wanda score) and owl_lambda (λ: the per-layer sparsities span at most 2λ); their mean is `sparsity`
+        exactly). Unstructured patterns only; needs calibration data for every method.
+    refine: None or "dsnot" (Zhang et al. 2024, sparsefast.prune.dsnot: prune-and-grow swaps per output row that
+        shrink the expected reconstruction error), at most dsnot_cycles swaps per row, rows stop once the error is
+        within dsnot_threshold; growth candidates are ranked by |W·E[x]| / Var(x)^dsnot_var_power.
     """
 
     method: ClassVar[str] = "base"
-    needs_calibration: ClassVar[bool] = True
+    method_needs_calibration: ClassVar[bool] = True
 
     sparsity: float | None = None
     pattern: str = "unstructured"
@@ -90,6 +100,13 @@ class PruneConfig:
     dtype: str | None = None
     batch_size: int = 8
     backend: str = "auto"
+    allocation: str = "uniform"
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
+    refine: str | None = None
+    dsnot_cycles: int = 50
+    dsnot_threshold: float = 0.1
+    dsnot_var_power: float = 1.0
 
     def __post_init__(self) -> None:
         """Check every model-independent setting; raise ValueError naming the problem and the fix."""
@@ -111,6 +128,46 @@ class PruneConfig:
         resolve_dtype(self.dtype)
         if self.backend not in BACKEND_CHOICES:
             raise ValueError(f"backend must be one of {', '.join(BACKEND_CHOICES)}, got {self.backend!r}")
+        self._check_allocation()
+        self._check_refine()
+
+    def _check_allocation(self) -> None:
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
+        if self.allocation == "uniform":
+            return
+        if self.parsed_pattern.nm is not None:
+            raise ValueError(f"allocation owl sets a sparsity per layer, but pattern {self.parsed_pattern} fixes it "
+                             "at 1 - N/M in every layer; use --pattern unstructured with owl, or allocation uniform")
+        for name in ("owl_m", "owl_lambda"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if self.owl_m <= 0:
+            raise ValueError(f"owl_m (OWL's M: outliers score above M x the layer mean) must be > 0, got {self.owl_m}")
+        s, lam = self.target_sparsity, self.owl_lambda
+        if not 0 <= lam or s - 2 * lam < 0 or s + 2 * lam >= 1:
+            raise ValueError(f"owl_lambda {lam:g} with sparsity {s:g}: per-layer sparsities may range over "
+                             f"sparsity ± 2λ, which must stay in [0, 1); use 0 <= owl_lambda <= "
+                             f"{min(s, 1 - s) / 2:.4g}")
+
+    def _check_refine(self) -> None:
+        if self.refine is None:
+            return
+        if self.refine not in REFINERS:
+            raise ValueError(f"refine must be one of {', '.join(REFINERS)} (or none), got {self.refine!r}")
+        if not _is_int(self.dsnot_cycles) or self.dsnot_cycles < 1:
+            raise ValueError(f"dsnot_cycles must be an integer >= 1, got {self.dsnot_cycles!r}")
+        for name in ("dsnot_threshold", "dsnot_var_power"):
+            value = getattr(self, name)
+            if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+                    or value < 0):
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Calibration data is needed by the method itself, by OWL's outlier ratios and by DSnoT's statistics."""
+        return self.method_needs_calibration or self.allocation != "uniform" or self.refine is not None
 
     @cached_property
     def parsed_pattern(self) -> Pattern:
@@ -152,7 +209,7 @@ class MagnitudeConfig(PruneConfig):
     patterns always rank within each M-group."""
 
     method: ClassVar[str] = "magnitude"
-    needs_calibration: ClassVar[bool] = False
+    method_needs_calibration: ClassVar[bool] = False
     scope: str = "layer"
 
     def __post_init__(self) -> None:
@@ -191,8 +248,27 @@ class SparseGPTConfig(PruneConfig):
             raise ValueError(f"hessian_dtype must be 'float32' or 'float64', got {self.hessian_dtype!r}")
 
 
+@dataclass(frozen=True)
+class RIAConfig(PruneConfig):
+    """RIA (Zhang et al. 2024, "Plug-and-Play"): relative importance |W_ij|/Σ_k|W_ik| + |W_ij|/Σ_k|W_kj| times
+    ‖X_j‖₂^alpha. scope: "layer" (the paper's default: one threshold per linear) or "row" (per output row, Wanda's
+    comparison group); N:M patterns rank within each M-group."""
+
+    method: ClassVar[str] = "ria"
+    alpha: float = 0.5
+    scope: str = "layer"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.scope not in MAGNITUDE_SCOPES:
+            raise ValueError(f"ria scope must be one of {', '.join(MAGNITUDE_SCOPES)}, got {self.scope!r}")
+        if (not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool)
+                or not math.isfinite(self.alpha) or self.alpha < 0):
+            raise ValueError(f"alpha (RIA's activation exponent) must be a number >= 0, got {self.alpha!r}")
+
+
 CONFIGS: dict[str, type[PruneConfig]] = {"magnitude": MagnitudeConfig, "wanda": WandaConfig,
-                                         "sparsegpt": SparseGPTConfig}
+                                         "sparsegpt": SparseGPTConfig, "ria": RIAConfig}
 
 
 def make_config(method: str, **kwargs: Any) -> PruneConfig:
@@ -202,5 +278,5 @@ def make_config(method: str, **kwargs: Any) -> PruneConfig:
     return CONFIGS[method](**kwargs)
 
 
-__all__ = ["CONFIGS", "MAGNITUDE_SCOPES", "METHODS", "MagnitudeConfig", "Pattern", "PruneConfig", "SparseGPTConfig",
-           "WandaConfig", "make_config", "parse_pattern"]
+__all__ = ["ALLOCATIONS", "CONFIGS", "MAGNITUDE_SCOPES", "METHODS", "REFINERS", "MagnitudeConfig", "Pattern",
+           "PruneConfig", "RIAConfig", "SparseGPTConfig", "WandaConfig", "make_config", "parse_pattern"]

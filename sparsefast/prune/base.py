@@ -3,6 +3,9 @@
 Per decoder layer the engine calls `start_layer(linears)`, then `add_batch(name, x)` from forward hooks for every
 calibration batch (x is the linear's input, [..., in_features]), then `prune(name, linear)` once per linear (which
 zeroes weights in place and returns per-linear stats), then `end_layer()` to free the statistics.
+
+A pruner may carry a `refiner` (sparsefast.prune.dsnot.DSnoTRefiner): the engine feeds it the same calls
+(start_layer / add_batch / end_layer), and the pruner passes its mask through `refine` before zeroing.
 """
 
 from __future__ import annotations
@@ -23,7 +26,14 @@ class Pruner:
     def __init__(self, config: PruneConfig) -> None:
         self.config = config  # valid by construction (frozen, checked in __post_init__)
         self.pattern = config.parsed_pattern
-        self.sparsity = config.target_sparsity
+        self.sparsity = config.target_sparsity  # the engine sets a layer's own value under OWL allocation
+        self.refiner: Any = None  # a mask refiner (sparsefast.prune.dsnot.DSnoTRefiner) or None
+
+    def refine(self, name: str, weight: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
+        """The mask `pruned` [out, in] (True = pruned) of `weight` (still dense) after the refiner, if any."""
+        if self.refiner is None:
+            return pruned
+        return self.refiner.refine(name, weight, pruned, nm=self.pattern.nm)
 
     def start_layer(self, linears: Mapping[str, nn.Linear]) -> None:
         """Allocate per-linear statistics for one decoder layer (on the linears' device)."""
@@ -53,6 +63,28 @@ def apply_mask(linear: nn.Linear, pruned: torch.Tensor) -> None:
     if pruned.shape != linear.weight.shape or pruned.dtype != torch.bool:
         raise ValueError(f"mask must be bool {tuple(linear.weight.shape)}, got {pruned.dtype} {tuple(pruned.shape)}")
     linear.weight.masked_fill_(pruned.to(linear.weight.device), 0)
+
+
+@torch.no_grad()
+def score_mask(score: torch.Tensor, *, sparsity: float | None = None, n: int | None = None, m: int | None = None,
+               scope: str = "row") -> torch.Tensor:
+    """Bool mask [out, in] (True = pruned) of the lowest entries of `score` [out, in], ties to the lower index:
+    scope "row": exactly int(in·sparsity) per row; "layer": exactly int(numel·sparsity) over the whole matrix (flat
+    row-major order); N:M (`n`, `m`, any scope): the M − N lowest of every group of M consecutive columns."""
+    rows, cols = score.shape
+    mask = torch.zeros(rows, cols, dtype=torch.bool, device=score.device)
+    if n is not None:
+        idx = torch.sort(score.reshape(rows, cols // m, m), dim=2, stable=True).indices[:, :, : m - n]
+        mask.view(rows, cols // m, m).scatter_(2, idx, True)
+    elif scope == "layer":
+        k = int(score.numel() * sparsity)
+        if k:
+            mask.view(-1)[torch.sort(score.flatten(), stable=True).indices[:k]] = True
+    else:
+        k = int(cols * sparsity)
+        if k:
+            mask.scatter_(1, torch.sort(score, dim=1, stable=True).indices[:, :k], True)
+    return mask
 
 
 @torch.no_grad()

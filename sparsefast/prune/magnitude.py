@@ -16,7 +16,7 @@ from torch import nn
 
 from sparsefast.config import MagnitudeConfig
 from sparsefast.ops.wanda_mask import wanda_key, wanda_mask
-from sparsefast.prune.base import Pruner, apply_mask, mask_stats
+from sparsefast.prune.base import Pruner, apply_mask, mask_stats, score_mask
 
 
 @torch.no_grad()
@@ -24,13 +24,8 @@ def magnitude_layer_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Bool mask [out, in], True = pruned: the int(numel·sparsity) weights with the smallest (W², flat index)."""
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    k = int(weight.numel() * sparsity)
-    mask = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
-    if k:
-        ones = torch.ones(weight.shape[1], dtype=torch.float32, device=weight.device)
-        key = wanda_key(weight, ones).flatten()
-        mask[torch.sort(key, stable=True).indices[:k]] = True
-    return mask.view_as(weight)
+    ones = torch.ones(weight.shape[1], dtype=torch.float32, device=weight.device)
+    return score_mask(wanda_key(weight, ones), sparsity=sparsity, scope="layer")
 
 
 @torch.no_grad()
@@ -54,5 +49,5 @@ class MagnitudePruner(Pruner):
 
     def prune(self, name: str, linear: nn.Linear) -> dict[str, Any]:
         mask = magnitude_mask(linear.weight, scope=self.scope, backend=self.config.backend, **self.mask_kwargs())
-        apply_mask(linear, mask)
+        apply_mask(linear, self.refine(name, linear.weight, mask))
         return mask_stats(linear.weight, self.sparsity)

@@ -143,6 +143,12 @@ class SparseGPTPruner(Pruner):
         new_w, notes = sparsegpt_prune_weight(linear.weight.data, hessian, sparsity=self.sparsity,
                                               nm=self.pattern.nm, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
                                               mask=self.fixed_mask(linear, hessian))
+        if self.refiner is not None:  # refine SparseGPT's mask on the original weights, then update for that mask
+            chosen = new_w == 0
+            refined = self.refine(name, linear.weight.data, chosen)
+            if not torch.equal(refined, chosen):
+                new_w, notes = sparsegpt_prune_weight(linear.weight.data, hessian, sparsity=self.sparsity,
+                                                      blocksize=cfg.blocksize, percdamp=cfg.percdamp, mask=refined)
         del hessian
         linear.weight.data.copy_(new_w)
         stats = mask_stats(linear.weight, self.sparsity)

@@ -20,7 +20,7 @@ from sparsefast.prune.base import Pruner, apply_mask, mask_stats
 
 
 class WandaPruner(Pruner):
-    """Accumulates Σx² per input channel and prunes with wanda_mask."""
+    """Accumulates Σx² per input channel and prunes with wanda_mask (RIAPruner: the same statistic, its score)."""
 
     needs_calibration = True
 
@@ -38,12 +38,16 @@ class WandaPruner(Pruner):
         sq_norm_accumulate(self.acc[name], x.detach(), backend=self.config.backend)
         self.tokens[name] += x.numel() // x.shape[-1]
 
+    def mask(self, weight: torch.Tensor, act_sq_norm: torch.Tensor) -> torch.Tensor:
+        """Bool mask (True = pruned) of `weight` from Σx² per input channel: Wanda's (subclasses: their score's)."""
+        return wanda_mask(weight, act_sq_norm, backend=self.config.backend, **self.mask_kwargs())
+
     def prune(self, name: str, linear: nn.Linear) -> dict[str, Any]:
         if self.tokens.get(name, 0) == 0:
-            raise RuntimeError(f"wanda: no calibration activations reached {name}; the layer was never called")
-        act = self.acc[name].to(linear.weight.device)
-        mask = wanda_mask(linear.weight, act, backend=self.config.backend, **self.mask_kwargs())
-        apply_mask(linear, mask)
+            raise RuntimeError(f"{self.config.method}: no calibration activations reached {name}; the layer was "
+                               "never called")
+        mask = self.mask(linear.weight, self.acc[name].to(linear.weight.device))
+        apply_mask(linear, self.refine(name, linear.weight, mask))
         stats = mask_stats(linear.weight, self.sparsity)
         stats["tokens"] = self.tokens[name]
         return stats

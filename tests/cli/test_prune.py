@@ -47,6 +47,24 @@ def test_prune_story_llama_and_reload(tmp_path, story_llama_dir, calib_file, cap
     assert transformers.utils.logging.is_progress_bar_enabled()  # --no-progress is undone for the rest of the process
 
 
+def test_ria_with_owl_and_dsnot(tmp_path, story_llama_dir, calib_file, capsys):
+    json_path = tmp_path / "report.json"
+    code, stdout, err = run(["prune", str(story_llama_dir), "--method", "ria", "--sparsity", "0.6",
+                             "--sparsity-allocation", "owl", "--owl-m", "3", "--owl-lambda", "0.1", "--refine",
+                             "dsnot", "--calib", str(calib_file), "--nsamples", "3", "--seqlen", "64", "--device",
+                             "cpu", "--json", str(json_path), "--no-progress"], capsys)
+    assert code == 0, err
+    report = json.loads(json_path.read_text())
+    assert report["config"]["method"] == "ria" and report["config"]["refine"] == "dsnot"
+    sparsities = report["allocation"]["layer_sparsity"]
+    assert len(set(sparsities)) > 1 and abs(sum(sparsities) / len(sparsities) - 0.6) < 1e-12
+    assert sum(s["dsnot_swaps"] for s in report["linears"].values()) > 0
+    out = tmp_path / "never"
+    code, _, err = run(["prune", str(story_llama_dir), "--pattern", "2:4", "--sparsity-allocation", "owl", "--out",
+                        str(out)], capsys)
+    assert code == 2 and "fixes it at 1 - N/M" in one_error_line(err) and not out.exists()
+
+
 def test_gguf_default_model(tmp_path, capsys):
     from sparsefast.models import smollm2_gguf_path
 

@@ -25,7 +25,8 @@ def test_the_face_exports_every_config():
     from sparsefast.recover import RecoverConfig
 
     assert config.WandaConfig is prune.WandaConfig and config.make_config is prune.make_config
-    assert config.METHODS == ("magnitude", "wanda", "sparsegpt")
+    assert config.METHODS == ("magnitude", "wanda", "sparsegpt", "ria") == tuple(config.CONFIGS)
+    assert config.RIAConfig is prune.RIAConfig
     assert config.StructuralConfig is structural.StructuralConfig is StructuralConfig
     assert config.RecoverConfig is recover.RecoverConfig is RecoverConfig
     assert set(config.__all__) <= set(dir(config))
