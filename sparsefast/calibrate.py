@@ -181,6 +181,7 @@ def prune_layerwise(model: nn.Module, adapter: Any, pruner: Pruner, calib: torch
                     for h in handles:
                         h.remove()
             t0 = time.perf_counter()
+            pruner.channel_producers = adapter.channel_producers(linears)
             for name, lin in linears.items():
                 stats = linear_stats[f"layers.{i}.{name}"] = pruner.prune(name, lin)
                 if refiner is not None:

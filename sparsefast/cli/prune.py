@@ -52,6 +52,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         f"{MagnitudeConfig.scope} for magnitude, {RIAConfig.scope} for ria)")
     p.add_argument("--alpha", type=float, default=RIAConfig.alpha,
                    help=f"ria only: exponent of the activation norm (default {RIAConfig.alpha})")
+    p.add_argument("--no-reallocation", action="store_true",
+                   help="ria with N:M only: skip the channel reallocation of the MLP's down projection")
     p.add_argument("--sparsity-allocation", default=d.allocation, choices=ALLOCATIONS,
                    help="uniform: every layer at --sparsity; owl: per-layer sparsity from each layer's outlier "
                         "ratio, mean = --sparsity (unstructured only; adds one calibration pass)")
@@ -97,7 +99,7 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
     if args.method in ("magnitude", "ria") and args.scope is not None:
         kwargs["scope"] = args.scope
     if args.method == "ria":
-        kwargs["alpha"] = args.alpha
+        kwargs.update(alpha=args.alpha, reallocation=not args.no_reallocation)
     elif args.method == "sparsegpt":
         kwargs.update(blocksize=args.blocksize, percdamp=args.percdamp)
     return make_config(args.method, **kwargs)

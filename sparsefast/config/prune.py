@@ -252,11 +252,13 @@ class SparseGPTConfig(PruneConfig):
 class RIAConfig(PruneConfig):
     """RIA (Zhang et al. 2024, "Plug-and-Play"): relative importance |W_ij|/Σ_k|W_ik| + |W_ij|/Σ_k|W_kj| times
     ‖X_j‖₂^alpha. scope: "layer" (the paper's default: one threshold per linear) or "row" (per output row, Wanda's
-    comparison group); N:M patterns rank within each M-group."""
+    comparison group); N:M patterns rank within each M-group. reallocation: with N:M, the paper's channel
+    reallocation where it folds into the weights (the MLP's down projection; sparsefast.prune.ria)."""
 
     method: ClassVar[str] = "ria"
     alpha: float = 0.5
     scope: str = "layer"
+    reallocation: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -265,6 +267,8 @@ class RIAConfig(PruneConfig):
         if (not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool)
                 or not math.isfinite(self.alpha) or self.alpha < 0):
             raise ValueError(f"alpha (RIA's activation exponent) must be a number >= 0, got {self.alpha!r}")
+        if not isinstance(self.reallocation, bool):
+            raise ValueError(f"reallocation must be True or False, got {self.reallocation!r}")
 
 
 CONFIGS: dict[str, type[PruneConfig]] = {"magnitude": MagnitudeConfig, "wanda": WandaConfig,

@@ -8,7 +8,7 @@ model's config. Each family subclasses `ModelAdapter`, sets the class attributes
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Mapping
 
 from torch import nn
 
@@ -142,6 +142,16 @@ class ModelAdapter:
             if isinstance(module, nn.Linear):
                 out[name] = module
         return out
+
+    def channel_producers(self, linears: Mapping[str, nn.Linear]) -> dict[str, list[nn.Linear]]:
+        """{name: the linears whose output rows are that linear's input channels} for the one place in a layer where
+        a permutation of input channels folds into the producing weights exactly (only elementwise operations in
+        between): the MLP's down projection and the projections feeding it (gate and up, or fc1). Attention's
+        output projection is left out (its inputs are grouped by head), and so are the projections reading the
+        residual stream (their input order is shared by every layer)."""
+        if len(self.mlp_out) != 1 or not all(n in linears for n in (*self.mlp_in, *self.mlp_out)):
+            return {}
+        return {self.mlp_out[0]: [linears[n] for n in self.mlp_in]}
 
     # ---- structure hints ----------------------------------------------------------------------------------------
     def max_context(self, model: nn.Module) -> int:

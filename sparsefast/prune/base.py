@@ -28,6 +28,9 @@ class Pruner:
         self.pattern = config.parsed_pattern
         self.sparsity = config.target_sparsity  # the engine sets a layer's own value under OWL allocation
         self.refiner: Any = None  # a mask refiner (sparsefast.prune.dsnot.DSnoTRefiner) or None
+        # {linear name: linears producing its input channels} of the current layer, set by the engine
+        # (sparsefast.models.base.ModelAdapter.channel_producers): where an input permutation may be folded
+        self.channel_producers: dict[str, list[nn.Linear]] = {}
 
     def refine(self, name: str, weight: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
         """The mask `pruned` [out, in] (True = pruned) of `weight` (still dense) after the refiner, if any."""

@@ -117,6 +117,10 @@ class DSnoTRefiner:
         self.swapped[name] = int((refined & ~pruned).sum())
         return refined
 
+    def permute(self, name: str, order: torch.Tensor) -> None:
+        """The input channels of `name` were reordered (new k = old order[k]): reorder its statistics too."""
+        self.sums[name] = tuple(t[order.to(t.device)] for t in self.sums[name])
+
     def end_layer(self) -> None:
         self.sums = {}
         self.tokens = {}

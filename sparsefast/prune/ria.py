@@ -12,15 +12,22 @@ paper's unstructured setting, scope "layer"), per output row (scope "row", Wanda
 M-group (N:M). A row or column whose weights are all zero contributes a zero term (its weights score 0 there).
 No weight update.
 
-Not included: the paper's channel permutation before N:M (its "channel reallocation" and linear-sum-assignment
-refinement). A permutation of a linear's input channels is free at run time only when it can be folded into the
-weights that produce those channels; here that holds for down_proj (fold into gate/up rows) but not for the
-linears that read the residual stream (q/k/v, gate/up) or o_proj (whose inputs are grouped by attention head).
+Channel reallocation before N:M (the paper's heuristic, `reallocation=True`): input channels are ordered by their
+column sum of RIA scores and dealt round the M positions of the groups in a zig-zag (the lowest quarter to position
+0, the next quarter to position 1 in reverse, ...), so every group holds channels of every importance class and fewer
+important weights fall to the N:M rule. A permutation of input channels is free at run time only where it folds into
+the weights that produce those channels, so it is applied to the MLP's down projection, with the rows of gate/up (or
+fc1) permuted the same way (sparsefast.models.base.ModelAdapter.channel_producers); the model computes the same
+function, and the saved checkpoint and the sparse kernels see a plain N:M weight. It is kept only when it raises the
+total RIA score of the kept weights. Not included: the paper's optional linear-sum-assignment refinement.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from torch import nn
 
 from sparsefast.prune.base import score_mask
 from sparsefast.prune.wanda import WandaPruner
@@ -46,8 +53,58 @@ def ria_mask(weight: torch.Tensor, act_sq_norm: torch.Tensor, *, alpha: float = 
     return score_mask(ria_score(weight, act_sq_norm, alpha), sparsity=sparsity, n=n, m=m, scope=scope)
 
 
+def reallocation_order(score: torch.Tensor, m: int) -> torch.Tensor:
+    """The channel order [in] (new column k reads old column order[k]) of the heuristic channel reallocation: the
+    channels sorted by the column sums of `score` [out, in], the q-th 1/m of that list dealt to position q of every
+    M-group, reversed for odd q."""
+    cols = score.shape[1]
+    ranked = torch.sort(score.sum(dim=0), stable=True).indices
+    order = torch.empty_like(ranked)
+    per = cols // m
+    for q in range(m):
+        part = ranked[q * per:(q + 1) * per]
+        order[q::m] = part.flip(0) if q % 2 else part
+    return order
+
+
+@torch.no_grad()
+def permute_input_channels(linear: nn.Linear, producers: list[nn.Linear], order: torch.Tensor) -> None:
+    """Reorder the input channels of `linear` and, identically, the output rows (and biases) of `producers`."""
+    linear.weight.data = linear.weight.data[:, order.to(linear.weight.device)].contiguous()
+    for lin in producers:
+        lin.weight.data = lin.weight.data[order.to(lin.weight.device)].contiguous()
+        if lin.bias is not None:
+            lin.bias.data = lin.bias.data[order.to(lin.bias.device)].contiguous()
+
+
 class RIAPruner(WandaPruner):
-    """Wanda's statistic (Σx² per input channel), RIA's score: ria_mask."""
+    """Wanda's statistic (Σx² per input channel), RIA's score: ria_mask; with N:M and config.reallocation, the
+    channel reallocation of the linears listed in `channel_producers` (set by the engine per layer)."""
 
     def mask(self, weight: torch.Tensor, act_sq_norm: torch.Tensor) -> torch.Tensor:
         return ria_mask(weight, act_sq_norm, alpha=self.config.alpha, scope=self.config.scope, **self.mask_kwargs())
+
+    def prune(self, name: str, linear: nn.Linear) -> dict[str, Any]:
+        note = None
+        if self.config.reallocation and self.pattern.nm is not None and name in self.channel_producers:
+            note = self.reallocate(name, linear)
+        stats = super().prune(name, linear)
+        if note is not None:
+            stats["reallocation"] = note
+        return stats
+
+    def reallocate(self, name: str, linear: nn.Linear) -> dict[str, Any]:
+        """Apply the channel reallocation to `linear` and its producers if it keeps more RIA score under N:M."""
+        act = self.acc[name].to(linear.weight.device)
+        score = ria_score(linear.weight, act, self.config.alpha)
+        n, m = self.pattern.nm
+        order = reallocation_order(score, m)
+        before = float(score[~score_mask(score, n=n, m=m)].sum())
+        moved = score[:, order]
+        after = float(moved[~score_mask(moved, n=n, m=m)].sum())
+        if after > before:
+            permute_input_channels(linear, self.channel_producers[name], order)
+            self.acc[name] = self.acc[name][order.to(self.acc[name].device)]
+            if self.refiner is not None:
+                self.refiner.permute(name, order)
+        return {"kept_score_before": before, "kept_score_after": after, "applied": after > before}
