@@ -1,11 +1,17 @@
-"""Quality of magnitude / Wanda / SparseGPT on SmolLM2-135M-Instruct (the embedded default model), on CPU.
+"""Quality of the mask pruners (magnitude / Wanda / SparseGPT / RIA, each optionally with OWL's layer-wise
+sparsity and DSnoT's refinement) on SmolLM2-135M-Instruct (the embedded default model), on CPU.
 
 Protocol (issue 2, part 9): C4 calibration nsamples × seqlen (default 128 × 512, seed 0, Wanda's sampler), the same
 calibration ids for every method; WikiText-2 perplexity with the "gptq" protocol (full test set, non-overlapping
-windows of --eval-seqlen=512, tail dropped); dense first, then every method × pattern from the dense weights.
-Prune times split into calibration forward (incl. statistics hooks) and metric+mask (Wanda's pruning time).
+windows of --eval-seqlen=512, tail dropped); dense first, then every pattern (× sparsity for unstructured) × method
+from the dense weights. A method is a pruner name with optional "+owl" (allocation) and "+dsnot" (refinement), e.g.
+"wanda+owl+dsnot"; "+owl" applies to unstructured patterns only (N:M runs skip it). Prune times split into
+calibration forward (incl. statistics hooks; OWL's extra pass is reported separately) and metric+mask (Wanda's
+pruning time; DSnoT's swaps and RIA's reallocation are inside it).
 
     python bench/e2e/quality.py                    # writes bench/results/<date>-cpu-smollm2-quality.json
+    python bench/e2e/quality.py --methods wanda,wanda+owl,sparsegpt,sparsegpt+owl --patterns unstructured \
+        --sparsities 0.7
 
 The JSON is rewritten after every run, so an interrupted benchmark keeps what it measured; `--resume` continues it
 (runs already in --out with the same calibration and evaluation settings are kept, not repeated).
@@ -21,6 +27,17 @@ from pathlib import Path
 from sparsefast.bench.results import commit_of, result_path, run_metadata
 
 
+def parse_method(spec: str) -> tuple[str, dict]:
+    """"wanda+owl+dsnot" -> ("wanda", {"allocation": "owl", "refine": "dsnot"}); ValueError on an unknown part."""
+    from sparsefast.config import METHODS
+
+    name, *mods = spec.strip().split("+")
+    unknown = [m for m in mods if m not in ("owl", "dsnot")]
+    if name not in METHODS or unknown or len(set(mods)) != len(mods):
+        raise ValueError(f"method {spec!r}: use METHOD[+owl][+dsnot] with METHOD one of {', '.join(METHODS)}")
+    return name, {**({"allocation": "owl"} if "owl" in mods else {}), **({"refine": "dsnot"} if "dsnot" in mods else {})}
+
+
 def main(argv: list[str] | None = None) -> int:
     from sparsefast.api import evaluate, prune, versions
     from sparsefast.checkpoint import write_json
@@ -33,9 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-seqlen", type=int, default=512)
-    p.add_argument("--methods", default="magnitude,wanda,sparsegpt")
+    p.add_argument("--methods", default="magnitude,wanda,sparsegpt",
+                   help="comma list of METHOD[+owl][+dsnot], METHOD one of magnitude, wanda, sparsegpt, ria")
     p.add_argument("--patterns", default="unstructured,4:8,2:4")
-    p.add_argument("--sparsity", type=float, default=0.5, help="for the unstructured pattern")
+    p.add_argument("--sparsities", default="0.5", help="comma list, for the unstructured pattern")
+    p.add_argument("--eval-windows", type=int, default=None,
+                   help="evaluate only the first N windows (a check of the harness; not the protocol)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default=None)
@@ -54,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         "model_load_s": load_s, "device": args.device, "metadata": run_metadata(args.device), "versions": versions(),
         "command": " ".join([sys.executable, *sys.argv]),
         "calibration": {"source": "c4", "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 0},
-        "eval": {"dataset": "wikitext2", "protocol": "gptq", "seqlen": args.eval_seqlen}, "runs": [],
+        "eval": {"dataset": "wikitext2", "protocol": "gptq", "seqlen": args.eval_seqlen,
+                 "max_windows": args.eval_windows}, "runs": [],
     }
     if args.resume and out.exists():
         import json
@@ -66,39 +87,47 @@ def main(argv: list[str] | None = None) -> int:
                         f"use another --out or the same settings")
         result["runs"] = previous["runs"]
         result["resumed_from_commits"] = [*previous.get("resumed_from_commits", []), commit_of(previous)]
-    done = {(r["method"], r["pattern"]) for r in result["runs"]}
+    done = {(r["method"], r["pattern"], r["sparsity"]) for r in result["runs"]}
+    specs = [parse_method(m) for m in args.methods.split(",")]  # every bad name fails here, before any work
 
     def ppl() -> tuple[float, float]:
         t = time.perf_counter()
         value = evaluate(model, tok, ["wikitext2"], seqlen=args.eval_seqlen, data_dir=args.data_dir,
-                         device=args.device)["wikitext2"]
+                         device=args.device, max_windows=args.eval_windows)["wikitext2"]
         return float(value), time.perf_counter() - t
 
-    if ("dense", "-") not in done:
+    if ("dense", "-", 0.0) not in done:
         dense_ppl, eval_s = ppl()
         result["runs"].append({"method": "dense", "pattern": "-", "sparsity": 0.0, "wikitext2_ppl": dense_ppl,
                                "eval_s": eval_s})
         print(f"dense: wikitext2 ppl {dense_ppl:.3f} (eval {eval_s:.0f} s)", flush=True)
         write_json(out, result)
-    for pattern in args.patterns.split(","):
-        for method in args.methods.split(","):
-            if (method, pattern) in done:
+    cases = [(pattern, float(s) if pattern == "unstructured" else None) for pattern in args.patterns.split(",")
+             for s in (args.sparsities.split(",") if pattern == "unstructured" else [None])]
+    for pattern, sparsity in cases:
+        for method, (name, extra) in zip(args.methods.split(","), specs):
+            if pattern != "unstructured" and extra.get("allocation") == "owl":
+                continue
+            cfg = make_config(name, pattern=pattern, sparsity=sparsity, nsamples=args.nsamples, seqlen=args.seqlen,
+                              device=args.device, **extra)
+            if (method, pattern, cfg.target_sparsity) in done:
                 continue
             model.load_state_dict(dense_state)
-            cfg = make_config(method, pattern=pattern, sparsity=args.sparsity if pattern == "unstructured" else None,
-                              nsamples=args.nsamples, seqlen=args.seqlen, device=args.device)
             rep = prune(model, cfg, calib, progress=False)
             value, eval_s = ppl()
             t = rep["timings"]
             run = {"method": method, "pattern": pattern, "sparsity": rep["requested_sparsity"],
                    "achieved_sparsity": rep["achieved_sparsity"], "wikitext2_ppl": value, "eval_s": eval_s,
                    "prune_total_s": t["total_s"], "calib_forward_s": t["calib_forward_s"], "stats_s": t["stats_s"],
-                   "metric_mask_s": t["metric_mask_s"], "damping": rep.get("damping")}
+                   "metric_mask_s": t["metric_mask_s"], "owl_outlier_pass_s": t.get("owl_outlier_pass_s"),
+                   "allocation": rep["allocation"], "damping": rep.get("damping"),
+                   "dsnot_swaps": sum(s.get("dsnot_swaps", 0) for s in rep["linears"].values()) if cfg.refine else None,
+                   "reallocated": [n for n, s in rep["linears"].items() if s.get("reallocation", {}).get("applied")]}
             result["runs"].append(run)
             write_json(out, result)
-            print(f"{method} {pattern}: wikitext2 ppl {value:.3f}, sparsity {rep['achieved_sparsity']:.4f}, prune "
-                  f"{t['total_s']:.1f} s (calib fwd {t['calib_forward_s']:.1f} s, metric+mask "
-                  f"{t['metric_mask_s']:.1f} s), eval {eval_s:.0f} s", flush=True)
+            print(f"{method} {pattern} {cfg.target_sparsity:g}: wikitext2 ppl {value:.3f}, sparsity "
+                  f"{rep['achieved_sparsity']:.4f}, prune {t['total_s']:.1f} s (calib fwd {t['calib_forward_s']:.1f} s, "
+                  f"metric+mask {t['metric_mask_s']:.1f} s), eval {eval_s:.0f} s", flush=True)
     result["total_s"] = time.perf_counter() - t0
     write_json(out, result)
     print("\n| method | pattern | sparsity | WikiText-2 ppl | calib forward s | metric+mask s |")

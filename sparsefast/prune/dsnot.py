@@ -14,7 +14,8 @@ pruned weights:
 
 A row swaps while |ε_i| > threshold, at most `cycles` times; it stops for good when a candidate is missing or (N:M,
 as in the paper's N:M setting) when the swap would flip the sign of ε_i. Each weight moves at most once (a regrown
-weight is never pruned again, a weight pruned by a swap never regrown), so a row cannot oscillate. Ties go to the
+weight is never pruned again, a weight pruned by a swap never regrown), so a row cannot oscillate, and the candidate
+lists can be sorted once and consumed in order (the reference code's pointers). Ties go to the
 lower column index. Defaults are the paper's: γ = 1, 50 cycles, threshold 0.1. No weight update: the kept weights
 keep their dense values (with SparseGPT, sparsefast.prune.sparsegpt re-runs its update for the refined mask).
 """
@@ -34,7 +35,10 @@ def dsnot_refine(weight: torch.Tensor, pruned: torch.Tensor, mean: torch.Tensor,
                  sq_norm: torch.Tensor, *, nm: tuple[int, int] | None = None, cycles: int = 50,
                  threshold: float = 0.1, var_power: float = 1.0) -> torch.Tensor:
     """The refined mask [out, in] (True = pruned; `pruned` is not modified). mean, var: E[x_j], Var(x_j) [in];
-    sq_norm: Σ_tokens x_j² [in]. Computed in fp32 on the weight's device, the errors ε in fp64."""
+    sq_norm: Σ_tokens x_j² [in]. Computed in fp32 on the weight's device, the errors ε in fp64.
+
+    Since every weight moves at most once, each candidate list (growth by sign of c, pruning by sign of c) is sorted
+    once per row and consumed from its head: a cycle costs O(rows), not O(rows × in)."""
     rows, cols = weight.shape
     if pruned.shape != weight.shape or pruned.dtype != torch.bool:
         raise ValueError(f"dsnot: mask must be bool {tuple(weight.shape)}, got {pruned.dtype} {tuple(pruned.shape)}")
@@ -45,34 +49,54 @@ def dsnot_refine(weight: torch.Tensor, pruned: torch.Tensor, mean: torch.Tensor,
     c = w * mean.to(dev, torch.float32)[None, :]
     importance = w.abs() * sq_norm.to(dev, torch.float32).sqrt()[None, :]
     grow_key = c.abs() / var.to(dev, torch.float32).pow(var_power)[None, :]
-    init_pruned = pruned.to(dev)
-    mask = init_pruned.clone()
-    eps = (c.double() * init_pruned).sum(dim=1)
-    active = eps.abs() > threshold
+    init = pruned.to(dev)
+    mask = init.clone()
+    eps = torch.where(init, c, 0.0).sum(dim=1, dtype=torch.float64)
+
+    def ranked(eligible: torch.Tensor, key: torch.Tensor, descending: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row, the eligible columns first, by key (ties: lower column first), and how many are eligible."""
+        fill = -torch.inf if descending else torch.inf
+        order = torch.sort(torch.where(eligible, key, fill), dim=1, descending=descending, stable=True).indices
+        return order, eligible.count_nonzero(dim=1)
+
+    # index 0: for rows with ε > 0, index 1: ε < 0
+    grow = [ranked(init & (c > 0), grow_key, True), ranked(init & (c < 0), grow_key, True)]
+    if nm is None:
+        cut = [ranked(~init & (c < 0), importance, False), ranked(~init & (c > 0), importance, False)]
+    ptr = torch.zeros(4, rows, dtype=torch.long, device=dev)  # grow +, grow -, prune +, prune -
     arange = torch.arange(rows, device=dev)
-    cols_idx = torch.arange(cols, device=dev)
+    active = eps.abs() > threshold
     for _ in range(cycles):
         if not bool(active.any()):
             break
-        sign = torch.sign(eps).float()[:, None]
-        grow_ok = init_pruned & mask & (c * sign > 0)
-        g = torch.where(grow_ok, grow_key, -torch.inf).argmax(dim=1)
-        has = grow_ok.any(dim=1)
-        prune_ok = ~init_pruned & ~mask
+        neg = eps < 0
+        which = neg.long()
+
+        def take(lists: list, k0: int) -> tuple[torch.Tensor, torch.Tensor]:
+            at = torch.where(neg, ptr[k0 + 1], ptr[k0])
+            count = torch.where(neg, lists[1][1], lists[0][1])
+            pos = at.clamp(max=cols - 1)[:, None]
+            col = torch.where(neg, lists[1][0].gather(1, pos)[:, 0], lists[0][0].gather(1, pos)[:, 0])
+            return col, at < count
+
+        g, has = take(grow, 0)
         if nm is None:
-            prune_ok &= c * sign < 0
+            p, has_p = take(cut, 2)
         else:
             m = nm[1]
-            prune_ok &= (cols_idx[None, :] // m) == (g // m)[:, None]
-        p = torch.where(prune_ok, importance, torch.inf).argmin(dim=1)
-        has &= prune_ok.any(dim=1)
+            group = (g // m * m)[:, None] + torch.arange(m, device=dev)[None, :]
+            ok = ~init.gather(1, group) & ~mask.gather(1, group)
+            p = group.gather(1, torch.where(ok, importance.gather(1, group), torch.inf).argmin(dim=1, keepdim=True))[:, 0]
+            has_p = ok.any(dim=1)
         after = eps - c[arange, g].double() + c[arange, p].double()
-        swap = active & has
+        swap = active & has & has_p
         if nm is not None:
             swap &= torch.sign(after) == torch.sign(eps)
-        rows_swapped = arange[swap]
-        mask[rows_swapped, g[swap]] = False
-        mask[rows_swapped, p[swap]] = True
+        mask[arange[swap], g[swap]] = False
+        mask[arange[swap], p[swap]] = True
+        ptr[which, arange] += swap
+        if nm is None:
+            ptr[2 + which, arange] += swap
         eps = torch.where(swap, after, eps)
         active = swap & (eps.abs() > threshold)
     return mask.to(pruned.device)
