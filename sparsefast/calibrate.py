@@ -240,7 +240,7 @@ def layer_outlier_ratios(model: nn.Module, adapter: Any, calib: torch.Tensor, *,
     try:
         inputs = capture_layer_inputs(model, layers, calib, device=device, batch_size=batch_size, offload=offload)
         store = torch.device("cpu") if offload else device
-        for i, layer in enumerate(tqdm(layers, desc="owl outlier ratios", disable=not progress)):
+        for layer in tqdm(layers, desc="owl outlier ratios", disable=not progress):
             home = next(layer.parameters()).device
             layer.to(device)
             linears = adapter.prunable_linears(layer)
