@@ -99,8 +99,8 @@ def prune(model: nn.Module, config: PruneConfig, calib: torch.Tensor | None = No
     """Prune `model` in place with `config` (MagnitudeConfig | WandaConfig | SparseGPTConfig | RIAConfig; any of
     them with allocation="owl" and/or refine="dsnot").
 
-    calib: LongTensor [nsamples, seqlen] of token ids (ignored when config.needs_calibration is False). The model may live on CPU while
-    config.device is "cuda": only the current decoder layer and its activations go to the GPU.
+    calib: LongTensor [nsamples, seqlen] of token ids (ignored when config.needs_calibration is False). The model
+    may live on CPU while config.device is "cuda": only the current decoder layer and its activations go to the GPU.
     Returns the report written to sparsefast.json: method, pattern, requested and achieved sparsity per linear and
     overall, calibration settings, timings {calib_forward_s, stats_s, metric_mask_s, total_s, per_layer}, damping
     notes (SparseGPT), device, versions. Bad input raises ValueError before any weight is touched.

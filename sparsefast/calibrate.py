@@ -141,7 +141,8 @@ def prune_layerwise(model: nn.Module, adapter: Any, pruner: Pruner, calib: torch
     if layer_sparsity is not None and len(layer_sparsity) != len(layers):
         raise ValueError(f"layer_sparsity has {len(layer_sparsity)} values for {len(layers)} decoder layers")
     if needs_data and calib is None:
-        raise ValueError(f"{pruner.config.method} needs calibration data (calib LongTensor [nsamples, seqlen])")
+        why = pruner.config.method + (" with refine=dsnot" if not pruner.needs_calibration else "")
+        raise ValueError(f"{why} needs calibration data (calib LongTensor [nsamples, seqlen])")
     use_cache = getattr(model.config, "use_cache", None)
     if use_cache is not None:
         model.config.use_cache = False
@@ -164,6 +165,9 @@ def prune_layerwise(model: nn.Module, adapter: Any, pruner: Pruner, calib: torch
             lt = {"layer": i, "calib_forward_s": 0.0, "stats_s": 0.0, "metric_mask_s": 0.0}
             if layer_sparsity is not None:
                 pruner.sparsity = lt["sparsity"] = layer_sparsity[i]
+            if refiner is not None:
+                refiner.targets = (adapter.attn_in + adapter.attn_out if refiner.scope == "attention"
+                                   else tuple(linears))
             observers = [o for o in (pruner if pruner.needs_calibration else None, refiner) if o is not None]
             if needs_data:
                 for o in observers:
@@ -240,7 +244,7 @@ def layer_outlier_ratios(model: nn.Module, adapter: Any, calib: torch.Tensor, *,
     try:
         inputs = capture_layer_inputs(model, layers, calib, device=device, batch_size=batch_size, offload=offload)
         store = torch.device("cpu") if offload else device
-        for layer in tqdm(layers, desc="owl outlier ratios", disable=not progress):
+        for i, layer in enumerate(tqdm(layers, desc="owl outlier ratios", disable=not progress)):
             home = next(layer.parameters()).device
             layer.to(device)
             linears = adapter.prunable_linears(layer)
@@ -254,14 +258,16 @@ def layer_outlier_ratios(model: nn.Module, adapter: Any, calib: torch.Tensor, *,
 
             handles = [lin.register_forward_hook(accumulate(name)) for name, lin in linears.items()]
             try:
-                outputs = [(_call_layer(layer, hidden, kwargs, device).to(store), kwargs) for hidden, kwargs in inputs]
+                outputs = [(_call_layer(layer, hidden, kwargs, device), kwargs) for hidden, kwargs in inputs]
+                ratios.append(outlier_ratio([lin.weight.float().abs() * acc[name].sqrt()[None, :]
+                                             for name, lin in linears.items()], m))
             finally:
                 for h in handles:
                     h.remove()
-            ratios.append(outlier_ratio([lin.weight.float().abs() * acc[name].sqrt()[None, :]
-                                         for name, lin in linears.items()], m))
-            inputs = outputs
-            layer.to(home)
+                layer.to(home)
+            for out, _ in outputs:
+                _check_finite(out, f"leaving decoder layer {i}")
+            inputs = [(out.to(store), kwargs) for out, kwargs in outputs]
     finally:
         if use_cache is not None:
             model.config.use_cache = use_cache

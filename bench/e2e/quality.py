@@ -35,7 +35,8 @@ def parse_method(spec: str) -> tuple[str, dict]:
     unknown = [m for m in mods if m not in ("owl", "dsnot")]
     if name not in METHODS or unknown or len(set(mods)) != len(mods):
         raise ValueError(f"method {spec!r}: use METHOD[+owl][+dsnot] with METHOD one of {', '.join(METHODS)}")
-    return name, {**({"allocation": "owl"} if "owl" in mods else {}), **({"refine": "dsnot"} if "dsnot" in mods else {})}
+    return name, {**({"allocation": "owl"} if "owl" in mods else {}),
+                  **({"refine": "dsnot"} if "dsnot" in mods else {})}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,6 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         result["resumed_from_commits"] = [*previous.get("resumed_from_commits", []), commit_of(previous)]
     done = {(r["method"], r["pattern"], r["sparsity"]) for r in result["runs"]}
     specs = [parse_method(m) for m in args.methods.split(",")]  # every bad name fails here, before any work
+    cases = [(pattern, float(s) if pattern == "unstructured" else None) for pattern in args.patterns.split(",")
+             for s in (args.sparsities.split(",") if pattern == "unstructured" else [None])]
+    # every config made (and so checked) before any work; OWL applies to unstructured patterns only
+    runs = [(method, pattern, make_config(name, pattern=pattern, sparsity=sparsity, nsamples=args.nsamples,
+                                          seqlen=args.seqlen, device=args.device, **extra))
+            for pattern, sparsity in cases for method, (name, extra) in zip(args.methods.split(","), specs)
+            if pattern == "unstructured" or extra.get("allocation") != "owl"]
 
     def ppl() -> tuple[float, float]:
         t = time.perf_counter()
@@ -102,32 +110,27 @@ def main(argv: list[str] | None = None) -> int:
                                "eval_s": eval_s})
         print(f"dense: wikitext2 ppl {dense_ppl:.3f} (eval {eval_s:.0f} s)", flush=True)
         write_json(out, result)
-    cases = [(pattern, float(s) if pattern == "unstructured" else None) for pattern in args.patterns.split(",")
-             for s in (args.sparsities.split(",") if pattern == "unstructured" else [None])]
-    for pattern, sparsity in cases:
-        for method, (name, extra) in zip(args.methods.split(","), specs):
-            if pattern != "unstructured" and extra.get("allocation") == "owl":
-                continue
-            cfg = make_config(name, pattern=pattern, sparsity=sparsity, nsamples=args.nsamples, seqlen=args.seqlen,
-                              device=args.device, **extra)
-            if (method, pattern, cfg.target_sparsity) in done:
-                continue
-            model.load_state_dict(dense_state)
-            rep = prune(model, cfg, calib, progress=False)
-            value, eval_s = ppl()
-            t = rep["timings"]
-            run = {"method": method, "pattern": pattern, "sparsity": rep["requested_sparsity"],
-                   "achieved_sparsity": rep["achieved_sparsity"], "wikitext2_ppl": value, "eval_s": eval_s,
-                   "prune_total_s": t["total_s"], "calib_forward_s": t["calib_forward_s"], "stats_s": t["stats_s"],
-                   "metric_mask_s": t["metric_mask_s"], "owl_outlier_pass_s": t.get("owl_outlier_pass_s"),
-                   "allocation": rep["allocation"], "damping": rep.get("damping"),
-                   "dsnot_swaps": sum(s.get("dsnot_swaps", 0) for s in rep["linears"].values()) if cfg.refine else None,
-                   "reallocated": [n for n, s in rep["linears"].items() if s.get("reallocation", {}).get("applied")]}
-            result["runs"].append(run)
-            write_json(out, result)
-            print(f"{method} {pattern} {cfg.target_sparsity:g}: wikitext2 ppl {value:.3f}, sparsity "
-                  f"{rep['achieved_sparsity']:.4f}, prune {t['total_s']:.1f} s (calib fwd {t['calib_forward_s']:.1f} s, "
-                  f"metric+mask {t['metric_mask_s']:.1f} s), eval {eval_s:.0f} s", flush=True)
+    for method, pattern, cfg in runs:
+        if (method, pattern, cfg.target_sparsity) in done:
+            continue
+        model.load_state_dict(dense_state)
+        rep = prune(model, cfg, calib, progress=False)
+        value, eval_s = ppl()
+        t = rep["timings"]
+        run = {"method": method, "pattern": pattern, "sparsity": rep["requested_sparsity"],
+               "achieved_sparsity": rep["achieved_sparsity"], "wikitext2_ppl": value, "eval_s": eval_s,
+               "prune_total_s": t["total_s"], "calib_forward_s": t["calib_forward_s"], "stats_s": t["stats_s"],
+               "metric_mask_s": t["metric_mask_s"], "owl_outlier_pass_s": t.get("owl_outlier_pass_s"),
+               "allocation": rep["allocation"], "damping": rep.get("damping"),
+               "dsnot_swaps": (sum(s.get("dsnot_swaps", 0) for s in rep["linears"].values()) if cfg.refine
+                               else None),
+               "reallocated": [n for n, s in rep["linears"].items() if s.get("reallocation", {}).get("applied")]}
+        result["runs"].append(run)
+        write_json(out, result)
+        print(f"{method} {pattern} {cfg.target_sparsity:g}: wikitext2 ppl {value:.3f}, sparsity "
+              f"{rep['achieved_sparsity']:.4f}, prune {t['total_s']:.1f} s (calib fwd "
+              f"{t['calib_forward_s']:.1f} s, metric+mask {t['metric_mask_s']:.1f} s), eval {eval_s:.0f} s",
+              flush=True)
     result["total_s"] = time.perf_counter() - t0
     write_json(out, result)
     print("\n| method | pattern | sparsity | WikiText-2 ppl | calib forward s | metric+mask s |")

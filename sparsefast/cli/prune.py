@@ -14,6 +14,7 @@ import argparse
 # both import no torch (sparsefast.config imports it when a config is made), so `sparsefast --help` stays light
 from sparsefast.config.prune import (
     ALLOCATIONS,
+    DSNOT_SCOPES,
     MAGNITUDE_SCOPES,
     METHODS,
     REFINERS,
@@ -68,6 +69,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help=f"dsnot: at most this many swaps per row (default {d.dsnot_cycles})")
     p.add_argument("--dsnot-threshold", type=float, default=d.dsnot_threshold,
                    help=f"dsnot: a row stops once |expected error| <= this (default {d.dsnot_threshold:g})")
+    p.add_argument("--dsnot-var-power", type=float, default=d.dsnot_var_power,
+                   help=f"dsnot: growth candidates ranked by |W E[x]| / Var(x)^this (default {d.dsnot_var_power:g})")
+    p.add_argument("--dsnot-scope", default=d.dsnot_scope, choices=DSNOT_SCOPES,
+                   help=f"dsnot: refine the attention projections only (the paper's code) or all linears (default "
+                        f"{d.dsnot_scope})")
     p.add_argument("--blocksize", type=int, default=SparseGPTConfig.blocksize,
                    help=f"sparsegpt only: OBS block size (default {SparseGPTConfig.blocksize})")
     p.add_argument("--percdamp", type=float, default=SparseGPTConfig.percdamp,
@@ -95,7 +101,8 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
                   seed=args.seed, calib=args.calib, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                   backend=args.backend, allocation=args.sparsity_allocation, owl_m=args.owl_m,
                   owl_lambda=args.owl_lambda, refine=args.refine, dsnot_cycles=args.dsnot_cycles,
-                  dsnot_threshold=args.dsnot_threshold)
+                  dsnot_threshold=args.dsnot_threshold, dsnot_var_power=args.dsnot_var_power,
+                  dsnot_scope=args.dsnot_scope)
     if args.method in ("magnitude", "ria") and args.scope is not None:
         kwargs["scope"] = args.scope
     if args.method == "ria":

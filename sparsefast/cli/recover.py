@@ -89,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
     report = recover_pretrained(args.model, args.data, args.out, config, data_dir=args.data_dir, device=args.device,
                                 overwrite=args.overwrite, progress=not args.no_progress)
     rec = report["recovery"]
+    if not rec["main_process"]:  # under accelerate launch / torchrun: the main process reports and writes
+        return 0
     summary = {k: rec[k] for k in ("out", "records", "optimizer_steps", "first_loss", "last_loss", "seconds",
                                    "samples_per_s", "masked_linears")}
     print(json.dumps(summary, indent=2))

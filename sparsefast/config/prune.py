@@ -31,6 +31,7 @@ METHODS = ("magnitude", "wanda", "sparsegpt", "ria")
 MAGNITUDE_SCOPES = ("layer", "row")
 ALLOCATIONS = ("uniform", "owl")
 REFINERS = ("dsnot",)
+DSNOT_SCOPES = ("attention", "all")
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
@@ -84,7 +85,8 @@ class PruneConfig:
         exactly). Unstructured patterns only; needs calibration data for every method.
     refine: None or "dsnot" (Zhang et al. 2024, sparsefast.prune.dsnot: prune-and-grow swaps per output row that
         shrink the expected reconstruction error), at most dsnot_cycles swaps per row, rows stop once the error is
-        within dsnot_threshold; growth candidates are ranked by |W·E[x]| / Var(x)^dsnot_var_power.
+        within dsnot_threshold; growth candidates are ranked by |W·E[x]| / Var(x)^dsnot_var_power; dsnot_scope:
+        "attention" (the paper's code default: the attention projections only) or "all" (the MLP's too).
     """
 
     method: ClassVar[str] = "base"
@@ -107,6 +109,7 @@ class PruneConfig:
     dsnot_cycles: int = 50
     dsnot_threshold: float = 0.1
     dsnot_var_power: float = 1.0
+    dsnot_scope: str = "attention"
 
     def __post_init__(self) -> None:
         """Check every model-independent setting; raise ValueError naming the problem and the fix."""
@@ -148,14 +151,16 @@ class PruneConfig:
         s, lam = self.target_sparsity, self.owl_lambda
         if not 0 <= lam or s - 2 * lam < 0 or s + 2 * lam >= 1:
             raise ValueError(f"owl_lambda {lam:g} with sparsity {s:g}: per-layer sparsities may range over "
-                             f"sparsity ± 2λ, which must stay in [0, 1); use 0 <= owl_lambda <= "
-                             f"{min(s, 1 - s) / 2:.4g}")
+                             f"sparsity ± 2λ, which must stay in [0, 1); use 0 <= owl_lambda <= {s / 2:.4g} "
+                             f"and < {(1 - s) / 2:.4g}")
 
     def _check_refine(self) -> None:
         if self.refine is None:
             return
         if self.refine not in REFINERS:
             raise ValueError(f"refine must be one of {', '.join(REFINERS)} (or none), got {self.refine!r}")
+        if self.dsnot_scope not in DSNOT_SCOPES:
+            raise ValueError(f"dsnot_scope must be one of {', '.join(DSNOT_SCOPES)}, got {self.dsnot_scope!r}")
         if not _is_int(self.dsnot_cycles) or self.dsnot_cycles < 1:
             raise ValueError(f"dsnot_cycles must be an integer >= 1, got {self.dsnot_cycles!r}")
         for name in ("dsnot_threshold", "dsnot_var_power"):
@@ -282,5 +287,5 @@ def make_config(method: str, **kwargs: Any) -> PruneConfig:
     return CONFIGS[method](**kwargs)
 
 
-__all__ = ["ALLOCATIONS", "CONFIGS", "MAGNITUDE_SCOPES", "METHODS", "REFINERS", "MagnitudeConfig", "Pattern",
-           "PruneConfig", "RIAConfig", "SparseGPTConfig", "WandaConfig", "make_config", "parse_pattern"]
+__all__ = ["ALLOCATIONS", "CONFIGS", "DSNOT_SCOPES", "MAGNITUDE_SCOPES", "METHODS", "REFINERS", "MagnitudeConfig",
+           "Pattern", "PruneConfig", "RIAConfig", "SparseGPTConfig", "WandaConfig", "make_config", "parse_pattern"]

@@ -2,10 +2,10 @@
 Training-Free Fine-tuning for Sparse LLMs", ICLR 2024).
 
 Given a linear's dense weight W [out, in], a mask from any method and the layer's calibration statistics per input
-channel j (mean E[x_j], variance Var(x_j), ‖X_j‖₂), each output row i is refined by swaps that keep its number of
-pruned weights:
+channel j (m_j = Σ_tokens x_j / number of calibration sequences, the per-token variance Var(x_j), ‖X_j‖₂), each
+output row i is refined by swaps that keep its number of pruned weights:
 
-    c_ij = W_ij · E[x_j]                     expected contribution of weight ij to output i
+    c_ij = W_ij · m_j                        expected contribution of weight ij to output i, over a sequence
     ε_i  = Σ_{j pruned} c_ij                 expected reconstruction error of row i (dense − sparse output)
     grow   g = argmax over initially pruned, still pruned j with sign(c_ij) = sign(ε_i) of |c_ij| / Var(x_j)^γ
     prune  p = argmin over initially kept, still kept j of |W_ij| · ‖X_j‖₂ (Wanda's importance), where
@@ -16,8 +16,16 @@ A row swaps while |ε_i| > threshold, at most `cycles` times; it stops for good 
 as in the paper's N:M setting) when the swap would flip the sign of ε_i. Each weight moves at most once (a regrown
 weight is never pruned again, a weight pruned by a swap never regrown), so a row cannot oscillate, and the candidate
 lists can be sorted once and consumed in order (the reference code's pointers). Ties go to the
-lower column index. Defaults are the paper's: γ = 1, 50 cycles, threshold 0.1. No weight update: the kept weights
-keep their dense values (with SparseGPT, sparsefast.prune.sparsegpt re-runs its update for the refined mask).
+lower column index. Defaults are the paper's (its code's): γ = 1, 50 cycles, threshold 0.1 on ε in the units above
+(per sequence, as the reference code accumulates E[x]; a per-token mean would make the threshold seqlen times
+looser), and only the attention projections refined (dsnot_scope "attention"; "all" refines the MLP's too).
+
+Where this reading differs from the reference code: (1) a row stops when its best growth candidate has no pruning
+partner (the code would then take a wrong-sign or an already moved weight); (2) the N:M pruning candidate is the
+least Wanda-important kept weight of the group for every method (the code uses the initial method's score);
+(3) with SparseGPT the refined mask gets SparseGPT's weight update again (sparsefast.prune.sparsegpt: the pass runs
+twice per linear), where the code uses SparseGPT's score for the initial mask only and updates nothing. No weight
+update for the other methods: the kept weights keep their dense values.
 """
 
 from __future__ import annotations
@@ -34,8 +42,8 @@ from sparsefast.config import PruneConfig
 def dsnot_refine(weight: torch.Tensor, pruned: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
                  sq_norm: torch.Tensor, *, nm: tuple[int, int] | None = None, cycles: int = 50,
                  threshold: float = 0.1, var_power: float = 1.0) -> torch.Tensor:
-    """The refined mask [out, in] (True = pruned; `pruned` is not modified). mean, var: E[x_j], Var(x_j) [in];
-    sq_norm: Σ_tokens x_j² [in]. Computed in fp32 on the weight's device, the errors ε in fp64.
+    """The refined mask [out, in] (True = pruned; `pruned` is not modified). mean: m_j (the module docstring's
+    units), var: Var(x_j), sq_norm: Σ_tokens x_j², each [in]. Computed in fp32 on the weight's device, ε in fp64.
 
     Since every weight moves at most once, each candidate list (growth by sign of c, pruning by sign of c) is sorted
     once per row and consumed from its head: a cycle costs O(rows), not O(rows × in)."""
@@ -86,7 +94,8 @@ def dsnot_refine(weight: torch.Tensor, pruned: torch.Tensor, mean: torch.Tensor,
             m = nm[1]
             group = (g // m * m)[:, None] + torch.arange(m, device=dev)[None, :]
             ok = ~init.gather(1, group) & ~mask.gather(1, group)
-            p = group.gather(1, torch.where(ok, importance.gather(1, group), torch.inf).argmin(dim=1, keepdim=True))[:, 0]
+            least = torch.where(ok, importance.gather(1, group), torch.inf).argmin(dim=1, keepdim=True)
+            p = group.gather(1, least)[:, 0]
             has_p = ok.any(dim=1)
         after = eps - c[arange, g].double() + c[arange, p].double()
         swap = active & has & has_p
@@ -103,41 +112,50 @@ def dsnot_refine(weight: torch.Tensor, pruned: torch.Tensor, mean: torch.Tensor,
 
 
 class DSnoTRefiner:
-    """Collects E[x], Var(x) and Σx² per input channel of every linear of the current layer (fp64 sums) and refines
-    the masks the pruner hands to `refine` with dsnot_refine. The engine drives it like a pruner (start_layer,
-    add_batch, end_layer)."""
+    """Collects Σx and Σx² per input channel (fp64) and the token and sequence counts of the linears it refines in
+    the current layer, and refines the masks the pruner hands to `refine` with dsnot_refine. The engine drives it
+    like a pruner (start_layer, add_batch, end_layer) and sets `targets`, the layer's linears in scope."""
 
     def __init__(self, config: PruneConfig) -> None:
         self.cycles = config.dsnot_cycles
         self.threshold = config.dsnot_threshold
         self.var_power = config.dsnot_var_power
+        self.scope = config.dsnot_scope
+        self.targets: tuple[str, ...] = ()
         self.sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.tokens: dict[str, int] = {}
+        self.counts: dict[str, list[int]] = {}  # [tokens, sequences]
         self.swapped: dict[str, int] = {}
 
     def start_layer(self, linears: Mapping[str, nn.Linear]) -> None:
         self.sums = {name: (torch.zeros(lin.in_features, dtype=torch.float64, device=lin.weight.device),
                             torch.zeros(lin.in_features, dtype=torch.float64, device=lin.weight.device))
-                     for name, lin in linears.items()}
-        self.tokens = dict.fromkeys(linears, 0)
+                     for name, lin in linears.items() if name in self.targets}
+        self.counts = {name: [0, 0] for name in self.sums}
 
     def add_batch(self, name: str, x: torch.Tensor) -> None:
-        x2 = x.detach().reshape(-1, x.shape[-1]).double()
+        if name not in self.sums:
+            return
+        x = x.detach()
+        flat = x.reshape(-1, x.shape[-1])
         s1, s2 = self.sums[name]
-        s1 += x2.sum(dim=0)
-        s2 += (x2 * x2).sum(dim=0)
-        self.tokens[name] += x2.shape[0]
+        s1 += flat.sum(dim=0, dtype=torch.float64)
+        s2 += (flat.float() * flat.float()).sum(dim=0, dtype=torch.float64)
+        self.counts[name][0] += flat.shape[0]
+        self.counts[name][1] += x.shape[0] if x.dim() > 2 else 1
 
     def refine(self, name: str, weight: torch.Tensor, pruned: torch.Tensor, *,
                nm: tuple[int, int] | None) -> torch.Tensor:
-        n = self.tokens.get(name, 0)
-        if n == 0:
+        if name not in self.targets:
+            self.swapped[name] = 0
+            return pruned
+        tokens, sequences = self.counts.get(name, (0, 0))
+        if tokens == 0:
             raise RuntimeError(f"dsnot: no calibration activations reached {name}; the layer was never called")
         s1, s2 = self.sums[name]
-        mean = s1 / n
-        var = (s2 / n - mean * mean).clamp_min(0.0)
-        refined = dsnot_refine(weight, pruned, mean.float(), var.float(), s2.float(), nm=nm, cycles=self.cycles,
-                               threshold=self.threshold, var_power=self.var_power)
+        mean = s1 / tokens
+        var = (s2 / tokens - mean * mean).clamp_min(0.0)
+        refined = dsnot_refine(weight, pruned, (s1 / sequences).float(), var.float(), s2.float(), nm=nm,
+                               cycles=self.cycles, threshold=self.threshold, var_power=self.var_power)
         self.swapped[name] = int((refined & ~pruned).sum())
         return refined
 
@@ -147,4 +165,4 @@ class DSnoTRefiner:
 
     def end_layer(self) -> None:
         self.sums = {}
-        self.tokens = {}
+        self.counts = {}

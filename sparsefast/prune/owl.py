@@ -25,8 +25,8 @@ import torch
 def outlier_ratio(scores: Sequence[torch.Tensor], m: float) -> float:
     """D = fraction of the entries of all `scores` (one tensor per linear) above m × their common mean."""
     total = sum(s.numel() for s in scores)
-    mean = sum(float(s.double().sum()) for s in scores) / total
-    return sum(int((s.double() > m * mean).sum()) for s in scores) / total
+    mean = sum(float(s.sum(dtype=torch.float64)) for s in scores) / total
+    return sum(int((s > m * mean).sum()) for s in scores) / total
 
 
 def owl_layer_sparsities(ratios: Sequence[float], target: float, lam: float) -> list[float]:

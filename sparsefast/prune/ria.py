@@ -87,6 +87,7 @@ class RIAPruner(WandaPruner):
     def prune(self, name: str, linear: nn.Linear) -> dict[str, Any]:
         note = None
         if self.config.reallocation and self.pattern.nm is not None and name in self.channel_producers:
+            self.check_calibrated(name)
             note = self.reallocate(name, linear)
         stats = super().prune(name, linear)
         if note is not None:
@@ -107,4 +108,5 @@ class RIAPruner(WandaPruner):
             self.acc[name] = self.acc[name][order.to(self.acc[name].device)]
             if self.refiner is not None:
                 self.refiner.permute(name, order)
-        return {"kept_score_before": before, "kept_score_after": after, "applied": after > before}
+        return {"kept_score_before": before, "kept_score_after": after, "applied": after > before,
+                "order": order.tolist() if after > before else None}

@@ -42,10 +42,14 @@ class WandaPruner(Pruner):
         """Bool mask (True = pruned) of `weight` from Σx² per input channel: Wanda's (subclasses: their score's)."""
         return wanda_mask(weight, act_sq_norm, backend=self.config.backend, **self.mask_kwargs())
 
-    def prune(self, name: str, linear: nn.Linear) -> dict[str, Any]:
+    def check_calibrated(self, name: str) -> None:
+        """RuntimeError when no calibration activation reached linear `name`."""
         if self.tokens.get(name, 0) == 0:
             raise RuntimeError(f"{self.config.method}: no calibration activations reached {name}; the layer was "
                                "never called")
+
+    def prune(self, name: str, linear: nn.Linear) -> dict[str, Any]:
+        self.check_calibrated(name)
         mask = self.mask(linear.weight, self.acc[name].to(linear.weight.device))
         apply_mask(linear, self.refine(name, linear.weight, mask))
         stats = mask_stats(linear.weight, self.sparsity)

@@ -68,9 +68,13 @@ def recover_pretrained(model_name: str, data: str, out: str | None, config: Reco
     checkpoint), LoRA-recover it on ``data`` and save it to ``out`` (None: no save). Returns the report written to
     sparsefast.json: the input's own report plus a ``recovery`` entry (settings, data, loss curve, speed).
 
-    Every argument and the data file are checked before the model is loaded; nothing is written on failure.
+    Training runs on ``accelerate``: in one process as it is, under ``accelerate launch`` / ``torchrun`` on every
+    process (DDP, or FSDP from the accelerate config; sparsefast.recover.train). Only the main process claims and
+    writes ``out``, once, after the others have finished training. Every argument and the data file are checked
+    before the model is loaded; nothing is written on failure.
     """
     import torch
+    from accelerate import Accelerator
 
     from sparsefast.checkpoint import OutputClaim, check_savable
     from sparsefast.data import check_data_dir
@@ -78,12 +82,14 @@ def recover_pretrained(model_name: str, data: str, out: str | None, config: Reco
     from sparsefast.models import check_finite_weights, load_model, local_source_paths, resolve_model_source
 
     sources = tuple(local_source_paths(model_name))
-    # `out` is checked and claimed first and held until the save: a second run on the same `out` stops now, before
-    # any work (sparsefast.checkpoint.OutputClaim)
-    claim = OutputClaim(out, overwrite, sources=sources) if out is not None else None
+    dev = resolve_device(device)
+    accelerator = Accelerator(cpu=dev.type == "cpu")
+    main = accelerator.is_main_process
+    # `out` is checked and claimed first (by the main process) and held until the save: a second run on the same
+    # `out` stops now, before any work (sparsefast.checkpoint.OutputClaim)
+    claim = OutputClaim(out, overwrite, sources=sources) if out is not None and main else None
     with claim or contextlib.nullcontext():
         check_data_dir(data_dir)
-        dev = resolve_device(device)
         if config.dtype == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ValueError("this GPU has no bf16 support; use --dtype fp32")
         records = load_recovery_data(data, data_dir=data_dir, max_samples=config.max_samples)
@@ -93,13 +99,17 @@ def recover_pretrained(model_name: str, data: str, out: str | None, config: Reco
         if out is not None:
             check_savable(model)
         samples, dropped = tokenize_recovery_data(records, tokenizer, config.cutoff_len)
-        model, stats = lora_recover(model, tokenizer, samples, config, device=dev, progress=progress)
+        model, stats = lora_recover(model, tokenizer, samples, config, device=dev, progress=progress,
+                                    accelerator=accelerator)
         report = _source_report(model_name) if Path(model_name).is_dir() else {}
         report["recovery"] = {"method": "lora", "model": model_name, "data": records.source, "data_kind": records.kind,
                               "records": len(records.records), "dropped_too_long": dropped,
-                              "skipped_empty_output": len(records.skipped_empty_output), "device": str(dev),
+                              "skipped_empty_output": len(records.skipped_empty_output),
+                              "device": str(accelerator.device), "distributed": str(accelerator.distributed_type),
                               "saved_dtype": config.dtype, "zero_masks": "recorded before training, re-applied after "
                               "merge", **stats}
+        accelerator.wait_for_everyone()
         if claim is not None:
             report["recovery"]["out"] = str(save_recovered(model, tokenizer, claim, report, structural=structural))
+        report["recovery"]["main_process"] = main
     return report

@@ -101,10 +101,11 @@ def calib_ids(n=6, seqlen=24, seed=0):
 @pytest.mark.parametrize("config", [
     WandaConfig(nsamples=6, seqlen=24, batch_size=2, refine="dsnot", dsnot_threshold=0.0),
     WandaConfig(nsamples=6, seqlen=24, batch_size=2, pattern="2:4", refine="dsnot", dsnot_threshold=0.0),
-    MagnitudeConfig(nsamples=6, seqlen=24, batch_size=2, refine="dsnot", dsnot_threshold=0.0),
-    RIAConfig(nsamples=6, seqlen=24, batch_size=2, pattern="2:4", refine="dsnot", dsnot_threshold=0.0),
+    MagnitudeConfig(nsamples=6, seqlen=24, batch_size=2, refine="dsnot", dsnot_threshold=0.0, dsnot_scope="all"),
+    RIAConfig(nsamples=6, seqlen=24, batch_size=2, pattern="2:4", refine="dsnot", dsnot_threshold=0.0,
+              dsnot_scope="all"),
     SparseGPTConfig(nsamples=6, seqlen=24, batch_size=2, pattern="2:4", refine="dsnot", dsnot_threshold=0.0),
-], ids=["wanda", "wanda-2:4", "magnitude", "ria-2:4", "sparsegpt-2:4"])
+], ids=["wanda", "wanda-2:4", "magnitude-all", "ria-2:4-all", "sparsegpt-2:4"])
 def test_engine_refines_every_method(config):
     calib = calib_ids()
     plain = tiny_model("llama", num_hidden_layers=2)
@@ -114,14 +115,41 @@ def test_engine_refines_every_method(config):
     report = prune(refined, config, calib, progress=False)
     swaps = [s["dsnot_swaps"] for s in report["linears"].values()]
     assert sum(swaps) > 0
-    changed = 0
+    changed = set()
     for (name, a), (_, b) in zip(plain.named_parameters(), refined.named_parameters()):
         if a.dim() == 2 and "embed" not in name and "lm_head" not in name:
             assert torch.equal((a == 0).sum(1), (b == 0).sum(1)) or config.method == "sparsegpt", name
-            changed += not torch.equal(a == 0, b == 0)
+            if not torch.equal(a == 0, b == 0):
+                changed.add(".".join(name.split(".")[2:4]))  # e.g. "0.mlp"
             if config.parsed_pattern.nm:
                 assert max_nonzeros_per_group(b, 4) <= 2, name
-    assert changed > 0
+    assert "0.self_attn" in changed
+    # the paper's code refines attention only (layer 0's MLP sees the same inputs either way; later layers do not)
+    assert ("0.mlp" in changed) == (config.dsnot_scope == "all")
+
+
+def test_refiner_statistics_follow_a_channel_permutation():
+    from sparsefast.prune import DSnoTRefiner
+
+    g = torch.Generator().manual_seed(5)
+    lin = torch.nn.Linear(16, 8, bias=False)
+    x = torch.randn(3, 10, 16, generator=g) + 0.5
+    pruned = score_mask(lin.weight.detach().abs(), n=2, m=4)
+    order = torch.randperm(16, generator=g)
+
+    def refined(weight, xs, mask, permute=None):
+        r = DSnoTRefiner(WandaConfig(refine="dsnot", dsnot_threshold=0.0))
+        r.targets = ("fc",)
+        r.start_layer({"fc": lin})
+        r.add_batch("fc", xs)
+        if permute is not None:
+            r.permute("fc", permute)
+        return r.refine("fc", weight, mask, nm=None)
+
+    w = lin.weight.detach()
+    want = refined(w[:, order], x[..., order], pruned[:, order])
+    assert torch.equal(refined(w[:, order], x, pruned[:, order], permute=order), want)
+    assert not torch.equal(refined(w[:, order], x, pruned[:, order]), want)  # the check can fail
 
 
 def test_magnitude_with_dsnot_needs_calibration_data():
