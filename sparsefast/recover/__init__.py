@@ -68,8 +68,8 @@ def recover_pretrained(model_name: str, data: str, out: str | None, config: Reco
     checkpoint), LoRA-recover it on ``data`` and save it to ``out`` (None: no save). Returns the report written to
     sparsefast.json: the input's own report plus a ``recovery`` entry (settings, data, loss curve, speed).
 
-    Training runs on ``accelerate``: in one process as it is, under ``accelerate launch`` / ``torchrun`` on every
-    process (DDP, or FSDP from the accelerate config; sparsefast.recover.train). Only the main process claims and
+    Training runs on ``accelerate``: in one process as it is, under ``accelerate launch --multi_gpu`` / ``torchrun``
+    on every process (DDP; sparsefast.recover.train). Only the main process claims and
     writes ``out``, once, after the others have finished training. Every argument and the data file are checked
     before the model is loaded; nothing is written on failure.
     """

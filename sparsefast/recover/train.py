@@ -13,7 +13,8 @@ micro-batches together), so short and long samples weigh the same per token. Sch
 linear warm-up over ``warmup_ratio`` of the steps then linear decay to 0, gradient clipping at ``max_grad_norm``.
 
 Distributed: with an ``accelerate.Accelerator`` (``sparsefast recover`` under ``accelerate launch`` / ``torchrun``),
-the model is wrapped by accelerate (DDP; FSDP from the accelerate config) and the global batch of an optimizer step
+the model is wrapped by accelerate for DDP (gloo on CPU, NCCL on GPUs; FSDP and DeepSpeed are refused with a clear
+error: the merge after training needs the full weights on every process) and the global batch of an optimizer step
 is ``batch_size * grad_accum * num_processes`` samples: its micro-batches are dealt round the processes (one that
 gets fewer runs a zero-weight copy, so every process joins every gradient reduction), each loss is divided by the
 step's global label-token count and scaled by the process count (DDP averages gradients), so every process takes
@@ -135,7 +136,13 @@ def lora_recover(model: nn.Module, tokenizer, samples: list[dict], config: Recov
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     trained = peft_model
-    if accelerator is not None:  # wraps for DDP / FSDP; the scheduler stays ours (stepped once per step)
+    if accelerator is not None and str(accelerator.distributed_type) not in ("DistributedType.NO",
+                                                                             "DistributedType.MULTI_CPU",
+                                                                             "DistributedType.MULTI_GPU"):
+        raise ValueError(f"sparsefast recover runs on one device or under DDP (accelerate launch --multi_gpu, "
+                         f"torchrun); {accelerator.distributed_type} is not supported yet: the merge of the LoRA "
+                         "adapters needs the full weights on every process")
+    if accelerator is not None:  # wraps for DDP; the scheduler stays ours (stepped once per step)
         trained, optimizer = accelerator.prepare(peft_model, optimizer)
         params = [p for p in trained.parameters() if p.requires_grad]
     steps = _step_groups(len(samples), config, torch.Generator().manual_seed(config.seed), processes)
