@@ -13,8 +13,10 @@ shared machine hit all alike; the order alternates between rounds):
   the same weights, written by sparsefast.export.gguf) and vLLM's CPU backend (the dense checkpoint, float32 and
   bfloat16).
 Workers are set up one after the other (a sparse variant times its kernels at load; a second process loading
-alongside would skew that timing). Per round and worker: batch 1 (one request) and C concurrent requests (sparsefast,
-vLLM; llama-cpp-python decodes one sequence at a time), N new tokens each, EOS ignored.
+alongside would skew that timing). The vLLM workers come in a second phase, after the others are measured and closed:
+vLLM's engine processes keep about 0.7 of a core busy while idle, which slowed every other worker (2026-12-06); so
+their rounds interleave only with each other. Per round and worker: batch 1 (one request) and C concurrent requests
+(sparsefast, vLLM; llama-cpp-python decodes one sequence at a time), N new tokens each, EOS ignored.
 
 Under load (`busy_core`): a busy-loop process pinned to that core runs from before the first worker loads to the end
 (kernel timing at load included, as a server that starts on a busy machine). The load-time kernel choice is checked
@@ -359,18 +361,30 @@ def run_decode_bench(cfg: DecodeBenchConfig, progress=print) -> dict[str, Any] |
                 quiet[name] = w.ready["swapped"]
                 w.close()
         metadata = run_metadata(cfg.device)
+        # vLLM's engine processes keep about 0.7 of a core busy while idle (seen with ps on the 2-core Xeon), which
+        # slows every other worker's OpenMP regions: they load and run in a phase of their own, after the others
+        phases = [[v for v in variants if v.kind != "vllm"], [v for v in variants if v.kind == "vllm"]]
         with BusyCore(cfg.busy_core):
             bw_before = memory_bandwidth(device)
-            workers, failed = start_workers(variants, work, progress)
-            try:
-                if cfg.warm_only:
-                    return None
-                choice = kernel_choice_check(workers, quiet or {n: workers[n].ready["swapped"] for n in refs
-                                                                if n in workers}, cfg.choice_loads)
-                raw = run_rounds(workers, _prompts(cfg, ckpts), cfg.new_tokens, cfg.rounds, progress)
-            finally:
-                for w in workers.values():
-                    w.close()
+            workers, failed, raw, choice = {}, {}, {}, {}
+            for phase, members in enumerate(phases):
+                if not members:
+                    continue
+                started, why = start_workers(members, work, progress)
+                workers.update(started)
+                failed.update(why)
+                try:
+                    if cfg.warm_only:
+                        continue
+                    if phase == 0:
+                        choice = kernel_choice_check(started, quiet or {n: started[n].ready["swapped"] for n in refs
+                                                                        if n in started}, cfg.choice_loads)
+                    raw.update(run_rounds(started, _prompts(cfg, ckpts), cfg.new_tokens, cfg.rounds, progress))
+                finally:
+                    for w in started.values():
+                        w.close()
+            if cfg.warm_only:
+                return None
             bw_after = memory_bandwidth(device)
         bandwidth = {"copy_gbs": max(bw_before["copy_gbs"], bw_after["copy_gbs"]), "before": bw_before,
                      "after": bw_after}

@@ -120,8 +120,12 @@ def test_whole_run_with_fake_peers(story_llama_dir, fake_peer_python, tmp_path):
                             compile_modes=("off",), pruner="magnitude", llama_cpp_python=fake_peer_python,
                             gguf_types=("f32",), vllm_python=fake_peer_python, concurrency=2, prompt_len=4,
                             new_tokens=3, rounds=2, threads=1, choice_loads=1, json_path=str(out))
-    result = run_decode_bench(cfg, progress=lambda *a: None)
+    lines = []
+    result = run_decode_bench(cfg, progress=lines.append)
     assert result["failed"] == {} and json.loads(out.read_text())["what"] == "decode"
+    # vLLM (its idle engine keeps a core busy) loads only after the others' last round: a phase of its own
+    vllm_setup = next(i for i, ln in enumerate(lines) if ln.startswith("[setup] vLLM"))
+    assert vllm_setup > max(i for i, ln in enumerate(lines) if ln.startswith("[1] llama.cpp"))
     names = ["sparsefast dense float32 eager", "sparsefast dense-torch float32 eager", "sparsefast 2:4 float32 eager",
              "llama.cpp F32", "vLLM float32"]
     assert list(result["variants"]) == names
