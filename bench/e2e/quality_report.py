@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from sparsefast.bench.results import save_figure
+
 
 def pattern_key(run: dict) -> tuple:
     """Unstructured rows first, by sparsity, then N:M rows by name."""
@@ -82,11 +84,7 @@ def plot(result: dict, path: Path) -> Path:
                  fontsize=10)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.partial")
-    fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,8 @@ import json
 import sys
 from pathlib import Path
 
+from sparsefast.bench.results import save_figure
+
 TASK_LABELS = {"boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HellaS.", "winogrande": "WinoG.", "arc_easy": "ARC-e",
                "arc_challenge": "ARC-c", "openbookqa": "OBQA"}
 
@@ -102,12 +104,7 @@ def plot(result: dict, path: Path) -> Path:
     fig.suptitle(f"{Path(s['model']).name}: {int(100 * s['ratio'])}% {s['strategy']}-wise structural pruning, "
                  f"without (light) and with (dark) LoRA", fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -155,3 +155,22 @@ def write_result(what: str, payload: dict[str, Any], *, device: str = "auto",
         target.parent.mkdir(parents=True, exist_ok=True)
         written.append(write_json(target, data, overwrite=overwrite))
     return written
+
+
+def save_figure(fig: Any, path: str | os.PathLike, *, overwrite: bool = True, dpi: int = 110) -> Path:
+    """Write a matplotlib figure as PNG to `path` atomically (a hidden partial file, then published), close it, and
+    return the path; an existing `path` is refused unless `overwrite`."""
+    import matplotlib.pyplot as plt
+
+    from sparsefast.checkpoint import publish_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    try:
+        fig.savefig(tmp, format="png", dpi=dpi)
+        plt.close(fig)
+        publish_file(tmp, path, overwrite=overwrite)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -218,12 +218,6 @@ def plot(result: dict[str, Any], path: str | Path, *, overwrite: bool = True) ->
     fig.suptitle(f"{cpu}, {s['device']}: prompt {s['prompt_len']} / output {s['output_len']} tokens, greedy",
                  fontsize=9)
     fig.tight_layout()
-    from sparsefast.checkpoint import publish_file
+    from sparsefast.bench.results import save_figure
 
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        publish_file(tmp, Path(path), overwrite=overwrite)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_figure(fig, path, overwrite=overwrite)
