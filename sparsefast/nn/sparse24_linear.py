@@ -45,6 +45,7 @@ class Sparse24Linear(nn.Module):
         self.register_buffer("bias", bias)
         self.dispatch = dispatch  # None: default_dispatch(device of the first CUDA input), then kept
         self._cache: dict[tuple, torch.Tensor] = {}  # derived weights (dense, semi-structured), rebuilt on demand
+        self._backends: dict[tuple, str] = {}  # backend_for per (M, dtype, device): see forward()
         self.cpu_dispatch: DispatchTable | None = None  # CPU inputs; None: DEFAULT_CPU_DISPATCH
 
     @classmethod
@@ -63,7 +64,7 @@ class Sparse24Linear(nn.Module):
                 f"dispatch={source!r}")
 
     def _apply(self, fn, recurse=True):  # .to()/.cuda()/.half(): derived weights are stale afterwards
-        self._cache = {}
+        self._cache, self._backends = {}, {}
         return super()._apply(fn, recurse)
 
     def dense_weight(self) -> torch.Tensor:
@@ -104,7 +105,13 @@ class Sparse24Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Sparse24Linear: input has {x.shape[-1]} features, expected {self.in_features}")
-        backend = self.backend_for(x)
+        # The path is decided once per input size, dtype and device (as SparseLinear decides its route): the decision
+        # loads the extension and reads tables, which torch.compile cannot trace; the compiled decode step runs one
+        # eager step per batch bucket before its capture, so tracing finds the decision made.
+        key = (x.numel(), x.dtype, x.device)
+        backend = self._backends.get(key)
+        if backend is None:
+            backend = self._backends[key] = self.backend_for(x)
         if backend == "cuda":
             y = sparse24_matmul_cuda(x, self.values, self.meta, self.out_features, self.in_features)
             return y if self.bias is None else y + self.bias.to(y.dtype)

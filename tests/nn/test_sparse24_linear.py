@@ -73,10 +73,12 @@ def test_kernels_run_without_a_second_backend_selection(monkeypatch):
     x = torch.randn(4, 40)
     torch.testing.assert_close(sp(x), lin(x), rtol=1e-5, atol=1e-5)  # the CPU kernel (or dense without it)
     calls = []
-    monkeypatch.setattr(sp, "backend_for", lambda x: "cuda")
+    monkeypatch.setattr(sp, "backend_for", lambda x: "cuda")  # decided once per input size: a new size asks it
     monkeypatch.setattr("sparsefast.nn.sparse24_linear.sparse24_matmul_cuda",
                         lambda x, values, meta, n, k: calls.append(x.shape) or x.new_zeros(*x.shape[:-1], n))
-    assert torch.equal(sp(x), lin.bias.detach().expand(4, 24)) and calls == [(4, 40)]
+    x = torch.randn(5, 40)
+    assert torch.equal(sp(x), lin.bias.detach().expand(5, 24)) and calls == [(5, 40)]
+    assert torch.equal(sp(x), lin.bias.detach().expand(5, 24)) and len(calls) == 2  # the kept decision
 
 
 @pytest.mark.gpu

@@ -111,14 +111,17 @@ def test_auto_falls_back_to_eager_when_the_compile_fails(story_llama_dir, monkey
         GenerationEngine(model, tok, max_batch=2, max_model_len=32, compile="on")
 
 
-def test_compiled_equals_eager_two_four_with_the_cpu_kernels(story_llama_dir):
+@pytest.mark.parametrize("mode", ["auto", "sparse24"])
+def test_compiled_equals_eager_two_four_with_the_cpu_kernels(story_llama_dir, mode):
+    """auto: SparseLinear (the CPU layout alone); sparse24 (`serve --sparse sparse24`): Sparse24Linear, whose route
+    decision (it loads the extension) must be made before the capture, or the compile fails."""
     from sparsefast.api import prune
     from sparsefast.config import MagnitudeConfig
     from sparsefast.nn import SparsifyConfig, sparsify_
 
     model, tok = _load(story_llama_dir)
     prune(model, MagnitudeConfig(pattern="2:4", device="cpu"), progress=False)
-    sparsify_(model, SparsifyConfig(calibrate=False))
+    sparsify_(model, SparsifyConfig(mode=mode, calibrate=False))
     eager, _ = served(model, tok, "off", max_batch=2, prompts=PROMPTS[:3], max_tokens=MAX_TOKENS[:3])
     compiled, engine = served(model, tok, "on", max_batch=2, prompts=PROMPTS[:3], max_tokens=MAX_TOKENS[:3])
     assert compiled == eager and engine.runner.graphs == 2
