@@ -7,7 +7,8 @@ Definitions (every engine the same way):
   (N − 1) from two runs of the round (max_tokens 1 and N). Decode tokens/s = 1 / TPOT.
 * weight bytes per token: sparsefast: every tensor a one-token step reads (sparsefast.bench.decode
   .weight_bytes_per_token); llama.cpp: the GGUF file's size (its tensors; the tied embedding is read whole as the
-  output matrix, as in ours); vLLM: the sparsefast dense model's at the same dtype (the same tensors).
+  output matrix, as in ours); vLLM: the sparsefast model's at the same dtype (the same tensors: the dense model, or
+  for a sparse checkpoint run by sparsefast's vLLM plugin the same packed layouts).
 * weight GB/s = bytes per token / TPOT; fraction of the copy bandwidth (bytes read + written per second of a
   256 MiB copy, the best of the measurements before and after the rounds).
 * C concurrent: the median over requests of their TPOT, and output tokens/s = C·N / (last token − submit).
@@ -24,6 +25,7 @@ GOALS = {
     "bf16_dense_vs_fp32_dense_b1": 1.7,
     "bf16_24_vs_bf16_dense_b1": 1.4,
     "concurrent_vs_b1_output_throughput": 4.0,
+    "vllm_sparse_vs_dense_b1": 1.3,  # issue 23: a sparse checkpoint through sparsefast's vLLM plugin
 }
 PEER_PRECISION = {"float32": ("F32", "float32"), "bfloat16": ("BF16", "bfloat16")}  # llama.cpp type, vLLM dtype
 
@@ -87,8 +89,9 @@ def summarize(variants: list, raw: dict[str, dict[str, list]], readies: dict[str
             return readies[v.name]["weight_bytes_per_token"]
         if v.kind == "llama_cpp":
             return readies[v.name].get("model_bytes")
-        dense = sf.get(("dense", v.precision, True)) or sf.get(("dense", v.precision, False))
-        return readies[dense]["weight_bytes_per_token"] if dense else None
+        # vLLM: the bytes of the same weights in sparsefast (the dense model, or the sparse one its plugin runs)
+        same = sf.get((v.sparsity, v.precision, True)) or sf.get((v.sparsity, v.precision, False))
+        return readies[same]["weight_bytes_per_token"] if same else None
 
     summary = {name: variant_summary(raw[name], readies[name], weight_bytes(by_name[name]), copy_gbs)
                for name in raw}
@@ -146,7 +149,17 @@ def goals(summary: dict[str, dict], sf: dict[tuple, str], variants: list, concur
     if dense32 and "concurrent_vs_b1" in dense32:
         out["dense_fp32_concurrent_vs_b1"] = check(dense32["concurrent_vs_b1"],
                                                    GOALS["concurrent_vs_b1_output_throughput"])
+    vllm_dense = {v.precision: summary.get(v.name) for v in variants if v.kind == "vllm" and v.sparsity == "dense"}
     for v in variants:
+        if v.kind == "vllm" and v.sparsity != "dense":  # issue 23: the plugin's sparse model vs vLLM's dense one
+            dense = vllm_dense.get(v.precision)
+            out[f"{v.name} b1 vs vLLM {v.precision} dense"] = check(_ratio(b1(summary[v.name]), b1(dense)),
+                                                                    GOALS["vllm_sparse_vs_dense_b1"])
+            out[f"{v.name} c{concurrency} output tok/s vs vLLM {v.precision} dense"] = check(
+                _ratio(summary[v.name].get("concurrent_output_tokens_per_s"),
+                       (dense or {}).get("concurrent_output_tokens_per_s")),
+                1.0)
+            continue
         if v.kind == "sparsefast" or v.precision.upper() == "Q8_0":
             continue
         precision = "float32" if v.precision.lower() in ("f32", "float32") else "bfloat16"

@@ -146,20 +146,48 @@ def sparsefast_variants(cfg: DecodeBenchConfig, checkpoints: dict[str, str]) -> 
     return variants
 
 
-def peer_variants(cfg: DecodeBenchConfig, ggufs: dict[str, str], dense_dir: str | None) -> list[Variant]:
-    """llama.cpp workers (one per GGUF type -> file) and vLLM workers (one per dtype, on the dense checkpoint), run
-    by their venvs' python."""
+def peer_variants(cfg: DecodeBenchConfig, ggufs: dict[str, str], dense_dir: str | None,
+                  vllm_sparse: dict[str, str] | None = None) -> list[Variant]:
+    """llama.cpp workers (one per GGUF type -> file) and vLLM workers (one per dtype, on the dense checkpoint, and on
+    each `vllm_sparse` export {sparsity: dir}, run with sparsefast's plugin), run by their venvs' python."""
     variants = []
     threads, max_len = str(cfg.engine_threads), str(cfg.prompt_len + cfg.new_tokens + 1)
     for outtype, path in ggufs.items():
         argv = [cfg.llama_cpp_python, str(PEER_WORKER), "llama_cpp", path, "--threads", threads, "--max-len", max_len]
         variants.append(Variant(f"llama.cpp {outtype.upper()}", argv, "llama_cpp", outtype, concurrent=False))
-    for dtype in cfg.dtypes if cfg.vllm_python and dense_dir else ():
-        argv = [cfg.vllm_python, str(PEER_WORKER), "vllm", dense_dir, "--dtype", dtype, "--max-len", max_len]
-        # KV cache space in GiB (vLLM's CPU default is sized for servers); OpenMP threads on the cores it may use
-        env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": f"0-{cfg.engine_threads - 1}"}
-        variants.append(Variant(f"vLLM {dtype}", argv, "vllm", dtype, env=env))
+    models = {"dense": dense_dir, **(vllm_sparse or {})} if dense_dir else dict(vllm_sparse or {})
+    for dtype in cfg.dtypes if cfg.vllm_python else ():
+        for sparsity, model_dir in models.items():
+            argv = [cfg.vllm_python, str(PEER_WORKER), "vllm", model_dir, "--dtype", dtype, "--max-len", max_len]
+            # KV cache space in GiB (vLLM's CPU default is sized for servers); OpenMP threads on the cores it may use
+            env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": f"0-{cfg.engine_threads - 1}"}
+            name = f"vLLM {dtype}" if sparsity == "dense" else f"vLLM {dtype} {sparsity} (sparsefast plugin)"
+            variants.append(Variant(name, argv, "vllm", dtype, sparsity, env=env))
     return variants
+
+
+def export_for_vllm(cfg: DecodeBenchConfig, checkpoints: dict[str, str], work: Path,
+                    progress=print) -> dict[str, str]:
+    """{sparsity: directory} of each sparse checkpoint exported for sparsefast's vLLM plugin (`export --to
+    vllm-sparse`, each layer's layout timed here as `sparsefast serve` chooses it), when vLLM runs; kept in `work`
+    for a later run there."""
+    if not cfg.vllm_python:
+        return {}
+    from sparsefast.api import load
+    from sparsefast.export.vllm_sparse import export_vllm_sparse
+
+    out = {}
+    for sparsity in dict.fromkeys(map(checkpoint_name, cfg.sparsities)):
+        if SPARSITIES[sparsity] is None:
+            continue
+        source = checkpoints[sparsity]
+        path = work / f"vllm-sparse-{_file_stem(sparsity)}"
+        if not _made_here(path, {"export": "vllm-sparse", "source": source}):
+            model, tok = load(source)
+            export_vllm_sparse(model, tok, path, source=source, overwrite=path.exists())
+        out[sparsity] = str(path)
+        progress(f"[setup] {sparsity} for vLLM (sparsefast plugin): {path}")
+    return out
 
 
 def start_workers(variants: list[Variant], log_dir: Path, progress=print) -> tuple[dict[str, Worker], dict[str, str]]:
@@ -352,7 +380,7 @@ def run_decode_bench(cfg: DecodeBenchConfig, progress=print) -> dict[str, Any] |
     try:
         ckpts, ggufs = prepare_checkpoints(cfg, work, progress)
         variants = sparsefast_variants(cfg, ckpts)
-        variants += peer_variants(cfg, ggufs, ckpts.get("dense"))
+        variants += peer_variants(cfg, ggufs, ckpts.get("dense"), export_for_vllm(cfg, ckpts, work, progress))
         refs = _one_per_checkpoint(variants) if cfg.choice_loads else {}
         quiet = {}
         if cfg.busy_core is not None:  # the reference choice: a timed swap before the busy loop starts

@@ -48,7 +48,7 @@ from sparsefast.export.architecture import (
 from sparsefast.models.base import get_adapter
 
 DECILM_CONFIG_MODULE = "configuration_decilm"  # the file name real nemotron-nas checkpoints use
-_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+OUTTYPE_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 
 def export_vllm(model: nn.Module, tokenizer: Any, out: str | os.PathLike | OutputClaim, *, outtype: str = "f32",
@@ -59,14 +59,14 @@ def export_vllm(model: nn.Module, tokenizer: Any, out: str | os.PathLike | Outpu
     before loading the model (its overwrite and sources apply). Raises ValueError for a bad `out` or a model vLLM
     cannot run exactly, before anything is written. `model` is changed: cast to `outtype` (and, for equal widths,
     its config made plain)."""
-    if outtype not in _DTYPES:
-        raise ValueError(f"outtype {outtype!r} is not one of {', '.join(_DTYPES)} for --to vllm")
+    if outtype not in OUTTYPE_DTYPES:
+        raise ValueError(f"outtype {outtype!r} is not one of {', '.join(OUTTYPE_DTYPES)} for --to vllm")
     if not isinstance(out, OutputClaim):
         with OutputClaim(out, overwrite, sources=sources) as claim:
             return export_vllm(model, tokenizer, claim, outtype=outtype, source=source)
     check_exportable(model)
     widths = layer_widths(model)
-    model.to(_DTYPES[outtype])
+    model.to(OUTTYPE_DTYPES[outtype])
     report: dict[str, Any] = {"export": "vllm", "source": source, "outtype": outtype, "sparsefast": __version__,
                               "layers": [vars(w) for w in widths]}
     if uniform_widths(widths) is not None:

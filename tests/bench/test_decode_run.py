@@ -127,8 +127,15 @@ def test_whole_run_with_fake_peers(story_llama_dir, fake_peer_python, tmp_path):
     vllm_setup = next(i for i, ln in enumerate(lines) if ln.startswith("[setup] vLLM"))
     assert vllm_setup > max(i for i, ln in enumerate(lines) if ln.startswith("[1] llama.cpp"))
     names = ["sparsefast dense float32 eager", "sparsefast dense-torch float32 eager", "sparsefast 2:4 float32 eager",
-             "llama.cpp F32", "vLLM float32"]
+             "llama.cpp F32", "vLLM float32", "vLLM float32 2:4 (sparsefast plugin)"]
     assert list(result["variants"]) == names
+    # the 2:4 checkpoint also runs in vLLM as a `--to vllm-sparse` export (sparsefast's plugin), scored against
+    # vLLM's dense model (issue 23's goals)
+    plugin = result["variants"]["vLLM float32 2:4 (sparsefast plugin)"]
+    sparse = result["variants"]["sparsefast 2:4 float32 eager"]
+    assert plugin["weight_bytes_per_token"] == sparse["weight_bytes_per_token"]
+    assert "vLLM float32 2:4 (sparsefast plugin) b1 vs vLLM float32 dense" in result["goals"]
+    assert any("vllm-sparse" in ln and "2:4" in ln for ln in lines)
     # both dense variants run the one dense checkpoint: with the dense CPU kernel (serve's default), and without
     workers = result["workers"]
     assert workers["sparsefast dense float32 eager"]["dense_kernel_layers"] > 0

@@ -2,7 +2,10 @@
 $SPARSEFAST_LLAMA_CPP_VENV / $SPARSEFAST_VLLM_VENV; skipped without them). llama.cpp's 32 greedy tokens at f32 equal
 sparsefast's for the tiny story llama (dense, layer-wise structural through the deci architecture, uniform) and
 SmolLM2 (dense, Wanda 2:4, structural 20%); vLLM's OpenAI server serves the structural SmolLM2 export with the same
-greedy completion as `sparsefast serve`. bench/e2e/export_equality.py runs the same checks and commits the tokens."""
+greedy completion as `sparsefast serve`, and the Wanda 2:4 / 50% SmolLM2 exports through sparsefast's vLLM plugin
+(packed, sparsefast's kernels; sparsefast installed in the vLLM venv) with the same completion as `sparsefast serve`
+and as vLLM's dense load of the zero-filled checkpoint. bench/e2e/export_equality.py runs the same checks and commits
+the tokens."""
 
 from __future__ import annotations
 
@@ -17,10 +20,12 @@ from sparsefast.bench.export_peers import (
     sparsefast_server,
     vllm_server,
 )
+from sparsefast.checkpoint import save_checkpoint
 from sparsefast.config import WandaConfig
 from sparsefast.config.structural import StructuralConfig
 from sparsefast.export.gguf import export_gguf
 from sparsefast.export.vllm import export_vllm
+from sparsefast.export.vllm_sparse import export_vllm_sparse
 from sparsefast.prune.structural import prune_structured
 from tests.export.conftest import pruned_story
 
@@ -73,3 +78,26 @@ def test_structural_smollm2_in_vllm_serve(tmp_path):
     with sparsefast_server(str(tmp_path / "s20"), log_dir=tmp_path) as server:
         ours = completion(server, PROMPT, 32)
     assert theirs["text"] == ours["text"]
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "unstructured"])
+def test_wanda_smollm2_in_vllm_plugin(tmp_path, pattern):
+    _peer("vllm")
+    from sparsefast.data import get_calibration
+
+    model, tok = sparsefast.load("smollm2")
+    sparsefast.prune(model, WandaConfig(pattern=pattern),
+                     get_calibration("c4", tok, nsamples=4, seqlen=128, seed=0))
+    save_checkpoint(model, tok, tmp_path / "pruned")
+    export_vllm(model, tok, tmp_path / "dense")  # zero-filled: vLLM's own dense layers
+    model, tok = sparsefast.load(str(tmp_path / "pruned"))
+    summary = export_vllm_sparse(model, tok, tmp_path / "packed", calibrate=False)
+    assert sum(summary["packed_layers"].values()) == 4 * 30  # every vLLM linear of the 30 layers packed
+    del model
+    with vllm_server(tmp_path / "packed", log_dir=tmp_path, name="vllm-plugin") as server:
+        packed = completion(server, PROMPT, 32)
+    with vllm_server(tmp_path / "dense", log_dir=tmp_path, name="vllm-dense") as server:
+        dense = completion(server, PROMPT, 32)
+    with sparsefast_server(str(tmp_path / "pruned"), log_dir=tmp_path) as server:
+        ours = completion(server, PROMPT, 32)
+    assert packed["text"] == ours["text"] == dense["text"]
