@@ -17,6 +17,12 @@ torch.compile of the model traces through it). The kernels take every number of 
 dense GEMM would be faster (sparsefast serve switches to it by a measured table), which a traced graph cannot do per
 call, so prefill runs the sparse kernel too.
 
+Tensor parallelism: each rank packs its own slice, so every split vLLM makes works for the unstructured layout; for
+2:4, column-parallel layers (qkv_proj, gate_up_proj: output rows split) take any split, row-parallel ones (o_proj,
+down_proj: input columns split) need in_features / tensor-parallel size to be a multiple of 4 (whole 4-groups per
+rank; refused at load otherwise). Checked against the unsharded layer in tests/export/test_vllm_sparse.py and with
+`--tensor-parallel-size 2` on CPU in bench/e2e/export_equality.py.
+
 CPU only: on another device the layer raises at load (the CUDA 2:4 kernels have their own layout and are not wired
 here yet).
 """
@@ -168,6 +174,10 @@ class SparsefastLinearMethod(LinearMethodBase):
             raise ValueError(f"{self.prefix}: sparsefast's vLLM layers run the CPU kernels only; this layer is on "
                              f"{device}")
         row_parallel = isinstance(layer, RowParallelLinear)
+        if self.layout == "2:4" and row_parallel and layer.sparsefast_in % 4:
+            raise ValueError(f"{self.prefix}: tensor parallelism splits its {layer.sparsefast_in * layer.tp_size} "
+                             f"inputs into {layer.sparsefast_in} per rank, which cuts 2:4 groups of 4; choose a "
+                             "--tensor-parallel-size that divides in_features / 4")
         slices = []
         for i, (shard, member, shape) in enumerate(zip(_shard_ids(layer, len(self.members)), self.members,
                                                        self.shapes)):

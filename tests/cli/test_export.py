@@ -25,6 +25,24 @@ def test_export_gguf_and_vllm(tmp_path, story_llama_dir, capsys):
     assert (tmp_path / "v" / "config.json").is_file()
 
 
+def test_export_vllm_sparse(tmp_path, story_llama_dir, capsys):
+    """A magnitude 2:4 checkpoint: every vLLM layer packed 2:4 (--no-calibrate: no timing); f16 refused before
+    loading (the kernels take f32 and bf16)."""
+    pruned = tmp_path / "p"
+    assert main(["prune", str(story_llama_dir), "--method", "magnitude", "--pattern", "2:4", "--out",
+                 str(pruned)]) == 0
+    capsys.readouterr()
+    assert main(["export", str(pruned), "--to", "vllm-sparse", "--no-calibrate", "--outtype", "bf16", "--out",
+                 str(tmp_path / "v")]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["packed_layers"] == {"2:4": 14, "unstructured": 0} and printed["outtype"] == "bf16"
+    config = json.loads((tmp_path / "v" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "sparsefast"
+    assert main(["export", str(tmp_path / "missing"), "--to", "vllm-sparse", "--outtype", "f16", "--out",
+                 str(tmp_path / "w")]) == 2
+    assert "f32, bf16" in capsys.readouterr().err and not (tmp_path / "w").exists()
+
+
 def test_bad_input_fails_before_loading(tmp_path, capsys):
     missing = str(tmp_path / "no-such-model")
     assert main(["export", missing, "--to", "vllm", "--outtype", "q8_0", "--out", str(tmp_path / "v")]) == 2
