@@ -20,8 +20,8 @@ call, so prefill runs the sparse kernel too.
 Tensor parallelism: each rank packs its own slice, so every split vLLM makes works for the unstructured layout; for
 2:4, column-parallel layers (qkv_proj, gate_up_proj: output rows split) take any split, row-parallel ones (o_proj,
 down_proj: input columns split) need in_features / tensor-parallel size to be a multiple of 4 (whole 4-groups per
-rank; refused at load otherwise). Checked against the unsharded layer in tests/export/test_vllm_sparse.py and with
-`--tensor-parallel-size 2` on CPU in bench/e2e/export_equality.py.
+rank; refused at load otherwise). Checked against the unsharded layer in tests/export/test_vllm_sparse.py (vLLM
+itself refuses SmolLM2, 9 heads over 3 KV heads, on 2 ranks, so the CPU runs here are single-process).
 
 CPU only: on another device the layer raises at load (the CUDA 2:4 kernels have their own layout and are not wired
 here yet).

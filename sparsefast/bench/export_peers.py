@@ -87,23 +87,19 @@ def sparsefast_greedy(model: nn.Module, prompt_ids: list[int], max_tokens: int) 
 
 @contextlib.contextmanager
 def vllm_server(model_dir: str | os.PathLike, *, log_dir: Path, name: str = "vllm", timeout: float = 900,
-                max_model_len: int = 2048, tensor_parallel: int = 1) -> Iterator[Variant]:
+                max_model_len: int = 2048) -> Iterator[Variant]:
     """vLLM's OpenAI server (`vllm serve`, peer venv) on `model_dir`, float32, eager (no compile), remote config
-    code allowed (the nemotron-nas config class sparsefast.export.vllm writes beside the weights), over
-    `tensor_parallel` processes (one core each: vLLM CPU binds a rank's OpenMP threads to its own cores); yields the
-    ready server as a serving Variant and stops it on exit. Raises RuntimeError if it does not become healthy."""
+    code allowed (the nemotron-nas config class sparsefast.export.vllm writes beside the weights); yields the ready
+    server as a serving Variant and stops it on exit. Raises RuntimeError if it does not become healthy."""
     port = free_port()
     v = Variant(name=name, kind="url", target=str(model_dir), base_url=f"http://127.0.0.1:{port}",
                 model_id=str(model_dir), log_path=str(log_dir / f"{name}.log"))
     python = peer_python("vllm")
     cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--host",
            "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager", "--trust-remote-code",
-           "--max-model-len", str(max_model_len), "--max-num-seqs", "4", "--tensor-parallel-size",
-           str(tensor_parallel)]
+           "--max-model-len", str(max_model_len), "--max-num-seqs", "4"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    if tensor_parallel > 1:  # its default binding wants a NUMA node per rank; this gives each rank one core
-        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % (os.cpu_count() or 1)) for i in range(tensor_parallel))
     with open(v.log_path, "w") as log:
         v.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     with _ready(v, timeout):

@@ -94,10 +94,11 @@ def test_wanda_smollm2_in_vllm_plugin(tmp_path, pattern):
     summary = export_vllm_sparse(model, tok, tmp_path / "packed", calibrate=False)
     assert sum(summary["packed_layers"].values()) == 4 * 30  # every vLLM linear of the 30 layers packed
     del model
-    with vllm_server(tmp_path / "packed", log_dir=tmp_path, name="vllm-plugin") as server:
-        packed = completion(server, PROMPT, 32)
-    with vllm_server(tmp_path / "dense", log_dir=tmp_path, name="vllm-dense") as server:
-        dense = completion(server, PROMPT, 32)
-    with sparsefast_server(str(tmp_path / "pruned"), log_dir=tmp_path) as server:
-        ours = completion(server, PROMPT, 32)
-    assert packed["text"] == ours["text"] == dense["text"]
+    prompts = (PROMPT, "Photosynthesis is the process by which plants")
+    texts = {}
+    for name, serve in (("plugin", lambda: vllm_server(tmp_path / "packed", log_dir=tmp_path, name="vllm-plugin")),
+                        ("dense", lambda: vllm_server(tmp_path / "dense", log_dir=tmp_path, name="vllm-dense")),
+                        ("ours", lambda: sparsefast_server(str(tmp_path / "pruned"), log_dir=tmp_path))):
+        with serve() as server:
+            texts[name] = [completion(server, p, 32)["text"] for p in prompts]
+    assert texts["plugin"] == texts["ours"] == texts["dense"]
