@@ -169,7 +169,7 @@ class SparsefastLinearMethod(LinearMethodBase):
             raise ValueError(f"{self.prefix}: sparsefast's kernels take float32 or bfloat16, not "
                              f"{layer.sparsefast_dtype}; start vLLM with --dtype float32 or bfloat16")
         loaded: dict[str, dict[Any, torch.Tensor]] = layer.sparsefast_loaded
-        device = next(iter(next(iter(loaded.values())).values())).device if loaded else torch.device("cpu")
+        device = layer.values.device  # where vLLM built the layer (loaded tensors arrive on the CPU whatever it is)
         if device.type != "cpu":
             raise ValueError(f"{self.prefix}: sparsefast's vLLM layers run the CPU kernels only; this layer is on "
                              f"{device}")
