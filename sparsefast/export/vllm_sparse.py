@@ -40,11 +40,10 @@ from sparsefast.export import VLLM_SPARSE_OUTTYPES
 from sparsefast.export.architecture import check_exportable, set_plain_config
 from sparsefast.export.vllm import OUTTYPE_DTYPES
 from sparsefast.models.base import get_adapter
+from sparsefast.nn.sparse_linear import LAYOUTS, PACKED_NAMES  # the layouts and their tensors' names, as SparseLinear's
 
 QUANT_METHOD = "sparsefast"  # the quantization_config quant_method that selects the plugin
 FORMAT_VERSION = 1
-LAYOUTS = ("2:4", "unstructured")
-PACKED_NAMES = {"2:4": ("values", "meta"), "unstructured": ("values", "mask", "tile_offsets")}
 INDEX_DTYPES = {"meta": torch.int32, "mask": torch.int16, "tile_offsets": torch.int64}  # the values: the weight's
 # checkpoint linears vLLM's Llama runs as one layer: (fused layer name, members in vLLM's order)
 FUSED_LAYERS = (("qkv_proj", ("q_proj", "k_proj", "v_proj")), ("gate_up_proj", ("gate_proj", "up_proj")))

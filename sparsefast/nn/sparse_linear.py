@@ -30,6 +30,7 @@ from sparsefast.ops.sparse_unstructured import (
 )
 
 LAYOUTS = ("2:4", "unstructured")
+PACKED_NAMES = {"2:4": ("values", "meta"), "unstructured": ("values", "mask", "tile_offsets")}  # buffers per layout
 
 
 class SparseLinear(nn.Module):
@@ -47,7 +48,7 @@ class SparseLinear(nn.Module):
         if layout not in LAYOUTS:
             raise ValueError(f"SparseLinear: layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
         self.in_features, self.out_features, self.layout = in_features, out_features, layout
-        names = ("values", "meta") if layout == "2:4" else ("values", "mask", "tile_offsets")
+        names = PACKED_NAMES[layout]
         if len(packed) != len(names):
             raise ValueError(f"SparseLinear: layout {layout} takes {len(names)} packed tensors ({', '.join(names)})")
         self._names = names
