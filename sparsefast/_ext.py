@@ -93,13 +93,14 @@ def _register_cpu_fakes() -> None:
     see through them."""
     import torch
 
-    def fake(x, *args):  # args end with (..., out_features, in_features, isa)
-        return x.new_empty((*x.shape[:-1], args[-3]))
-
-    for name in ("sparse24_linear_cpu", "sparse_unstructured_linear_cpu"):
-        torch.library.register_fake(f"sparsefast::{name}")(fake)
+    torch.library.register_fake("sparsefast::sparse24_linear_cpu")(
+        lambda x, values, meta, bias, out_features, in_features, isa, scales=None:
+        x.new_empty((*x.shape[:-1], out_features)))
+    torch.library.register_fake("sparsefast::sparse_unstructured_linear_cpu")(
+        lambda x, values, mask, tile_offsets, bias, out_features, in_features, isa, scales=None:
+        x.new_empty((*x.shape[:-1], out_features)))
     torch.library.register_fake("sparsefast::dense_linear_cpu")(
-        lambda x, weight, bias, isa: x.new_empty((*x.shape[:-1], weight.shape[0])))
+        lambda x, weight, bias, isa, scales=None: x.new_empty((*x.shape[:-1], weight.shape[0])))
 
 
 @functools.lru_cache(maxsize=None)

@@ -40,13 +40,19 @@ inline float bf16_to_f32(uint16_t v) {
   return f;
 }
 
-template <bool BF16>
-constexpr int64_t kBytes = BF16 ? 2 : 4;  // bytes per stored value
+template <int VT>
+constexpr int64_t kBytes = VT == kInt8 ? 1 : VT == kBf16 ? 2 : 4;  // bytes per stored value
 
-template <bool BF16>
+template <int VT>
 inline float value_at(const void* values, int64_t i) {
-  return BF16 ? bf16_to_f32(static_cast<const uint16_t*>(values)[i]) : static_cast<const float*>(values)[i];
+  if (VT == kInt8) return static_cast<float>(static_cast<const int8_t*>(values)[i]);
+  if (VT == kBf16) return bf16_to_f32(static_cast<const uint16_t*>(values)[i]);
+  return static_cast<const float*>(values)[i];
 }
+
+// A row's sum of value x input times the row's scale: int8 values are q with W[row, :] = scales[row] * q[row, :]
+// (symmetric, per output row), so the scale multiplies the fp32 sum once instead of every value.
+inline float scaled(const float* scales, int64_t row, float sum) { return scales ? sum * scales[row] : sum; }
 
 #ifdef SF_X86
 // Software prefetch into L2 of the cache line `offset` bytes after `base`, issued a fixed distance ahead of the
@@ -60,20 +66,20 @@ inline void prefetch_l2(const void* base, int64_t offset) {
 
 // y[t0 + t, row] = sums[r][t] + bias[row] for the rows first_row + r < n (the last tile's padding rows are dropped).
 template <int RN, int TB>
-inline void store_rows(int64_t n, int64_t first_row, int64_t t0, const float (&sums)[RN][TB], const float* bias,
-                       float* y) {
+inline void store_rows(int64_t n, int64_t first_row, int64_t t0, const float (&sums)[RN][TB], const float* scales,
+                       const float* bias, float* y) {
   for (int r = 0; r < RN; ++r) {
     const int64_t row = first_row + r;
     if (row >= n) break;
     const float bv = bias ? bias[row] : 0.f;
-    for (int t = 0; t < TB; ++t) y[(t0 + t) * n + row] = sums[r][t] + bv;
+    for (int t = 0; t < TB; ++t) y[(t0 + t) * n + row] = scaled(scales, row, sums[r][t]) + bv;
   }
 }
 
 // ================================================================ 2:4
 constexpr int64_t kTileValues = kTileRows * 16;  // stored values of one tile's 32-column block
 
-template <bool BF16>
+template <int VT>
 void tiles24_scalar(const Sparse24Weight& w, const float* x, int64_t m, const float* bias, float* y, int64_t t0,
                     int64_t t1) {
   const int64_t blocks = w.kp / kBlockCols;
@@ -89,12 +95,12 @@ void tiles24_scalar(const Sparse24Weight& w, const float* x, int64_t m, const fl
           const uint32_t meta = w.meta[slot];
           for (int j = 0; j < 16; ++j) {
             const int64_t col = kBlockCols * b + 4 * (j / 2) + ((meta >> (2 * j)) & 3);
-            acc[j] += value_at<BF16>(w.values, slot * 16 + j) * xt[col];
+            acc[j] += value_at<VT>(w.values, slot * 16 + j) * xt[col];
           }
         }
         for (int width = 8; width >= 1; width /= 2)
           for (int j = 0; j < width; ++j) acc[j] += acc[j + width];
-        y[t * w.n + row] = acc[0] + (bias ? bias[row] : 0.f);
+        y[t * w.n + row] = scaled(w.scales, row, acc[0]) + (bias ? bias[row] : 0.f);
       }
     }
   }
@@ -102,9 +108,13 @@ void tiles24_scalar(const Sparse24Weight& w, const float* x, int64_t m, const fl
 
 #ifdef SF_X86
 // ---------------------------------------------------------------- 2:4, AVX-512
-template <bool BF16>
+template <int VT>
 SF_AVX512 inline __m512 load16_512(const void* values, int64_t i) {
-  if (BF16) {
+  if (VT == kInt8) {
+    const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(values) + i));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
+  }
+  if (VT == kBf16) {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(values) + i));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   }
@@ -112,7 +122,7 @@ SF_AVX512 inline __m512 load16_512(const void* values, int64_t i) {
 }
 
 // Rows r0..r0+RN-1 of `tile` for tokens t0..t0+TB-1.
-template <int RN, int TB, bool BF16>
+template <int RN, int TB, int VT>
 SF_AVX512 void tile24_512(const Sparse24Weight& w, int64_t tile, int r0, const float* x, int64_t t0, const float* bias,
                           float* y) {
   const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
@@ -142,8 +152,8 @@ SF_AVX512 void tile24_512(const Sparse24Weight& w, int64_t tile, int r0, const f
       const __m512i pos = _mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(meta[b * kTileRows + r])), shifts);
       const __m512i idx = _mm512_ternarylogic_epi32(pos, two_bits, group_base, 0xEA);
       const int64_t at = v0 + b * kTileValues + r * 16;
-      prefetch_l2(w.values, (at + tile_values) * kBytes<BF16>);  // the same value of the next tile
-      const __m512 v = load16_512<BF16>(w.values, at);
+      prefetch_l2(w.values, (at + tile_values) * kBytes<VT>);  // the same value of the next tile
+      const __m512 v = load16_512<VT>(w.values, at);
 #pragma GCC unroll 8
       for (int t = 0; t < TB; ++t)
         acc[r][t] = _mm512_fmadd_ps(v, _mm512_permutex2var_ps(xlo[t], idx, xhi[t]), acc[r][t]);
@@ -154,26 +164,30 @@ SF_AVX512 void tile24_512(const Sparse24Weight& w, int64_t tile, int r0, const f
   for (int r = 0; r < RN; ++r)
 #pragma GCC unroll 8
     for (int t = 0; t < TB; ++t) sums[r][t] = _mm512_reduce_add_ps(acc[r][t]);
-  store_rows<RN, TB>(w.n, tile * kTileRows + r0, t0, sums, bias, y);
+  store_rows<RN, TB>(w.n, tile * kTileRows + r0, t0, sums, w.scales, bias, y);
 }
 
 // Token pairs with all 8 rows of the tile in registers (16 accumulators + 4 x registers + the decode constants), then
 // a single token. Measured against 4 tokens x 4 rows per pass (re-reading the tile from L1): pairs were faster at
 // M = 4 and 8 and equal above.
-template <bool BF16>
+template <int VT>
 SF_AVX512 void tiles24_512(const Sparse24Weight& w, const float* x, int64_t m, const float* bias, float* y, int64_t t0,
                            int64_t t1) {
   for (int64_t tile = t0; tile < t1; ++tile) {
     int64_t t = 0;
-    for (; t + 2 <= m; t += 2) tile24_512<8, 2, BF16>(w, tile, 0, x, t, bias, y);
-    if (t < m) tile24_512<8, 1, BF16>(w, tile, 0, x, t, bias, y);
+    for (; t + 2 <= m; t += 2) tile24_512<8, 2, VT>(w, tile, 0, x, t, bias, y);
+    if (t < m) tile24_512<8, 1, VT>(w, tile, 0, x, t, bias, y);
   }
 }
 
 // ---------------------------------------------------------------- 2:4, AVX2
-template <bool BF16>
+template <int VT>
 SF_AVX2 inline __m256 load8_256(const void* values, int64_t i) {
-  if (BF16) {
+  if (VT == kInt8) {
+    const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(values) + i));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+  }
+  if (VT == kBf16) {
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(values) + i));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
   }
@@ -189,7 +203,7 @@ SF_AVX2 inline float hsum256(__m256 v) {
 
 // A 16-column half h of a block: lanes 0-3 (groups 0, 1) read x columns 0-7 of the half, lanes 4-7 columns 8-15;
 // vpermps uses the low 3 index bits, so one index vector (4g' + i, g' = group mod 2) serves both permutes.
-template <int RN, int TB, bool BF16>
+template <int RN, int TB, int VT>
 SF_AVX2 void tile24_256(const Sparse24Weight& w, int64_t tile, int r0, const float* x, int64_t t0, const float* bias,
                         float* y) {
   const __m256i shifts_lo = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
@@ -215,8 +229,8 @@ SF_AVX2 void tile24_256(const Sparse24Weight& w, int64_t tile, int r0, const flo
         const __m256i pos = _mm256_srlv_epi32(word, h ? shifts_hi : shifts_lo);
         const __m256i idx = _mm256_or_si256(_mm256_and_si256(pos, two_bits), group_base);
         const int64_t at = v0 + b * kTileValues + r * 16 + 8 * h;
-        if (h == 0) prefetch_l2(w.values, (at + blocks * kTileValues) * kBytes<BF16>);  // the next tile's
-        const __m256 v = load8_256<BF16>(w.values, at);
+        if (h == 0) prefetch_l2(w.values, (at + blocks * kTileValues) * kBytes<VT>);  // the next tile's
+        const __m256 v = load8_256<VT>(w.values, at);
 #pragma GCC unroll 8
         for (int t = 0; t < TB; ++t) {
           const float* xh = xb + t * w.kp + kBlockCols * b + 16 * h;
@@ -232,26 +246,26 @@ SF_AVX2 void tile24_256(const Sparse24Weight& w, int64_t tile, int r0, const flo
   for (int r = 0; r < RN; ++r)
 #pragma GCC unroll 8
     for (int t = 0; t < TB; ++t) sums[r][t] = hsum256(acc[r][t]);
-  store_rows<RN, TB>(w.n, tile * kTileRows + r0, t0, sums, bias, y);
+  store_rows<RN, TB>(w.n, tile * kTileRows + r0, t0, sums, w.scales, bias, y);
 }
 
 // 16 ymm: 8 rows x 1 token, or 4 rows x 2 tokens, of accumulators beside the decode constants.
-template <bool BF16>
+template <int VT>
 SF_AVX2 void tiles24_256(const Sparse24Weight& w, const float* x, int64_t m, const float* bias, float* y, int64_t t0,
                          int64_t t1) {
   for (int64_t tile = t0; tile < t1; ++tile) {
     int64_t t = 0;
     for (; t + 2 <= m; t += 2) {
-      tile24_256<4, 2, BF16>(w, tile, 0, x, t, bias, y);
-      tile24_256<4, 2, BF16>(w, tile, 4, x, t, bias, y);
+      tile24_256<4, 2, VT>(w, tile, 0, x, t, bias, y);
+      tile24_256<4, 2, VT>(w, tile, 4, x, t, bias, y);
     }
-    if (t < m) tile24_256<8, 1, BF16>(w, tile, 0, x, t, bias, y);
+    if (t < m) tile24_256<8, 1, VT>(w, tile, 0, x, t, bias, y);
   }
 }
 #endif  // SF_X86
 
 // ================================================================ unstructured
-template <bool BF16>
+template <int VT>
 void tiles_u_scalar(const UnstructuredWeight& w, const float* x, int64_t m, const float* bias, float* y, int64_t t0,
                     int64_t t1) {
   const int64_t chunks = w.kp / 16;
@@ -265,7 +279,7 @@ void tiles_u_scalar(const UnstructuredWeight& w, const float* x, int64_t m, cons
         for (int64_t r = 0; r < kTileRows; ++r) {
           for (uint32_t mask = mk[c * kTileRows + r]; mask; mask &= mask - 1, ++vi) {
             const int lane = __builtin_ctz(mask);
-            acc[r][lane] += value_at<BF16>(w.values, vi) * xt[16 * c + lane];
+            acc[r][lane] += value_at<VT>(w.values, vi) * xt[16 * c + lane];
           }
         }
       }
@@ -274,7 +288,7 @@ void tiles_u_scalar(const UnstructuredWeight& w, const float* x, int64_t m, cons
         if (row >= w.n) break;
         for (int width = 8; width >= 1; width /= 2)
           for (int j = 0; j < width; ++j) acc[r][j] += acc[r][j + width];
-        y[t * w.n + row] = acc[r][0] + (bias ? bias[row] : 0.f);
+        y[t * w.n + row] = scaled(w.scales, row, acc[r][0]) + (bias ? bias[row] : 0.f);
       }
     }
   }
@@ -284,7 +298,7 @@ void tiles_u_scalar(const UnstructuredWeight& w, const float* x, int64_t m, cons
 // ---------------------------------------------------------------- unstructured, AVX-512
 constexpr int64_t kPrefetchValues = 2048;  // how far ahead of the value being read its stream is prefetched
 // Tokens t0..t0+TB-1 of one tile: the tile's values are walked in order with one pointer.
-template <int TB, bool BF16>
+template <int TB, int VT>
 SF_AVX512 void tile_u_512(const UnstructuredWeight& w, int64_t tile, const float* x, int64_t t0, const float* bias,
                           float* y) {
   __m512 acc[kTileRows][TB];
@@ -304,8 +318,8 @@ SF_AVX512 void tile_u_512(const UnstructuredWeight& w, int64_t tile, const float
 #pragma GCC unroll 8
     for (int r = 0; r < kTileRows; ++r) {
       const uint32_t mask = mk[c * kTileRows + r];
-      prefetch_l2(w.values, (vi + kPrefetchValues) * kBytes<BF16>);
-      const __m512 v = _mm512_maskz_expand_ps(static_cast<__mmask16>(mask), load16_512<BF16>(w.values, vi));
+      prefetch_l2(w.values, (vi + kPrefetchValues) * kBytes<VT>);
+      const __m512 v = _mm512_maskz_expand_ps(static_cast<__mmask16>(mask), load16_512<VT>(w.values, vi));
       vi += __builtin_popcount(mask);
 #pragma GCC unroll 8
       for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_fmadd_ps(v, xv[t], acc[r][t]);
@@ -316,16 +330,16 @@ SF_AVX512 void tile_u_512(const UnstructuredWeight& w, int64_t tile, const float
   for (int r = 0; r < kTileRows; ++r)
 #pragma GCC unroll 8
     for (int t = 0; t < TB; ++t) sums[r][t] = _mm512_reduce_add_ps(acc[r][t]);
-  store_rows<kTileRows, TB>(w.n, tile * kTileRows, t0, sums, bias, y);
+  store_rows<kTileRows, TB>(w.n, tile * kTileRows, t0, sums, w.scales, bias, y);
 }
 
-template <bool BF16>
+template <int VT>
 SF_AVX512 void tiles_u_512(const UnstructuredWeight& w, const float* x, int64_t m, const float* bias, float* y,
                            int64_t t0, int64_t t1) {
   for (int64_t tile = t0; tile < t1; ++tile) {
     int64_t t = 0;
-    for (; t + 2 <= m; t += 2) tile_u_512<2, BF16>(w, tile, x, t, bias, y);
-    if (t < m) tile_u_512<1, BF16>(w, tile, x, t, bias, y);
+    for (; t + 2 <= m; t += 2) tile_u_512<2, VT>(w, tile, x, t, bias, y);
+    if (t < m) tile_u_512<1, VT>(w, tile, x, t, bias, y);
   }
 }
 
@@ -341,9 +355,9 @@ struct PermLut {  // 8-bit mask -> vpermps indices that move stored value k to t
 };
 const PermLut kPerm;
 
-template <bool BF16>
+template <int VT>
 SF_AVX2 inline __m256 load_half256(const void* values, int64_t vi, uint32_t m8) {
-  const __m256 v = load8_256<BF16>(values, vi);
+  const __m256 v = load8_256<VT>(values, vi);
   const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(kPerm.idx[m8]));
   const __m256i bits = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(m8)),
                                         _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128));
@@ -352,7 +366,7 @@ SF_AVX2 inline __m256 load_half256(const void* values, int64_t vi, uint32_t m8) 
 }
 
 // One token of one tile: 8 accumulators (16 ymm leave no room for a second token's), x as FMA memory operands.
-template <bool BF16>
+template <int VT>
 SF_AVX2 void tile_u_256(const UnstructuredWeight& w, int64_t tile, const float* x, int64_t t0, const float* bias,
                         float* y) {
   __m256 acc[kTileRows];
@@ -368,10 +382,10 @@ SF_AVX2 void tile_u_256(const UnstructuredWeight& w, int64_t tile, const float* 
     for (int r = 0; r < kTileRows; ++r) {
       const uint32_t mask = mk[c * kTileRows + r];
       const uint32_t lo = mask & 0xFF, hi = mask >> 8;
-      prefetch_l2(w.values, (vi + kPrefetchValues) * kBytes<BF16>);
-      const __m256 v0 = load_half256<BF16>(w.values, vi, lo);
+      prefetch_l2(w.values, (vi + kPrefetchValues) * kBytes<VT>);
+      const __m256 v0 = load_half256<VT>(w.values, vi, lo);
       vi += __builtin_popcount(lo);
-      const __m256 v1 = load_half256<BF16>(w.values, vi, hi);
+      const __m256 v1 = load_half256<VT>(w.values, vi, hi);
       vi += __builtin_popcount(hi);
       acc[r] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(xt + 16 * c), acc[r]);
       acc[r] = _mm256_fmadd_ps(v1, _mm256_loadu_ps(xt + 16 * c + 8), acc[r]);
@@ -380,28 +394,28 @@ SF_AVX2 void tile_u_256(const UnstructuredWeight& w, int64_t tile, const float* 
   float sums[kTileRows][1];
 #pragma GCC unroll 8
   for (int r = 0; r < kTileRows; ++r) sums[r][0] = hsum256(acc[r]);
-  store_rows<kTileRows, 1>(w.n, tile * kTileRows, t0, sums, bias, y);
+  store_rows<kTileRows, 1>(w.n, tile * kTileRows, t0, sums, w.scales, bias, y);
 }
 
-template <bool BF16>
+template <int VT>
 SF_AVX2 void tiles_u_256(const UnstructuredWeight& w, const float* x, int64_t m, const float* bias, float* y,
                          int64_t t0, int64_t t1) {
   for (int64_t tile = t0; tile < t1; ++tile)
-    for (int64_t t = 0; t < m; ++t) tile_u_256<BF16>(w, tile, x, t, bias, y);
+    for (int64_t t = 0; t < m; ++t) tile_u_256<VT>(w, tile, x, t, bias, y);
 }
 #endif  // SF_X86
 
 // ================================================================ dense
 // Row `row`'s columns [16c, 16c + 16) as fp32, the columns beyond k zero (the last chunk of a row whose k % 16 != 0).
-template <bool BF16>
+template <int VT>
 inline void dense_chunk_padded(const DenseWeight& w, int64_t row, int64_t c, float (&out)[16]) {
   for (int j = 0; j < 16; ++j) {
     const int64_t col = 16 * c + j;
-    out[j] = col < w.k ? value_at<BF16>(w.values, row * w.ld + col) : 0.f;
+    out[j] = col < w.k ? value_at<VT>(w.values, row * w.ld + col) : 0.f;
   }
 }
 
-template <bool BF16>
+template <int VT>
 void tiles_dense_scalar(const DenseWeight& w, const float* x, int64_t m, const float* bias, float* y, int64_t t0,
                         int64_t t1) {
   const int64_t chunks = w.kp / 16;
@@ -414,12 +428,12 @@ void tiles_dense_scalar(const DenseWeight& w, const float* x, int64_t m, const f
         float acc[16] = {};  // one partial sum per column lane, summed pairwise: the vector paths' rounding
         for (int64_t c = 0; c < chunks; ++c) {
           float v[16];
-          dense_chunk_padded<BF16>(w, row, c, v);
+          dense_chunk_padded<VT>(w, row, c, v);
           for (int j = 0; j < 16; ++j) acc[j] += v[j] * xt[16 * c + j];
         }
         for (int width = 8; width >= 1; width /= 2)
           for (int j = 0; j < width; ++j) acc[j] += acc[j + width];
-        y[t * w.n + row] = acc[0] + (bias ? bias[row] : 0.f);
+        y[t * w.n + row] = scaled(w.scales, row, acc[0]) + (bias ? bias[row] : 0.f);
       }
     }
   }
@@ -428,7 +442,7 @@ void tiles_dense_scalar(const DenseWeight& w, const float* x, int64_t m, const f
 #ifdef SF_X86
 // ---------------------------------------------------------------- dense, AVX-512
 // Rows row0..row0+RN-1 (all < n) for tokens t0..t0+TB-1.
-template <int RN, int TB, bool BF16>
+template <int RN, int TB, int VT>
 SF_AVX512 void rows_dense_512(const DenseWeight& w, int64_t row0, const float* x, int64_t t0, const float* bias,
                               float* y) {
   __m512 acc[RN][TB];
@@ -445,8 +459,8 @@ SF_AVX512 void rows_dense_512(const DenseWeight& w, int64_t row0, const float* x
 #pragma GCC unroll 8
     for (int r = 0; r < RN; ++r) {
       const int64_t at = (row0 + r) * w.ld + 16 * c;
-      prefetch_l2(w.values, (at + kTileRows * w.ld) * kBytes<BF16>);  // the same column of the next tile
-      const __m512 v = load16_512<BF16>(w.values, at);
+      prefetch_l2(w.values, (at + kTileRows * w.ld) * kBytes<VT>);  // the same column of the next tile
+      const __m512 v = load16_512<VT>(w.values, at);
 #pragma GCC unroll 8
       for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_fmadd_ps(v, xv[t], acc[r][t]);
     }
@@ -455,7 +469,7 @@ SF_AVX512 void rows_dense_512(const DenseWeight& w, int64_t row0, const float* x
 #pragma GCC unroll 8
     for (int r = 0; r < RN; ++r) {
       float tail[16];
-      dense_chunk_padded<BF16>(w, row0 + r, full, tail);
+      dense_chunk_padded<VT>(w, row0 + r, full, tail);
       const __m512 v = _mm512_loadu_ps(tail);
 #pragma GCC unroll 8
       for (int t = 0; t < TB; ++t)
@@ -467,23 +481,23 @@ SF_AVX512 void rows_dense_512(const DenseWeight& w, int64_t row0, const float* x
   for (int r = 0; r < RN; ++r)
 #pragma GCC unroll 8
     for (int t = 0; t < TB; ++t) sums[r][t] = _mm512_reduce_add_ps(acc[r][t]);
-  store_rows<RN, TB>(w.n, row0, t0, sums, bias, y);
+  store_rows<RN, TB>(w.n, row0, t0, sums, w.scales, bias, y);
 }
 
 // Whole tiles: 8 rows x token pairs (16 accumulators), then a single token; the last, shorter tile row by row (its
 // rows beyond n are not W's).
-template <bool BF16>
+template <int VT>
 SF_AVX512 void tiles_dense_512(const DenseWeight& w, const float* x, int64_t m, const float* bias, float* y,
                                int64_t t0, int64_t t1) {
   for (int64_t tile = t0; tile < t1; ++tile) {
     const int64_t row0 = tile * kTileRows;
     if (row0 + kTileRows <= w.n) {
       int64_t t = 0;
-      for (; t + 2 <= m; t += 2) rows_dense_512<8, 2, BF16>(w, row0, x, t, bias, y);
-      if (t < m) rows_dense_512<8, 1, BF16>(w, row0, x, t, bias, y);
+      for (; t + 2 <= m; t += 2) rows_dense_512<8, 2, VT>(w, row0, x, t, bias, y);
+      if (t < m) rows_dense_512<8, 1, VT>(w, row0, x, t, bias, y);
     } else {
       for (int64_t row = row0; row < w.n; ++row)
-        for (int64_t t = 0; t < m; ++t) rows_dense_512<1, 1, BF16>(w, row, x, t, bias, y);
+        for (int64_t t = 0; t < m; ++t) rows_dense_512<1, 1, VT>(w, row, x, t, bias, y);
     }
   }
 }
@@ -491,7 +505,7 @@ SF_AVX512 void tiles_dense_512(const DenseWeight& w, const float* x, int64_t m, 
 // ---------------------------------------------------------------- dense, AVX2
 // Rows row0..row0+RN-1 (all < n) for tokens t0..t0+TB-1; a 16-column chunk as two 8-lane halves into one
 // accumulator per row and token (the scalar path's 16 lanes folded to 8 by the final sum).
-template <int RN, int TB, bool BF16>
+template <int RN, int TB, int VT>
 SF_AVX2 void rows_dense_256(const DenseWeight& w, int64_t row0, const float* x, int64_t t0, const float* bias,
                             float* y) {
   __m256 acc[RN][TB];
@@ -507,8 +521,8 @@ SF_AVX2 void rows_dense_256(const DenseWeight& w, int64_t row0, const float* x, 
 #pragma GCC unroll 2
       for (int h = 0; h < 2; ++h) {
         const int64_t at = (row0 + r) * w.ld + 16 * c + 8 * h;
-        if (h == 0) prefetch_l2(w.values, (at + kTileRows * w.ld) * kBytes<BF16>);
-        const __m256 v = load8_256<BF16>(w.values, at);
+        if (h == 0) prefetch_l2(w.values, (at + kTileRows * w.ld) * kBytes<VT>);
+        const __m256 v = load8_256<VT>(w.values, at);
 #pragma GCC unroll 8
         for (int t = 0; t < TB; ++t)
           acc[r][t] = _mm256_fmadd_ps(v, _mm256_loadu_ps(xb + t * w.kp + 16 * c + 8 * h), acc[r][t]);
@@ -519,7 +533,7 @@ SF_AVX2 void rows_dense_256(const DenseWeight& w, int64_t row0, const float* x, 
 #pragma GCC unroll 8
     for (int r = 0; r < RN; ++r) {
       float tail[16];
-      dense_chunk_padded<BF16>(w, row0 + r, full, tail);
+      dense_chunk_padded<VT>(w, row0 + r, full, tail);
 #pragma GCC unroll 2
       for (int h = 0; h < 2; ++h)
 #pragma GCC unroll 8
@@ -533,11 +547,11 @@ SF_AVX2 void rows_dense_256(const DenseWeight& w, int64_t row0, const float* x, 
   for (int r = 0; r < RN; ++r)
 #pragma GCC unroll 8
     for (int t = 0; t < TB; ++t) sums[r][t] = hsum256(acc[r][t]);
-  store_rows<RN, TB>(w.n, row0, t0, sums, bias, y);
+  store_rows<RN, TB>(w.n, row0, t0, sums, w.scales, bias, y);
 }
 
 // 16 ymm: 8 rows x 1 token, or 4 rows x 2 tokens, of accumulators beside the loaded values.
-template <bool BF16>
+template <int VT>
 SF_AVX2 void tiles_dense_256(const DenseWeight& w, const float* x, int64_t m, const float* bias, float* y,
                              int64_t t0, int64_t t1) {
   for (int64_t tile = t0; tile < t1; ++tile) {
@@ -545,46 +559,46 @@ SF_AVX2 void tiles_dense_256(const DenseWeight& w, const float* x, int64_t m, co
     if (row0 + kTileRows <= w.n) {
       int64_t t = 0;
       for (; t + 2 <= m; t += 2) {
-        rows_dense_256<4, 2, BF16>(w, row0, x, t, bias, y);
-        rows_dense_256<4, 2, BF16>(w, row0 + 4, x, t, bias, y);
+        rows_dense_256<4, 2, VT>(w, row0, x, t, bias, y);
+        rows_dense_256<4, 2, VT>(w, row0 + 4, x, t, bias, y);
       }
-      if (t < m) rows_dense_256<8, 1, BF16>(w, row0, x, t, bias, y);
+      if (t < m) rows_dense_256<8, 1, VT>(w, row0, x, t, bias, y);
     } else {
       for (int64_t row = row0; row < w.n; ++row)
-        for (int64_t t = 0; t < m; ++t) rows_dense_256<1, 1, BF16>(w, row, x, t, bias, y);
+        for (int64_t t = 0; t < m; ++t) rows_dense_256<1, 1, VT>(w, row, x, t, bias, y);
     }
   }
 }
 #endif  // SF_X86
 
-template <bool BF16>
+template <int VT>
 void run_tiles24(const Sparse24Weight& w, const float* x, int64_t m, const float* bias, float* y, int64_t t0,
                  int64_t t1, int isa) {
 #ifdef SF_X86
-  if (isa == kAvx512) return tiles24_512<BF16>(w, x, m, bias, y, t0, t1);
-  if (isa == kAvx2) return tiles24_256<BF16>(w, x, m, bias, y, t0, t1);
+  if (isa == kAvx512) return tiles24_512<VT>(w, x, m, bias, y, t0, t1);
+  if (isa == kAvx2) return tiles24_256<VT>(w, x, m, bias, y, t0, t1);
 #endif
-  tiles24_scalar<BF16>(w, x, m, bias, y, t0, t1);
+  tiles24_scalar<VT>(w, x, m, bias, y, t0, t1);
 }
 
-template <bool BF16>
+template <int VT>
 void run_tiles_u(const UnstructuredWeight& w, const float* x, int64_t m, const float* bias, float* y, int64_t t0,
                  int64_t t1, int isa) {
 #ifdef SF_X86
-  if (isa == kAvx512) return tiles_u_512<BF16>(w, x, m, bias, y, t0, t1);
-  if (isa == kAvx2) return tiles_u_256<BF16>(w, x, m, bias, y, t0, t1);
+  if (isa == kAvx512) return tiles_u_512<VT>(w, x, m, bias, y, t0, t1);
+  if (isa == kAvx2) return tiles_u_256<VT>(w, x, m, bias, y, t0, t1);
 #endif
-  tiles_u_scalar<BF16>(w, x, m, bias, y, t0, t1);
+  tiles_u_scalar<VT>(w, x, m, bias, y, t0, t1);
 }
 
-template <bool BF16>
+template <int VT>
 void run_tiles_dense(const DenseWeight& w, const float* x, int64_t m, const float* bias, float* y, int64_t t0,
                      int64_t t1, int isa) {
 #ifdef SF_X86
-  if (isa == kAvx512) return tiles_dense_512<BF16>(w, x, m, bias, y, t0, t1);
-  if (isa == kAvx2) return tiles_dense_256<BF16>(w, x, m, bias, y, t0, t1);
+  if (isa == kAvx512) return tiles_dense_512<VT>(w, x, m, bias, y, t0, t1);
+  if (isa == kAvx2) return tiles_dense_256<VT>(w, x, m, bias, y, t0, t1);
 #endif
-  tiles_dense_scalar<BF16>(w, x, m, bias, y, t0, t1);
+  tiles_dense_scalar<VT>(w, x, m, bias, y, t0, t1);
 }
 
 }  // namespace
@@ -602,22 +616,25 @@ bool isa_supported(int isa) { return isa >= kScalar && isa <= best_isa(); }
 void sparse24_linear_tiles(const Sparse24Weight& w, const float* x, int64_t m, const float* bias, float* y,
                            int64_t tile_begin, int64_t tile_end, int isa) {
   if (isa == kAuto) isa = best_isa();
-  if (w.bf16) return run_tiles24<true>(w, x, m, bias, y, tile_begin, tile_end, isa);
-  run_tiles24<false>(w, x, m, bias, y, tile_begin, tile_end, isa);
+  if (w.vtype == kBf16) return run_tiles24<kBf16>(w, x, m, bias, y, tile_begin, tile_end, isa);
+  if (w.vtype == kInt8) return run_tiles24<kInt8>(w, x, m, bias, y, tile_begin, tile_end, isa);
+  run_tiles24<kFloat32>(w, x, m, bias, y, tile_begin, tile_end, isa);
 }
 
 void unstructured_linear_tiles(const UnstructuredWeight& w, const float* x, int64_t m, const float* bias, float* y,
                                int64_t tile_begin, int64_t tile_end, int isa) {
   if (isa == kAuto) isa = best_isa();
-  if (w.bf16) return run_tiles_u<true>(w, x, m, bias, y, tile_begin, tile_end, isa);
-  run_tiles_u<false>(w, x, m, bias, y, tile_begin, tile_end, isa);
+  if (w.vtype == kBf16) return run_tiles_u<kBf16>(w, x, m, bias, y, tile_begin, tile_end, isa);
+  if (w.vtype == kInt8) return run_tiles_u<kInt8>(w, x, m, bias, y, tile_begin, tile_end, isa);
+  run_tiles_u<kFloat32>(w, x, m, bias, y, tile_begin, tile_end, isa);
 }
 
 void dense_linear_tiles(const DenseWeight& w, const float* x, int64_t m, const float* bias, float* y,
                         int64_t tile_begin, int64_t tile_end, int isa) {
   if (isa == kAuto) isa = best_isa();
-  if (w.bf16) return run_tiles_dense<true>(w, x, m, bias, y, tile_begin, tile_end, isa);
-  run_tiles_dense<false>(w, x, m, bias, y, tile_begin, tile_end, isa);
+  if (w.vtype == kBf16) return run_tiles_dense<kBf16>(w, x, m, bias, y, tile_begin, tile_end, isa);
+  if (w.vtype == kInt8) return run_tiles_dense<kInt8>(w, x, m, bias, y, tile_begin, tile_end, isa);
+  run_tiles_dense<kFloat32>(w, x, m, bias, y, tile_begin, tile_end, isa);
 }
 
 }  // namespace sparsefast_cpu

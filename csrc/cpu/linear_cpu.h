@@ -4,7 +4,7 @@
 //
 // 2:4 layout (documented bit by bit, with its packer and exact inverse, in sparsefast/ops/sparse24_cpu.py):
 //   tiles of 8 output rows x 32 input columns (Kp = K rounded up to 32, Np = N rounded up to 8, zeros beyond);
-//   values [Np/8, Kp/32, 8, 16] fp32|bf16: values[t, b, r, 2g + s] = W[8t + r, 32b + 4g + i_s] (g < 8 groups of 4
+//   values [Np/8, Kp/32, 8, 16] fp32|bf16|int8: values[t, b, r, 2g + s] = W[8t + r, 32b + 4g + i_s] (g < 8 groups of 4
 //          columns, the two kept positions i_0 < i_1 of each group);
 //   meta   [Np/8, Kp/32, 8] uint32: bits 2j, 2j+1 of meta[t, b, r] = the position i of value j (j = 2g + s).
 //   A tile's values and metas are contiguous, so a tile of 8 rows is two sequential streams (one DRAM stream where the
@@ -14,7 +14,7 @@
 // Unstructured layout (sparsefast/ops/sparse_unstructured.py): tiles of 8 rows x 16-column chunks (Kp16 = K rounded
 //   up to 16, Np = N rounded up to 8);
 //   masks  [Np/8, Kp16/16, 8] uint16 bitmask: bit j of masks[t, c, r] = 1 iff W[8t + r, 16c + j] != 0;
-//   values flat, fp32|bf16: the nonzeros in the order tile, chunk, row, column, then 16 zero elements of padding
+//   values flat, fp32|bf16|int8: the nonzeros in the order tile, chunk, row, column, then 16 zero elements of padding
 //          (the vector loads read up to 16 elements past a chunk's start);
 //   tile_offsets [Np/8 + 1] int64: tile t's values are values[tile_offsets[t] .. tile_offsets[t+1]).
 //   A chunk's stored values are expanded into a 16-lane register (AVX-512 vexpandps / an AVX2 permute table).
@@ -30,20 +30,26 @@ namespace sparsefast_cpu {
 // Instruction sets, best last. kAuto picks the best the running CPU supports (__builtin_cpu_supports).
 enum Isa : int { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3 };
 
+// Stored value types. kInt8: symmetric per-output-row int8, W[row, :] = scales[row] * q[row, :]; the kernels widen q
+// to fp32 in registers (exact), accumulate q * x in fp32 and multiply each row's sum by its scale once.
+enum ValueType : int { kFloat32 = 0, kBf16 = 1, kInt8 = 2 };
+
 constexpr int64_t kTileRows = 8;     // both layouts: output rows per tile
 constexpr int64_t kBlockCols = 32;   // 2:4 layout: input columns per block (16 stored values)
 
 struct Sparse24Weight {
-  const void* values;    // [Np/8, Kp/32, 8, 16] fp32 or bf16 (bf16 = the upper 16 bits of an fp32)
-  bool bf16;             // dtype of values
+  const void* values;    // [Np/8, Kp/32, 8, 16] fp32, bf16 (the upper 16 bits of an fp32) or int8
+  int vtype;             // ValueType of values
+  const float* scales;   // [n] per-row scales of int8 values; nullptr otherwise
   const uint32_t* meta;  // [Np/8, Kp/32, 8]
   int64_t n;             // out_features (rows beyond n in the last tile are padding)
   int64_t kp;            // in_features rounded up to 32
 };
 
 struct UnstructuredWeight {
-  const void* values;           // flat nonzeros + 16 elements of padding, fp32 or bf16
-  bool bf16;
+  const void* values;           // flat nonzeros + 16 elements of padding, fp32, bf16 or int8
+  int vtype;                    // ValueType of values
+  const float* scales;          // [n] per-row scales of int8 values; nullptr otherwise
   const uint16_t* masks;        // [Np/8, Kp16/16, 8]
   const int64_t* tile_offsets;  // [Np/8 + 1]
   int64_t n;                    // out_features (rows beyond n in the last tile are padding)
@@ -51,8 +57,9 @@ struct UnstructuredWeight {
 };
 
 struct DenseWeight {
-  const void* values;  // [n, k] row-major (row i starts at values + i * ld), fp32 or bf16
-  bool bf16;
+  const void* values;  // [n, k] row-major (row i starts at values + i * ld), fp32, bf16 or int8
+  int vtype;           // ValueType of values
+  const float* scales; // [n] per-row scales of int8 values; nullptr otherwise
   int64_t n;           // out_features
   int64_t k;           // in_features
   int64_t ld;          // row stride in elements (>= k)

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <utility>
 #include <vector>
 
 
@@ -28,9 +29,23 @@ void check_input(const at::Tensor& x, const at::Tensor& weight, int64_t in_featu
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == in_features, "cpu linear: x must be [..., ", in_features, "]");
   TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
                     "cpu linear: x must be float32 or bfloat16");
-  TORCH_CHECK_VALUE(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16,
-                    "cpu linear: weights must be float32 or bfloat16");
+  TORCH_CHECK_VALUE(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16 ||
+                        weight.scalar_type() == at::kChar,
+                    "cpu linear: weights must be float32, bfloat16 or int8 (with scales)");
   TORCH_CHECK_VALUE(x.device().is_cpu() && weight.device().is_cpu(), "cpu linear: CPU tensors only");
+}
+
+// The ValueType of `values` and its per-row scales (int8 values need fp32 scales [out_features]; others take none).
+std::pair<int, const float*> value_type(const at::Tensor& values, const std::optional<at::Tensor>& scales,
+                                        int64_t out_features) {
+  if (values.scalar_type() != at::kChar) {
+    TORCH_CHECK_VALUE(!scales.has_value(), "cpu linear: scales are for int8 values only");
+    return {values.scalar_type() == at::kBFloat16 ? sparsefast_cpu::kBf16 : sparsefast_cpu::kFloat32, nullptr};
+  }
+  TORCH_CHECK_VALUE(scales.has_value() && scales->scalar_type() == at::kFloat && scales->dim() == 1 &&
+                        scales->numel() == out_features && scales->is_contiguous() && scales->device().is_cpu(),
+                    "cpu linear: int8 values need float32 scales [", out_features, "] (one per output row)");
+  return {sparsefast_cpu::kInt8, scales->data_ptr<float>()};
 }
 
 void check_common(const at::Tensor& x, const at::Tensor& values, int64_t in_features, int64_t isa) {
@@ -116,7 +131,7 @@ at::Tensor run_tiles(const at::Tensor& x, const Weight& w, int64_t in_features, 
 
 at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
                                const std::optional<at::Tensor>& bias, int64_t out_features, int64_t in_features,
-                               int64_t isa) {
+                               int64_t isa, const std::optional<at::Tensor>& scales) {
   check_common(x, values, in_features, isa);
   const int64_t kp = round_up(in_features, kBlockCols), tiles = round_up(out_features, kTileRows) / kTileRows;
   TORCH_CHECK_VALUE(values.dim() == 4 && values.size(0) == tiles && values.size(1) == kp / kBlockCols &&
@@ -126,14 +141,16 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, co
                         meta.dim() == 3 && meta.size(0) == tiles && meta.size(1) == kp / kBlockCols &&
                         meta.size(2) == kTileRows,
                     "sparse24 linear: meta must be int32 [", tiles, ", ", kp / kBlockCols, ", 8]");
-  const sparsefast_cpu::Sparse24Weight w{values.data_ptr(), values.scalar_type() == at::kBFloat16,
+  const auto [vtype, sp] = value_type(values, scales, out_features);
+  const sparsefast_cpu::Sparse24Weight w{values.data_ptr(), vtype, sp,
                                          reinterpret_cast<const uint32_t*>(meta.data_ptr<int32_t>()), out_features, kp};
   return run_tiles(x, w, in_features, tiles, bias, isa, sparsefast_cpu::sparse24_linear_tiles);
 }
 
 at::Tensor sparse_unstructured_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& mask,
                                           const at::Tensor& tile_offsets, const std::optional<at::Tensor>& bias,
-                                          int64_t out_features, int64_t in_features, int64_t isa) {
+                                          int64_t out_features, int64_t in_features, int64_t isa,
+                                          const std::optional<at::Tensor>& scales) {
   check_common(x, values, in_features, isa);
   const int64_t kp = round_up(in_features, 16), tiles = round_up(out_features, kTileRows) / kTileRows;
   TORCH_CHECK_VALUE(mask.scalar_type() == at::kShort && mask.is_contiguous() && mask.device().is_cpu() &&
@@ -146,7 +163,8 @@ at::Tensor sparse_unstructured_linear_cpu(const at::Tensor& x, const at::Tensor&
                     "sparse linear: tile_offsets must be int64 [", tiles + 1, "]");
   TORCH_CHECK_VALUE(values.dim() == 1 && values.numel() >= tile_offsets.data_ptr<int64_t>()[tiles] + 16,
                     "sparse linear: values must be 1-D with 16 elements of padding after the last tile");
-  const sparsefast_cpu::UnstructuredWeight w{values.data_ptr(), values.scalar_type() == at::kBFloat16,
+  const auto [vtype, sp] = value_type(values, scales, out_features);
+  const sparsefast_cpu::UnstructuredWeight w{values.data_ptr(), vtype, sp,
                                              reinterpret_cast<const uint16_t*>(mask.data_ptr<int16_t>()),
                                              tile_offsets.data_ptr<int64_t>(), out_features, kp};
   return run_tiles(x, w, in_features, tiles, bias, isa, sparsefast_cpu::unstructured_linear_tiles);
@@ -154,15 +172,15 @@ at::Tensor sparse_unstructured_linear_cpu(const at::Tensor& x, const at::Tensor&
 
 // y = x Wᵀ (+ bias) with W [out, in] as it is stored (row-major rows, any row stride: a view of a larger matrix too).
 at::Tensor dense_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                            int64_t isa) {
+                            int64_t isa, const std::optional<at::Tensor>& scales) {
   TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(0) > 0 && weight.size(1) > 0 &&
                         (weight.stride(1) == 1 || weight.size(1) == 1) && weight.stride(0) >= weight.size(1),
                     "dense linear: weight must be a 2-D [out, in] tensor with unit column stride");
   const int64_t out_features = weight.size(0), in_features = weight.size(1);
   check_input(x, weight, in_features, isa);
   const int64_t kp = round_up(in_features, 16), tiles = round_up(out_features, kTileRows) / kTileRows;
-  const sparsefast_cpu::DenseWeight w{weight.data_ptr(), weight.scalar_type() == at::kBFloat16, out_features,
-                                      in_features, weight.stride(0), kp};
+  const auto [vtype, sp] = value_type(weight, scales, out_features);
+  const sparsefast_cpu::DenseWeight w{weight.data_ptr(), vtype, sp, out_features, in_features, weight.stride(0), kp};
   return run_tiles(x, w, in_features, tiles, bias, isa, sparsefast_cpu::dense_linear_tiles);
 }
 
@@ -171,12 +189,13 @@ int64_t cpu_best_isa() { return sparsefast_cpu::best_isa(); }
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(sparsefast, m) {
-  // x [..., in_features] float32 | bfloat16 -> y [..., out_features] in x's dtype
+  // x [..., in_features] float32 | bfloat16 -> y [..., out_features] in x's dtype; values/weight float32, bfloat16
+  // or int8 with scales (float32 [out_features], W[row] = scales[row] * values[row])
   m.def("sparse24_linear_cpu(Tensor x, Tensor values, Tensor meta, Tensor? bias, int out_features, "
-        "int in_features, int isa) -> Tensor");
+        "int in_features, int isa, Tensor? scales=None) -> Tensor");
   m.def("sparse_unstructured_linear_cpu(Tensor x, Tensor values, Tensor mask, Tensor tile_offsets, Tensor? bias, "
-        "int out_features, int in_features, int isa) -> Tensor");
-  m.def("dense_linear_cpu(Tensor x, Tensor weight, Tensor? bias, int isa) -> Tensor");
+        "int out_features, int in_features, int isa, Tensor? scales=None) -> Tensor");
+  m.def("dense_linear_cpu(Tensor x, Tensor weight, Tensor? bias, int isa, Tensor? scales=None) -> Tensor");
   m.def("cpu_best_isa() -> int", &cpu_best_isa);
 }
 

@@ -22,11 +22,10 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from sparsefast._ext import load_cpu_extension
 from sparsefast.ops._dispatch import select_backend
-from sparsefast.ops.sparse24_cpu import KERNEL_DTYPES, cpu_isa
+from sparsefast.ops.sparse24_cpu import KERNEL_DTYPES, VALUE_DTYPES, check_scales, cpu_isa, linear_ref
 
 DENSE_KERNEL_MAX_TOKENS = 8  # M above this runs F.linear (oneDNN / MKL GEMMs win there; module docstring)
 
@@ -46,25 +45,29 @@ def dense_kernel_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def dense_linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                     backend: str | None = None, isa: str | None = None) -> torch.Tensor:
+                     scales: torch.Tensor | None = None, backend: str | None = None,
+                     isa: str | None = None) -> torch.Tensor:
     """y = x Wᵀ + bias through the dense CPU kernel, any M (`linear_cpu` is the route that limits it to the M where
-    it wins). x: [..., in] float32 | bfloat16; weight [out, in] float32 | bfloat16 (unit column stride); returns
+    it wins). x: [..., in] float32 | bfloat16; weight [out, in] float32 | bfloat16 | int8 with per-row `scales`
+    (float32 [out], W = scales[row] · weight; sparsefast.ops.int8_rows), unit column stride; returns
     [..., out] in x's dtype, accumulated in fp32. backend: auto | cpu | torch (env SPARSEFAST_BACKEND); isa (cpu
     backend): auto | avx512 | avx2 | scalar (env SPARSEFAST_CPU_ISA). Threads: torch.get_num_threads()."""
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"dense_linear_cpu: x [..., {x.shape[-1]}] does not match weight {tuple(weight.shape)} "
                          "([out, in])")
+    check_scales(weight, scales, weight.shape[0])
     ok = (x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype in KERNEL_DTYPES
-          and weight.dtype in KERNEL_DTYPES and weight.stride(1) == 1)
+          and weight.dtype in VALUE_DTYPES and weight.stride(1) == 1)
     chosen = select_backend("dense_linear_cpu", x, backend, has=("cpu", "torch"), cuda_ok=ok)
     if chosen == "torch":
-        return dense_linear_cpu_ref(x, weight, bias)
-    return torch.ops.sparsefast.dense_linear_cpu(x, weight, bias, cpu_isa(isa))
+        return dense_linear_cpu_ref(x, weight, bias, scales)
+    return torch.ops.sparsefast.dense_linear_cpu(x, weight, bias, cpu_isa(isa), scales)
 
 
-def dense_linear_cpu_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Torch twin: F.linear in x's dtype."""
-    return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+def dense_linear_cpu_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                         scales: torch.Tensor | None = None) -> torch.Tensor:
+    """Torch twin: F.linear in x's dtype (an int8 weight dequantized with its per-row scales first)."""
+    return linear_ref(x, weight, bias, scales)
 
 
 DenseCall = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]

@@ -9,7 +9,8 @@ padding are zeros. A block of 32 columns holds 8 groups of 4; each group keeps 2
 
 * Kept positions: as for CUDA (`sparse24._kept_positions`): in each 4-group the positions of its nonzeros, completed
   with the lowest zero positions, ascending: i0 < i1.
-* values [N_p/8, K_p/32, 8, 16], the weight's dtype (float32 | bfloat16 for the kernels):
+* values [N_p/8, K_p/32, 8, 16], the weight's dtype (float32 | bfloat16 | int8 for the kernels; int8 values come with
+  per-row float32 scales, sparsefast.ops.int8_rows):
   values[t, b, r, 2g + s] = W[8t + r, 32b + 4g + i_s]. In memory: tile by tile, in a tile block by block, in a
   block row by row: the 8 rows of a tile are one sequential stream.
 * meta [N_p/8, K_p/32, 8] int32 (read as uint32): bits 2j and 2j + 1 of meta[t, b, r] hold the position i (0..3)
@@ -17,7 +18,8 @@ padding are zeros. A block of 32 columns holds 8 groups of 4; each group keeps 2
   positions of NVIDIA's 2:4 metadata, and exactly what the kernel needs: a variable shift and a mask turn the word
   into the 16 column indices 4g + i_s of a two-source permute of x (AVX-512 vpermt2ps), so x is gathered onto the
   stored values and W is never expanded.
-* Bytes per weight: values 1/2 + meta 1/32 of fp32 (0.531: decode ceiling 1.88x), 1/2 + 1/16 of bf16 (0.5625).
+* Bytes per weight: values 1/2 + meta 1/32 of fp32 (0.531: decode ceiling 1.88x), 1/2 + 1/16 of bf16 (0.5625),
+  1/2 + 1/8 of int8 (0.625 bytes: 0.59 of llama.cpp's Q8_0).
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ import torch
 import torch.nn.functional as F
 
 from sparsefast.ops._dispatch import select_backend
+from sparsefast.ops.int8_rows import dequantize_int8_rows
 from sparsefast.ops.sparse24 import _kept_positions, check_sparse24
 
 TILE_ROWS, BLOCK_COLS = 8, 32  # the 2:4 layout's tile
-KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # activations, and float weights
+VALUE_DTYPES = (*KERNEL_DTYPES, torch.int8)  # stored weights: int8 with per-row scales (sparsefast.ops.int8_rows)
 ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
 ISA_ENV = "SPARSEFAST_CPU_ISA"
 
@@ -54,9 +58,9 @@ def cpu_isa(isa: str | None = None) -> int:
 
 def pack_sparse24_cpu(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Pack a 2:4-sparse weight [out, in] into (values [N_p/8, K_p/32, 8, 16] same dtype, meta [N_p/8, K_p/32, 8]
-    int32), the layout above. Raises ValueError naming the first row/group with more than 2 nonzeros. Exact:
-    `unpack_sparse24_cpu` returns the same weight."""
-    check_sparse24(weight)
+    int32), the layout above; an int8 weight (quantized, sparsefast.ops.int8_rows) packs as it is. Raises ValueError
+    naming the first row/group with more than 2 nonzeros. Exact: `unpack_sparse24_cpu` returns the same weight."""
+    check_sparse24(weight.float() if weight.dtype == torch.int8 else weight)
     rows, cols = weight.shape
     tiles, blocks = sparse24_cpu_shape(rows, cols)
     w = F.pad(weight.detach(), (0, blocks * BLOCK_COLS - cols, 0, tiles * TILE_ROWS - rows))
@@ -99,22 +103,44 @@ def unpack_sparse24_cpu(values: torch.Tensor, meta: torch.Tensor, out_features: 
 
 
 def sparse24_linear_cpu_ref(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,
-                            out_features: int, in_features: int) -> torch.Tensor:
-    """Torch twin: F.linear of x [..., in] with the unpacked (dense-with-zeros) weight → [..., out], x's dtype."""
-    w = unpack_sparse24_cpu(values, meta, out_features, in_features).to(x.dtype)
-    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+                            out_features: int, in_features: int, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """Torch twin: F.linear of x [..., in] with the unpacked (dense-with-zeros, int8 dequantized) weight → [..., out],
+    x's dtype."""
+    return linear_ref(x, unpack_sparse24_cpu(values, meta, out_features, in_features), bias, scales)
+
+
+def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               scales: torch.Tensor | None = None) -> torch.Tensor:
+    """The CPU kernels' torch twin on a dense-with-zeros weight [out, in]: F.linear in x's dtype, an int8 weight
+    dequantized with its per-row `scales` first."""
+    check_scales(weight, scales, weight.shape[0])
+    w = dequantize_int8_rows(weight, scales) if scales is not None else weight
+    return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def check_scales(values: torch.Tensor, scales: torch.Tensor | None, out_features: int) -> None:
+    """ValueError unless int8 `values` come with float32 `scales` [out_features] and float values with none."""
+    if values.dtype != torch.int8:
+        if scales is not None:
+            raise ValueError(f"CPU linear: scales are for int8 values only; these values are {values.dtype}")
+        return
+    if scales is None or scales.dtype != torch.float32 or tuple(scales.shape) != (out_features,):
+        got = "none" if scales is None else f"{scales.dtype} {tuple(scales.shape)}"
+        raise ValueError(f"CPU linear: int8 values need float32 scales [{out_features}] (one per output row), got "
+                         f"{got}; quantize with sparsefast.ops.int8_rows.quantize_int8_rows")
 
 
 def kernel_supported(x: torch.Tensor, values: torch.Tensor) -> bool:
-    """Whether the CPU kernels take this case (CPU tensors, fp32/bf16 activations and weights)."""
+    """Whether the CPU kernels take this case (CPU tensors, fp32/bf16 activations, fp32/bf16/int8 weights)."""
     return (x.device.type == "cpu" and values.device.type == "cpu" and x.dtype in KERNEL_DTYPES
-            and values.dtype in KERNEL_DTYPES)
+            and values.dtype in VALUE_DTYPES)
 
 
 def sparse24_linear_cpu(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,
-                        out_features: int, in_features: int, *, backend: str | None = None,
-                        isa: str | None = None) -> torch.Tensor:
-    """y = x Wᵀ + bias with W packed by `pack_sparse24_cpu`.
+                        out_features: int, in_features: int, *, scales: torch.Tensor | None = None,
+                        backend: str | None = None, isa: str | None = None) -> torch.Tensor:
+    """y = x Wᵀ + bias with W packed by `pack_sparse24_cpu` (int8 values: W = scales[row] · values, `scales` float32
+    [out_features]).
 
     x: [..., in_features] float32 | bfloat16 (any float dtype on the torch path); returns [..., out_features] in
     x's dtype, accumulated in fp32. backend: auto | cpu | torch (env SPARSEFAST_BACKEND). isa (cpu backend): auto |
@@ -123,8 +149,10 @@ def sparse24_linear_cpu(x: torch.Tensor, values: torch.Tensor, meta: torch.Tenso
     if x.shape[-1] != in_features:
         raise ValueError(f"sparse24_linear_cpu: x has {x.shape[-1]} features but in_features is {in_features}")
     check_packed_sparse24_cpu(values, meta, out_features, in_features)
+    check_scales(values, scales, out_features)
     chosen = select_backend("sparse24_linear_cpu", x, backend, has=("cpu", "torch"),
                             cuda_ok=kernel_supported(x, values))
     if chosen == "torch":
-        return sparse24_linear_cpu_ref(x, values, meta, bias, out_features, in_features)
-    return torch.ops.sparsefast.sparse24_linear_cpu(x, values, meta, bias, out_features, in_features, cpu_isa(isa))
+        return sparse24_linear_cpu_ref(x, values, meta, bias, out_features, in_features, scales)
+    return torch.ops.sparsefast.sparse24_linear_cpu(x, values, meta, bias, out_features, in_features, cpu_isa(isa),
+                                                    scales)

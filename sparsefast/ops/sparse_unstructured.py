@@ -6,7 +6,8 @@ chunks of 16 input columns (K_p = round_up(K, 16)); padding rows and columns are
 
 * mask [N_p/8, K_p/16, 8] int16 (read as uint16), a bitmask of the stored entries: bit j of mask[t, c, r] is 1 iff
   W[8t + r, 16c + j] != 0.
-* values, 1-D, the weight's dtype (float32 | bfloat16 for the kernels): the nonzeros in the order tile, chunk, row,
+* values, 1-D, the weight's dtype (float32 | bfloat16 | int8 with per-row scales, sparsefast.ops.int8_rows, for the
+  kernels): the nonzeros in the order tile, chunk, row,
   column (tile 0: chunk 0 of rows 0..7, chunk 1 of rows 0..7, ...; then tile 1, ...), then 16 zero elements of
   padding (the vector loads read up to 16 elements from a chunk's start). A tile is one sequential stream, which
   the hardware prefetcher follows far better than 8 interleaved row streams (ad-hoc timing on the 2-core AMD EPYC:
@@ -14,7 +15,7 @@ chunks of 16 input columns (K_p = round_up(K, 16)); padding rows and columns are
 * tile_offsets [N_p/8 + 1] int64: tile t's values are values[tile_offsets[t] : tile_offsets[t + 1]]; they let
   threads start at any tile.
 * Bytes per weight at sparsity s: (1 - s) of the dense bytes + 1 bit per weight (1/32 of fp32, 1/16 of bf16):
-  0.53 of fp32 at 50%, 0.33 at 70%, 0.13 at 90%.
+  0.53 of fp32 at 50%, 0.33 at 70%, 0.13 at 90%; int8 at 50%: 0.625 bytes per weight.
 
 The kernels expand a chunk's stored values into one 16-lane register per row (AVX-512 vexpandps, or an AVX2 permute
 table per 8 columns). Entries equal to zero are not stored, so -0.0 unpacks as +0.0 (equal under ==, as F.linear
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsefast.ops._dispatch import select_backend
-from sparsefast.ops.sparse24_cpu import cpu_isa, kernel_supported
+from sparsefast.ops.sparse24_cpu import check_scales, cpu_isa, kernel_supported, linear_ref
 
 CHUNK = 16  # columns per chunk: the kernels expand a chunk's stored values into one 16-lane register
 TILE_ROWS = 8
@@ -60,8 +61,9 @@ def _tiles(out_features: int) -> int:
 
 def pack_sparse_unstructured(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pack weight [out, in] (zeros in place) into (values [nnz + 16], mask [N_p/8, K_p/16, 8] int16,
-    tile_offsets [N_p/8 + 1] int64), the layout above. Exact: `unpack_sparse_unstructured` returns the same weight."""
-    check_dense_weight(weight, "pack_sparse_unstructured")
+    tile_offsets [N_p/8 + 1] int64), the layout above; an int8 weight (quantized, sparsefast.ops.int8_rows) packs
+    as it is. Exact: `unpack_sparse_unstructured` returns the same weight."""
+    check_dense_weight(weight.float() if weight.dtype == torch.int8 else weight, "pack_sparse_unstructured")
     rows, cols = weight.shape
     tiles, k_p = _tiles(rows), cpu_padded_in(cols)
     w = F.pad(weight.detach(), (0, k_p - cols, 0, tiles * TILE_ROWS - rows))
@@ -110,17 +112,19 @@ def unpack_sparse_unstructured(values: torch.Tensor, mask: torch.Tensor, tile_of
 
 def sparse_unstructured_linear_cpu_ref(x: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                                        tile_offsets: torch.Tensor, bias: torch.Tensor | None, out_features: int,
-                                       in_features: int) -> torch.Tensor:
-    """Torch twin: F.linear of x [..., in] with the unpacked (dense-with-zeros) weight → [..., out], x's dtype."""
-    w = unpack_sparse_unstructured(values, mask, tile_offsets, out_features, in_features).to(x.dtype)
-    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+                                       in_features: int, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """Torch twin: F.linear of x [..., in] with the unpacked (dense-with-zeros, int8 dequantized) weight → [..., out],
+    x's dtype."""
+    return linear_ref(x, unpack_sparse_unstructured(values, mask, tile_offsets, out_features, in_features), bias,
+                      scales)
 
 
 def sparse_unstructured_linear_cpu(x: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                                    tile_offsets: torch.Tensor, bias: torch.Tensor | None, out_features: int,
-                                   in_features: int, *, backend: str | None = None,
-                                   isa: str | None = None) -> torch.Tensor:
-    """y = x Wᵀ + bias with W packed by `pack_sparse_unstructured`.
+                                   in_features: int, *, scales: torch.Tensor | None = None,
+                                   backend: str | None = None, isa: str | None = None) -> torch.Tensor:
+    """y = x Wᵀ + bias with W packed by `pack_sparse_unstructured` (int8 values: W = scales[row] · values, `scales`
+    float32 [out_features]).
 
     x: [..., in_features] float32 | bfloat16 (any float dtype on the torch path); returns [..., out_features] in
     x's dtype, accumulated in fp32. backend: auto | cpu | torch (env SPARSEFAST_BACKEND). isa: auto | avx512 |
@@ -130,9 +134,11 @@ def sparse_unstructured_linear_cpu(x: torch.Tensor, values: torch.Tensor, mask: 
         raise ValueError(f"sparse_unstructured_linear_cpu: x has {x.shape[-1]} features but in_features is "
                          f"{in_features}")
     check_packed_unstructured(values, mask, tile_offsets, out_features, in_features)
+    check_scales(values, scales, out_features)
     chosen = select_backend("sparse_unstructured_linear_cpu", x, backend, has=("cpu", "torch"),
                             cuda_ok=kernel_supported(x, values))
     if chosen == "torch":
-        return sparse_unstructured_linear_cpu_ref(x, values, mask, tile_offsets, bias, out_features, in_features)
+        return sparse_unstructured_linear_cpu_ref(x, values, mask, tile_offsets, bias, out_features, in_features,
+                                                  scales)
     return torch.ops.sparsefast.sparse_unstructured_linear_cpu(x, values, mask, tile_offsets, bias, out_features,
-                                                               in_features, cpu_isa(isa))
+                                                               in_features, cpu_isa(isa), scales)

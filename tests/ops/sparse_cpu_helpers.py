@@ -13,11 +13,23 @@ import torch
 import torch.nn.functional as F
 
 from sparsefast._ext import NO_COMPILER_ENV, cpu_extension_error, load_cpu_extension
+from sparsefast.ops.int8_rows import dequantize_int8_rows, quantize_int8_rows
 from sparsefast.ops.sparse24_cpu import ISAS
 
 TOKENS = (1, 2, 3, 8, 16, 33, 64)
 SHAPES = ((1, 4), (7, 37), (13, 100), (33, 260), (64, 576))  # (out, in): 1, primes, non-multiples of 8/16
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.int8)  # the stored values the kernels take
+
+
+def as_stored(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(stored weight, its scales, the weight it stands for): `w` in `dtype`, int8 quantized per row with scales."""
+    if dtype == torch.int8:
+        q, scales = quantize_int8_rows(w)
+        return q, scales, dequantize_int8_rows(q, scales)
+    return w.to(dtype), None, w.to(dtype)
 
 
 def require_cpu_kernels() -> None:
@@ -109,10 +121,11 @@ def assert_same_from_threads(call: Callable[[torch.Tensor], torch.Tensor], xs: l
 
 
 def opcheck_linear_op(op, packed: tuple[torch.Tensor, ...], out_features: int, in_features: int,
-                      gen: torch.Generator) -> None:
-    """torch.library.opcheck of a CPU linear op (x, *packed, bias, out, in, isa) on fp32 [2, 3, in] and bf16 [1, in]
-    inputs: schema, fake (shape) function and dispatcher registration agree with the kernel, so FakeTensor tracing
-    and torch.compile see through the op."""
+                      gen: torch.Generator, scales: torch.Tensor | None = None) -> None:
+    """torch.library.opcheck of a CPU linear op (x, *packed, bias, out, in, isa[, scales]) on fp32 [2, 3, in] and
+    bf16 [1, in] inputs: schema, fake (shape) function and dispatcher registration agree with the kernel, so
+    FakeTensor tracing and torch.compile see through the op."""
+    extra = () if scales is None else (scales,)
     for x in (torch.randn(2, 3, in_features, generator=gen), torch.randn(1, in_features, generator=gen).bfloat16()):
         bias = torch.randn(out_features, generator=gen)
-        torch.library.opcheck(op, (x, *packed, bias, out_features, in_features, 0))
+        torch.library.opcheck(op, (x, *packed, bias, out_features, in_features, 0, *extra))

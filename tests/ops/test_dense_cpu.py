@@ -12,8 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from sparsefast.ops.dense_cpu import DENSE_KERNEL_MAX_TOKENS, dense_kernel_takes, dense_linear_cpu, linear_cpu
+from sparsefast.ops.int8_rows import quantize_int8_rows
 from tests.ops.sparse_cpu_helpers import (
     SHAPES,
+    WEIGHT_DTYPES,
+    as_stored,
     assert_same_from_threads,
     assert_within_rule,
     require_cpu_kernels,
@@ -22,16 +25,16 @@ from tests.ops.sparse_cpu_helpers import (
 
 
 @pytest.mark.parametrize("shape", SHAPES + ((9, 16), (49, 1536)))
-@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("wdtype", WEIGHT_DTYPES)
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
 def test_dense_linear_cpu_matches_torch(shape, wdtype, xdtype):
     require_cpu_kernels()
     gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, wdtype, xdtype)).encode()))
     out_f, in_f = shape
-    w = torch.randn(out_f, in_f, generator=gen).to(wdtype)
+    stored, scales, w = as_stored(torch.randn(out_f, in_f, generator=gen), wdtype)
     bias = torch.randn(out_f, generator=gen) if in_f % 2 else None
     x = torch.randn(64, in_f, generator=gen).to(xdtype)
-    run_all(lambda xm, isa: dense_linear_cpu(xm, w, bias, backend="cpu", isa=isa), x, w, bias)
+    run_all(lambda xm, isa: dense_linear_cpu(xm, stored, bias, scales=scales, backend="cpu", isa=isa), x, w, bias)
 
 
 def test_strided_weight_view_and_leading_dims():
@@ -62,6 +65,9 @@ def test_op_passes_opcheck():
                  (torch.randn(24, 48, generator=gen).bfloat16(), torch.randn(1, 48, generator=gen).bfloat16())):
         torch.library.opcheck(torch.ops.sparsefast.dense_linear_cpu.default,
                               (x, w, torch.randn(24, generator=gen), 0))
+    q, scales = quantize_int8_rows(torch.randn(24, 48, generator=gen))
+    torch.library.opcheck(torch.ops.sparsefast.dense_linear_cpu.default,
+                          (torch.randn(2, 48, generator=gen), q, None, 0, scales))
 
 
 def test_bad_inputs_are_refused_with_the_shape_named():

@@ -17,10 +17,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sparsefast.ops.int8_rows import quantize_int8_rows
 from sparsefast.ops.sparse24_cpu import pack_sparse24_cpu, sparse24_linear_cpu, unpack_sparse24_cpu
 from tests.ops.sparse_cpu_helpers import (
     SHAPES,
     TOKENS,
+    WEIGHT_DTYPES,
+    as_stored,
     assert_same_from_threads,
     assert_within_rule,
     opcheck_linear_op,
@@ -31,18 +34,18 @@ from tests.ops.sparse_cpu_helpers import (
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("wdtype", WEIGHT_DTYPES)
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
 def test_sparse24_linear_cpu_matches_torch(shape, wdtype, xdtype):
     require_cpu_kernels()
     gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, wdtype, xdtype)).encode()))
     out_f, in_f = shape
-    w = random_24(out_f, in_f, gen).to(wdtype)
+    stored, scales, w = as_stored(random_24(out_f, in_f, gen), wdtype)
     bias = torch.randn(out_f, generator=gen) if in_f % 2 else None
-    values, meta = pack_sparse24_cpu(w)
+    values, meta = pack_sparse24_cpu(stored)
     x = torch.randn(max(TOKENS), in_f, generator=gen).to(xdtype)
-    run_all(lambda xm, isa: sparse24_linear_cpu(xm, values, meta, bias, out_f, in_f, backend="cpu", isa=isa),
-            x, w, bias)
+    run_all(lambda xm, isa: sparse24_linear_cpu(xm, values, meta, bias, out_f, in_f, scales=scales, backend="cpu",
+                                                isa=isa), x, w, bias)
 
 
 def test_batched_leading_dims_and_strided_input():
@@ -69,13 +72,15 @@ def test_op_passes_opcheck():
     gen = torch.Generator().manual_seed(6)
     opcheck_linear_op(torch.ops.sparsefast.sparse24_linear_cpu.default, pack_sparse24_cpu(random_24(24, 48, gen)),
                       24, 48, gen)
+    q, scales = quantize_int8_rows(random_24(24, 48, gen))
+    opcheck_linear_op(torch.ops.sparsefast.sparse24_linear_cpu.default, pack_sparse24_cpu(q), 24, 48, gen, scales)
 
 
 @pytest.mark.parametrize("shape", [(1, 4), (7, 37), (16, 64), (9, 130)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
 def test_sparse24_cpu_round_trip_and_layout(shape, dtype):
     gen = torch.Generator().manual_seed(0)
-    w = random_24(*shape, gen).to(dtype)
+    w = as_stored(random_24(*shape, gen), dtype)[0] if dtype == torch.int8 else random_24(*shape, gen).to(dtype)
     values, meta = pack_sparse24_cpu(w)
     tiles, blocks = -(-shape[0] // 8), -(-shape[1] // 32)
     assert values.shape == (tiles, blocks, 8, 16) and values.dtype == dtype

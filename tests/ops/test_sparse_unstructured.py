@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sparsefast.ops.int8_rows import quantize_int8_rows
 from sparsefast.ops.sparse_unstructured import (
     VALUE_PADDING,
     cpu_padded_in,
@@ -22,6 +23,8 @@ from sparsefast.ops.sparse_unstructured import (
 from tests.ops.sparse_cpu_helpers import (
     SHAPES,
     TOKENS,
+    WEIGHT_DTYPES,
+    as_stored,
     assert_same_from_threads,
     opcheck_linear_op,
     random_24,
@@ -33,18 +36,18 @@ from tests.ops.sparse_cpu_helpers import (
 
 @pytest.mark.parametrize("sparsity", [0.5, 0.7, 0.9])
 @pytest.mark.parametrize("shape", SHAPES[1:])
-@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("wdtype", WEIGHT_DTYPES)
 def test_unstructured_linear_cpu_matches_torch(sparsity, shape, wdtype):
     require_cpu_kernels()
     gen = torch.Generator().manual_seed(zlib.crc32(repr((sparsity, shape, wdtype)).encode()))
     out_f, in_f = shape
-    w = random_unstructured(out_f, in_f, sparsity, gen).to(wdtype)
+    stored, scales, w = as_stored(random_unstructured(out_f, in_f, sparsity, gen), wdtype)
     bias = torch.randn(out_f, generator=gen)
-    packed = pack_sparse_unstructured(w)
+    packed = pack_sparse_unstructured(stored)
     for xdtype in (torch.float32, torch.bfloat16):
         x = torch.randn(max(TOKENS), in_f, generator=gen).to(xdtype)
-        run_all(lambda xm, isa: sparse_unstructured_linear_cpu(xm, *packed, bias, out_f, in_f, backend="cpu", isa=isa),
-                x, w, bias)
+        run_all(lambda xm, isa: sparse_unstructured_linear_cpu(xm, *packed, bias, out_f, in_f, scales=scales,
+                                                               backend="cpu", isa=isa), x, w, bias)
 
 
 def test_auto_dispatch_and_forced_backend_errors():
@@ -76,13 +79,16 @@ def test_op_passes_opcheck():
     gen = torch.Generator().manual_seed(6)
     packed = pack_sparse_unstructured(random_24(24, 48, gen))  # any weight: the 2:4 one of test_sparse24_cpu.py
     opcheck_linear_op(torch.ops.sparsefast.sparse_unstructured_linear_cpu.default, packed, 24, 48, gen)
+    q, scales = quantize_int8_rows(random_unstructured(24, 48, 0.5, gen))
+    opcheck_linear_op(torch.ops.sparsefast.sparse_unstructured_linear_cpu.default, pack_sparse_unstructured(q),
+                      24, 48, gen, scales)
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
 def test_unstructured_round_trip_and_layout(sparsity, dtype):
     gen = torch.Generator().manual_seed(3)
-    w = random_unstructured(9, 45, sparsity, gen).to(dtype)
+    w = as_stored(random_unstructured(9, 45, sparsity, gen), dtype)[0]
     values, mask, offsets = pack_sparse_unstructured(w)
     nnz = int((w != 0).sum())
     tiles, chunks = 2, cpu_padded_in(45) // 16

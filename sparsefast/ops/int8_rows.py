@@ -1,0 +1,44 @@
+"""Symmetric per-output-row int8 weights: W[row, :] ≈ scales[row] · q[row, :], q in [-127, 127].
+
+The one definition of the int8 weight format the CPU kernels run (csrc/cpu/linear_cpu.cpp: the int8 values are
+widened to fp32 in registers, the row's fp32 sum of q·x is multiplied by its scale once) for every layout: dense
+[out, in], 2:4 (sparsefast.ops.sparse24_cpu) and unstructured (sparsefast.ops.sparse_unstructured), whose packers
+take q as they take a float weight (a zero stays a zero: q = 0 exactly where W = 0, so the sparsity pattern is kept).
+
+Scale: max |W[row, :]| / 127 (the symmetric absmax rule of LLM.int8() / GPTQ's per-channel 8-bit grid); a row of
+zeros gets scale 1 (q = 0). -128 is never used, so the grid is symmetric and negation commutes with quantization.
+Bytes per weight: 1 (dense), 0.5 + 1/16 at 2:4 (values + 2-bit positions), 0.5 + 1/8 at 50% unstructured
+(values + bitmask), against llama.cpp Q8_0's 34 bytes per 32 weights (1.0625).
+"""
+
+from __future__ import annotations
+
+import torch
+
+INT8_MAX = 127
+
+
+def int8_row_scales(weight: torch.Tensor) -> torch.Tensor:
+    """float32 [out] scales of `weight` [out, in]: max |row| / 127, 1 for an all-zero row."""
+    if weight.dim() != 2:
+        raise ValueError(f"int8 rows: weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    amax = weight.detach().abs().amax(dim=1).float()
+    return torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+
+
+def quantize_int8_rows(weight: torch.Tensor, scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 [out, in], scales float32 [out]) with q = clamp(round(W / scale), ±127) (round half to even);
+    `scales` default: int8_row_scales(weight)."""
+    scales = int8_row_scales(weight) if scales is None else scales.float()
+    if scales.shape != (weight.shape[0],):
+        raise ValueError(f"int8 rows: scales must be [{weight.shape[0]}], got {tuple(scales.shape)}")
+    q = torch.round(weight.detach().float() / scales[:, None]).clamp_(-INT8_MAX, INT8_MAX)
+    return q.to(torch.int8), scales.contiguous()
+
+
+def dequantize_int8_rows(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """scales[row] · q[row, :] as `dtype` [out, in] (computed in float32)."""
+    if q.dtype != torch.int8 or q.dim() != 2 or scales.shape != (q.shape[0],):
+        raise ValueError(f"int8 rows: need q int8 [out, in] and scales [out], got {q.dtype} {tuple(q.shape)} and "
+                         f"{tuple(scales.shape)}")
+    return (q.float() * scales.float()[:, None]).to(dtype)
