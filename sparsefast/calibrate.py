@@ -188,6 +188,8 @@ def prune_layerwise(model: nn.Module, adapter: Any, pruner: Pruner, calib: torch
             pruner.channel_producers = adapter.channel_producers(linears)
             for name, lin in linears.items():
                 stats = linear_stats[f"layers.{i}.{name}"] = pruner.prune(name, lin)
+                if pruner.config.quantize is not None:
+                    stats["quantize"] = pruner.quantize(name, lin)
                 if refiner is not None:
                     stats["dsnot_swaps"] = refiner.swapped.pop(name)
             pruner.end_layer()

@@ -5,9 +5,10 @@ Protocol (issue 2, part 9): C4 calibration nsamples × seqlen (default 128 × 51
 calibration ids for every method; WikiText-2 perplexity with the "gptq" protocol (full test set, non-overlapping
 windows of --eval-seqlen=512, tail dropped); dense first, then every pattern (× sparsity for unstructured) × method
 from the dense weights. A method is a pruner name with optional "+owl" (allocation) and "+dsnot" (refinement), e.g.
-"wanda+owl+dsnot"; "+owl" applies to unstructured patterns only (N:M runs skip it). Prune times split into
-calibration forward (incl. statistics hooks; OWL's extra pass is reported separately) and metric+mask (Wanda's
-pruning time; DSnoT's swaps and RIA's reallocation are inside it).
+"wanda+owl+dsnot"; "+owl" applies to unstructured patterns only (N:M runs skip it); "+int8" also quantizes the kept
+weights (per-row int8, inside SparseGPT's sweep, after the mask otherwise; unstructured sparsity 0 = int8 alone).
+Prune times split into calibration forward (incl. statistics hooks; OWL's extra pass is reported separately) and
+metric+mask (Wanda's pruning time; DSnoT's swaps and RIA's reallocation are inside it).
 
     python bench/e2e/quality.py                    # writes bench/results/<date>-cpu-smollm2-quality.json
     python bench/e2e/quality.py --methods wanda,wanda+owl,sparsegpt,sparsegpt+owl --patterns unstructured \
@@ -32,11 +33,12 @@ def parse_method(spec: str) -> tuple[str, dict]:
     from sparsefast.config import METHODS
 
     name, *mods = spec.strip().split("+")
-    unknown = [m for m in mods if m not in ("owl", "dsnot")]
+    unknown = [m for m in mods if m not in ("owl", "dsnot", "int8")]
     if name not in METHODS or unknown or len(set(mods)) != len(mods):
-        raise ValueError(f"method {spec!r}: use METHOD[+owl][+dsnot] with METHOD one of {', '.join(METHODS)}")
+        raise ValueError(f"method {spec!r}: use METHOD[+owl][+dsnot][+int8] with METHOD one of {', '.join(METHODS)}")
     return name, {**({"allocation": "owl"} if "owl" in mods else {}),
-                  **({"refine": "dsnot"} if "dsnot" in mods else {})}
+                  **({"refine": "dsnot"} if "dsnot" in mods else {}),
+                  **({"quantize": "int8"} if "int8" in mods else {})}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--methods", default="magnitude,wanda,sparsegpt",
-                   help="comma list of METHOD[+owl][+dsnot], METHOD one of magnitude, wanda, sparsegpt, ria")
+                   help="comma list of METHOD[+owl][+dsnot][+int8], METHOD one of magnitude, wanda, sparsegpt, ria")
     p.add_argument("--patterns", default="unstructured,4:8,2:4")
     p.add_argument("--sparsities", default="0.5", help="comma list, for the unstructured pattern")
     p.add_argument("--eval-windows", type=int, default=None,

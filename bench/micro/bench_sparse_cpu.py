@@ -5,6 +5,7 @@ Full run (writes bench/results/<date>-cpu-sparse-linear[-<tag>].json and PNG plo
 machine: other processes share the DRAM bandwidth being measured):
     python bench/micro/bench_sparse_cpu.py --models smollm2 --tag smollm2-2t --threads 2
 Shapes: SmolLM2-135M and the LLaMA shapes (sparsefast.bench.shapes.CPU_MODELS).
+Weight dtypes fp32, bf16 and int8 (per-row int8 + fp32 scales; its `dense` baseline is F.linear on the fp32 weight).
 Per (shape, dtype, M): the medians of single calls of dense F.linear on the dense-with-zeros weight, the dense kernel
 (`dense-kernel`, sparsefast.ops.dense_cpu) on the same weight, the 2:4 kernel and the unstructured kernel at each
 sparsity, interleaved call by call (a busy machine slows all alike). Every variant cycles through enough copies of its
@@ -32,13 +33,25 @@ from sparsefast.bench.shapes import CPU_MODELS, QUICK_SHAPES, select_shapes
 from sparsefast.checkpoint import write_json
 from sparsefast.nn.dispatch import interleaved_median_ms, last_level_cache_bytes
 from sparsefast.ops.dense_cpu import dense_linear_cpu
+from sparsefast.ops.int8_rows import quantize_int8_rows
 from sparsefast.ops.sparse24 import to_sparse24_by_magnitude
 from sparsefast.ops.sparse24_cpu import pack_sparse24_cpu, sparse24_linear_cpu
 from sparsefast.ops.sparse_unstructured import pack_sparse_unstructured, sparse_unstructured_linear_cpu
 
 TOKENS = (1, 4, 8, 16, 64)
 SPARSITIES = (0.5, 0.7, 0.9)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# weight dtypes; int8: per-row int8 with fp32 scales (sparsefast.ops.int8_rows) for the kernels, x and the dense
+# F.linear baseline in fp32 (what a user runs the same layer with unquantized)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
+
+
+def activation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype == torch.int8 else dtype
+
+
+def stored(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the weight as the kernels store it, its int8 scales or None)."""
+    return quantize_int8_rows(w) if dtype == torch.int8 else (w.to(dtype), None)
 
 
 class Rotating:
@@ -56,22 +69,27 @@ class Rotating:
 
 def variants(out_f: int, in_f: int, dtype: torch.dtype, sparsities, min_bytes: int, gen: torch.Generator):
     """{name: (bytes per call, sparsity, factory x -> thunk)} for dense, 2:4 and unstructured at each sparsity."""
-    w24 = to_sparse24_by_magnitude(torch.randn(out_f, in_f, generator=gen)).to(dtype)
+    w24 = to_sparse24_by_magnitude(torch.randn(out_f, in_f, generator=gen))
+    wd = w24.to(activation_dtype(dtype))
+    q24, sc24 = stored(w24, dtype)
     out: dict[str, tuple] = {}
-    dense = Rotating(lambda: (w24,), tensor_bytes(w24), min_bytes)
-    out["dense"] = (tensor_bytes(w24), 0.0, lambda x: lambda: F.linear(x, *dense.next()))
-    dense_k = Rotating(lambda: (w24.clone(),), tensor_bytes(w24), min_bytes)
-    out["dense-kernel"] = (tensor_bytes(w24), 0.0, lambda x: lambda: dense_linear_cpu(x, *dense_k.next()))
-    p24 = pack_sparse24_cpu(w24)
+    dense = Rotating(lambda: (wd,), tensor_bytes(wd), min_bytes)
+    out["dense"] = (tensor_bytes(wd), 0.0, lambda x: lambda: F.linear(x, *dense.next()))
+    dense_k = Rotating(lambda: (q24.clone(),), tensor_bytes(q24), min_bytes)
+    out["dense-kernel"] = (tensor_bytes(q24), 0.0,
+                           lambda x: lambda: dense_linear_cpu(x, *dense_k.next(), scales=sc24))
+    p24 = pack_sparse24_cpu(q24)
     r24 = Rotating(lambda: p24, tensor_bytes(*p24), min_bytes)
-    out["2:4"] = (tensor_bytes(*p24), 0.5, lambda x: lambda: sparse24_linear_cpu(x, *r24.next(), None, out_f, in_f))
+    out["2:4"] = (tensor_bytes(*p24), 0.5,
+                  lambda x: lambda: sparse24_linear_cpu(x, *r24.next(), None, out_f, in_f, scales=sc24))
     for s in sparsities:
         w = torch.randn(out_f, in_f, generator=gen)
         w[torch.rand(w.shape, generator=gen) < s] = 0
-        pu = pack_sparse_unstructured(w.to(dtype))
+        qu, scu = stored(w, dtype)
+        pu = pack_sparse_unstructured(qu)
         ru = Rotating(lambda pu=pu: pu, tensor_bytes(*pu), min_bytes)
-        out[f"unstructured-{s:g}"] = (tensor_bytes(*pu), s, lambda x, ru=ru: lambda: sparse_unstructured_linear_cpu(
-            x, *ru.next(), None, out_f, in_f))
+        out[f"unstructured-{s:g}"] = (tensor_bytes(*pu), s, lambda x, ru=ru, scu=scu: lambda: (
+            sparse_unstructured_linear_cpu(x, *ru.next(), None, out_f, in_f, scales=scu)))
     return out
 
 
@@ -82,7 +100,7 @@ def measure_shape(shape, dtype_name: str, tokens, sparsities, reps: int, min_byt
     var = variants(out_f, in_f, dtype, sparsities, min_bytes, gen)
     rows = []
     for m in tokens:
-        x = torch.randn(m, in_f, generator=gen).to(dtype)
+        x = torch.randn(m, in_f, generator=gen).to(activation_dtype(dtype))
         times = interleaved_median_ms({name: make(x) for name, (_, _, make) in var.items()}, reps=reps)
         dense_ms = statistics.median(times["dense"])
         for name, (size, sparsity, _) in var.items():
@@ -177,6 +195,8 @@ def test_bench_sparse_cpu_quick(benchmark, shape, results, quick):
     """CI: the harness on tiny shapes (one call per variant); real numbers come from main() above."""
     rows = measure_shape(shape, "fp32", (1, 3), (0.7,), reps=1, min_bytes=0)
     assert {r["variant"] for r in rows} == {"dense", "dense-kernel", "2:4", "unstructured-0.7"}
+    int8 = measure_shape(shape, "int8", (1,), (0.5,), reps=1, min_bytes=0)
+    assert {r["variant"] for r in int8} == {"dense", "dense-kernel", "2:4", "unstructured-0.5"}
     gen = torch.Generator().manual_seed(1)
     var = variants(shape[2], shape[3], torch.float32, (0.7,), 0, gen)
     benchmark(var["2:4"][2](torch.randn(1, shape[3], generator=gen)))

@@ -17,6 +17,7 @@ from sparsefast.config.prune import (
     DSNOT_SCOPES,
     MAGNITUDE_SCOPES,
     METHODS,
+    QUANTIZE_CHOICES,
     REFINERS,
     MagnitudeConfig,
     PruneConfig,
@@ -74,6 +75,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--dsnot-scope", default=d.dsnot_scope, choices=DSNOT_SCOPES,
                    help=f"dsnot: refine the attention projections only (the paper's code) or all linears (default "
                         f"{d.dsnot_scope})")
+    p.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES,
+                   help="also quantize the kept weights: int8 (per output row, symmetric; sparsegpt quantizes "
+                        "inside its sweep so the updates compensate the rounding, other methods round after the "
+                        "mask). The checkpoint keeps scale x q in the weights and a weight_scale tensor per linear")
     p.add_argument("--blocksize", type=int, default=SparseGPTConfig.blocksize,
                    help=f"sparsegpt only: OBS block size (default {SparseGPTConfig.blocksize})")
     p.add_argument("--percdamp", type=float, default=SparseGPTConfig.percdamp,
@@ -102,7 +107,7 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
                   backend=args.backend, allocation=args.sparsity_allocation, owl_m=args.owl_m,
                   owl_lambda=args.owl_lambda, refine=args.refine, dsnot_cycles=args.dsnot_cycles,
                   dsnot_threshold=args.dsnot_threshold, dsnot_var_power=args.dsnot_var_power,
-                  dsnot_scope=args.dsnot_scope)
+                  dsnot_scope=args.dsnot_scope, quantize=args.quantize)
     if args.method in ("magnitude", "ria") and args.scope is not None:
         kwargs["scope"] = args.scope
     if args.method == "ria":

@@ -32,6 +32,7 @@ MAGNITUDE_SCOPES = ("layer", "row")
 ALLOCATIONS = ("uniform", "owl")
 REFINERS = ("dsnot",)
 DSNOT_SCOPES = ("attention", "all")
+QUANTIZE_CHOICES = ("int8",)
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
@@ -87,6 +88,10 @@ class PruneConfig:
         shrink the expected reconstruction error), at most dsnot_cycles swaps per row, rows stop once the error is
         within dsnot_threshold; growth candidates are ranked by |W·E[x]| / Var(x)^dsnot_var_power; dsnot_scope:
         "attention" (the paper's code default: the attention projections only) or "all" (the MLP's too).
+    quantize: None or "int8": the kept weights are also quantized, symmetric per output row (sparsefast.ops.int8_rows);
+        SparseGPT quantizes inside its sweep so the OBS updates compensate the rounding too (SparseGPT section 3.5,
+        as GPTQ), every other method rounds its pruned weights to the grid. The model keeps the dequantized
+        weights (scale · q, so any engine evaluates it) and each linear a `weight_scale` buffer [out] (float32).
     """
 
     method: ClassVar[str] = "base"
@@ -110,6 +115,7 @@ class PruneConfig:
     dsnot_threshold: float = 0.1
     dsnot_var_power: float = 1.0
     dsnot_scope: str = "attention"
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
         """Check every model-independent setting; raise ValueError naming the problem and the fix."""
@@ -133,6 +139,8 @@ class PruneConfig:
             raise ValueError(f"backend must be one of {', '.join(BACKEND_CHOICES)}, got {self.backend!r}")
         self._check_allocation()
         self._check_refine()
+        if self.quantize is not None and self.quantize not in QUANTIZE_CHOICES:
+            raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)} (or none), got {self.quantize!r}")
 
     def _check_allocation(self) -> None:
         if self.allocation not in ALLOCATIONS:

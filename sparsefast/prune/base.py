@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from sparsefast.config import PruneConfig
+from sparsefast.ops.int8_rows import dequantize_int8_rows, quantize_int8_rows
 
 
 class Pruner:
@@ -51,6 +52,13 @@ class Pruner:
 
     def end_layer(self) -> None:
         """Free the statistics of the current layer."""
+
+    def quantize(self, name: str, linear: nn.Linear) -> dict[str, Any]:
+        """After `prune`, with config.quantize == "int8": the pruned weight rounded to its per-row int8 grid
+        (sparsefast.ops.int8_rows; zeros stay zeros), the dequantized values kept in the weight and the scales as the
+        linear's `weight_scale` buffer. Returns stats. SparseGPT overrides it: it quantized inside its sweep."""
+        q, scales = quantize_int8_rows(linear.weight.data)
+        return attach_int8(linear, q, scales, rounded=True)
 
     def mask_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for sparsefast.ops.wanda_mask: sparsity=... or n=, m=."""
@@ -106,3 +114,17 @@ def max_nonzeros_per_group(weight: torch.Tensor, m: int) -> int:
     """Largest number of nonzeros in any group of m consecutive input columns of any row (N:M check)."""
     rows, cols = weight.shape
     return int((weight != 0).reshape(rows, cols // m, m).sum(dim=2).max()) if weight.numel() else 0
+
+
+@torch.no_grad()
+def attach_int8(linear: nn.Linear, q: torch.Tensor, scales: torch.Tensor, *, rounded: bool) -> dict[str, Any]:
+    """Store int8 `q` [out, in] with `scales` [out] in `linear`: weight = scales · q (in the weight's dtype) and a
+    float32 `weight_scale` buffer. Returns stats: the relative Frobenius change of the weight when `rounded` here."""
+    new = dequantize_int8_rows(q.to(linear.weight.device), scales.to(linear.weight.device), linear.weight.dtype)
+    stats: dict[str, Any] = {"format": "int8-rows", "max_abs_q": int(q.abs().max()) if q.numel() else 0}
+    if rounded:
+        old = linear.weight.data.float()
+        stats["relative_change"] = float((new.float() - old).norm() / old.norm().clamp_min(1e-30))
+    linear.weight.data.copy_(new)
+    linear.register_buffer("weight_scale", scales.to(device=linear.weight.device, dtype=torch.float32))
+    return stats

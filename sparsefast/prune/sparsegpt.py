@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from sparsefast.config import SparseGPTConfig
-from sparsefast.prune.base import Pruner, mask_stats
+from sparsefast.ops.int8_rows import INT8_MAX, int8_row_scales, quantize_int8_rows
+from sparsefast.prune.base import Pruner, attach_int8, mask_stats
 
 
 def damped_inverse_cholesky(h: torch.Tensor, percdamp: float, max_retries: int = 6) -> tuple[torch.Tensor, dict]:
@@ -60,13 +61,16 @@ def damped_inverse_cholesky(h: torch.Tensor, percdamp: float, max_retries: int =
 @torch.no_grad()
 def sparsegpt_prune_weight(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float,
                            nm: tuple[int, int] | None = None, blocksize: int = 128,
-                           percdamp: float = 0.01, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                           percdamp: float = 0.01, mask: torch.Tensor | None = None,
+                           int8_scales: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Prune and update a weight with SparseGPT.
 
     weight: [out, in] any float dtype (not modified). hessian: [in, in] float32/float64 = 2XXᵀ/n (not modified).
     mask: optional bool [out, in] (True = pruned) used instead of SparseGPT's own selection (`sparsity` and `nm` are
-    then ignored). Computation runs in the hessian's dtype. Returns (new weight [out, in] in weight's dtype, damping
-    notes).
+    then ignored). int8_scales: optional [out] per-row scales: joint sparsification and quantization (SparseGPT
+    section 3.5, GPTQ's rule): each kept weight is rounded to scale · clamp(round(w / scale), ±127) as its column is
+    processed, so the OBS update of the remaining columns compensates the rounding error as well as the pruning.
+    Computation runs in the hessian's dtype. Returns (new weight [out, in] in weight's dtype, damping notes).
     """
     rows, cols = weight.shape
     if mask is not None and (mask.shape != weight.shape or mask.dtype != torch.bool):
@@ -80,6 +84,7 @@ def sparsegpt_prune_weight(weight: torch.Tensor, hessian: torch.Tensor, *, spars
     u, notes = damped_inverse_cholesky(h, percdamp)
     del h
     notes["dead_inputs"] = int(dead.sum())
+    step = None if int8_scales is None else int8_scales.to(device=w.device, dtype=cdtype)
     for b0 in range(0, cols, blocksize):
         b1 = min(b0 + blocksize, cols)
         count = b1 - b0
@@ -101,6 +106,8 @@ def sparsegpt_prune_weight(weight: torch.Tensor, hessian: torch.Tensor, *, spars
                 score = w1[:, i:i + m] ** 2 / (d1[i:i + m] ** 2)[None, :]
                 mask1.scatter_(1, i + torch.sort(score, dim=1, stable=True).indices[:, : m - n], True)
             q = col.masked_fill(mask1[:, i], 0.0)
+            if step is not None:
+                q = torch.round(q / step).clamp_(-INT8_MAX, INT8_MAX) * step
             q1[:, i] = q
             e = (col - q) / d1[i]
             w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
@@ -120,6 +127,7 @@ class SparseGPTPruner(Pruner):
         self.dtype = torch.float64 if config.hessian_dtype == "float64" else torch.float32
         self.hessians: dict[str, torch.Tensor] = {}
         self.nseq: dict[str, int] = {}
+        self.int8: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (q, scales) from the joint sweep
 
     def start_layer(self, linears: Mapping[str, nn.Linear]) -> None:
         self.hessians = {name: torch.zeros(lin.in_features, lin.in_features, dtype=self.dtype,
@@ -140,20 +148,30 @@ class SparseGPTPruner(Pruner):
         hessian = self.hessians.pop(name).to(linear.weight.device)
         hessian.mul_(2.0 / self.nseq[name])
         cfg = self.config
+        # joint int8: the grid of each row is fixed from the dense row before the sweep (GPTQ's per-channel rule)
+        scales = int8_row_scales(linear.weight.data) if cfg.quantize == "int8" else None
         new_w, notes = sparsegpt_prune_weight(linear.weight.data, hessian, sparsity=self.sparsity,
                                               nm=self.pattern.nm, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
-                                              mask=self.fixed_mask(linear, hessian))
+                                              mask=self.fixed_mask(linear, hessian), int8_scales=scales)
         if self.refiner is not None:  # refine SparseGPT's mask on the original weights, then update for that mask
             chosen = new_w == 0
             refined = self.refine(name, linear.weight.data, chosen)
             if not torch.equal(refined, chosen):
                 new_w, notes = sparsegpt_prune_weight(linear.weight.data, hessian, sparsity=self.sparsity,
-                                                      blocksize=cfg.blocksize, percdamp=cfg.percdamp, mask=refined)
+                                                      blocksize=cfg.blocksize, percdamp=cfg.percdamp, mask=refined,
+                                                      int8_scales=scales)
         del hessian
+        if scales is not None:
+            self.int8[name] = quantize_int8_rows(new_w, scales)  # exact: new_w is on the grid (up to rounding)
         linear.weight.data.copy_(new_w)
         stats = mask_stats(linear.weight, self.sparsity)
         stats["damping"] = notes
         return stats
+
+    def quantize(self, name: str, linear: nn.Linear) -> dict[str, Any]:
+        """The int8 weights `prune` quantized inside the sweep, stored (no second rounding)."""
+        q, scales = self.int8.pop(name)
+        return attach_int8(linear, q, scales, rounded=False)
 
     def fixed_mask(self, linear: nn.Linear, hessian: torch.Tensor) -> torch.Tensor | None:
         """The mask to prune instead of SparseGPT's own choice (None: SparseGPT selects). A subclass returning e.g.
