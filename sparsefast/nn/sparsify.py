@@ -59,14 +59,16 @@ def choose_sparse_layer(linear: nn.Linear, *, calibrate: bool = True) -> tuple[n
         layer = layers[layout] = SparseLinear.from_dense(linear, layout)
         packed = layer.packed()
 
-        def kernel_copy(packed=packed, layout=layout, bias=layer.bias) -> Callable[[torch.Tensor], torch.Tensor]:
+        def kernel_copy(packed=packed, layout=layout, bias=layer.bias,
+                        scales=layer.scales) -> Callable[[torch.Tensor], torch.Tensor]:
             # A new layer over clones of the packed weight (the calibration times each copy from DRAM), called as a
             # swapped layer's forward calls it; the torch twin where the kernels cannot run.
             copy = SparseLinear(linear.in_features, linear.out_features, layout, tuple(t.clone() for t in packed),
-                                bias)
+                                bias, scales=scales)
             return copy.kernel_call() if load_cpu_extension() else copy.kernel
 
-        key = (tuple(weight.shape), str(weight.dtype), layout, round(sparsity, 2))
+        values = str(weight.dtype) if layer.scales is None else "int8"  # the stored values a kernel reads
+        key = (tuple(weight.shape), values, layout, round(sparsity, 2))
         measured[layout] = calibrate_cpu_dispatch(kernel_copy, sum(t.numel() * t.element_size() for t in packed),
                                                   weight, key=key)
         table, timings = measured[layout]
@@ -79,7 +81,7 @@ def choose_sparse_layer(linear: nn.Linear, *, calibrate: bool = True) -> tuple[n
     keep_dense = any(b == "dense" for _, b in table.rows)
     record.update(chosen=chosen, dense_ms_sum=sum(t["dense_ms"] for t in timings.values()), keeps_dense=keep_dense)
     return SparseLinear(linear.in_features, linear.out_features, chosen, layer.packed(), layer.bias, table,
-                        weight if keep_dense else None), record
+                        weight if keep_dense else None, layer.scales), record
 
 
 def _swap_kind(name: str, linear: nn.Linear, mode: str) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 INT8_MAX = 127
+SCALE_BUFFER = "weight_scale"  # a quantized nn.Linear's scales: a float32 buffer [out], saved as NAME.weight_scale
 
 
 def int8_row_scales(weight: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from sparsefast.config import PruneConfig
-from sparsefast.ops.int8_rows import dequantize_int8_rows, quantize_int8_rows
+from sparsefast.ops.int8_rows import SCALE_BUFFER, dequantize_int8_rows, quantize_int8_rows
 
 
 class Pruner:
@@ -126,5 +126,5 @@ def attach_int8(linear: nn.Linear, q: torch.Tensor, scales: torch.Tensor, *, rou
         old = linear.weight.data.float()
         stats["relative_change"] = float((new.float() - old).norm() / old.norm().clamp_min(1e-30))
     linear.weight.data.copy_(new)
-    linear.register_buffer("weight_scale", scales.to(device=linear.weight.device, dtype=torch.float32))
+    linear.register_buffer(SCALE_BUFFER, scales.to(device=linear.weight.device, dtype=torch.float32))
     return stats

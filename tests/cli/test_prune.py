@@ -47,6 +47,31 @@ def test_prune_story_llama_and_reload(tmp_path, story_llama_dir, calib_file, cap
     assert transformers.utils.logging.is_progress_bar_enabled()  # --no-progress is undone for the rest of the process
 
 
+def test_sparsegpt_with_int8_saves_scales_and_grid_weights(tmp_path, story_llama_dir, calib_file, capsys):
+    from safetensors import safe_open
+
+    from sparsefast.ops.int8_rows import quantize_int8_rows
+
+    out = tmp_path / "out"
+    code, _, err = run(["prune", str(story_llama_dir), "--method", "sparsegpt", "--pattern", "2:4", "--quantize",
+                        "int8", "--calib", str(calib_file), "--nsamples", "3", "--seqlen", "64", "--device", "cpu",
+                        "--out", str(out), "--no-progress"], capsys)
+    assert code == 0, err
+    report = json.loads((out / "sparsefast.json").read_text())
+    assert report["config"]["quantize"] == "int8"
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        scale_keys = [k for k in f.keys() if k.endswith(".weight_scale")]
+        assert len(scale_keys) == 7 * len({k.split(".")[2] for k in scale_keys})  # every linear of every layer
+        for key in scale_keys:
+            w, s = f.get_tensor(key.removesuffix("_scale")), f.get_tensor(key)
+            q, _ = quantize_int8_rows(w, s)
+            assert torch.equal(q.float() * s[:, None], w), key  # the saved weight is exactly scale * q
+            assert ((w != 0).view(w.shape[0], -1, 4).sum(-1) <= 2).all()
+    with pytest.raises(SystemExit) as exc:  # argparse's choices: usage + one error line, exit 2
+        main(["prune", str(story_llama_dir), "--quantize", "int4", "--out", str(tmp_path / "no")])
+    assert exc.value.code == 2 and "int4" in capsys.readouterr().err and not (tmp_path / "no").exists()
+
+
 def test_ria_with_owl_and_dsnot(tmp_path, story_llama_dir, calib_file, capsys):
     json_path = tmp_path / "report.json"
     code, stdout, err = run(["prune", str(story_llama_dir), "--method", "ria", "--sparsity", "0.6",

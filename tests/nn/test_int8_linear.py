@@ -1,0 +1,60 @@
+"""int8-quantized pruned linears in the CPU kernels: `prune --quantize int8` → save → `sparsefast.load(sparse=...)`
+reads the saved scales and swaps in SparseLinear layers with int8 values, whose outputs equal the dequantized model's
+(the checkpoint as any engine reads it) within fp32 rounding; a weight_scale that does not match its weight is
+refused at load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import sparsefast
+from sparsefast.cli import main
+from sparsefast.nn import SparseLinear
+from tests.ops.sparse_cpu_helpers import require_cpu_kernels
+
+STORY = "Once upon a time there was a little fox who lived in the forest with her family. " * 40
+
+
+@pytest.fixture(scope="module")
+def int8_checkpoint(tmp_path_factory, story_llama_dir):
+    tmp = tmp_path_factory.mktemp("int8")
+    (tmp / "calib.txt").write_text(STORY)
+    out = tmp / "out"
+    assert main(["prune", str(story_llama_dir), "--method", "sparsegpt", "--pattern", "2:4", "--quantize", "int8",
+                 "--calib", str(tmp / "calib.txt"), "--nsamples", "2", "--seqlen", "64", "--device", "cpu",
+                 "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loaded_int8_layers_match_the_dequantized_model(int8_checkpoint, dtype):
+    require_cpu_kernels()
+    plain, tok = sparsefast.load(int8_checkpoint, dtype=dtype)
+    model, _ = sparsefast.load(int8_checkpoint, dtype=dtype, sparse="auto")
+    swapped = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    assert swapped and all(m.values.dtype == torch.int8 and m.scales is not None for m in swapped)
+    ids = tok("Once upon a time", return_tensors="pt").input_ids
+    with torch.no_grad():
+        for n in (ids.shape[1], 1):  # prefill and one decode-sized step
+            a, b = plain(ids[:, :n]).logits.float(), model(ids[:, :n]).logits.float()
+            tol = 1e-3 if dtype == torch.float32 else 0.1
+            assert (a - b).abs().max() <= tol * a.abs().max()
+    for m in swapped:  # the kernel's weight is the checkpoint's dequantized weight
+        name = next(n for n, mod in model.named_modules() if mod is m)
+        assert torch.equal(m.dense_weight().to(dtype), plain.get_submodule(name).weight.detach())
+
+
+def test_a_scale_that_does_not_match_is_refused(int8_checkpoint, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in int8_checkpoint.iterdir():
+        if f.is_file() and not f.name.startswith("sparsefast-output"):
+            (bad / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(str(bad / "model.safetensors"))
+    key = next(k for k in tensors if k.endswith(".weight_scale"))
+    tensors[key] = tensors[key] * 1.3
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="weight_scale does not match its weight"):
+        sparsefast.load(bad)
