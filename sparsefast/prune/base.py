@@ -32,6 +32,8 @@ class Pruner:
         # {linear name: linears producing its input channels} of the current layer, set by the engine
         # (sparsefast.models.base.ModelAdapter.channel_producers): where an input permutation may be folded
         self.channel_producers: dict[str, list[nn.Linear]] = {}
+        # {linear name: int8 scales [out]} a pruner fixed while pruning (SparseGPT's joint sweep); `quantize` uses them
+        self.int8_scales: dict[str, torch.Tensor] = {}
 
     def refine(self, name: str, weight: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
         """The mask `pruned` [out, in] (True = pruned) of `weight` (still dense) after the refiner, if any."""
@@ -56,9 +58,11 @@ class Pruner:
     def quantize(self, name: str, linear: nn.Linear) -> dict[str, Any]:
         """After `prune`, with config.quantize == "int8": the pruned weight rounded to its per-row int8 grid
         (sparsefast.ops.int8_rows; zeros stay zeros), the dequantized values kept in the weight and the scales as the
-        linear's `weight_scale` buffer. Returns stats. SparseGPT overrides it: it quantized inside its sweep."""
-        q, scales = quantize_int8_rows(linear.weight.data)
-        return attach_int8(linear, q, scales, rounded=True)
+        linear's `weight_scale` buffer. Returns stats. A pruner that quantized while pruning (SparseGPT's joint
+        sweep) left its grid in `int8_scales`: the weight is already on it, so this only reads q off."""
+        fixed = self.int8_scales.pop(name, None)
+        q, scales = quantize_int8_rows(linear.weight.data, fixed)
+        return attach_int8(linear, q, scales, rounded=fixed is None)
 
     def mask_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for sparsefast.ops.wanda_mask: sparsity=... or n=, m=."""

@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from sparsefast.config import SparseGPTConfig
-from sparsefast.ops.int8_rows import INT8_MAX, int8_row_scales, quantize_int8_rows
-from sparsefast.prune.base import Pruner, attach_int8, mask_stats
+from sparsefast.ops.int8_rows import INT8_MAX, int8_row_scales
+from sparsefast.prune.base import Pruner, mask_stats
 
 
 def damped_inverse_cholesky(h: torch.Tensor, percdamp: float, max_retries: int = 6) -> tuple[torch.Tensor, dict]:
@@ -127,7 +127,6 @@ class SparseGPTPruner(Pruner):
         self.dtype = torch.float64 if config.hessian_dtype == "float64" else torch.float32
         self.hessians: dict[str, torch.Tensor] = {}
         self.nseq: dict[str, int] = {}
-        self.int8: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (q, scales) from the joint sweep
 
     def start_layer(self, linears: Mapping[str, nn.Linear]) -> None:
         self.hessians = {name: torch.zeros(lin.in_features, lin.in_features, dtype=self.dtype,
@@ -162,16 +161,11 @@ class SparseGPTPruner(Pruner):
                                                       int8_scales=scales)
         del hessian
         if scales is not None:
-            self.int8[name] = quantize_int8_rows(new_w, scales)  # exact: new_w is on the grid (up to rounding)
+            self.int8_scales[name] = scales  # new_w is on this grid: Pruner.quantize reads q off, no second rounding
         linear.weight.data.copy_(new_w)
         stats = mask_stats(linear.weight, self.sparsity)
         stats["damping"] = notes
         return stats
-
-    def quantize(self, name: str, linear: nn.Linear) -> dict[str, Any]:
-        """The int8 weights `prune` quantized inside the sweep, stored (no second rounding)."""
-        q, scales = self.int8.pop(name)
-        return attach_int8(linear, q, scales, rounded=False)
 
     def fixed_mask(self, linear: nn.Linear, hessian: torch.Tensor) -> torch.Tensor | None:
         """The mask to prune instead of SparseGPT's own choice (None: SparseGPT selects). A subclass returning e.g.
