@@ -6,8 +6,8 @@
 * `engine_concurrent`: C requests submitted together; output-token throughput = C·N / (last token − submit), and
   each request's TPOT = (last − first token) / (N − 1).
 * `weight_bytes_per_token`: every parameter and buffer a decode step reads (shared tensors once; an untied input
-  embedding counts one row, the LM head counts whole; a sparse linear counts the format its dispatch runs at one
-  token), so weight GB/s = bytes/token × tokens/s, compared with sparsefast.bench.memory.memory_bandwidth.
+  embedding counts one row, the LM head counts whole; a CPU-kernel linear counts what its route reads at one token:
+  a sparse layout or the dense weight, int8 values with their scales), so weight GB/s = bytes/token × tokens/s, compared with sparsefast.bench.memory.memory_bandwidth.
 EOS is ignored (`ignore_eos`) so every request makes exactly N tokens. The side-by-side benchmark built on these
 (variants and peers, each in a worker process) is sparsefast.bench.decode_run.
 """
@@ -39,13 +39,11 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
         embed.data_ptr()
     seen, total = set(), 0
     for mod in model.modules():
-        if hasattr(mod, "backend_for") and hasattr(mod, "packed"):  # a sparse linear: count the path a token takes
+        if hasattr(mod, "tensors_read"):  # a CPU-kernel linear (sparse, or int8): count the path a token takes
             probe = torch.zeros(1, mod.in_features, dtype=embed.dtype, device=embed.device)
-            use_dense = mod.backend_for(probe) == "dense" and getattr(mod, "dense", None) is not None
-            read = [mod.dense] if use_dense else list(mod.packed())
-            read += [mod.bias] if mod.bias is not None else []
-            total += sum(t.numel() * t.element_size() for t in read)
-            seen.update(t.data_ptr() for t in mod.buffers())
+            read = mod.tensors_read(probe)
+            total += sum(t.numel() * t.element_size() for t in read if t.data_ptr() not in seen)
+            seen.update(t.data_ptr() for t in (*mod.parameters(recurse=False), *mod.buffers(recurse=False)))
     for t in list(model.parameters()) + list(model.buffers()):
         if t.data_ptr() in seen:
             continue

@@ -2,26 +2,35 @@
 (sparsefast.ops.dense_cpu.linear_cpu), and `use_dense_cpu_kernels_`, which swaps it in for a model's CPU linears.
 
 The module holds the very Parameters of the layer it replaces (no copy: a head tied to the embedding stays tied, the
-state dict keeps its keys and values), so the swap costs no memory and changes nothing but the speed of small M.
+state dict keeps its keys and values), so the swap changes nothing but the speed of small M. A layer quantized by
+`prune --quantize int8` (a `weight_scale` buffer: weight = scale · q per row, sparsefast.ops.int8_rows) also keeps its
+int8 q (`qweight`, derived from the weight, so not saved) and reads that, a quarter of the fp32 bytes, for few tokens:
+the dense int8 baseline that sparse int8 layers are measured against. Above DENSE_KERNEL_MAX_TOKENS it runs F.linear
+on the float weight (oneDNN's GEMMs win there), which is why the float weight stays: an int8 layer costs 1 byte per
+weight more memory than its float layer.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
 
 from sparsefast._ext import load_cpu_extension
-from sparsefast.ops.dense_cpu import DenseCall, dense_route
-from sparsefast.ops.sparse24_cpu import KERNEL_DTYPES
+from sparsefast.ops.dense_cpu import dense_kernel_takes, dense_route
+from sparsefast.ops.int8_rows import SCALE_BUFFER, quantize_int8_rows
+from sparsefast.ops.sparse24_cpu import KERNEL_DTYPES, cpu_isa
 
 
 class DenseCpuLinear(nn.Linear):
-    """nn.Linear whose forward takes the dense CPU kernel for M <= DENSE_KERNEL_MAX_TOKENS on fp32/bf16 CPU inputs,
-    F.linear otherwise (sparsefast.ops.dense_cpu.dense_route)."""
+    """nn.Linear whose forward takes the dense CPU kernel for M <= DENSE_KERNEL_MAX_TOKENS on fp32/bf16 CPU inputs
+    (on its int8 q where it has a `weight_scale`), F.linear otherwise (sparsefast.ops.dense_cpu.dense_route)."""
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "DenseCpuLinear":
-        """A DenseCpuLinear over `linear`'s own weight and bias Parameters (shared, not copied)."""
+        """A DenseCpuLinear over `linear`'s own weight and bias Parameters (shared, not copied), and its
+        `weight_scale` buffer with the int8 q it implies where it has one."""
         if type(linear) is not nn.Linear:
             raise ValueError(f"DenseCpuLinear.from_linear: expected nn.Linear, got {type(linear).__name__}")
         layer = cls.__new__(cls)
@@ -29,16 +38,36 @@ class DenseCpuLinear(nn.Linear):
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
         layer.weight = linear.weight
         layer.bias = linear.bias
+        scales = getattr(linear, SCALE_BUFFER, None)
+        layer.register_buffer(SCALE_BUFFER, scales)
+        q = None if scales is None else quantize_int8_rows(linear.weight.detach(), scales)[0]
+        layer.register_buffer("qweight", q, persistent=False)
         layer._routes = {}
         return layer
 
-    _routes: dict[tuple, DenseCall]
+    _routes: dict[tuple, Callable[[torch.Tensor], torch.Tensor]]
+
+    def tensors_read(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The weight tensors a forward of inputs like `x` reads (decode bandwidth accounting)."""
+        if self.qweight is not None and dense_kernel_takes(x, self.qweight):
+            read = [self.qweight, getattr(self, SCALE_BUFFER)]
+        else:
+            read = [self.weight]
+        return read + ([self.bias] if self.bias is not None else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         key = (x.numel(), x.dtype, x.device.type)  # the route is decided once per input size (dense_route)
         if key not in self._routes:
-            self._routes[key] = dense_route(x, self.weight)
-        return self._routes[key](x, self.weight, self.bias)
+            self._routes[key] = self._route(x)
+        return self._routes[key](x)
+
+    def _route(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        q = self.qweight
+        if q is not None and dense_kernel_takes(x, q):
+            op, isa, scales = torch.ops.sparsefast.dense_linear_cpu.default, cpu_isa(), self.weight_scale.float()
+            return lambda x: op(x, q, self.bias, isa, scales)
+        route = dense_route(x, self.weight)
+        return lambda x: route(x, self.weight, self.bias)
 
     def _apply(self, fn, recurse=True):  # .to() / .float() / ...: the weight's dtype or device may change
         self._routes = {}

@@ -104,6 +104,14 @@ class SparseLinear(nn.Module):
         """"cpu" or "dense": the path forward() takes for this input (decided by sparsefast.nn.dispatch)."""
         return cpu_backend_for(self.dispatch, x, self.values)
 
+    def tensors_read(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The weight tensors a forward of inputs like `x` reads (decode bandwidth accounting)."""
+        if self.backend_for(x) == "dense" and self.dense is not None:
+            read = [self.dense]
+        else:
+            read = list(self.packed()) + ([self.scales] if self.scales is not None else [])
+        return read + ([self.bias] if self.bias is not None else [])
+
     def _apply(self, fn, recurse=True):  # .to() / .float() / ...: the buffers' dtype or device may change
         self._routes = {}
         return super()._apply(fn, recurse)

@@ -31,11 +31,11 @@ DENSE_KERNEL_MAX_TOKENS = 8  # M above this runs F.linear (oneDNN / MKL GEMMs wi
 
 
 def dense_kernel_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the dense route would take the kernel for x [..., in] and weight [out, in], the extension aside:
-    CPU tensors, fp32/bf16, at most DENSE_KERNEL_MAX_TOKENS tokens, a weight with unit column stride. Tensor
-    properties only, so torch.compile traces it."""
+    """Whether the dense kernel takes x [..., in] and weight [out, in], the extension aside: CPU tensors, fp32/bf16
+    x, an fp32/bf16 (or int8, run with its scales) weight with unit column stride, at most DENSE_KERNEL_MAX_TOKENS
+    tokens. Tensor properties only, so torch.compile traces it."""
     return (x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype in KERNEL_DTYPES
-            and weight.dtype in KERNEL_DTYPES and weight.dim() == 2 and weight.stride(1) == 1
+            and weight.dtype in VALUE_DTYPES and weight.dim() == 2 and weight.stride(1) == 1
             and x.numel() <= DENSE_KERNEL_MAX_TOKENS * max(x.shape[-1], 1))
 
 
@@ -74,11 +74,12 @@ DenseCall = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.
 
 
 def dense_route(x: torch.Tensor, weight: torch.Tensor) -> DenseCall:
-    """(x, weight, bias) -> y for inputs like `x` on weights like `weight`, decided now: the kernel (its instruction
-    set fixed now) where `dense_kernel_takes`, else the torch twin. Modules decide it once per input size and keep
-    it: the decision's per-call Python would cost a fair part of a small layer's time, and torch.compile cannot trace
+    """(x, weight, bias) -> y for inputs like `x` on float weights like `weight`, decided now: the kernel (its
+    instruction set fixed now) where `dense_kernel_takes`, else the torch twin (an int8 weight needs its scales:
+    sparsefast.nn.dense_linear.DenseCpuLinear). Modules decide it once per input size and keep it: the decision's
+    per-call Python would cost a fair part of a small layer's time, and torch.compile cannot trace
     load_cpu_extension (the compiled step reads the kept routes)."""
-    if dense_kernel_takes(x, weight):
+    if weight.dtype in KERNEL_DTYPES and dense_kernel_takes(x, weight):
         op, isa = torch.ops.sparsefast.dense_linear_cpu.default, cpu_isa()
         return lambda x, weight, bias: op(x, weight, bias, isa)
     return dense_linear_cpu_ref

@@ -30,6 +30,26 @@ def test_weight_bytes_count_one_embedding_row_unless_tied():
     assert weight_bytes_per_token(tied) == _all_bytes(tied)
 
 
+def test_weight_bytes_of_int8_layers_count_q_and_scales():
+    """After the swap an int8-quantized linear's decode step reads q (1 byte per weight) and its scales, not the
+    float weight it keeps for long prompts."""
+    from sparsefast.api import prune
+    from sparsefast.config import MagnitudeConfig
+    from sparsefast.nn import DenseCpuLinear, sparsify_
+    from tests.ops.sparse_cpu_helpers import require_cpu_kernels
+
+    require_cpu_kernels()
+    model = tiny_model("llama", tie_word_embeddings=True)
+    prune(model, MagnitudeConfig(pattern="unstructured", sparsity=0.0, quantize="int8", device="cpu"),
+          progress=False)
+    before = weight_bytes_per_token(model)
+    sparsify_(model)
+    int8 = [m for m in model.modules() if isinstance(m, DenseCpuLinear) and m.qweight is not None]
+    assert int8
+    saved = sum(m.weight.numel() * 3 for m in int8)  # 4 -> 1 byte per weight; the scales were counted before too
+    assert weight_bytes_per_token(model) == before - saved
+
+
 def test_engine_measurements_make_exactly_n_tokens():
     model = tiny_model("llama")
     prompt = torch.randint(3, 256, (6,), generator=torch.Generator().manual_seed(0)).tolist()

@@ -69,3 +69,49 @@ def test_sparsify_auto_swaps_dense_layers_and_off_does_not():
     assert not any(isinstance(m, DenseCpuLinear) for m in model.modules())
     assert sparsify_(model, SparsifyConfig(mode="auto")) == {}  # dense weights: no sparse candidates
     assert all(type(m) is DenseCpuLinear for m in model.modules() if isinstance(m, nn.Linear))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_int8_layer_runs_its_q_for_few_tokens_and_the_float_weight_above(dtype):
+    """A linear with a weight_scale (weight = scale · q) reads int8 q through the kernel for M <= 8, bitwise what the
+    kernel gives on q, and F.linear on the float weight above; the state dict keeps weight and weight_scale only."""
+    require_cpu_kernels()
+    from sparsefast.ops.dense_cpu import DENSE_KERNEL_MAX_TOKENS
+    from sparsefast.ops.int8_rows import SCALE_BUFFER, dequantize_int8_rows, quantize_int8_rows
+
+    gen = torch.Generator().manual_seed(3)
+    linear = nn.Linear(48, 24, dtype=dtype)
+    q, scales = quantize_int8_rows(torch.randn(24, 48, generator=gen))
+    with torch.no_grad():
+        linear.weight.copy_(dequantize_int8_rows(q, scales, dtype))
+    linear.register_buffer(SCALE_BUFFER, scales)
+    layer = DenseCpuLinear.from_linear(linear)
+    assert torch.equal(layer.qweight, q) and layer.weight is linear.weight
+    assert set(layer.state_dict()) == {"weight", "bias", SCALE_BUFFER}
+    with torch.no_grad():
+        for m in (1, 5, DENSE_KERNEL_MAX_TOKENS):
+            x = torch.randn(m, 48, generator=gen).to(dtype)
+            want = torch.ops.sparsefast.dense_linear_cpu(x, q, linear.bias, 0, scales)
+            assert torch.equal(layer(x), want), m
+            assert [t.dtype for t in layer.tensors_read(x)][:2] == [torch.int8, torch.float32]
+        x = torch.randn(DENSE_KERNEL_MAX_TOKENS + 1, 48, generator=gen).to(dtype)
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, linear.weight, linear.bias))
+        assert layer.tensors_read(x)[0] is linear.weight
+
+
+def test_sparsify_auto_runs_an_int8_quantized_dense_model_on_q():
+    """An int8-only model (prune --quantize int8 at sparsity 0) served with sparse="auto": every linear with a
+    weight_scale reads int8 q, and greedy tokens equal the float model's."""
+    require_cpu_kernels()
+    from sparsefast.config import MagnitudeConfig
+    from sparsefast.api import prune
+
+    model = tiny_model("llama")
+    prune(model, MagnitudeConfig(pattern="unstructured", sparsity=0.0, quantize="int8", device="cpu"),
+                progress=False)
+    ids = torch.randint(3, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
+    want = greedy_generate(model, ids, steps=6)
+    assert sparsify_(model, SparsifyConfig(mode="auto")) == {}
+    int8 = [m for m in model.modules() if isinstance(m, DenseCpuLinear) and m.qweight is not None]
+    assert len(int8) == 7 * model.config.num_hidden_layers  # q k v o gate up down; the head is not quantized
+    assert torch.equal(greedy_generate(model, ids, steps=6), want)
