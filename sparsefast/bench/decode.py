@@ -7,7 +7,8 @@
   each request's TPOT = (last − first token) / (N − 1).
 * `weight_bytes_per_token`: every parameter and buffer a decode step reads (shared tensors once; an untied input
   embedding counts one row, the LM head counts whole; a CPU-kernel linear counts what its route reads at one token:
-  a sparse layout or the dense weight, int8 values with their scales), so weight GB/s = bytes/token × tokens/s, compared with sparsefast.bench.memory.memory_bandwidth.
+  a sparse layout or the dense weight, int8 values with their scales), so weight GB/s = bytes/token × tokens/s,
+  compared with sparsefast.bench.memory.memory_bandwidth.
 EOS is ignored (`ignore_eos`) so every request makes exactly N tokens. The side-by-side benchmark built on these
 (variants and peers, each in a worker process) is sparsefast.bench.decode_run.
 """

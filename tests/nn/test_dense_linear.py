@@ -103,8 +103,8 @@ def test_sparsify_auto_runs_an_int8_quantized_dense_model_on_q():
     """An int8-only model (prune --quantize int8 at sparsity 0) served with sparse="auto": every linear with a
     weight_scale reads int8 q, and greedy tokens equal the float model's."""
     require_cpu_kernels()
-    from sparsefast.config import MagnitudeConfig
     from sparsefast.api import prune
+    from sparsefast.config import MagnitudeConfig
 
     model = tiny_model("llama")
     prune(model, MagnitudeConfig(pattern="unstructured", sparsity=0.0, quantize="int8", device="cpu"),
