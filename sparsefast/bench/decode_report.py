@@ -19,6 +19,8 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+from sparsefast.bench.decode_options import is_int8
+
 GOALS = {
     "dense_fp32_b1_fraction_of_copy_bw": 0.60,
     "sparse_vs_compiled_dense_fp32_b1": 1.5,
@@ -26,7 +28,10 @@ GOALS = {
     "bf16_24_vs_bf16_dense_b1": 1.4,
     "concurrent_vs_b1_output_throughput": 4.0,
     "vllm_sparse_vs_dense_b1": 1.3,  # issue 23: a sparse checkpoint through sparsefast's vLLM plugin
+    "sparse_int8_vs_llama_cpp_q8_0_b1": 1.4,  # issue 24: 2:4 / 50% int8 against llama.cpp's 8-bit file
+    "sparse_int8_vs_dense_int8_b1": 1.6,
 }
+QUANTIZED_GGUF = ("Q8_0", "Q4_1")  # llama.cpp's quantized files: the peers of sparsefast's int8 variants
 PEER_PRECISION = {"float32": ("F32", "float32"), "bfloat16": ("BF16", "bfloat16")}  # llama.cpp type, vLLM dtype
 
 
@@ -113,7 +118,9 @@ def summarize(variants: list, raw: dict[str, dict[str, list]], readies: dict[str
             r["bf16_vs_fp32_same_mode"] = _ratio(rate(name), rate(sf.get((sparsity, "float32", compiled))))
         for peer_kind, peer in ((v.kind, v.name) for v in variants if v.kind != "sparsefast"):
             llama_type, vllm_dtype = PEER_PRECISION.get(precision, (None, None))
-            if peer_kind == "llama_cpp" and by_name[peer].precision.upper() == llama_type or \
+            peer_type = by_name[peer].precision.upper()
+            if peer_kind == "llama_cpp" and (peer_type == llama_type or is_int8(sparsity) and
+                                             peer_type in QUANTIZED_GGUF) or \
                     peer_kind == "vllm" and by_name[peer].precision == vllm_dtype:
                 r[f"vs {peer}"] = _ratio(rate(name), rate(peer))
         r["label"] = f"{sparsity} {precision} {mode}"
@@ -146,6 +153,16 @@ def goals(summary: dict[str, dict], sf: dict[tuple, str], variants: list, concur
     for sparsity in ("2:4", "50%"):
         out[f"{sparsity}_vs_compiled_dense_fp32_b1"] = check(_ratio(b1(best(sparsity, "float32")), b1(dense32)),
                                                              GOALS["sparse_vs_compiled_dense_fp32_b1"])
+    dense_int8 = best("dense-int8", "float32")
+    q8 = next((summary[v.name] for v in variants if v.kind == "llama_cpp" and v.precision.upper() == "Q8_0"), None)
+    for sparsity in ("2:4-int8", "50%-int8"):
+        ours = best(sparsity, "float32")
+        if ours is None:
+            continue
+        out[f"{sparsity} float32 b1 vs llama.cpp Q8_0"] = check(_ratio(b1(ours), b1(q8)),
+                                                                GOALS["sparse_int8_vs_llama_cpp_q8_0_b1"])
+        out[f"{sparsity} float32 b1 vs dense-int8"] = check(_ratio(b1(ours), b1(dense_int8)),
+                                                            GOALS["sparse_int8_vs_dense_int8_b1"])
     if dense32 and "concurrent_vs_b1" in dense32:
         out["dense_fp32_concurrent_vs_b1"] = check(dense32["concurrent_vs_b1"],
                                                    GOALS["concurrent_vs_b1_output_throughput"])
@@ -160,7 +177,7 @@ def goals(summary: dict[str, dict], sf: dict[tuple, str], variants: list, concur
                        (dense or {}).get("concurrent_output_tokens_per_s")),
                 1.0)
             continue
-        if v.kind == "sparsefast" or v.precision.upper() == "Q8_0":
+        if v.kind == "sparsefast" or v.precision.upper() in QUANTIZED_GGUF:
             continue
         precision = "float32" if v.precision.lower() in ("f32", "float32") else "bfloat16"
         ours = best("2:4", precision)

@@ -23,9 +23,9 @@ Under load (`busy_core`): a busy-loop process pinned to that core runs from befo
 with `choice_loads` more timed swaps of each sparse checkpoint: the layers each swapped in, against the choice of a
 swap made before the busy loop started.
 
-Checkpoints: the model is loaded once here, saved (dense) and pruned (Wanda with bundled C4 calibration, or magnitude)
-into a work directory the workers load from; `checkpoints` gives existing ones instead. The summary is
-sparsefast.bench.decode_report's.
+Checkpoints: the model is loaded here, saved (dense) and pruned (Wanda with bundled C4 calibration, or magnitude; the
+*-int8 variants also quantized, `prune --quantize int8`, "dense-int8" without pruning) into a work directory the
+workers load from; `checkpoints` gives existing ones instead. The summary is sparsefast.bench.decode_report's.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sparsefast.bench.decode_options import SPARSITIES, DecodeBenchConfig, checkpoint_name
+from sparsefast.bench.decode_options import SPARSITIES, DecodeBenchConfig, checkpoint_name, is_int8
 
 PEER_WORKER = Path(__file__).resolve().parent / "peer_worker.py"
 READY_TIMEOUT_S = 1800.0  # a cold compile of every bucket, or vLLM's own compile, on a busy 2-core machine
@@ -178,7 +178,7 @@ def export_for_vllm(cfg: DecodeBenchConfig, checkpoints: dict[str, str], work: P
 
     out = {}
     for sparsity in dict.fromkeys(map(checkpoint_name, cfg.sparsities)):
-        if SPARSITIES[sparsity] is None:
+        if SPARSITIES[sparsity] is None or is_int8(sparsity):  # the plugin runs float sparse layouts
             continue
         source = checkpoints[sparsity]
         path = work / f"vllm-sparse-{_file_stem(sparsity)}"
@@ -295,7 +295,8 @@ def prepare_checkpoints(cfg: DecodeBenchConfig, work: Path, progress=print) -> t
 
     ggufs: dict[str, str] = {}
     reports = {s: {"bench": "decode", "model": cfg.model, "sparsity": s, "pruner": None if SPARSITIES[s] is None
-                   else "magnitude" if random else cfg.pruner} for s in needed}
+                   else "magnitude" if random else cfg.pruner, **({"quantize": "int8"} if is_int8(s) else {})}
+               for s in needed}
     for sparsity in needed:  # a run with --warm-only before this one, in the same --work-dir, made these already
         path = work / f"ckpt-{_file_stem(sparsity)}"
         if _made_here(path, reports[sparsity]):
@@ -317,17 +318,24 @@ def prepare_checkpoints(cfg: DecodeBenchConfig, work: Path, progress=print) -> t
             ggufs[outtype] = str(export_gguf(model, tok, work / f"model-{outtype}.gguf", outtype=outtype,
                                              name=cfg.model))
             progress(f"[setup] wrote {ggufs[outtype]}")
+    pristine = True  # `model` is still the model as loaded (what "dense" saves)
     for sparsity in todo:
-        pattern = SPARSITIES[sparsity]
-        if pattern is not None:
+        pattern, quantize = SPARSITIES[sparsity], "int8" if is_int8(sparsity) else None
+        if not pristine:
             model, tok = fresh()
+        pristine = pattern is None and quantize is None
+        if pattern is None and quantize:  # quantized, not pruned
+            prune(model, MagnitudeConfig(pattern="unstructured", sparsity=0.0, quantize=quantize, device="cpu"),
+                  progress=False)
+        elif pattern is not None:
             if cfg.pruner == "wanda" and not random:
                 from sparsefast.data import get_calibration
 
                 calib = get_calibration("c4", tok, 32, 512, seed=0)
-                prune(model, WandaConfig(pattern=pattern, nsamples=32, seqlen=512), calib, progress=False)
+                prune(model, WandaConfig(pattern=pattern, nsamples=32, seqlen=512, quantize=quantize), calib,
+                      progress=False)
             else:
-                prune(model, MagnitudeConfig(pattern=pattern, device="cpu"), progress=False)
+                prune(model, MagnitudeConfig(pattern=pattern, quantize=quantize, device="cpu"), progress=False)
         out[sparsity] = str(save_checkpoint(model, tok, work / f"ckpt-{_file_stem(sparsity)}", reports[sparsity]))
         progress(f"[setup] {sparsity}: {out[sparsity]}")
     return out, ggufs

@@ -32,7 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         "sparse layers for sparsefast's vLLM plugin")
     p.add_argument("--out", required=True, help="output .gguf file (--to gguf) or directory (--to vllm, vllm-sparse)")
     p.add_argument("--outtype", default="f32", choices=OUTTYPES,
-                   help="weight type: f32 (default), f16, bf16, q8_0 (gguf only); norms stay f32")
+                   help="weight type: f32 (default), f16, bf16, q8_0 or q4_1 (gguf only); norms stay f32")
     p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                    help="--to vllm-sparse: choose each layer's layout without timing it (2:4 where the weights fit, "
                         "else unstructured)")

@@ -14,6 +14,6 @@ choices from here); import the exporters from their modules.
 
 TARGETS = ("gguf", "vllm", "vllm-sparse")
 # GGUF weight types (sparsefast.export.gguf); vLLM takes the float ones (safetensors in that dtype)
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_1")
 VLLM_OUTTYPES = ("f32", "f16", "bf16")
 VLLM_SPARSE_OUTTYPES = ("f32", "bf16")  # the CPU kernels' dtypes

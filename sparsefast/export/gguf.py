@@ -8,12 +8,13 @@ architectures run the same block (RMSNorm, rotary, GQA attention, SwiGLU MLP).
 
 Tensors follow convert_hf_to_gguf.py: GGUF names (`blk.N.attn_q.weight`, ...), q/k rows permuted from transformers'
 half-split rotary layout to llama.cpp's interleaved pairs (per layer, with that layer's head counts), no `output`
-tensor when the head is tied to the embedding. `outtype` sets the 2-D weights: f32, f16, bf16 or q8_0 (blocks of
-32 along a row: a tensor whose rows are not a multiple of 32, e.g. down_proj of an MLP pruned to 1229 channels,
-would fall back to f16, as the converter does, so q8_0 zero-pads each layer's MLP to a multiple of 32 channels
-instead: zero gate/up rows and zero down_proj columns add exactly nothing, silu(0)·0 = 0, and cost a few bytes,
-e.g. 1228 → 1248 channels); 1-D norms are always f32. Zeros of a mask-pruned model stay exact zeros
-in every outtype, but llama.cpp computes them densely: only structural pruning makes it faster.
+tensor when the head is tied to the embedding. `outtype` sets the 2-D weights: f32, f16, bf16, q8_0 or q4_1 (the
+block types: blocks of 32 along a row; a tensor whose rows are not a multiple of 32, e.g. down_proj of an MLP pruned
+to 1229 channels, would fall back to f16, as the converter does, so they zero-pad each layer's MLP to a multiple of 32
+channels instead: zero gate/up rows and zero down_proj columns add exactly nothing, silu(0)·0 = 0, and cost a few
+bytes, e.g. 1228 → 1248 channels); 1-D norms are always f32. Zeros of a mask-pruned model stay exact zeros in every
+outtype but q4_1 (a block's minimum offsets its grid), and llama.cpp computes them densely: only structural pruning
+makes it faster. q4_1 is the type SmolLM2's own GGUF ships in.
 
 Metadata: the model's hyper-parameters, the tokenizer and chat template (sparsefast.export.gguf_vocab), and
 `sparsefast.version`, which marks the file as sparsefast's (what --overwrite may replace). The file is written
@@ -48,9 +49,13 @@ from sparsefast.export.output import atomic_output_file, check_output_path
 from sparsefast.models.base import get_adapter
 
 OWNER_KEY = "sparsefast.version"
-Q8_0_BLOCK = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]  # weights per Q8_0 block, along a row
 _FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-               "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+               "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+               "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}
+_TENSOR_TYPES = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
+                 "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_1": gguf.GGMLQuantizationType.Q4_1}
+BLOCK_TYPES = ("q8_0", "q4_1")  # outtypes quantized in blocks along a row (module docstring: MLP padding)
+QUANT_BLOCK = 32  # weights per block of every BLOCK_TYPES type, along a row
 # transformers' per-layer module → GGUF tensor name (after `blk.N.`), LLaMA family (sparsefast.models.llama)
 _LAYER_TENSORS = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
                   "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
@@ -82,8 +87,8 @@ def export_gguf(model: nn.Module, tokenizer: Any, out: str | os.PathLike, *, out
     path = check_gguf_output(out, overwrite=overwrite, outtype=outtype, sources=sources)
     check_exportable(model)
     widths = layer_widths(model)
-    if outtype == "q8_0":  # whole Q8_0 blocks along down_proj's rows (module docstring)
-        widths = [dataclasses.replace(w, ffn=-(-w.ffn // Q8_0_BLOCK) * Q8_0_BLOCK) for w in widths]
+    if outtype in BLOCK_TYPES:  # whole blocks along down_proj's rows (module docstring)
+        widths = [dataclasses.replace(w, ffn=-(-w.ffn // QUANT_BLOCK) * QUANT_BLOCK) for w in widths]
     arch = "llama" if uniform_widths(widths) is not None else "deci"
     with atomic_output_file(path, overwrite=overwrite, is_own_file=is_sparsefast_gguf) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
@@ -122,7 +127,7 @@ def _add_hyperparameters(writer: gguf.GGUFWriter, model: nn.Module, widths: list
     writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     writer.add_vocab_size(int(get_adapter(model).embeddings(model)[0].weight.shape[0]))
     writer.add_file_type(_FILE_TYPES[outtype])
-    if outtype == "q8_0":
+    if outtype in BLOCK_TYPES:
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
@@ -161,11 +166,10 @@ def _add_tensor(writer: gguf.GGUFWriter, name: str, weight: torch.Tensor, outtyp
     if data.ndim == 1 or outtype == "f32":
         writer.add_tensor(name, np.ascontiguousarray(data, dtype=np.float32))
         return
-    qtype = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
-             "q8_0": gguf.GGMLQuantizationType.Q8_0}[outtype]
+    qtype = _TENSOR_TYPES[outtype]
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     if data.shape[-1] % block:
-        qtype = gguf.GGMLQuantizationType.F16  # rows not made of whole Q8_0 blocks: the converter's fallback
+        qtype = gguf.GGMLQuantizationType.F16  # rows not made of whole blocks: the converter's fallback
     if qtype == gguf.GGMLQuantizationType.F16:
         writer.add_tensor(name, data.astype(np.float16))
     else:

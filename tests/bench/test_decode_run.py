@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from sparsefast.bench.decode_options import DecodeBenchConfig
 from sparsefast.bench.decode_report import summarize
@@ -114,6 +115,29 @@ def test_summary_arithmetic():
     assert goals["dense fp32 c8 TPOT vs vllm"] == {"value": pytest.approx(1.25), "target": 1.0, "met": False}
 
 
+def test_summary_of_int8_variants_against_llama_cpp_q8_0():
+    variants = [Variant("di", [], "sparsefast", "float32", "dense-int8", compiled=True),
+                Variant("si", [], "sparsefast", "float32", "2:4-int8", compiled=True),
+                Variant("q8", [], "llama_cpp", "q8_0", concurrent=False),
+                Variant("q4", [], "llama_cpp", "q4_1", concurrent=False),
+                Variant("f32", [], "llama_cpp", "f32", concurrent=False)]
+    raw = {"di": {"b1": [_reply(0.02)], "concurrent": []}, "si": {"b1": [_reply(0.01)], "concurrent": []},
+           "q8": {"b1": [{"result": {"tpot_s": 0.0125}}], "concurrent": []},
+           "q4": {"b1": [{"result": {"tpot_s": 0.01}}], "concurrent": []},
+           "f32": {"b1": [{"result": {"tpot_s": 0.04}}], "concurrent": []}}
+    readies = {"di": {"weight_bytes_per_token": 1}, "si": {"weight_bytes_per_token": 1}, "q8": {}, "q4": {},
+               "f32": {}}
+    out = summarize(variants, raw, readies, {"copy_gbs": 20.0}, concurrency=8)
+    assert out["ratios"]["si"]["vs q8"] == pytest.approx(1.25) and out["ratios"]["si"]["vs q4"] == pytest.approx(1.0)
+    assert out["ratios"]["si"]["vs f32"] == pytest.approx(4.0)
+    goals = out["goals"]
+    assert goals["2:4-int8 float32 b1 vs llama.cpp Q8_0"] == {"value": pytest.approx(1.25), "target": 1.4,
+                                                              "met": False}
+    assert goals["2:4-int8 float32 b1 vs dense-int8"] == {"value": pytest.approx(2.0), "target": 1.6, "met": True}
+    assert "50%-int8 float32 b1 vs llama.cpp Q8_0" not in goals  # not measured
+    assert not any("Q4_1" in g for g in goals)
+
+
 def test_whole_run_with_fake_peers(story_llama_dir, fake_peer_python, tmp_path):
     out = tmp_path / "decode.json"
     cfg = DecodeBenchConfig(model=str(story_llama_dir), sparsities=("dense", "dense-torch", "2:4"), dtypes=("float32",),
@@ -172,6 +196,27 @@ def test_a_second_run_in_the_work_directory_reuses_what_the_first_made(story_lla
     other = DecodeBenchConfig(model="llama-tiny-random", sparsities=("dense",), llama_cpp_python=sys.executable)
     with pytest.raises(ValueError, match="exists"):  # not this model's checkpoint: never reused, never replaced
         prepare_checkpoints(other, tmp_path, progress=lambda *a: None)
+
+
+def test_int8_variants_are_quantized_checkpoints_and_dense_stays_as_loaded(story_llama_dir, tmp_path):
+    """*-int8 variants save `prune --quantize int8` checkpoints (dense-int8 unpruned), in any order with "dense",
+    which stays the model as loaded."""
+    from safetensors.torch import load_file
+
+    cfg = DecodeBenchConfig(model=str(story_llama_dir), sparsities=("2:4-int8", "dense", "dense-int8"),
+                            pruner="magnitude")
+    ckpts, _ = prepare_checkpoints(cfg, tmp_path, progress=lambda *a: None)
+    tensors = {name: load_file(str(Path(d) / "model.safetensors")) for name, d in ckpts.items()}
+    source = load_file(str(story_llama_dir / "model.safetensors"))
+    key = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(tensors["dense"][key], source[key])
+    assert not any(k.endswith("weight_scale") for k in tensors["dense"])
+    for name in ("dense-int8", "2:4-int8"):
+        scale = tensors[name][key.replace(".weight", ".weight_scale")]
+        q = tensors[name][key] / scale[:, None]
+        assert torch.allclose(q, q.round(), atol=1e-3) and q.abs().max() <= 127.01
+    assert (tensors["dense-int8"][key] == 0).float().mean() < 0.1
+    assert (tensors["2:4-int8"][key] == 0).float().mean() == 0.5
 
 
 def test_a_worker_that_fails_to_load_is_recorded(tmp_path):

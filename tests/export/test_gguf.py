@@ -100,29 +100,37 @@ def test_rotary_permutation_turns_half_split_rope_into_pairwise_rope():
 
 @pytest.mark.parametrize("outtype,kind,atol", [("f16", gguf.GGMLQuantizationType.F16, 1e-3),
                                                ("bf16", gguf.GGMLQuantizationType.BF16, 1e-2),
-                                               ("q8_0", gguf.GGMLQuantizationType.Q8_0, 2e-2)])
-def test_outtypes_and_q8_mlp_padding(story_layerwise, tmp_path, outtype, kind, atol):
+                                               ("q8_0", gguf.GGMLQuantizationType.Q8_0, 2e-2),
+                                               ("q4_1", gguf.GGMLQuantizationType.Q4_1, None)])
+def test_outtypes_and_block_type_mlp_padding(story_layerwise, tmp_path, outtype, kind, atol):
     model, tok = story_layerwise
-    with torch.no_grad():   # mask-pruned zeros must stay exact zeros in every outtype
+    with torch.no_grad():   # mask-pruned zeros must stay exact zeros in every outtype but q4_1 (offset grid)
         model.model.layers[0].mlp.up_proj.weight[:, ::2] = 0
     r = gguf.GGUFReader(export_gguf(model, tok, tmp_path / "q.gguf", outtype=outtype))
     t = _tensors(r)
     assert t["blk.0.ffn_up.weight"].tensor_type == kind
     assert t["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
     assert t["blk.1.ffn_down.weight"].tensor_type == kind
+
+    def close(got: np.ndarray, want: torch.Tensor) -> None:
+        want = want.detach().numpy()
+        # q4_1: 16 levels between a block's min and max, so half a step is at most max|w| / 15 (plus fp16 rounding)
+        np.testing.assert_allclose(got, want, atol=atol if atol is not None else np.abs(want).max() / 15 * 1.01)
+
     up = _values(t["blk.0.ffn_up.weight"])
-    assert (up[:, ::2] == 0).all()
-    np.testing.assert_allclose(up, model.model.layers[0].mlp.up_proj.weight.detach().numpy(), atol=atol)
-    # layer 1 keeps 269 MLP channels, not whole Q8_0 blocks of 32 along down_proj's rows: q8_0 pads it to 288 with
-    # zero gate/up rows and zero down columns (exact), the other outtypes keep 269
+    assert outtype == "q4_1" or (up[:, ::2] == 0).all()
+    close(up, model.model.layers[0].mlp.up_proj.weight)
+    # layer 1 keeps 269 MLP channels, not whole blocks of 32 along down_proj's rows: q8_0 and q4_1 pad it to 288
+    # with zero gate/up rows (exact in every type: a block of zeros) and zero down columns (exact but in q4_1, where
+    # they only ever multiply the zero channels), the other outtypes keep 269
     mlp = model.model.layers[1].mlp
-    ffn = 288 if outtype == "q8_0" else 269
+    ffn = 288 if outtype in ("q8_0", "q4_1") else 269
     assert mlp.down_proj.weight.shape[1] == 269 and list(_field(r, "deci.feed_forward_length"))[1] == ffn
     down, gate = _values(t["blk.1.ffn_down.weight"]), _values(t["blk.1.ffn_gate.weight"])
     assert down.shape[1] == gate.shape[0] == ffn
-    assert (down[:, 269:] == 0).all() and (gate[269:] == 0).all()
+    assert (outtype == "q4_1" or (down[:, 269:] == 0).all()) and (gate[269:] == 0).all()
     assert (_values(t["blk.1.ffn_up.weight"])[269:] == 0).all()
-    np.testing.assert_allclose(down[:, :269], mlp.down_proj.weight.detach().numpy(), atol=atol)
+    close(down[:, :269], mlp.down_proj.weight)
 
 
 def test_untied_head_and_gpt2_tokenizer(tmp_path):
