@@ -17,6 +17,7 @@ Definitions (every engine the same way):
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 from typing import Any
 
 from sparsefast.bench.decode_options import is_int8
@@ -187,3 +188,62 @@ def goals(summary: dict[str, dict], sf: dict[tuple, str], variants: list, concur
                 _ratio(dense32.get("concurrent_tpot_s"), summary[v.name].get("concurrent_tpot_s")), 1.0,
                 higher=False)
     return out
+
+
+def plot(result: dict[str, Any], path: str | Path, *, overwrite: bool = False) -> Path:
+    """Two panels of a `bench decode` result, one bar per measured variant in run order: batch-1 decode tokens/s
+    (each bar labelled with the weight MB a token reads) and output tokens/s at C concurrent requests (engines that
+    decode one sequence at a time have no bar). PNG written atomically (sparsefast.bench.results.save_figure)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sparsefast.bench.results import save_figure
+
+    rows = [(name, s) for name, s in result["variants"].items() if s.get("b1_tokens_per_s")]
+    if not rows:
+        raise ValueError("decode plot: the result has no measured variant")
+    names = [name.removeprefix("sparsefast ").replace(" float32", " fp32").replace(" compiled", "") for name, _ in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 0.45 * len(rows) + 1.6), sharey=True)
+    colors = ["tab:blue" if name.startswith("sparsefast") else "tab:gray" for name, _ in rows]
+    b1 = [s["b1_tokens_per_s"] for _, s in rows]
+    ax1.barh(names, b1, color=colors)
+    for y, (value, (_, s)) in enumerate(zip(b1, rows)):
+        if s.get("weight_bytes_per_token"):
+            ax1.text(value, y, f" {s['weight_bytes_per_token'] / 1e6:.0f} MB", va="center", fontsize=7)
+    conc = [s.get("concurrent_output_tokens_per_s") or 0 for _, s in rows]
+    ax2.barh(names, conc, color=colors)
+    concurrency = result.get("conditions", {}).get("concurrency", "C")
+    for ax, title in ((ax1, "batch 1: decode tokens/s (weight MB read per token)"),
+                      (ax2, f"{concurrency} concurrent: output tokens/s")):
+        ax.set_title(title, fontsize=9)
+        ax.grid(True, axis="x", alpha=0.3)
+        ax.invert_yaxis()
+    meta = result.get("metadata", {})
+    cpu = meta.get("cpu", {}).get("Model name") or meta.get("device", "?")
+    fig.suptitle(f"{cpu}, {result.get('threads')} threads, copy bandwidth {result['copy_gbs']:.1f} GB/s, "
+                 f"{meta.get('date', '')[:16]}", fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, path, overwrite=overwrite)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m sparsefast.bench.decode_report RESULT.json [--out PNG]: the plot of a written result."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("result", help="a JSON written by `sparsefast bench decode`")
+    p.add_argument("--out", default=None, help="PNG path (default: the result's path with .png)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing PNG")
+    args = p.parse_args(argv)
+    with open(args.result) as f:
+        result = json.load(f)
+    out = plot(result, args.out or Path(args.result).with_suffix(".png"), overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

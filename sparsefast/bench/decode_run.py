@@ -367,21 +367,24 @@ def _gguf_made_here(path: Path, model: str) -> bool:
 def run_decode_bench(cfg: DecodeBenchConfig, progress=print) -> dict[str, Any] | None:
     """Set up every worker, run cfg.rounds interleaved rounds, summarize (sparsefast.bench.decode_report) and write
     the result JSON (cfg.json_path, else <date>-<device>-decode-<model>[-busy].json in cfg.out_dir or bench/results;
-    an existing file only with cfg.overwrite, checked before any work). warm_only: set up every worker (fills the
-    inductor and calibration caches), then stop; nothing is written. Returns the result (None with warm_only)."""
+    an existing file only with cfg.overwrite, checked before any work) and its plot beside it (.png). warm_only: set
+    up every worker (fills the inductor and calibration caches), then stop; nothing is written. Returns the result
+    (None with warm_only)."""
     import shutil
 
     import torch
 
-    from sparsefast.bench.decode_report import summarize
+    from sparsefast.bench.decode_report import plot, summarize
     from sparsefast.bench.memory import memory_bandwidth
     from sparsefast.bench.results import result_path, run_metadata
     from sparsefast.checkpoint import check_output_file, write_json
 
     what = f"decode-{Path(cfg.model).name}" + ("-busy" if cfg.busy_core is not None else "")
     out_path = Path(cfg.json_path or result_path(what, device=cfg.device, out_dir=cfg.out_dir))
-    if not cfg.warm_only:
-        check_output_file(out_path, overwrite=cfg.overwrite)  # before any work: an unwritable result wastes the run
+    plot_path = out_path.with_suffix(".png")
+    if not cfg.warm_only:  # before any work: an unwritable result wastes the run
+        check_output_file(out_path, overwrite=cfg.overwrite)
+        check_output_file(plot_path, overwrite=cfg.overwrite)
     work, made = work_directory(cfg.work_dir)
     device = torch.device(cfg.device)
     torch.set_num_threads(cfg.engine_threads)
@@ -433,6 +436,8 @@ def run_decode_bench(cfg: DecodeBenchConfig, progress=print) -> dict[str, Any] |
                   "raw": raw}
         write_json(out_path, result, overwrite=cfg.overwrite)
         progress(f"wrote {out_path}")
+        if any(s.get("b1_tokens_per_s") for s in result["variants"].values()):
+            progress(f"wrote {plot(result, plot_path, overwrite=cfg.overwrite)}")
         return result
     finally:
         if made:

@@ -14,10 +14,12 @@ each part's own tensors are re-pointed to its rows of that buffer (views, same v
 its state dict and a checkpoint written from it are unchanged.
 
 What fuses: parts of the same kind, dtype and device, reading the same input width, with all or none of them biased:
-* plain `nn.Linear` / `DenseCpuLinear` (the fused layer has the type of the parts);
+* plain `nn.Linear` / `DenseCpuLinear` (the fused layer has the type of the parts; int8 `DenseCpuLinear`s, all or
+  none, fuse their int8 q and scales too);
 * 2:4 `SparseLinear`s, each part's out_features a multiple of the 8-row tile (the packed tiles then concatenate),
-  the dense copy kept by all or none of them. Their dispatch tables (measured per shape at swap time) are combined:
-  the fused layer runs the kernel for the token counts where every part's table chose it, dense elsewhere. Not the
+  the dense copy kept by all or none of them, int8 values (with their scales) in all or none. Their dispatch tables
+  (measured per shape at swap time) are combined: the fused layer runs the kernel for the token counts where every
+  part's table chose it, dense elsewhere. Not the
   unstructured layout: its parts' value streams each end in 16 zeros of padding, so a joined stream cannot hold
   every part as a view of itself.
 Anything else (mixed kinds, CUDA 2:4 layers, LoRA wrappers, ...) returns None and runs part by part.
@@ -33,6 +35,7 @@ from torch import nn
 from sparsefast.nn.dense_linear import DenseCpuLinear
 from sparsefast.nn.dispatch import DispatchTable
 from sparsefast.nn.sparse_linear import SparseLinear
+from sparsefast.ops.int8_rows import SCALE_BUFFER
 from sparsefast.ops.sparse24_cpu import TILE_ROWS
 
 __all__ = ["fuse_linears"]
@@ -56,6 +59,8 @@ def _compatible(parts: Sequence[nn.Module]) -> bool:
     tensor = first.values if kind is SparseLinear else first.weight
     if any(p.in_features != first.in_features or (p.bias is None) != (first.bias is None) for p in parts):
         return False
+    if len({_scales(p) is None for p in parts}) != 1:  # int8 parts fuse only with int8 parts
+        return False
     for p in parts:
         t = p.values if kind is SparseLinear else p.weight
         if t.dtype != tensor.dtype or t.device != tensor.device:
@@ -65,6 +70,13 @@ def _compatible(parts: Sequence[nn.Module]) -> bool:
                 and all(p.out_features % TILE_ROWS == 0 for p in parts)
                 and len({p.dense is None for p in parts}) == 1)
     return True
+
+
+def _scales(part: nn.Module) -> torch.Tensor | None:
+    """An int8 part's per-row scales (SparseLinear.scales, DenseCpuLinear's weight_scale), else None."""
+    if type(part) is SparseLinear:
+        return part.scales
+    return getattr(part, SCALE_BUFFER, None) if type(part) is DenseCpuLinear else None
 
 
 def _concat_rows(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -98,7 +110,20 @@ def _fuse_dense(parts: Sequence[nn.Module]) -> nn.Module:
     layer.weight = nn.Parameter(fused_w, requires_grad=False)
     if bias is not None:
         layer.bias = nn.Parameter(bias, requires_grad=False)
-    return DenseCpuLinear.from_linear(layer) if type(parts[0]) is DenseCpuLinear else layer
+    if type(parts[0]) is not DenseCpuLinear:
+        return layer
+    fused = DenseCpuLinear.from_linear(layer)
+    if _scales(parts[0]) is not None:  # int8 parts: their q and scales concatenate as the weights did
+        scales, scale_views = _concat_rows([_scales(p) for p in parts])
+        q, q_views = _concat_rows([p.qweight for p in parts])
+        for p, sv, qv in zip(parts, scale_views, q_views):
+            setattr(p, SCALE_BUFFER, sv)
+            p.qweight = qv
+        fused.register_buffer(SCALE_BUFFER, scales)
+        fused.register_buffer("qweight", q, persistent=False)
+    for p in parts:
+        p._routes = {}  # a route captured the old tensors
+    return fused
 
 
 def _fuse_sparse(parts: Sequence[SparseLinear]) -> SparseLinear:
@@ -112,11 +137,16 @@ def _fuse_sparse(parts: Sequence[SparseLinear]) -> SparseLinear:
         dense, dense_views = _concat_rows([p.dense for p in parts])
         for p, d in zip(parts, dense_views):
             p.dense = d
+    scales = None
+    if first.scales is not None:
+        scales, scale_views = _concat_rows([p.scales for p in parts])
+        for p, sv in zip(parts, scale_views):
+            p.scales = sv
     for p in parts:
         p._routes = {}  # a route captured the old packed tensors
     out_features = sum(p.out_features for p in parts)
     return SparseLinear(first.in_features, out_features, "2:4", (values, meta), _fused_bias(parts),
-                        _combined_table([p.dispatch for p in parts]), dense)
+                        _combined_table([p.dispatch for p in parts]), dense, scales)
 
 
 def _combined_table(tables: list[DispatchTable]) -> DispatchTable:

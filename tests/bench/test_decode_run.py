@@ -147,6 +147,7 @@ def test_whole_run_with_fake_peers(story_llama_dir, fake_peer_python, tmp_path):
     lines = []
     result = run_decode_bench(cfg, progress=lines.append)
     assert result["failed"] == {} and json.loads(out.read_text())["what"] == "decode"
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"  # the plot beside it
     # vLLM (its idle engine keeps a core busy) loads only after the others' last round: a phase of its own
     vllm_setup = next(i for i, ln in enumerate(lines) if ln.startswith("[setup] vLLM"))
     assert vllm_setup > max(i for i, ln in enumerate(lines) if ln.startswith("[1] llama.cpp"))

@@ -11,6 +11,7 @@ from torch import nn
 
 from sparsefast.nn import DenseCpuLinear, DispatchTable, SparseLinear, SparsifyConfig, sparsify_
 from sparsefast.nn.fused_linear import fuse_linears
+from sparsefast.ops.int8_rows import SCALE_BUFFER, dequantize_int8_rows, quantize_int8_rows
 from sparsefast.serve.engine import GenerationEngine, SamplingParams, build_in_thread
 from tests.nn.model_helpers import greedy_generate, prune_linears, pruned_linear
 from tests.ops.sparse_cpu_helpers import require_cpu_kernels
@@ -18,15 +19,29 @@ from tests.ops.sparse_cpu_helpers import require_cpu_kernels
 ROWS = (24, 8, 16)  # multiples of the 8-row tile, like q/k/v
 
 
+def _quantized(lin: nn.Linear) -> nn.Linear:
+    """`lin` with its weight on the per-row int8 grid and its weight_scale buffer (as prune --quantize int8 leaves
+    it)."""
+    q, scales = quantize_int8_rows(lin.weight.detach())
+    with torch.no_grad():
+        lin.weight.copy_(dequantize_int8_rows(q, scales, lin.weight.dtype))
+    lin.register_buffer(SCALE_BUFFER, scales)
+    return lin
+
+
 def _parts(kind: str, bias: bool, dtype=torch.float32) -> list[nn.Module]:
-    sparsity = None if kind.startswith("2:4") else 0.6
+    """kind: linear | dense-kernel | 2:4 | 2:4+dense, "-int8" after the first word: int8-quantized parts."""
+    base, _, keep = kind.partition("+")
+    base, int8 = base.removesuffix("-int8"), base.endswith("-int8")
+    sparsity = None if base == "2:4" else 0.6
     lins = [pruned_linear(n, 40, sparsity, seed=i, bias=bias).to(dtype) for i, n in enumerate(ROWS)]
-    if kind == "linear":
+    if int8:
+        lins = [_quantized(lin) for lin in lins]
+    if base == "linear":
         return lins
-    if kind == "dense-kernel":
+    if base == "dense-kernel":
         return [DenseCpuLinear.from_linear(lin) for lin in lins]
-    keep = kind.endswith("+dense")
-    return [SparseLinear.from_dense(lin, kind.split("+")[0], keep_dense=keep) for lin in lins]
+    return [SparseLinear.from_dense(lin, base, keep_dense=keep == "dense") for lin in lins]
 
 
 def _shares_storage(part_tensor: torch.Tensor, fused_tensor: torch.Tensor) -> bool:
@@ -35,7 +50,8 @@ def _shares_storage(part_tensor: torch.Tensor, fused_tensor: torch.Tensor) -> bo
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("kind", ["linear", "dense-kernel", "2:4", "2:4+dense"])
+@pytest.mark.parametrize("kind", ["linear", "dense-kernel", "2:4", "2:4+dense", "dense-kernel-int8", "2:4-int8",
+                                  "2:4-int8+dense"])
 def test_fused_layer_equals_its_parts_side_by_side(kind, bias, dtype):
     if kind != "linear":
         require_cpu_kernels()
@@ -46,6 +62,10 @@ def test_fused_layer_equals_its_parts_side_by_side(kind, bias, dtype):
         state = [{k: v.clone() for k, v in p.state_dict().items()} for p in parts]
         fused = fuse_linears(parts)
         assert type(fused) is (type(parts[0]) if kind != "linear" else nn.Linear)
+        if "int8" in kind:  # the fused layer runs int8 values with all parts' scales
+            q = fused.values if isinstance(fused, SparseLinear) else fused.qweight
+            scales = fused.scales if isinstance(fused, SparseLinear) else fused.weight_scale
+            assert q.dtype == torch.int8 and scales.shape == (sum(ROWS),)
         assert fused.out_features == sum(ROWS) and fused.in_features == 40
         for x, want in zip(xs, before):
             # each output row is computed as in its part (same kernel, same row order of the sums): equal
@@ -54,7 +74,7 @@ def test_fused_layer_equals_its_parts_side_by_side(kind, bias, dtype):
     for p, saved in zip(parts, state):  # the model's view of its layers: the same tensors' values
         assert p.state_dict().keys() == saved.keys()
         assert all(torch.equal(p.state_dict()[k], v) for k, v in saved.items())
-    big = fused.values if kind not in ("linear", "dense-kernel") else fused.weight
+    big = fused.values if isinstance(fused, SparseLinear) else fused.weight
     assert all(_shares_storage(p.values if isinstance(p, SparseLinear) else p.weight, big) for p in parts)
 
 
@@ -73,6 +93,8 @@ def test_parts_that_cannot_fuse_are_left_alone():
         [lin[0], pruned_linear(8, 40, None, seed=3, bias=False)],  # bias on one only
         [lin[0], nn.Linear(41, 8)],  # different input widths
         [lin[0], lin[1].to(torch.bfloat16)],  # different dtypes
+        [sparse[0], SparseLinear.from_dense(_quantized(pruned_linear(8, 40, None, seed=4)), "2:4")],  # int8 + float
+        [DenseCpuLinear.from_linear(lin[0]), DenseCpuLinear.from_linear(_quantized(nn.Linear(40, 8)))],
     ]
     for parts in cases:
         ptrs = [p.values.data_ptr() if isinstance(p, SparseLinear) else p.weight.data_ptr() for p in parts]
@@ -101,6 +123,34 @@ def test_engine_with_fused_projections_keeps_greedy_tokens(story_llama_dir, spar
         engine.shutdown()
     assert got == want
     assert greedy_generate(model, ids)[0, 10:].tolist() == want  # the model's own forward, on the re-pointed tensors
+
+
+@pytest.mark.parametrize("pattern,sparsity", [("unstructured", 0.0), ("2:4", None)])
+def test_engine_with_fused_int8_projections_keeps_greedy_tokens(story_llama_dir, pattern, sparsity):
+    """An int8 model (prune --quantize int8; dense or 2:4) in the engine: q/k/v and gate/up fuse into int8 layers
+    with every part's scales, and greedy tokens equal the model's own forward."""
+    require_cpu_kernels()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sparsefast.api import prune
+    from sparsefast.config import MagnitudeConfig
+
+    model = AutoModelForCausalLM.from_pretrained(story_llama_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(story_llama_dir)
+    prune(model, MagnitudeConfig(pattern=pattern, sparsity=sparsity, quantize="int8", device="cpu"), progress=False)
+    sparsify_(model, SparsifyConfig(calibrate=False))
+    ids = torch.randint(3, model.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(0))
+    want = greedy_generate(model, ids)[0, 10:].tolist()
+    engine = build_in_thread(lambda: GenerationEngine(model, tok, max_batch=2, max_model_len=64))
+    fused = engine.runner.qkv + engine.runner.gate_up
+    scales = [f.scales if isinstance(f, SparseLinear) else f.weight_scale for f in fused]
+    assert all(s is not None and s.shape == (f.out_features,) for f, s in zip(fused, scales))
+    engine.start()
+    try:
+        got = engine.generate(ids[0].tolist(), SamplingParams(max_tokens=len(want), temperature=0.0, ignore_eos=True))
+    finally:
+        engine.shutdown()
+    assert got == want
 
 
 def test_dispatch_tables_combine_to_the_kernel_where_every_part_chose_it():
