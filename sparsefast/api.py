@@ -21,7 +21,7 @@ import sparsefast
 from sparsefast.calibrate import layer_outlier_ratios, prune_layerwise
 from sparsefast.config import PruneConfig
 from sparsefast.device import resolve_device, resolve_dtype
-from sparsefast.prune import make_pruner, owl_layer_sparsities
+from sparsefast.prune import make_pruner, owl_layer_sparsities, quantize_lm_head
 
 
 def compute_device(name: str) -> torch.device:
@@ -119,6 +119,9 @@ def prune(model: nn.Module, config: PruneConfig, calib: torch.Tensor | None = No
 def _prune_checked(model: nn.Module, adapter: Any, config: PruneConfig, calib: torch.Tensor | None,
                    device: torch.device, *, progress: bool, offload: bool = True) -> dict[str, Any]:
     """`prune` after its checks (check_prunable, check_calib): calibrate, prune layer by layer, build the report."""
+    if config.quantize is not None and not isinstance(adapter.lm_head(model), nn.Linear):
+        raise ValueError(f"quantize {config.quantize}: the LM head is a {type(adapter.lm_head(model)).__name__}, not "
+                         "an nn.Linear, so it cannot be quantized per row; prune without quantize")
     if resolve_dtype(config.dtype) is not None:
         model.to(resolve_dtype(config.dtype))
     pruner = make_pruner(config)
@@ -136,6 +139,7 @@ def _prune_checked(model: nn.Module, adapter: Any, config: PruneConfig, calib: t
     result = prune_layerwise(model, adapter, pruner, calib if config.needs_calibration else None, device=device,
                              batch_size=config.batch_size, offload=offload, progress=progress,
                              layer_sparsity=layer_sparsity)
+    head_stats = quantize_lm_head(adapter.lm_head(model)) if config.quantize is not None else None
     wall = time.perf_counter() - t0
     linears = result["linears"]
     numel = sum(s["numel"] for s in linears.values())
@@ -159,6 +163,8 @@ def _prune_checked(model: nn.Module, adapter: Any, config: PruneConfig, calib: t
         "model_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "versions": versions(),
     }
+    if head_stats is not None:
+        report["lm_head_quantize"] = head_stats
     damping = {name: s["damping"] for name, s in linears.items() if "damping" in s}
     if damping:
         raised = {n: d for n, d in damping.items() if d["retries"]}

@@ -294,9 +294,9 @@ def prepare_checkpoints(cfg: DecodeBenchConfig, work: Path, progress=print) -> t
         return load(cfg.model)
 
     ggufs: dict[str, str] = {}
+    int8 = {"quantize": "int8", "lm_head": "int8"}  # the head too since 2026-12-06 21:00: older ones are not reused
     reports = {s: {"bench": "decode", "model": cfg.model, "sparsity": s, "pruner": None if SPARSITIES[s] is None
-                   else "magnitude" if random else cfg.pruner, **({"quantize": "int8"} if is_int8(s) else {})}
-               for s in needed}
+                   else "magnitude" if random else cfg.pruner, **(int8 if is_int8(s) else {})} for s in needed}
     for sparsity in needed:  # a run with --warm-only before this one, in the same --work-dir, made these already
         path = work / f"ckpt-{_file_stem(sparsity)}"
         if _made_here(path, reports[sparsity]):

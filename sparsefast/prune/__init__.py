@@ -5,7 +5,14 @@ The structural (LLM-Pruner style) pruner lives in sparsefast.prune.structural.""
 from __future__ import annotations
 
 from sparsefast.config import PruneConfig
-from sparsefast.prune.base import Pruner, apply_mask, mask_stats, max_nonzeros_per_group, score_mask
+from sparsefast.prune.base import (
+    Pruner,
+    apply_mask,
+    mask_stats,
+    max_nonzeros_per_group,
+    quantize_lm_head,
+    score_mask,
+)
 from sparsefast.prune.dsnot import DSnoTRefiner, dsnot_refine
 from sparsefast.prune.magnitude import MagnitudePruner, magnitude_mask
 from sparsefast.prune.owl import outlier_ratio, owl_layer_sparsities
@@ -29,4 +36,5 @@ def make_pruner(config: PruneConfig) -> Pruner:
 
 __all__ = ["PRUNERS", "DSnoTRefiner", "MagnitudePruner", "Pruner", "RIAPruner", "SparseGPTPruner", "WandaPruner",
            "apply_mask", "dsnot_refine", "magnitude_mask", "make_pruner", "mask_stats", "max_nonzeros_per_group",
-           "outlier_ratio", "owl_layer_sparsities", "ria_mask", "ria_score", "score_mask", "sparsegpt_prune_weight"]
+           "outlier_ratio", "owl_layer_sparsities", "quantize_lm_head", "ria_mask", "ria_score", "score_mask",
+           "sparsegpt_prune_weight"]

@@ -60,13 +60,17 @@ def test_sparsegpt_with_int8_saves_scales_and_grid_weights(tmp_path, story_llama
     report = json.loads((out / "sparsefast.json").read_text())
     assert report["config"]["quantize"] == "int8"
     with safe_open(str(out / "model.safetensors"), "pt") as f:
-        scale_keys = [k for k in f.keys() if k.endswith(".weight_scale")]
+        scale_keys = [k for k in f.keys() if k.endswith(".weight_scale") and k != "lm_head.weight_scale"]
         assert len(scale_keys) == 7 * len({k.split(".")[2] for k in scale_keys})  # every linear of every layer
         for key in scale_keys:
             w, s = f.get_tensor(key.removesuffix("_scale")), f.get_tensor(key)
             q, _ = quantize_int8_rows(w, s)
             assert torch.equal(q.float() * s[:, None], w), key  # the saved weight is exactly scale * q
             assert ((w != 0).view(w.shape[0], -1, 4).sum(-1) <= 2).all()
+        # the head, not pruned, on its grid too (saved as the embedding when tied)
+        head = f.get_tensor("lm_head.weight" if "lm_head.weight" in f.keys() else "model.embed_tokens.weight")
+        s = f.get_tensor("lm_head.weight_scale")
+        assert torch.equal(quantize_int8_rows(head, s)[0].float() * s[:, None], head)
     with pytest.raises(SystemExit) as exc:  # argparse's choices: usage + one error line, exit 2
         main(["prune", str(story_llama_dir), "--quantize", "int4", "--out", str(tmp_path / "no")])
     assert exc.value.code == 2 and "int4" in capsys.readouterr().err and not (tmp_path / "no").exists()

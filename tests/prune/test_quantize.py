@@ -78,7 +78,8 @@ def test_engine_quantizes_every_pruned_linear(config_type, pattern):
     report = prune(model, config_type(**kwargs, quantize="int8"), calib, progress=False)
     adapter = get_adapter(model)
     names = [n for n, m in model.named_modules() if hasattr(m, "weight_scale")]
-    assert len(names) == sum(len(adapter.prunable_linears(layer)) for layer in adapter.decoder_layers(model))
+    assert names[-1] == "lm_head" and report["lm_head_quantize"]["format"] == "int8-rows"  # the head, never pruned
+    assert len(names) - 1 == sum(len(adapter.prunable_linears(layer)) for layer in adapter.decoder_layers(model))
     plain_mods = dict(plain.named_modules())
     for name in names:
         lin = model.get_submodule(name)
@@ -88,7 +89,8 @@ def test_engine_quantizes_every_pruned_linear(config_type, pattern):
         assert int(q.abs().max()) <= 127
         # rounding after the mask: the fp32 result, rounded (for a calibrated method only in layer 0, whose inputs
         # the quantization of earlier layers has not changed)
-        if config_type is MagnitudeConfig or (config_type is WandaConfig and ".layers.0." in name):
+        if name == "lm_head" or config_type is MagnitudeConfig or (config_type is WandaConfig and
+                                                                   ".layers.0." in name):
             ref = plain_mods[name].weight.detach()
             assert torch.equal(quantize_int8_rows(ref)[0], q), name
     stats = next(iter(report["linears"].values()))
@@ -98,3 +100,15 @@ def test_engine_quantizes_every_pruned_linear(config_type, pattern):
 def test_bad_quantize_value_is_refused():
     with pytest.raises(ValueError, match="quantize must be one of int8"):
         WandaConfig(quantize="int4")
+
+
+def test_a_tied_head_is_quantized_with_its_embedding():
+    """The head is rounded per row; tied to the token embedding, the embedding is the same tensor, so the model's
+    input rows are the dequantized rows too (as in a llama.cpp Q8_0 file)."""
+    model = tiny_model("llama", num_hidden_layers=1, tie_word_embeddings=True)
+    before = model.lm_head.weight.detach().clone()
+    prune(model, MagnitudeConfig(pattern="unstructured", sparsity=0.0, quantize="int8"), progress=False)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    q, scales = quantize_int8_rows(before)
+    assert torch.equal(model.lm_head.weight_scale, scales)
+    assert torch.equal(model.lm_head.weight.detach(), q.float() * scales[:, None])
