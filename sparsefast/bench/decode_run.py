@@ -336,7 +336,10 @@ def prepare_checkpoints(cfg: DecodeBenchConfig, work: Path, progress=print) -> t
                       progress=False)
             else:
                 prune(model, MagnitudeConfig(pattern=pattern, quantize=quantize, device="cpu"), progress=False)
-        out[sparsity] = str(save_checkpoint(model, tok, work / f"ckpt-{_file_stem(sparsity)}", reports[sparsity]))
+        path = work / f"ckpt-{_file_stem(sparsity)}"
+        # a checkpoint this benchmark made with other settings (an older run's) is replaced; anything else is refused
+        out[sparsity] = str(save_checkpoint(model, tok, path, reports[sparsity], overwrite=_made_here(
+            path, {"bench": "decode", "model": cfg.model, "sparsity": sparsity})))
         progress(f"[setup] {sparsity}: {out[sparsity]}")
     return out, ggufs
 

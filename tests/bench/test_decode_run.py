@@ -218,6 +218,13 @@ def test_int8_variants_are_quantized_checkpoints_and_dense_stays_as_loaded(story
         assert torch.allclose(q, q.round(), atol=1e-3) and q.abs().max() <= 127.01
     assert (tensors["dense-int8"][key] == 0).float().mean() < 0.1
     assert (tensors["2:4-int8"][key] == 0).float().mean() == 0.5
+    # this benchmark's checkpoint made with other settings (an older run's) is replaced, not reused nor refused
+    report = Path(ckpts["dense-int8"]) / "sparsefast.json"
+    report.write_text(report.read_text().replace('"lm_head": "int8"', '"lm_head": null'))
+    said = []
+    again, _ = prepare_checkpoints(cfg, tmp_path, progress=said.append)
+    assert again == ckpts and sum("made by an earlier run" in line for line in said) == 2
+    assert '"lm_head": "int8"' in report.read_text()
 
 
 def test_a_worker_that_fails_to_load_is_recorded(tmp_path):
