@@ -219,7 +219,7 @@ def plot(result: dict[str, Any], path: str | Path, *, overwrite: bool = False) -
                       (ax2, f"{concurrency} concurrent: output tokens/s")):
         ax.set_title(title, fontsize=9)
         ax.grid(True, axis="x", alpha=0.3)
-        ax.invert_yaxis()
+    ax1.invert_yaxis()  # run order from the top (the axes share y: once for both)
     meta = result.get("metadata", {})
     cpu = meta.get("cpu", {}).get("Model name") or meta.get("device", "?")
     fig.suptitle(f"{cpu}, {result.get('threads')} threads, copy bandwidth {result['copy_gbs']:.1f} GB/s, "
