@@ -8,8 +8,10 @@ The package is located without importing it (its `__init__` needs the `llm` CLI,
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import logging
 import os
 import pickle
 import re
@@ -187,8 +189,9 @@ def load_model(
     else:
         kwargs["config"] = config
     try:
-        model, info = transformers.AutoModelForCausalLM.from_pretrained(str(location), output_loading_info=True,
-                                                                        trust_remote_code=False, **kwargs)
+        with _quiet_int8_scale_report():
+            model, info = transformers.AutoModelForCausalLM.from_pretrained(str(location), output_loading_info=True,
+                                                                            trust_remote_code=False, **kwargs)
         tokenizer = _tokenizer(location, gguf_file)
     except pickle.UnpicklingError:
         # torch's weights-only unpickler refused an object: never retry with full pickle (it would run the code)
@@ -209,6 +212,33 @@ def load_model(
 
 
 INT8_SCALE_SUFFIX = f".{SCALE_BUFFER}"  # saved beside a linear's weight by `prune --quantize int8`
+
+
+class _Int8ScaleReportFilter(logging.Filter):
+    """Drops transformers' load report when every key it lists is an UNEXPECTED `*.weight_scale` (the int8 scales
+    that sparsefast reads itself, attach_int8_scales): that report would only alarm. Any other row keeps it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "LOAD REPORT" not in text:
+            return True
+        rows = [line.split("|") for line in text.splitlines() if line.count("|") >= 2]
+        keyed = [(key.strip(), status.strip()) for key, status, *_ in rows if key.strip() not in ("Key", "")
+                 and set(key.strip()) != {"-"}]
+        return not keyed or not all(status == "UNEXPECTED" and key.endswith(INT8_SCALE_SUFFIX)
+                                    for key, status in keyed)
+
+
+@contextlib.contextmanager
+def _quiet_int8_scale_report():
+    """While loading: transformers' load report is not printed when it lists only int8 scales."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    quiet = _Int8ScaleReportFilter()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def attach_int8_scales(model: nn.Module, location: Path, keys: list[str]) -> None:

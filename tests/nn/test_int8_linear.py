@@ -58,3 +58,24 @@ def test_a_scale_that_does_not_match_is_refused(int8_checkpoint, tmp_path):
     save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="weight_scale does not match its weight"):
         sparsefast.load(bad)
+
+
+def test_the_load_report_listing_only_int8_scales_is_not_printed():
+    """transformers' LOAD REPORT of an int8 checkpoint lists the weight_scale tensors as UNEXPECTED (sparsefast
+    reads them itself): dropped; a report with any other row is kept."""
+    import logging
+
+    from sparsefast.models.loading import _Int8ScaleReportFilter
+
+    def record(rows: list[str]) -> logging.LogRecord:
+        table = "Key | Status |  | \n----+----+--+-\n" + "\n".join(rows) + "\n\nNotes:\n- UNEXPECTED: can be ignored"
+        return logging.LogRecord("transformers.modeling_utils", logging.WARNING, __file__, 1,
+                                 "LlamaForCausalLM LOAD REPORT from: x\n" + table, None, None)
+
+    quiet = _Int8ScaleReportFilter()
+    scales = ["model.layers.{0...29}.mlp.up_proj.weight_scale | UNEXPECTED |  | ",
+              "lm_head.weight_scale                          | UNEXPECTED |  | "]
+    assert not quiet.filter(record(scales))
+    assert quiet.filter(record(scales + ["model.layers.0.mlp.up_proj.weight | MISSING |  | "]))
+    assert quiet.filter(record(["model.extra.bias | UNEXPECTED |  | "]))
+    assert quiet.filter(logging.LogRecord("t", logging.WARNING, __file__, 1, "another warning", None, None))
