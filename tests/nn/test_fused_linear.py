@@ -102,33 +102,10 @@ def test_parts_that_cannot_fuse_are_left_alone():
         assert ptrs == [p.values.data_ptr() if isinstance(p, SparseLinear) else p.weight.data_ptr() for p in parts]
 
 
-@pytest.mark.parametrize("sparsity", [None, 0.7])
-def test_engine_with_fused_projections_keeps_greedy_tokens(story_llama_dir, sparsity):
-    require_cpu_kernels()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(story_llama_dir, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(story_llama_dir)
-    prune_linears(model, sparsity)
-    sparsify_(model, SparsifyConfig(calibrate=False))  # every pruned linear gets its kernel (2:4 or unstructured)
-    ids = torch.randint(3, model.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(0))
-    want = greedy_generate(model, ids)[0, 10:].tolist()
-    engine = build_in_thread(lambda: GenerationEngine(model, tok, max_batch=2, max_model_len=64))
-    fused = engine.runner.qkv + engine.runner.gate_up
-    assert len(fused) == 4 and all(isinstance(f, SparseLinear) if sparsity is None else f is None for f in fused)
-    engine.start()
-    try:
-        got = engine.generate(ids[0].tolist(), SamplingParams(max_tokens=len(want), temperature=0.0, ignore_eos=True))
-    finally:
-        engine.shutdown()
-    assert got == want
-    assert greedy_generate(model, ids)[0, 10:].tolist() == want  # the model's own forward, on the re-pointed tensors
-
-
-@pytest.mark.parametrize("pattern,sparsity", [("unstructured", 0.0), ("2:4", None)])
-def test_engine_with_fused_int8_projections_keeps_greedy_tokens(story_llama_dir, pattern, sparsity):
-    """An int8 model (prune --quantize int8; dense or 2:4) in the engine: q/k/v and gate/up fuse into int8 layers
-    with every part's scales, and greedy tokens equal the model's own forward."""
+@pytest.mark.parametrize("case", ["2:4", "70%", "int8", "2:4-int8"])
+def test_engine_with_fused_projections_keeps_greedy_tokens(story_llama_dir, case):
+    """The engine's fused q/k/v and gate/up (2:4 and int8 parts fuse, with every part's scales; unstructured parts
+    do not) give the greedy tokens of the model's own forward. "int8", "2:4-int8": prune --quantize int8."""
     require_cpu_kernels()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -137,20 +114,29 @@ def test_engine_with_fused_int8_projections_keeps_greedy_tokens(story_llama_dir,
 
     model = AutoModelForCausalLM.from_pretrained(story_llama_dir, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(story_llama_dir)
-    prune(model, MagnitudeConfig(pattern=pattern, sparsity=sparsity, quantize="int8", device="cpu"), progress=False)
-    sparsify_(model, SparsifyConfig(calibrate=False))
+    if case.endswith("int8"):
+        pattern, sparsity = ("2:4", None) if case.startswith("2:4") else ("unstructured", 0.0)
+        prune(model, MagnitudeConfig(pattern=pattern, sparsity=sparsity, quantize="int8", device="cpu"),
+              progress=False)
+    else:
+        prune_linears(model, None if case == "2:4" else 0.7)
+    sparsify_(model, SparsifyConfig(calibrate=False))  # every pruned linear gets its kernel (2:4 or unstructured)
     ids = torch.randint(3, model.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(0))
     want = greedy_generate(model, ids)[0, 10:].tolist()
     engine = build_in_thread(lambda: GenerationEngine(model, tok, max_batch=2, max_model_len=64))
     fused = engine.runner.qkv + engine.runner.gate_up
-    scales = [f.scales if isinstance(f, SparseLinear) else f.weight_scale for f in fused]
-    assert all(s is not None and s.shape == (f.out_features,) for f, s in zip(fused, scales))
+    assert len(fused) == 4 and all(f is None if case == "70%" else type(f) is (
+        DenseCpuLinear if case == "int8" else SparseLinear) for f in fused)
+    if case.endswith("int8"):
+        scales = [f.scales if isinstance(f, SparseLinear) else f.weight_scale for f in fused]
+        assert all(s is not None and s.shape == (f.out_features,) for f, s in zip(fused, scales))
     engine.start()
     try:
         got = engine.generate(ids[0].tolist(), SamplingParams(max_tokens=len(want), temperature=0.0, ignore_eos=True))
     finally:
         engine.shutdown()
     assert got == want
+    assert greedy_generate(model, ids)[0, 10:].tolist() == want  # the model's own forward, on the re-pointed tensors
 
 
 def test_dispatch_tables_combine_to_the_kernel_where_every_part_chose_it():
