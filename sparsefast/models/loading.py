@@ -214,12 +214,15 @@ def load_model(
 INT8_SCALE_SUFFIX = f".{SCALE_BUFFER}"  # saved beside a linear's weight by `prune --quantize int8`
 
 
+_ANSI_STYLE = re.compile(r"\x1b\[[0-9;]*m")
+
+
 class _Int8ScaleReportFilter(logging.Filter):
     """Drops transformers' load report when every key it lists is an UNEXPECTED `*.weight_scale` (the int8 scales
     that sparsefast reads itself, attach_int8_scales): that report would only alarm. Any other row keeps it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
+        text = _ANSI_STYLE.sub("", record.getMessage())  # transformers colours the statuses on a terminal
         if "LOAD REPORT" not in text:
             return True
         rows = [line.split("|") for line in text.splitlines() if line.count("|") >= 2]
@@ -251,7 +254,12 @@ def attach_int8_scales(model: nn.Module, location: Path, keys: list[str]) -> Non
     for file in sorted(location.glob("*.safetensors")):
         with safe_open(str(file), "pt") as f:
             for key in wanted.intersection(f.keys()):
-                linear = model.get_submodule(key.removesuffix(INT8_SCALE_SUFFIX))
+                try:
+                    linear = model.get_submodule(key.removesuffix(INT8_SCALE_SUFFIX))
+                except AttributeError:
+                    continue  # refused below
+                if not isinstance(linear, nn.Linear):
+                    continue
                 scales = f.get_tensor(key).float()
                 weight = linear.weight.detach().float()
                 ratio = weight / scales.to(weight.device)[:, None] if scales.shape == (weight.shape[0],) else None
@@ -263,6 +271,10 @@ def attach_int8_scales(model: nn.Module, location: Path, keys: list[str]) -> Non
                                      "the checkpoint is corrupt or was edited: re-run prune --quantize int8")
                 linear.register_buffer(SCALE_BUFFER, scales.to(linear.weight.device))
                 wanted.discard(key)
+    if wanted:  # e.g. a tensor saved under another name than transformers loads it by: never run it as float silently
+        raise ValueError(f"{location}: the int8 scales {', '.join(sorted(wanted))} name no linear of the model as "
+                         "transformers loads it; load the checkpoint's float weights with transformers, or re-run "
+                         "prune without --quantize")
 
 
 _NO_TOKENIZER = ("{location} has no tokenizer (tokenizer_config.json); save the source model's tokenizer into it: "

@@ -46,6 +46,22 @@ def test_loaded_int8_layers_match_the_dequantized_model(int8_checkpoint, dtype):
         assert torch.equal(m.dense_weight().to(dtype), plain.get_submodule(name).weight.detach())
 
 
+def test_a_scale_of_no_linear_is_refused(int8_checkpoint, tmp_path):
+    """A weight_scale that names no linear of the loaded model (renamed, or a module transformers loads under
+    another name) is refused, never dropped: the layer would silently run as float."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in int8_checkpoint.iterdir():
+        if f.is_file() and not f.name.startswith("sparsefast-output"):
+            (bad / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(str(bad / "model.safetensors"))
+    key = next(k for k in tensors if k.endswith("_proj.weight_scale"))
+    tensors[key.replace("_proj.weight_scale", "_nothing.weight_scale")] = tensors.pop(key)
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="_nothing.weight_scale name no linear"):
+        sparsefast.load(bad)
+
+
 def test_a_scale_that_does_not_match_is_refused(int8_checkpoint, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -76,6 +92,8 @@ def test_the_load_report_listing_only_int8_scales_is_not_printed():
     scales = ["model.layers.{0...29}.mlp.up_proj.weight_scale | UNEXPECTED |  | ",
               "lm_head.weight_scale                          | UNEXPECTED |  | "]
     assert not quiet.filter(record(scales))
+    coloured = [row.replace("UNEXPECTED", "\x1b[38;5;208mUNEXPECTED\x1b[0m") for row in scales]  # on a terminal
+    assert not quiet.filter(record(coloured))
     assert quiet.filter(record(scales + ["model.layers.0.mlp.up_proj.weight | MISSING |  | "]))
     assert quiet.filter(record(["model.extra.bias | UNEXPECTED |  | "]))
     assert quiet.filter(logging.LogRecord("t", logging.WARNING, __file__, 1, "another warning", None, None))
