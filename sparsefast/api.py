@@ -21,6 +21,7 @@ import sparsefast
 from sparsefast.calibrate import layer_outlier_ratios, prune_layerwise
 from sparsefast.config import PruneConfig
 from sparsefast.device import resolve_device, resolve_dtype
+from sparsefast.ops.int8_rows import refuse_quantized
 from sparsefast.prune import make_pruner, owl_layer_sparsities, quantize_lm_head
 
 
@@ -54,13 +55,19 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu",
 
 
 def check_prunable(model: nn.Module, config: PruneConfig, *, check_seqlen: bool = True) -> Any:
-    """Every model-dependent check of `config`, before any work: supported architecture, the pattern against every
-    prunable linear, finite weights (check_finite_weights names the first bad linear), config.seqlen against the
-    model's context (skipped with check_seqlen=False when the caller brings its own calibration ids, whose shape
-    check_calib checks). Returns the model's adapter."""
+    """Every model-dependent check of `config`, before any work: supported architecture, a float model (not one
+    already int8-quantized), the pattern against every prunable linear, finite weights (check_finite_weights names
+    the first bad linear), config.seqlen against the model's context (skipped with check_seqlen=False when the caller
+    brings its own calibration ids, whose shape check_calib checks), an nn.Linear LM head where config.quantize
+    rounds it. Returns the model's adapter."""
     from sparsefast.models import check_finite_weights, get_adapter
 
     adapter = get_adapter(model)
+    refuse_quantized(model, "prune")
+    head = adapter.lm_head(model)
+    if config.quantize is not None and not isinstance(head, nn.Linear):
+        raise ValueError(f"quantize {config.quantize}: the LM head is a {type(head).__name__}, not an nn.Linear, so "
+                         "it cannot be quantized per row; prune without quantize")
     linears = {f"layers.{i}.{n}": lin for i, layer in enumerate(adapter.decoder_layers(model))
                for n, lin in adapter.prunable_linears(layer).items()}
     config.check_linears(linears)
@@ -119,9 +126,6 @@ def prune(model: nn.Module, config: PruneConfig, calib: torch.Tensor | None = No
 def _prune_checked(model: nn.Module, adapter: Any, config: PruneConfig, calib: torch.Tensor | None,
                    device: torch.device, *, progress: bool, offload: bool = True) -> dict[str, Any]:
     """`prune` after its checks (check_prunable, check_calib): calibrate, prune layer by layer, build the report."""
-    if config.quantize is not None and not isinstance(adapter.lm_head(model), nn.Linear):
-        raise ValueError(f"quantize {config.quantize}: the LM head is a {type(adapter.lm_head(model)).__name__}, not "
-                         "an nn.Linear, so it cannot be quantized per row; prune without quantize")
     if resolve_dtype(config.dtype) is not None:
         model.to(resolve_dtype(config.dtype))
     pruner = make_pruner(config)

@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from sparsefast.config import make_config
     from sparsefast.data import get_calibration
     from sparsefast.models import load_model
+    from sparsefast.ops.int8_rows import drop_int8_scales
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2")
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     for method, pattern, cfg in runs:
         if (method, pattern, cfg.target_sparsity) in done:
             continue
+        drop_int8_scales(model)  # a +int8 run's scales: the dense weights come back next
         model.load_state_dict(dense_state)
         rep = prune(model, cfg, calib, progress=False)
         value, eval_s = ppl()

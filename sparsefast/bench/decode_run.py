@@ -388,6 +388,11 @@ def run_decode_bench(cfg: DecodeBenchConfig, progress=print) -> dict[str, Any] |
     if not cfg.warm_only:  # before any work: an unwritable result wastes the run
         check_output_file(out_path, overwrite=cfg.overwrite)
         check_output_file(plot_path, overwrite=cfg.overwrite)
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise ValueError("the decode benchmark plots its result: install matplotlib (pip install matplotlib, or "
+                             "the dev extra)")
     work, made = work_directory(cfg.work_dir)
     device = torch.device(cfg.device)
     torch.set_num_threads(cfg.engine_threads)

@@ -78,7 +78,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES,
                    help="also quantize the kept weights: int8 (per output row, symmetric; sparsegpt quantizes "
                         "inside its sweep so the updates compensate the rounding, other methods round after the "
-                        "mask). The checkpoint keeps scale x q in the weights and a weight_scale tensor per linear")
+                        "mask; the LM head, and a tied embedding with it, is rounded too). The checkpoint keeps "
+                        "scale x q in the weights and a weight_scale tensor per linear")
     p.add_argument("--blocksize", type=int, default=SparseGPTConfig.blocksize,
                    help=f"sparsegpt only: OBS block size (default {SparseGPTConfig.blocksize})")
     p.add_argument("--percdamp", type=float, default=SparseGPTConfig.percdamp,

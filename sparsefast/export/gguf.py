@@ -24,6 +24,7 @@ atomically and exclusively (sparsefast.export.output).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -55,7 +56,8 @@ _FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOST
 _TENSOR_TYPES = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
                  "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_1": gguf.GGMLQuantizationType.Q4_1}
 BLOCK_TYPES = ("q8_0", "q4_1")  # outtypes quantized in blocks along a row (module docstring: MLP padding)
-QUANT_BLOCK = 32  # weights per block of every BLOCK_TYPES type, along a row
+# the MLP padding: whole blocks of every BLOCK_TYPES type along a row (32 weights for both)
+QUANT_BLOCK = math.lcm(*(gguf.GGML_QUANT_SIZES[_TENSOR_TYPES[t]][0] for t in BLOCK_TYPES))
 # transformers' per-layer module → GGUF tensor name (after `blk.N.`), LLaMA family (sparsefast.models.llama)
 _LAYER_TENSORS = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
                   "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",

@@ -46,6 +46,7 @@ from sparsefast.export.architecture import (
     uniform_widths,
 )
 from sparsefast.models.base import get_adapter
+from sparsefast.ops.int8_rows import refuse_quantized
 
 DECILM_CONFIG_MODULE = "configuration_decilm"  # the file name real nemotron-nas checkpoints use
 OUTTYPE_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -61,6 +62,7 @@ def export_vllm(model: nn.Module, tokenizer: Any, out: str | os.PathLike | Outpu
     its config made plain)."""
     if outtype not in OUTTYPE_DTYPES:
         raise ValueError(f"outtype {outtype!r} is not one of {', '.join(OUTTYPE_DTYPES)} for --to vllm")
+    refuse_quantized(model, "export --to vllm")  # vLLM would not read the int8 scales
     if not isinstance(out, OutputClaim):
         with OutputClaim(out, overwrite, sources=sources) as claim:
             return export_vllm(model, tokenizer, claim, outtype=outtype, source=source)

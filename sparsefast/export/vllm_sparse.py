@@ -41,6 +41,7 @@ from sparsefast.export.architecture import check_exportable, set_plain_config
 from sparsefast.export.vllm import OUTTYPE_DTYPES
 from sparsefast.models.base import get_adapter
 from sparsefast.nn.sparse_linear import LAYOUTS, PACKED_NAMES  # the layouts and their tensors' names, as SparseLinear's
+from sparsefast.ops.int8_rows import refuse_quantized
 
 QUANT_METHOD = "sparsefast"  # the quantization_config quant_method that selects the plugin
 FORMAT_VERSION = 1
@@ -130,6 +131,7 @@ def export_vllm_sparse(model: nn.Module, tokenizer: Any, out: str | os.PathLike 
     if outtype not in VLLM_SPARSE_OUTTYPES:
         raise ValueError(f"--to vllm-sparse writes {', '.join(VLLM_SPARSE_OUTTYPES)} (the CPU kernels' dtypes); got "
                          f"{outtype!r}")
+    refuse_quantized(model, "export --to vllm-sparse")  # the plugin's layouts hold float values
     if not isinstance(out, OutputClaim):
         with OutputClaim(out, overwrite, sources=sources) as claim:
             return export_vllm_sparse(model, tokenizer, claim, outtype=outtype, calibrate=calibrate, source=source)

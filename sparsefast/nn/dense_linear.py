@@ -7,7 +7,8 @@ state dict keeps its keys and values), so the swap changes nothing but the speed
 int8 q (`qweight`, derived from the weight, so not saved) and reads that, a quarter of the fp32 bytes, for few tokens:
 the dense int8 baseline that sparse int8 layers are measured against. Above DENSE_KERNEL_MAX_TOKENS it runs F.linear
 on the float weight (oneDNN's GEMMs win there), which is why the float weight stays: an int8 layer costs 1 byte per
-weight more memory than its float layer.
+weight more memory than its float layer. q is made once, from the weight as it is at the swap: a weight changed in
+place afterwards (load_state_dict, a LoRA merge) needs a new swap (`use_dense_cpu_kernels_` on the plain model).
 """
 
 from __future__ import annotations

@@ -79,7 +79,10 @@ def dense_route(x: torch.Tensor, weight: torch.Tensor) -> DenseCall:
     sparsefast.nn.dense_linear.DenseCpuLinear). Modules decide it once per input size and keep it: the decision's
     per-call Python would cost a fair part of a small layer's time, and torch.compile cannot trace
     load_cpu_extension (the compiled step reads the kept routes)."""
-    if weight.dtype in KERNEL_DTYPES and dense_kernel_takes(x, weight):
+    if weight.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"dense_route: a {weight.dtype} weight needs its scales; use dense_linear_cpu(x, q, "
+                         "scales=...) (sparsefast.nn.dense_linear.DenseCpuLinear runs int8 layers)")
+    if dense_kernel_takes(x, weight):
         op, isa = torch.ops.sparsefast.dense_linear_cpu.default, cpu_isa()
         return lambda x, weight, bias: op(x, weight, bias, isa)
     return dense_linear_cpu_ref

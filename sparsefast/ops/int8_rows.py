@@ -14,6 +14,7 @@ Bytes per weight: 1 (dense), 0.5 + 1/16 at 2:4 (values + 2-bit positions), 0.5 +
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 INT8_MAX = 127
 SCALE_BUFFER = "weight_scale"  # a quantized nn.Linear's scales: a float32 buffer [out], saved as NAME.weight_scale
@@ -43,3 +44,27 @@ def dequantize_int8_rows(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dty
         raise ValueError(f"int8 rows: need q int8 [out, in] and scales [out], got {q.dtype} {tuple(q.shape)} and "
                          f"{tuple(scales.shape)}")
     return (q.float() * scales.float()[:, None]).to(dtype)
+
+
+def quantized_modules(model: nn.Module) -> list[str]:
+    """The names of `model`'s modules that hold int8 scales (a `weight_scale` buffer: `prune --quantize int8`)."""
+    return [name for name, mod in model.named_modules() if getattr(mod, SCALE_BUFFER, None) is not None]
+
+
+def refuse_quantized(model: nn.Module, what: str) -> None:
+    """ValueError when `model` is int8-quantized: `what` would move its weights off their int8 grid (or cannot
+    write the scales), so it needs the float model."""
+    names = quantized_modules(model)
+    if names:
+        raise ValueError(f"{what} needs a float model, but this one is int8-quantized (prune --quantize int8: "
+                         f"{len(names)} layers, e.g. {names[0]}); run it on the checkpoint from before --quantize, "
+                         "then quantize")
+
+
+def drop_int8_scales(model: nn.Module) -> list[str]:
+    """Remove every `weight_scale` buffer from `model` (the weights keep their values, now plain float weights);
+    returns the names of the modules that had one."""
+    names = quantized_modules(model)
+    for name in names:
+        delattr(model.get_submodule(name), SCALE_BUFFER)
+    return names

@@ -135,7 +135,7 @@ def attach_int8(linear: nn.Linear, q: torch.Tensor, scales: torch.Tensor, *, rou
 
 
 @torch.no_grad()
-def quantize_lm_head(head: nn.Module) -> dict[str, Any]:
+def quantize_lm_head(head: nn.Linear) -> dict[str, Any]:
     """`prune --quantize int8` for the LM head, which is never pruned: its weight rounded to the per-row int8 grid
     (a tied token embedding, the same tensor, with it) and its `weight_scale` buffer attached. Returns stats."""
     q, scales = quantize_int8_rows(head.weight.data)

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from sparsefast.config.recover import RecoverConfig
 from sparsefast.device import resolve_dtype
+from sparsefast.ops.int8_rows import refuse_quantized
 from sparsefast.recover.data import collate
 
 
@@ -116,6 +117,7 @@ def lora_recover(model: nn.Module, tokenizer, samples: list[dict], config: Recov
 
     if not samples:
         raise ValueError("no training samples")
+    refuse_quantized(model, "recover (LoRA)")  # merged adapters would move the weights off their int8 grid
     target_linears(model, config.target_modules)  # fail before any work
     masks = record_zero_masks(model, config.target_modules)
     processes, rank = (accelerator.num_processes, accelerator.process_index) if accelerator else (1, 0)

@@ -96,3 +96,5 @@ def test_linear_cpu_runs_the_kernel_only_up_to_the_token_limit():
         assert torch.equal(linear_cpu(x, w), by_kernel if kernel else by_torch), shape
     assert not dense_kernel_takes(torch.randn(1, 40).half(), w.half())
     assert not dense_kernel_takes(torch.randn(1, 24), w.t())
+    with pytest.raises(ValueError, match="needs its scales"):  # int8 values only with their scales
+        linear_cpu(torch.randn(1, 40), w.to(torch.int8))

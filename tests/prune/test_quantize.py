@@ -112,3 +112,32 @@ def test_a_tied_head_is_quantized_with_its_embedding():
     q, scales = quantize_int8_rows(before)
     assert torch.equal(model.lm_head.weight_scale, scales)
     assert torch.equal(model.lm_head.weight.detach(), q.float() * scales[:, None])
+
+
+def test_an_int8_model_is_refused_where_its_weights_would_leave_the_grid(tmp_path):
+    """prune, prune-structured, LoRA recovery and the vLLM exports need the float model: an int8-quantized one is
+    refused with one clear error before any work (nothing written); drop_int8_scales makes it a plain float model."""
+    from sparsefast.config import RecoverConfig, StructuralConfig
+    from sparsefast.export.vllm import export_vllm
+    from sparsefast.export.vllm_sparse import export_vllm_sparse
+    from sparsefast.ops.int8_rows import drop_int8_scales, quantized_modules
+    from sparsefast.prune.structural import prune_structured
+    from sparsefast.recover.train import lora_recover
+
+    model = tiny_model("llama", num_hidden_layers=1)
+    prune(model, MagnitudeConfig(pattern="unstructured", sparsity=0.0, quantize="int8"), progress=False)
+    calls = {"prune": lambda: prune(model, MagnitudeConfig(pattern="2:4"), progress=False),
+             "prune-structured": lambda: prune_structured(model, None, StructuralConfig(importance="l2"),
+                                                          progress=False),
+             "recover": lambda: lora_recover(model, None, [{"input_ids": [1, 2]}], RecoverConfig()),
+             "--to vllm": lambda: export_vllm(model, None, tmp_path / "a"),
+             "--to vllm-sparse": lambda: export_vllm_sparse(model, None, tmp_path / "b")}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for what, call in calls.items():
+        with pytest.raises(ValueError, match=f"{what}.* needs a float model, but this one is int8-quantized"):
+            call()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not any(tmp_path.iterdir())
+    names = drop_int8_scales(model)
+    assert len(names) == 8 and quantized_modules(model) == [] and "lm_head" in names
+    prune(model, MagnitudeConfig(pattern="2:4"), progress=False)  # a float model again

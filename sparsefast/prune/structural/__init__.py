@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from sparsefast.config.structural import StructuralConfig
 from sparsefast.models.weights import check_finite_weights
+from sparsefast.ops.int8_rows import refuse_quantized
 from sparsefast.prune.structural.graph import StructureGraph, build_graph, decoder_layers
 from sparsefast.prune.structural.importance import unit_importance
 from sparsefast.prune.structural.slicing import (
@@ -105,6 +106,7 @@ def prune_structured(model: nn.Module, tokenizer, config: StructuralConfig,
     progress: one line on stderr per finished phase (graph, calibration, importance, pruning) with its time, and a
     bar over the calibration samples of the gradient pass.
     """
+    refuse_quantized(model, "prune-structured")  # slicing would leave the int8 scales behind
     check_finite_weights(model)  # a NaN would spread through the Taylor importances into a "pruned" model
     if calib is None:
         config.check_context(getattr(getattr(model, "config", None), "max_position_embeddings", None))
