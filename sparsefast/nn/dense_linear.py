@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from sparsefast._ext import load_cpu_extension
-from sparsefast.ops.dense_cpu import dense_kernel_takes, dense_route
+from sparsefast.ops.dense_cpu import dense_kernel_takes, dense_layer_route
 from sparsefast.ops.int8_rows import SCALE_BUFFER, quantize_int8_rows
-from sparsefast.ops.sparse24_cpu import KERNEL_DTYPES, cpu_isa
+from sparsefast.ops.sparse24_cpu import KERNEL_DTYPES
 
 
 class DenseCpuLinear(nn.Linear):
@@ -63,11 +63,7 @@ class DenseCpuLinear(nn.Linear):
         return self._routes[key](x)
 
     def _route(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        q = self.qweight
-        if q is not None and dense_kernel_takes(x, q):
-            op, isa, scales = torch.ops.sparsefast.dense_linear_cpu.default, cpu_isa(), self.weight_scale.float()
-            return lambda x: op(x, q, self.bias, isa, scales)
-        route = dense_route(x, self.weight)
+        route = dense_layer_route(x, self.weight, self.qweight, getattr(self, SCALE_BUFFER))
         return lambda x: route(x, self.weight, self.bias)
 
     def _apply(self, fn, recurse=True):  # .to() / .float() / ...: the weight's dtype or device may change

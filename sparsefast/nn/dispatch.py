@@ -10,8 +10,9 @@ time on this path. Backends:
 * ``cuda``: sparsefast's 2:4 CUDA kernels (the op's kernel="auto": decode kernel for small M, mma.sp GEMM above);
 * ``semi_structured``: torch.sparse.to_sparse_semi_structured (cuSPARSELt / CUTLASS) on the unpacked weight;
 * ``cpu``: sparsefast's CPU kernels (sparsefast.ops.sparse24_cpu, sparsefast.ops.sparse_unstructured);
-* ``dense``: the dense route on the dense-with-zeros weight (sparsefast.ops.dense_cpu.linear_cpu: the dense CPU
-  kernel for few tokens, else F.linear; inputs no sparse kernel takes, and the safe fallback).
+* ``dense``: the dense route on the dense-with-zeros weight (sparsefast.ops.dense_cpu.dense_layer_route: the dense CPU
+  kernel for few tokens, on the int8 values of an int8-quantized layer, else F.linear; inputs no sparse kernel takes,
+  and the safe fallback).
 
 CUDA tables are measured per GPU family and shipped: sparsefast/nn/dispatch_tables/<family>.json, chosen by CUDA
 device name (h100, h200), written from the `*-sparse24-dispatch.json` of bench/micro/bench_sparse24_matmul.py. The table
@@ -23,7 +24,8 @@ first CUDA forward, so a layer built on the CPU and moved to the GPU gets its GP
 CPU tables are measured on the machine that runs them: a CPU's balance of memory bandwidth and vector throughput varies
 between machines (and with threads), so there is no table to ship. `calibrate_cpu_dispatch` times, on this machine and
 at the current torch thread count, the layer's packed weight with the sparse kernel against the dense route
-(`linear_cpu`: the dense CPU kernel up to DENSE_KERNEL_MAX_TOKENS, F.linear above) on the dense-with-zeros weight, at
+(`dense_layer_route`: the dense CPU kernel up to DENSE_KERNEL_MAX_TOKENS, F.linear above; for an int8 layer the int8
+kernel on its q, the layer's dense baseline) on the dense-with-zeros weight, at
 CALIBRATION_TOKENS, interleaving the two (the same conditions for both) and taking medians. A token bucket uses the
 kernel only when its median beats dense by MARGIN; otherwise that bucket runs dense, so a swapped layer is never slower
 than dense by more than the timing noise, by design. Results are cached per (shape, dtype, layout, sparsity to 2
@@ -61,7 +63,8 @@ from typing import Callable
 import torch
 
 from sparsefast._ext import load_cpu_extension, load_extension
-from sparsefast.ops.dense_cpu import linear_cpu
+from sparsefast.ops.dense_cpu import dense_layer_route
+from sparsefast.ops.int8_rows import quantize_int8_rows
 from sparsefast.ops.sparse24 import cuda_supported
 from sparsefast.ops.sparse24_cpu import kernel_supported
 
@@ -261,17 +264,26 @@ def cold_copies(copy_bytes: int, llc_bytes: int) -> int:
 
 def _cold_medians(kernel_copy: Callable[[], Callable[[torch.Tensor], torch.Tensor]], kernel_bytes: int,
                   dense_weight: torch.Tensor, llc: int, tokens: tuple[int, ...], reps: int,
-                  budget_s: float) -> tuple[dict[int, tuple[float, float]], int, int]:
+                  budget_s: float, dense_scales: torch.Tensor | None = None
+                  ) -> tuple[dict[int, tuple[float, float]], int, int]:
     """{M: (kernel_ms, dense_ms)} medians, each call on the next of the rotating copies; the copies are made here
-    and freed on return. Also returns the number of packed and of dense copies."""
-    n_dense = cold_copies(dense_weight.numel() * dense_weight.element_size(), llc)
+    and freed on return. Also returns the number of packed and of dense copies. dense_scales: an int8 layer's
+    scales; its dense copies then hold the int8 q too (dense_layer_route)."""
+    q = None if dense_scales is None else quantize_int8_rows(dense_weight, dense_scales)[0]
+    dense_bytes = dense_weight.numel() * dense_weight.element_size() + (0 if q is None else q.numel())
+    n_dense = cold_copies(dense_bytes, llc)
     n_kernel = cold_copies(kernel_bytes, llc)
     # Made in this order, each copy's first timed use comes after more than an LLC of other copies were written.
-    dense_weights = [dense_weight] + [dense_weight.clone() for _ in range(n_dense - 1)]
+    dense_weights = [(dense_weight, q)] + [(dense_weight.clone(), None if q is None else q.clone())
+                                           for _ in range(n_dense - 1)]
     kernels = [kernel_copy() for _ in range(n_kernel)]
     # One rotation each across all M, so a copy is used again only after all the others of both candidates.
     next_dense, next_kernel = itertools.cycle(dense_weights).__next__, itertools.cycle(kernels).__next__
     in_features = dense_weight.shape[1]
+
+    def dense_call(x: torch.Tensor, weight: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:
+        return dense_layer_route(x, weight, q, dense_scales)(x, weight, None)
+
     medians: dict[int, tuple[float, float]] = {}
     gen = torch.Generator().manual_seed(0)
     with torch.inference_mode():
@@ -281,7 +293,7 @@ def _cold_medians(kernel_copy: Callable[[], Callable[[torch.Tensor], torch.Tenso
             # neighbours are mostly swapped layers too, so each candidate is timed after calls of its own kind.
             t = interleaved_median_ms(
                 {"kernel": lambda: [next_kernel()(x) for _ in range(RUN_CALLS)],
-                 "dense": lambda: [linear_cpu(x, next_dense()) for _ in range(RUN_CALLS)]},
+                 "dense": lambda: [dense_call(x, *next_dense()) for _ in range(RUN_CALLS)]},
                 reps=reps, budget_s=budget_s / len(tokens))
             medians[m] = (statistics.median(t["kernel"]) / RUN_CALLS, statistics.median(t["dense"]) / RUN_CALLS)
     return medians, n_kernel, n_dense
@@ -289,13 +301,16 @@ def _cold_medians(kernel_copy: Callable[[], Callable[[torch.Tensor], torch.Tenso
 
 def calibrate_cpu_dispatch(kernel_copy: Callable[[], Callable[[torch.Tensor], torch.Tensor]], kernel_bytes: int,
                            dense_weight: torch.Tensor, *, key: tuple, tokens: tuple[int, ...] = CALIBRATION_TOKENS,
-                           reps: int = 15, budget_s: float = 0.5) -> tuple[DispatchTable, dict]:
-    """Measure the sparse kernel against linear_cpu(x, dense_weight) for x [M, in] at each M in `tokens`, both with
+                           reps: int = 15, budget_s: float = 0.5,
+                           dense_scales: torch.Tensor | None = None) -> tuple[DispatchTable, dict]:
+    """Measure the sparse kernel against the dense route of dense_weight for x [M, in] at each M in `tokens`, both with
     their weights read from DRAM (see the module docstring).
 
     kernel_copy: called once per packed copy (only on a cache miss); each call must pack or clone a NEW copy of the
     layer's packed weight and return the kernel over it, `x -> y`. kernel_bytes: the bytes of one packed copy.
     dense_weight: [out, in], the dense-with-zeros weight; it is one of the dense copies, the others are its clones.
+    dense_scales: an int8-quantized layer's per-row scales: dense is then the dense route such a layer runs
+    (sparsefast.ops.dense_cpu.dense_layer_route: the int8 kernel on q for few tokens), not the float one.
     key: what makes two layers interchangeable for timing (shape, dtype, layout, sparsity); the result is cached
     under key + the thread count. budget_s bounds the timing rounds (at least 3 per M). Returns
     (table, {M: {"kernel_ms", "dense_ms"}}); the copies are dropped before it returns.
@@ -305,7 +320,8 @@ def calibrate_cpu_dispatch(kernel_copy: Callable[[], Callable[[torch.Tensor], to
     if full_key in _CPU_CALIBRATIONS:
         return _CPU_CALIBRATIONS[full_key]
     llc = last_level_cache_bytes()
-    medians, n_kernel, n_dense = _cold_medians(kernel_copy, kernel_bytes, dense_weight, llc, tokens, reps, budget_s)
+    medians, n_kernel, n_dense = _cold_medians(kernel_copy, kernel_bytes, dense_weight, llc, tokens, reps, budget_s,
+                                               dense_scales)
     source = (f"measured here ({threads} threads, weights from DRAM: {n_kernel} packed / {n_dense} dense copies, "
               f"LLC {llc / 2**20:g} MiB): " + ", ".join(f"M={m} {k:.3f}/{d:.3f} ms" for m, (k, d) in medians.items()))
     result = (table_from_timings(medians, source),

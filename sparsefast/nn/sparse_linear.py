@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from sparsefast.nn.dispatch import DEFAULT_CPU_DISPATCH, DispatchTable, cpu_backend_for
-from sparsefast.ops.dense_cpu import dense_route
+from sparsefast.ops.dense_cpu import dense_kernel_takes, dense_layer_route
 from sparsefast.ops.int8_rows import SCALE_BUFFER, dequantize_int8_rows, quantize_int8_rows
 from sparsefast.ops.sparse24_cpu import (
     cpu_isa,
@@ -59,6 +59,10 @@ class SparseLinear(nn.Module):
         self.register_buffer("bias", bias)
         self.register_buffer("dense", dense)
         self.register_buffer("scales", scales)  # int8 values: float32 [out] per-row scales (sparsefast.ops.int8_rows)
+        # an int8 layer's kept dense weight as int8 too: its dense rows for few tokens run the dense int8 kernel, the
+        # baseline its table was measured against (sparsefast.nn.dispatch); derived, so not saved
+        dense_q = None if dense is None or scales is None else quantize_int8_rows(dense, scales)[0]
+        self.register_buffer("dense_q", dense_q, persistent=False)
         self.dispatch = dispatch if dispatch is not None else DEFAULT_CPU_DISPATCH
         self._routes: dict[tuple, tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = {}  # see forward()
 
@@ -106,7 +110,9 @@ class SparseLinear(nn.Module):
 
     def tensors_read(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The weight tensors a forward of inputs like `x` reads (decode bandwidth accounting)."""
-        if self.backend_for(x) == "dense" and self.dense is not None:
+        if self.backend_for(x) == "dense" and self.dense_q is not None and dense_kernel_takes(x, self.dense_q):
+            read = [self.dense_q, self.scales]
+        elif self.backend_for(x) == "dense" and self.dense is not None:
             read = [self.dense]
         else:
             read = list(self.packed()) + ([self.scales] if self.scales is not None else [])
@@ -130,9 +136,10 @@ class SparseLinear(nn.Module):
         return self._routes[key][1](x)
 
     def dense_call(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        """x -> y through the dense route (sparsefast.ops.dense_cpu.dense_route) on the dense-with-zeros weight, as
-        forward() calls it for inputs like `x` once it has chosen dense."""
-        route = dense_route(x, self.dense_weight())
+        """x -> y through the dense route (sparsefast.ops.dense_cpu.dense_layer_route: the int8 kernel on the kept
+        dense weight's q for an int8 layer and few tokens) on the dense-with-zeros weight, as forward() calls it for
+        inputs like `x` once it has chosen dense."""
+        route = dense_layer_route(x, self.dense_weight(), self.dense_q, self.scales)
         return lambda x: route(x, self.dense_weight(), self.bias)
 
     def kernel_call(self) -> Callable[[torch.Tensor], torch.Tensor]:

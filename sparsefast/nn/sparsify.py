@@ -70,7 +70,7 @@ def choose_sparse_layer(linear: nn.Linear, *, calibrate: bool = True) -> tuple[n
         values = str(weight.dtype) if layer.scales is None else "int8"  # the stored values a kernel reads
         key = (tuple(weight.shape), values, layout, round(sparsity, 2))
         measured[layout] = calibrate_cpu_dispatch(kernel_copy, sum(t.numel() * t.element_size() for t in packed),
-                                                  weight, key=key)
+                                                  weight, key=key, dense_scales=layer.scales)
         table, timings = measured[layout]
         record["candidates"][layout] = {"table": [list(r) for r in table.rows], "timings": timings}
     chosen = fastest_cpu_layout(measured)

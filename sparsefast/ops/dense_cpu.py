@@ -79,13 +79,25 @@ def dense_route(x: torch.Tensor, weight: torch.Tensor) -> DenseCall:
     sparsefast.nn.dense_linear.DenseCpuLinear). Modules decide it once per input size and keep it: the decision's
     per-call Python would cost a fair part of a small layer's time, and torch.compile cannot trace
     load_cpu_extension (the compiled step reads the kept routes)."""
-    if weight.dtype not in KERNEL_DTYPES:
+    if weight.dtype == torch.int8:
         raise ValueError(f"dense_route: a {weight.dtype} weight needs its scales; use dense_linear_cpu(x, q, "
                          "scales=...) (sparsefast.nn.dense_linear.DenseCpuLinear runs int8 layers)")
     if dense_kernel_takes(x, weight):
         op, isa = torch.ops.sparsefast.dense_linear_cpu.default, cpu_isa()
         return lambda x, weight, bias: op(x, weight, bias, isa)
     return dense_linear_cpu_ref
+
+
+def dense_layer_route(x: torch.Tensor, weight: torch.Tensor, q: torch.Tensor | None = None,
+                      scales: torch.Tensor | None = None) -> DenseCall:
+    """The dense route of a layer whose float weight is `weight` and, for an int8-quantized layer, whose int8 values
+    are `q` with per-row `scales` (weight = scales · q): (x, weight, bias) -> y for inputs like `x`, decided now. The
+    int8 kernel on q (the captured q, not the weight passed) where `dense_kernel_takes` it, else `dense_route` on the
+    float weight: the one rule of DenseCpuLinear, SparseLinear's dense rows and the calibration's dense baseline."""
+    if q is not None and dense_kernel_takes(x, q):
+        op, isa, row_scales = torch.ops.sparsefast.dense_linear_cpu.default, cpu_isa(), scales.float()
+        return lambda x, weight, bias: op(x, q, bias, isa, row_scales)
+    return dense_route(x, weight)
 
 
 def linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

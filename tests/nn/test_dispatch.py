@@ -189,13 +189,18 @@ class _Recorder:
             return x @ packed.t()
         return kernel
 
-    def dense_linear(self, real_linear):
-        def linear(x, w, b=None):
-            self.dense_ptrs.append(w.data_ptr())
-            if w is not self.weight:
-                self.refs.append(weakref.ref(w))
-            return real_linear(x, w, b)
-        return linear
+    def dense_route(self, real_route):
+        """Wraps dense_layer_route: each dense call records the weight copy it reads."""
+        def route(x, w, q=None, scales=None):
+            inner = real_route(x, w, q, scales)
+
+            def call(x, w, b=None):
+                self.dense_ptrs.append(w.data_ptr())
+                if w is not self.weight:
+                    self.refs.append(weakref.ref(w))
+                return inner(x, w, b)
+            return call
+        return route
 
 
 def _bytes_between_reuses(ptrs: list[int], copy_bytes: int) -> int:
@@ -214,7 +219,7 @@ def test_calibration_rotates_through_copies_beyond_the_llc_and_frees_them(monkey
     weight = torch.randn(32, 64)
     copy_bytes = weight.numel() * weight.element_size()
     rec = _Recorder(weight)
-    monkeypatch.setattr(dispatch, "linear_cpu", rec.dense_linear(dispatch.linear_cpu))  # the dense route it times
+    monkeypatch.setattr(dispatch, "dense_layer_route", rec.dense_route(dispatch.dense_layer_route))  # what it times
     table, timings = calibrate_cpu_dispatch(rec.kernel_copy, copy_bytes, weight, key=("fake",), reps=10,
                                             budget_s=math.inf)
     monkeypatch.undo()

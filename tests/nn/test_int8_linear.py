@@ -97,3 +97,37 @@ def test_the_load_report_listing_only_int8_scales_is_not_printed():
     assert quiet.filter(record(scales + ["model.layers.0.mlp.up_proj.weight | MISSING |  | "]))
     assert quiet.filter(record(["model.extra.bias | UNEXPECTED |  | "]))
     assert quiet.filter(logging.LogRecord("t", logging.WARNING, __file__, 1, "another warning", None, None))
+
+
+def test_an_int8_layer_is_timed_and_run_against_the_int8_dense_route(monkeypatch):
+    """For an int8 layer the dense baseline is the int8 dense kernel (few tokens): the swap times the sparse kernel
+    against it (dense_scales = the layer's scales), and a kept dense weight's rows run it on the weight's q."""
+    require_cpu_kernels()
+    import torch.nn.functional as F
+
+    from sparsefast.nn import DispatchTable, sparsify
+    from sparsefast.ops.int8_rows import SCALE_BUFFER, dequantize_int8_rows, quantize_int8_rows
+    from tests.nn.model_helpers import pruned_linear
+
+    lin = pruned_linear(24, 48, None, seed=2)  # 2:4
+    q, scales = quantize_int8_rows(lin.weight.detach())
+    with torch.no_grad():
+        lin.weight.copy_(dequantize_int8_rows(q, scales))
+    lin.register_buffer(SCALE_BUFFER, scales)
+    given = {}
+    real = sparsify.calibrate_cpu_dispatch
+
+    def spy(*args, dense_scales=None, **kwargs):
+        given["scales"] = dense_scales
+        return real(*args, dense_scales=dense_scales, **kwargs)
+
+    monkeypatch.setattr(sparsify, "calibrate_cpu_dispatch", spy)
+    sparsify.choose_sparse_layer(lin)
+    assert torch.equal(given["scales"], scales)
+    layer = SparseLinear.from_dense(lin, "2:4", dispatch=DispatchTable(((2**62, "dense"),)), keep_dense=True)
+    assert torch.equal(layer.dense_q, q) and "dense_q" not in layer.state_dict()
+    x = torch.randn(1, 48)
+    assert torch.equal(layer(x), torch.ops.sparsefast.dense_linear_cpu(x, q, layer.bias, 0, scales))
+    assert layer.tensors_read(x)[:2] == [layer.dense_q, layer.scales]
+    x = torch.randn(9, 48)  # above the dense kernel's token limit: F.linear on the float weight
+    assert torch.equal(layer(x), F.linear(x, lin.weight, layer.bias))
