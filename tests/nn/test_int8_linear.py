@@ -46,34 +46,37 @@ def test_loaded_int8_layers_match_the_dequantized_model(int8_checkpoint, dtype):
         assert torch.equal(m.dense_weight().to(dtype), plain.get_submodule(name).weight.detach())
 
 
+def _edited_copy(int8_checkpoint, tmp_path, edit) -> str:
+    """A copy of the checkpoint (its own output record left out) whose tensors `edit` changed in place."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in int8_checkpoint.iterdir():
+        if f.is_file() and not f.name.startswith("sparsefast-output"):
+            (bad / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(str(bad / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    return str(bad)
+
+
 def test_a_scale_of_no_linear_is_refused(int8_checkpoint, tmp_path):
     """A weight_scale that names no linear of the loaded model (renamed, or a module transformers loads under
     another name) is refused, never dropped: the layer would silently run as float."""
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    for f in int8_checkpoint.iterdir():
-        if f.is_file() and not f.name.startswith("sparsefast-output"):
-            (bad / f.name).write_bytes(f.read_bytes())
-    tensors = load_file(str(bad / "model.safetensors"))
-    key = next(k for k in tensors if k.endswith("_proj.weight_scale"))
-    tensors[key.replace("_proj.weight_scale", "_nothing.weight_scale")] = tensors.pop(key)
-    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    def rename(tensors):
+        key = next(k for k in tensors if k.endswith("_proj.weight_scale"))
+        tensors[key.replace("_proj.weight_scale", "_nothing.weight_scale")] = tensors.pop(key)
+
     with pytest.raises(ValueError, match="_nothing.weight_scale name no linear"):
-        sparsefast.load(bad)
+        sparsefast.load(_edited_copy(int8_checkpoint, tmp_path, rename))
 
 
 def test_a_scale_that_does_not_match_is_refused(int8_checkpoint, tmp_path):
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    for f in int8_checkpoint.iterdir():
-        if f.is_file() and not f.name.startswith("sparsefast-output"):
-            (bad / f.name).write_bytes(f.read_bytes())
-    tensors = load_file(str(bad / "model.safetensors"))
-    key = next(k for k in tensors if k.endswith(".weight_scale"))
-    tensors[key] = tensors[key] * 1.3
-    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    def scale_up(tensors):
+        key = next(k for k in tensors if k.endswith(".weight_scale"))
+        tensors[key] = tensors[key] * 1.3
+
     with pytest.raises(ValueError, match="weight_scale does not match its weight"):
-        sparsefast.load(bad)
+        sparsefast.load(_edited_copy(int8_checkpoint, tmp_path, scale_up))
 
 
 def test_the_load_report_listing_only_int8_scales_is_not_printed():
