@@ -22,7 +22,7 @@ from sparsefast.calibrate import layer_outlier_ratios, prune_layerwise
 from sparsefast.config import PruneConfig
 from sparsefast.device import resolve_device, resolve_dtype
 from sparsefast.ops.int8_rows import refuse_quantized
-from sparsefast.prune import make_pruner, owl_layer_sparsities, quantize_lm_head
+from sparsefast.prune import make_pruner, owl_layer_sparsities, round_linear_int8
 
 
 def compute_device(name: str) -> torch.device:
@@ -143,7 +143,7 @@ def _prune_checked(model: nn.Module, adapter: Any, config: PruneConfig, calib: t
     result = prune_layerwise(model, adapter, pruner, calib if config.needs_calibration else None, device=device,
                              batch_size=config.batch_size, offload=offload, progress=progress,
                              layer_sparsity=layer_sparsity)
-    head_stats = quantize_lm_head(adapter.lm_head(model)) if config.quantize is not None else None
+    head_stats = round_linear_int8(adapter.lm_head(model)) if config.quantize is not None else None
     wall = time.perf_counter() - t0
     linears = result["linears"]
     numel = sum(s["numel"] for s in linears.values())

@@ -13,13 +13,11 @@ place afterwards (load_state_dict, a LoRA merge) needs a new swap (`use_dense_cp
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import nn
 
 from sparsefast._ext import load_cpu_extension
-from sparsefast.ops.dense_cpu import dense_kernel_takes, dense_layer_route
+from sparsefast.ops.dense_cpu import DenseCall, dense_layer_reads, dense_layer_route
 from sparsefast.ops.int8_rows import SCALE_BUFFER, quantize_int8_rows
 from sparsefast.ops.sparse24_cpu import KERNEL_DTYPES
 
@@ -46,25 +44,18 @@ class DenseCpuLinear(nn.Linear):
         layer._routes = {}
         return layer
 
-    _routes: dict[tuple, Callable[[torch.Tensor], torch.Tensor]]
+    _routes: dict[tuple, DenseCall]
 
     def tensors_read(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The weight tensors a forward of inputs like `x` reads (decode bandwidth accounting)."""
-        if self.qweight is not None and dense_kernel_takes(x, self.qweight):
-            read = [self.qweight, getattr(self, SCALE_BUFFER)]
-        else:
-            read = [self.weight]
+        read = dense_layer_reads(x, self.weight, self.qweight, getattr(self, SCALE_BUFFER))
         return read + ([self.bias] if self.bias is not None else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         key = (x.numel(), x.dtype, x.device.type)  # the route is decided once per input size (dense_route)
         if key not in self._routes:
-            self._routes[key] = self._route(x)
-        return self._routes[key](x)
-
-    def _route(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        route = dense_layer_route(x, self.weight, self.qweight, getattr(self, SCALE_BUFFER))
-        return lambda x: route(x, self.weight, self.bias)
+            self._routes[key] = dense_layer_route(x, self.weight, self.qweight, getattr(self, SCALE_BUFFER))
+        return self._routes[key](x, self.weight, self.bias)
 
     def _apply(self, fn, recurse=True):  # .to() / .float() / ...: the weight's dtype or device may change
         self._routes = {}

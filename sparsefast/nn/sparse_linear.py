@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from sparsefast.nn.dispatch import DEFAULT_CPU_DISPATCH, DispatchTable, cpu_backend_for
-from sparsefast.ops.dense_cpu import dense_kernel_takes, dense_layer_route
+from sparsefast.ops.dense_cpu import dense_layer_reads, dense_layer_route
 from sparsefast.ops.int8_rows import SCALE_BUFFER, dequantize_int8_rows, quantize_int8_rows
 from sparsefast.ops.sparse24_cpu import (
     cpu_isa,
@@ -110,10 +110,8 @@ class SparseLinear(nn.Module):
 
     def tensors_read(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The weight tensors a forward of inputs like `x` reads (decode bandwidth accounting)."""
-        if self.backend_for(x) == "dense" and self.dense_q is not None and dense_kernel_takes(x, self.dense_q):
-            read = [self.dense_q, self.scales]
-        elif self.backend_for(x) == "dense" and self.dense is not None:
-            read = [self.dense]
+        if self.backend_for(x) == "dense" and self.dense is not None:
+            read = dense_layer_reads(x, self.dense, self.dense_q, self.scales)
         else:
             read = list(self.packed()) + ([self.scales] if self.scales is not None else [])
         return read + ([self.bias] if self.bias is not None else [])

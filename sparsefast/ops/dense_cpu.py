@@ -76,7 +76,7 @@ DenseCall = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.
 def dense_route(x: torch.Tensor, weight: torch.Tensor) -> DenseCall:
     """(x, weight, bias) -> y for inputs like `x` on float weights like `weight`, decided now: the kernel (its
     instruction set fixed now) where `dense_kernel_takes`, else the torch twin (an int8 weight needs its scales:
-    sparsefast.nn.dense_linear.DenseCpuLinear). Modules decide it once per input size and keep it: the decision's
+    dense_layer_route). Modules decide it once per input size and keep it: the decision's
     per-call Python would cost a fair part of a small layer's time, and torch.compile cannot trace
     load_cpu_extension (the compiled step reads the kept routes)."""
     if weight.dtype == torch.int8:
@@ -98,6 +98,12 @@ def dense_layer_route(x: torch.Tensor, weight: torch.Tensor, q: torch.Tensor | N
         op, isa, row_scales = torch.ops.sparsefast.dense_linear_cpu.default, cpu_isa(), scales.float()
         return lambda x, weight, bias: op(x, q, bias, isa, row_scales)
     return dense_route(x, weight)
+
+
+def dense_layer_reads(x: torch.Tensor, weight: torch.Tensor, q: torch.Tensor | None = None,
+                      scales: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """The weight tensors `dense_layer_route` reads for inputs like `x` (decode bandwidth accounting)."""
+    return [q, scales] if q is not None and dense_kernel_takes(x, q) else [weight]
 
 
 def linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -10,7 +10,7 @@ from sparsefast.prune.base import (
     apply_mask,
     mask_stats,
     max_nonzeros_per_group,
-    quantize_lm_head,
+    round_linear_int8,
     score_mask,
 )
 from sparsefast.prune.dsnot import DSnoTRefiner, dsnot_refine
@@ -36,5 +36,5 @@ def make_pruner(config: PruneConfig) -> Pruner:
 
 __all__ = ["PRUNERS", "DSnoTRefiner", "MagnitudePruner", "Pruner", "RIAPruner", "SparseGPTPruner", "WandaPruner",
            "apply_mask", "dsnot_refine", "magnitude_mask", "make_pruner", "mask_stats", "max_nonzeros_per_group",
-           "outlier_ratio", "owl_layer_sparsities", "quantize_lm_head", "ria_mask", "ria_score", "score_mask",
+           "outlier_ratio", "owl_layer_sparsities", "round_linear_int8", "ria_mask", "ria_score", "score_mask",
            "sparsegpt_prune_weight"]

@@ -60,9 +60,7 @@ class Pruner:
         (sparsefast.ops.int8_rows; zeros stay zeros), the dequantized values kept in the weight and the scales as the
         linear's `weight_scale` buffer. Returns stats. A pruner that quantized while pruning (SparseGPT's joint
         sweep) left its grid in `int8_scales`: the weight is already on it, so this only reads q off."""
-        fixed = self.int8_scales.pop(name, None)
-        q, scales = quantize_int8_rows(linear.weight.data, fixed)
-        return attach_int8(linear, q, scales, rounded=fixed is None)
+        return round_linear_int8(linear, self.int8_scales.pop(name, None))
 
     def mask_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for sparsefast.ops.wanda_mask: sparsity=... or n=, m=."""
@@ -135,8 +133,9 @@ def attach_int8(linear: nn.Linear, q: torch.Tensor, scales: torch.Tensor, *, rou
 
 
 @torch.no_grad()
-def quantize_lm_head(head: nn.Linear) -> dict[str, Any]:
-    """`prune --quantize int8` for the LM head, which is never pruned: its weight rounded to the per-row int8 grid
-    (a tied token embedding, the same tensor, with it) and its `weight_scale` buffer attached. Returns stats."""
-    q, scales = quantize_int8_rows(head.weight.data)
-    return attach_int8(head, q, scales, rounded=True)
+def round_linear_int8(linear: nn.Linear, scales: torch.Tensor | None = None) -> dict[str, Any]:
+    """`linear`'s weight to the per-row int8 grid (`scales`, default its absmax grid; a weight already on the given
+    grid is only read off) with its `weight_scale` buffer attached: every pruned linear's `Pruner.quantize`, and the
+    LM head's, which is never pruned (a tied token embedding, the same tensor, with it). Returns stats."""
+    q, scales_used = quantize_int8_rows(linear.weight.data, scales)
+    return attach_int8(linear, q, scales_used, rounded=scales is None)
