@@ -20,6 +20,7 @@ from torch import nn
 import sparsefast
 from sparsefast.calibrate import layer_outlier_ratios, prune_layerwise
 from sparsefast.config import PruneConfig
+from sparsefast.config.prune import FROM_DISK_CHOICES
 from sparsefast.device import resolve_device, resolve_dtype
 from sparsefast.ops.int8_rows import refuse_quantized
 from sparsefast.prune import make_pruner, owl_layer_sparsities, round_linear_int8
@@ -54,12 +55,14 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu",
     return model, tokenizer
 
 
-def check_prunable(model: nn.Module, config: PruneConfig, *, check_seqlen: bool = True) -> Any:
+def check_prunable(model: nn.Module, config: PruneConfig, *, check_seqlen: bool = True,
+                   check_weights: bool = True) -> Any:
     """Every model-dependent check of `config`, before any work: supported architecture, a float model (not one
     already int8-quantized), the pattern against every prunable linear, finite weights (check_finite_weights names
-    the first bad linear), config.seqlen against the model's context (skipped with check_seqlen=False when the caller
-    brings its own calibration ids, whose shape check_calib checks), an nn.Linear LM head where config.quantize
-    rounds it. Returns the model's adapter."""
+    the first bad linear; check_weights=False when the layers are still on disk: each is checked as it is read),
+    config.seqlen against the model's context (skipped with check_seqlen=False when the caller brings its own
+    calibration ids, whose shape check_calib checks), an nn.Linear LM head where config.quantize rounds it. Returns
+    the model's adapter."""
     from sparsefast.models import check_finite_weights, get_adapter
 
     adapter = get_adapter(model)
@@ -75,7 +78,8 @@ def check_prunable(model: nn.Module, config: PruneConfig, *, check_seqlen: bool 
     if check_seqlen and config.needs_calibration and max_ctx is not None and config.seqlen > max_ctx:
         raise ValueError(f"seqlen {config.seqlen} exceeds the model's context of {max_ctx} tokens; "
                          f"use --seqlen {max_ctx} or less")
-    check_finite_weights(model)
+    if check_weights:
+        check_finite_weights(model)
     return adapter
 
 
@@ -124,8 +128,10 @@ def prune(model: nn.Module, config: PruneConfig, calib: torch.Tensor | None = No
 
 
 def _prune_checked(model: nn.Module, adapter: Any, config: PruneConfig, calib: torch.Tensor | None,
-                   device: torch.device, *, progress: bool, offload: bool = True) -> dict[str, Any]:
-    """`prune` after its checks (check_prunable, check_calib): calibrate, prune layer by layer, build the report."""
+                   device: torch.device, *, progress: bool, offload: bool = True,
+                   layer_stream: Any = None) -> dict[str, Any]:
+    """`prune` after its checks (check_prunable, check_calib): calibrate, prune layer by layer, build the report.
+    layer_stream: the decoder layers come from disk and go back to it (sparsefast.models.streamed)."""
     if resolve_dtype(config.dtype) is not None:
         model.to(resolve_dtype(config.dtype))
     pruner = make_pruner(config)
@@ -136,13 +142,13 @@ def _prune_checked(model: nn.Module, adapter: Any, config: PruneConfig, calib: t
     if config.allocation == "owl":
         ratios = layer_outlier_ratios(model, adapter, calib, m=config.owl_m, device=device,
                                       batch_size=config.batch_size, offload=offload, backend=config.backend,
-                                      progress=progress)
+                                      progress=progress, layer_stream=layer_stream)
         layer_sparsity = owl_layer_sparsities(ratios, config.target_sparsity, config.owl_lambda)
         allocation.update(m=config.owl_m, lam=config.owl_lambda, outlier_ratios=ratios, layer_sparsity=layer_sparsity)
         extra_timings["owl_outlier_pass_s"] = time.perf_counter() - t0
     result = prune_layerwise(model, adapter, pruner, calib if config.needs_calibration else None, device=device,
                              batch_size=config.batch_size, offload=offload, progress=progress,
-                             layer_sparsity=layer_sparsity)
+                             layer_sparsity=layer_sparsity, layer_stream=layer_stream)
     head_stats = round_linear_int8(adapter.lm_head(model)) if config.quantize is not None else None
     wall = time.perf_counter() - t0
     linears = result["linears"]
@@ -189,13 +195,58 @@ def evaluate(model: nn.Module, tokenizer: Any, datasets: Sequence[str], *, seqle
                                progress=progress)
 
 
+FROM_DISK_AUTO_FRACTION = 0.5  # auto streams a model whose weights take more than this share of the free memory
+
+
+def _from_disk_source(model_name: str, config: PruneConfig, from_disk: str, *, out: str | None,
+                      evaluating: bool, log) -> Any:
+    """The checkpoint directory to prune from disk, or None to load the model fully (module `prune_pretrained`).
+    "on" raises ValueError, before any work, when streaming cannot serve the request; "auto" streams only a local
+    safetensors checkpoint whose weights take more than half the available memory, saved to `out`, without
+    --eval and --quantize (which need the whole model)."""
+    from sparsefast.device import available_memory_bytes
+    from sparsefast.models import load_config
+    from sparsefast.models.loading import default_load_dtype
+    from sparsefast.models.streamed import checkpoint_bytes, streamable_dir
+
+    if from_disk not in FROM_DISK_CHOICES:
+        raise ValueError(f"from_disk must be one of {', '.join(FROM_DISK_CHOICES)}, got {from_disk!r}")
+    if from_disk == "off":
+        return None
+    directory = streamable_dir(model_name)
+    why_not = ("it is not a local Hugging Face checkpoint directory with safetensors weights (download it first)"
+               if directory is None else "it writes each pruned layer as it goes: give --out DIR" if out is None
+               else "the model is never whole in memory, so --eval cannot run: prune, then `sparsefast eval OUT`"
+               if evaluating else "--quantize rounds the LM head after the layers: prune without --from-disk on"
+               if config.quantize is not None else None)
+    if from_disk == "on":
+        if why_not is not None:
+            raise ValueError(f"--from-disk on: {model_name}: {why_not}")
+        return directory
+    if why_not is not None:
+        return None
+    dtype = resolve_dtype(config.dtype) or default_load_dtype(load_config(model_name), torch.device("cpu"))
+    need, free = checkpoint_bytes(directory, dtype), available_memory_bytes()
+    if free is None or need <= FROM_DISK_AUTO_FRACTION * free:
+        return None
+    log(f"pruning from disk: the model's weights take {need / 2**30:.1f} GiB, more than half of the "
+        f"{free / 2**30:.1f} GiB available (--from-disk off loads it whole)")
+    return directory
+
+
 def prune_pretrained(model_name: str, config: PruneConfig, *, out: str | None = None, overwrite: bool = False,
                      data_dir: str | None = None, eval_datasets: Sequence[str] = (), eval_seqlen: int | None = None,
-                     eval_windows: int | None = None, progress: bool = True, log=print) -> dict[str, Any]:
+                     eval_windows: int | None = None, progress: bool = True, from_disk: str = "auto",
+                     log=print) -> dict[str, Any]:
     """Load `model_name` (HF dir, hub id, .gguf or a registered name), prune it, optionally evaluate perplexity
-    before and after, and save it atomically to `out`. Every bad input raises before any file is written."""
+    before and after, and save it atomically to `out`. Every bad input raises before any file is written.
+
+    from_disk: "on" prunes a local safetensors checkpoint layer by layer from disk, writing each pruned layer to
+    `out` as it finishes (peak memory about one decoder layer plus the calibration activations; the result is the
+    fully-loaded one, bit for bit: sparsefast.models.streamed); "off" loads the model whole; "auto" (default) streams
+    when the model would take more than half the available memory and nothing asked needs it whole."""
     from sparsefast.checkpoint import OutputClaim, check_savable, save_checkpoint
-    from sparsefast.data import check_data_dir, check_eval_request, get_calibration
+    from sparsefast.data import check_data_dir, check_eval_request
     from sparsefast.models import load_config, load_model, local_source_paths
 
     device = compute_device(config.device)
@@ -208,20 +259,20 @@ def prune_pretrained(model_name: str, config: PruneConfig, *, out: str | None = 
     if eval_seqlen is not None and eval_seqlen < 1:
         raise ValueError(f"--eval-seqlen must be >= 1, got {eval_seqlen}")
     load_config(model_name)  # missing path / unsupported architecture, before loading any weights
+    stream_dir = _from_disk_source(model_name, config, from_disk, out=out, evaluating=bool(eval_datasets), log=log)
     # `out` is checked and claimed here and held until the save: a second run on the same `out` stops now, before
     # any work (sparsefast.checkpoint.OutputClaim)
     claim = OutputClaim(out, overwrite, sources=sources) if out is not None else None
     with claim or contextlib.nullcontext():
+        if stream_dir is not None:
+            return _prune_from_disk(model_name, stream_dir, config, claim, device, data_dir=data_dir,
+                                    progress=progress, log=log)
         model, tokenizer = load_model(model_name, dtype=resolve_dtype(config.dtype), device="cpu")
         adapter = check_prunable(model, config)
         if out is not None:
             check_savable(model)
         ev_seqlen = eval_seqlen or min(config.seqlen, adapter.max_context(model) or config.seqlen)
-        calib = None
-        if config.needs_calibration:
-            calib = get_calibration(config.calib, tokenizer, config.nsamples, config.seqlen, seed=config.seed,
-                                    data_dir=data_dir)
-            check_calib(model, adapter, calib)
+        calib = _calibration_ids(model, adapter, tokenizer, config, data_dir)
         before = None
         if eval_datasets:
             before = evaluate(model, tokenizer, eval_datasets, seqlen=ev_seqlen, data_dir=data_dir,
@@ -229,10 +280,7 @@ def prune_pretrained(model_name: str, config: PruneConfig, *, out: str | None = 
             log(f"perplexity before pruning: {_fmt_ppl(before)}")
         report = _prune_checked(model, adapter, config, calib, device, progress=progress)
         report["model"] = model_name
-        timings = report["timings"]
-        log(f"pruned {report['method']} {report['pattern']}: achieved sparsity {report['achieved_sparsity']:.4f} in "
-            f"{timings['total_s']:.1f} s (calibration forward {timings['calib_forward_s']:.1f} s, metric+mask "
-            f"{timings['metric_mask_s']:.1f} s)")
+        _log_pruned(report, log)
         if eval_datasets:
             after = evaluate(model, tokenizer, eval_datasets, seqlen=ev_seqlen, data_dir=data_dir,
                              device=config.device, max_windows=eval_windows, progress=progress)
@@ -241,6 +289,57 @@ def prune_pretrained(model_name: str, config: PruneConfig, *, out: str | None = 
                               "before": before, "after": after}
         if claim is not None:
             log(f"saved {save_checkpoint(model, tokenizer, claim, report)}")
+    return report
+
+
+def _calibration_ids(model: nn.Module, adapter: Any, tokenizer: Any, config: PruneConfig,
+                     data_dir: str | None) -> torch.Tensor | None:
+    """The checked calibration ids of `config`, or None when nothing needs them."""
+    from sparsefast.data import get_calibration
+
+    if not config.needs_calibration:
+        return None
+    calib = get_calibration(config.calib, tokenizer, config.nsamples, config.seqlen, seed=config.seed,
+                            data_dir=data_dir)
+    check_calib(model, adapter, calib)
+    return calib
+
+
+def _log_pruned(report: dict, log) -> None:
+    timings = report["timings"]
+    log(f"pruned {report['method']} {report['pattern']}: achieved sparsity {report['achieved_sparsity']:.4f} in "
+        f"{timings['total_s']:.1f} s (calibration forward {timings['calib_forward_s']:.1f} s, metric+mask "
+        f"{timings['metric_mask_s']:.1f} s)")
+
+
+def _prune_from_disk(model_name: str, directory: Any, config: PruneConfig, claim: Any, device: torch.device, *,
+                     data_dir: str | None, progress: bool, log) -> dict[str, Any]:
+    """prune_pretrained with from_disk: the decoder layers are read one at a time from `directory` and written to
+    the claimed output as each finishes (sparsefast.models.streamed); the rest of the checkpoint after the last."""
+    from sparsefast.checkpoint import atomic_output_dir, write_beside_weights
+    from sparsefast.models import load_tokenizer
+    from sparsefast.models.safetensors_stream import CheckpointWriter
+    from sparsefast.models.streamed import open_streamed, save_config
+
+    model, stream, specs = open_streamed(directory, resolve_dtype(config.dtype))
+    tokenizer = load_tokenizer(str(directory))
+    adapter = check_prunable(model, config, check_weights=False)  # each layer's weights are checked as read
+    calib = _calibration_ids(model, adapter, tokenizer, config, data_dir)
+    with atomic_output_dir(claim.path, overwrite=claim.overwrite) as tmp:
+        stream.writer = writer = CheckpointWriter(tmp, specs)
+        report = _prune_checked(model, adapter, config, calib, device, progress=progress, layer_stream=stream)
+        state = model.state_dict()
+        for spec in specs:
+            if not spec.name.startswith(f"{adapter.layers_path}."):
+                writer.write(spec.name, state[spec.name])
+        writer.close()
+        save_config(model, tmp)
+        report["model"] = model_name
+        report["from_disk"] = {"checkpoint": str(directory), "weight_bytes_read": stream.loaded_bytes,
+                               "weight_bytes_written": sum(s.nbytes for s in specs)}
+        _log_pruned(report, log)
+        write_beside_weights(tmp, tokenizer, report)
+    log(f"saved {claim.path}")
     return report
 
 

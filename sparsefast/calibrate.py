@@ -9,6 +9,8 @@
    the pruned weights — they are the inputs of layer i+1 — and move the layer back where it was.
 So layer i's statistics come from the outputs of the already pruned layers < i. Only the current layer and the
 activations of one batch need to be on the compute device (the others are offloaded to CPU when `offload`).
+With a `layer_stream` (sparsefast.models.streamed: pruning from disk) the engine calls `layer_stream.load(i, layer)`
+before it touches layer i and `layer_stream.release(i, layer)` after, so only one decoder layer is in memory.
 
 `layer_outlier_ratios` runs the same loop without pruning (each layer's outputs from its dense weights): OWL's
 per-layer outlier ratios (sparsefast.prune.owl), which `prune_layerwise` then takes as `layer_sparsity`.
@@ -125,11 +127,12 @@ def _call_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, device: to
 @torch.no_grad()
 def prune_layerwise(model: nn.Module, adapter: Any, pruner: Pruner, calib: torch.Tensor | None, *,
                     device: torch.device, batch_size: int = 8, offload: bool = True, progress: bool = True,
-                    layer_sparsity: list[float] | None = None) -> dict[str, Any]:
+                    layer_sparsity: list[float] | None = None, layer_stream: Any = None) -> dict[str, Any]:
     """Prune every decoder layer of `model` in order with `pruner` (and its refiner); modifies the model in place.
 
     calib: LongTensor [nsamples, seqlen] of token ids (None when neither the pruner nor its refiner needs data).
     layer_sparsity: one unstructured sparsity per decoder layer (OWL) instead of the pruner's single one.
+    layer_stream: reads each layer before and writes it after its turn (module docstring); None: all in memory.
     Returns {"linears": {qualified name: stats}, "timings": {...}} with timings in seconds: calib_forward_s
     (forwards through the layers incl. the statistics hooks), stats_s (time inside the hooks), metric_mask_s
     (the pruner's metric, mask and weight update: Wanda's definition of pruning time), per_layer.
@@ -159,6 +162,8 @@ def prune_layerwise(model: nn.Module, adapter: Any, pruner: Pruner, calib: torch
             _sync(device)
             timings["capture_s"] = time.perf_counter() - t0
         for i, layer in enumerate(tqdm(layers, desc=f"{pruner.config.method} layers", disable=not progress)):
+            if layer_stream is not None:
+                layer_stream.load(i, layer)
             home = next(layer.parameters()).device
             layer.to(device)
             linears = adapter.prunable_linears(layer)
@@ -209,6 +214,8 @@ def prune_layerwise(model: nn.Module, adapter: Any, pruner: Pruner, calib: torch
                 _sync(device)
                 lt["calib_forward_s"] += time.perf_counter() - t0
             layer.to(home)
+            if layer_stream is not None:
+                layer_stream.release(i, layer)
             for key in ("calib_forward_s", "stats_s", "metric_mask_s"):
                 timings[key] += lt[key]
             timings["per_layer"].append(lt)
@@ -234,9 +241,10 @@ def _stats_hook(observers: list, name: str, lt: dict, device: torch.device) -> C
 @torch.no_grad()
 def layer_outlier_ratios(model: nn.Module, adapter: Any, calib: torch.Tensor, *, m: float, device: torch.device,
                          batch_size: int = 8, offload: bool = True, backend: str = "auto",
-                         progress: bool = True) -> list[float]:
+                         progress: bool = True, layer_stream: Any = None) -> list[float]:
     """OWL's outlier ratio of every decoder layer (sparsefast.prune.owl.outlier_ratio of the Wanda scores
-    |W|·‖X‖₂ of all its prunable linears), the activations coming from the dense model; weights are not changed."""
+    |W|·‖X‖₂ of all its prunable linears), the activations coming from the dense model; weights are not changed
+    (a `layer_stream` reads each layer and drops it again, writing nothing)."""
     device = torch.device(device)
     layers = adapter.decoder_layers(model)
     use_cache = getattr(model.config, "use_cache", None)
@@ -247,6 +255,8 @@ def layer_outlier_ratios(model: nn.Module, adapter: Any, calib: torch.Tensor, *,
         inputs = capture_layer_inputs(model, layers, calib, device=device, batch_size=batch_size, offload=offload)
         store = torch.device("cpu") if offload else device
         for i, layer in enumerate(tqdm(layers, desc="owl outlier ratios", disable=not progress)):
+            if layer_stream is not None:
+                layer_stream.load(i, layer)
             home = next(layer.parameters()).device
             layer.to(device)
             linears = adapter.prunable_linears(layer)
@@ -267,6 +277,8 @@ def layer_outlier_ratios(model: nn.Module, adapter: Any, calib: torch.Tensor, *,
                 for h in handles:
                     h.remove()
                 layer.to(home)
+                if layer_stream is not None:
+                    layer_stream.release(i, layer, write=False)
             for out, _ in outputs:
                 _check_finite(out, f"leaving decoder layer {i}")
             inputs = [(out.to(store), kwargs) for out, kwargs in outputs]

@@ -187,13 +187,19 @@ def save_checkpoint(model: nn.Module, tokenizer: Any, out: str | os.PathLike, re
     with atomic_output_dir(out.path, overwrite=out.overwrite) as tmp:
         with _dequantized_view(model):
             model.save_pretrained(tmp, **kwargs)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if structure is not None:
-            (tmp / STRUCTURE_FILE).write_text(json.dumps(structure, indent=1))
-        if report is not None:
-            (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str))
+        write_beside_weights(tmp, tokenizer, report, structure=structure)
     return out.path
+
+
+def write_beside_weights(tmp: Path, tokenizer: Any, report: dict | None, *, structure: dict | None = None) -> None:
+    """What a checkpoint holds besides the model's weights and config: tokenizer, structure.json, sparsefast.json
+    (written into the partial directory of a save; pruning from disk writes the weights itself)."""
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if structure is not None:
+        (tmp / STRUCTURE_FILE).write_text(json.dumps(structure, indent=1))
+    if report is not None:
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str))
 
 
 @contextlib.contextmanager

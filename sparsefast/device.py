@@ -64,6 +64,19 @@ def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     return aliases[key]
 
 
+def available_memory_bytes() -> int | None:
+    """The kernel's estimate of memory available to a new allocation without swapping (MemAvailable in
+    /proc/meminfo), or None where there is no such file."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 THREADS_HELP = ("CPU threads: auto (default: the cores this process may use that no other process keeps busy, and "
                 "at most the container's CPU quota) or a number")
 

