@@ -77,6 +77,27 @@ def available_memory_bytes() -> int | None:
     return None
 
 
+def return_freed_memory() -> None:
+    """Give the heap memory Python and torch have freed back to the OS (glibc's malloc_trim; nothing elsewhere).
+    Freed blocks below glibc's mmap threshold otherwise stay in the process's resident set, so a loop that frees
+    and reallocates ~100 MB each step (pruning from disk, one decoder layer at a time) creeps upwards."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        except OSError:
+            _LIBC = False
+    trim = getattr(_LIBC, "malloc_trim", None) if _LIBC else None
+    if trim is not None:
+        trim(0)
+
+
+_LIBC = None  # loaded by return_freed_memory on first use; False where there is no C library to load
+
+
 THREADS_HELP = ("CPU threads: auto (default: the cores this process may use that no other process keeps busy, and "
                 "at most the container's CPU quota) or a number")
 

@@ -24,6 +24,7 @@ import torch
 import transformers
 from torch import nn
 
+from sparsefast.device import return_freed_memory
 from sparsefast.models.base import get_adapter
 from sparsefast.models.safetensors_stream import CheckpointReader, CheckpointWriter, TensorSpec
 from sparsefast.models.weights import check_finite_layer
@@ -84,6 +85,7 @@ class LayerStream:
             for inner, full in self._names(i, layer).items():
                 self.writer.write(full, state[inner].detach())
         layer.to("meta")
+        return_freed_memory()  # else the freed layers' heap blocks stay resident and the peak creeps up per layer
 
 
 def streamable_dir(name_or_path: str) -> Path | None:
