@@ -5,8 +5,9 @@ The model: LLaMA architecture, hidden 2048, MLP 5632, 16 heads (4 KV heads), the
 and tokenizer, as many decoder layers as make at least --gib GiB of fp32 weights, weights N(0, 0.02) from a fixed
 seed, norms 1. It is written layer by layer (sparsefast.models.safetensors_stream) into --work-dir and reused by later
 runs (a marker file says it is ours). Each case runs `sparsefast prune` twice in child processes, --from-disk on and
-off, one after the other (never side by side), and takes each child's peak RSS from wait4(2)'s rusage. Peak RSS
-counts every resident page of the process: the Python, torch and transformers it imports too (~0.5 GB here).
+off, one after the other (never side by side). Each child reports its own peak RSS (VmHWM) as it exits
+(PEAK_RSS_SHIM says why not wait4's rusage); it counts every resident page of the process, the Python, torch and
+transformers it imports too (~0.5 GB here).
 
     python bench/e2e/prune_from_disk.py --gib 2 --gib 4      # writes bench/results/<date>-cpu-prune-from-disk.json
 
@@ -79,19 +80,37 @@ def make_model(directory: Path, gib: float, tokenizer_dir: Path) -> dict:
     return info
 
 
+# runs `python -m sparsefast ARGS` and, at exit, writes the process's own peak RSS (VmHWM of its address space) to
+# $PEAK_RSS_FILE. Not getrusage/wait4: a child's ru_maxrss starts from the peak of the address space it replaced at
+# exec, i.e. the parent's (subprocess forks with vfork), so it would count this benchmark's own peak
+PEAK_RSS_SHIM = """
+import atexit, os, runpy, sys
+def peak():
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    with open(os.environ["PEAK_RSS_FILE"], "w") as f:
+        f.write(str(kib * 1024))
+atexit.register(peak)
+sys.argv = ["sparsefast", *sys.argv[1:]]
+runpy.run_module("sparsefast", run_name="__main__", alter_sys=True)
+"""
+
+
 def run_prune(src: Path, out: Path, mode: str, args: list[str], calib: list[str]) -> dict:
-    """One `sparsefast prune` child: wall time, peak RSS (wait4), exit status and its last output lines."""
+    """One `sparsefast prune` child: wall time, its peak RSS (VmHWM), exit status and its last output lines."""
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "sparsefast", "prune", str(src), *args, *calib, "--out", str(out),
-           "--from-disk", mode, "--no-progress"]
+    argv = ["prune", str(src), *args, *calib, "--out", str(out), "--from-disk", mode, "--no-progress"]
+    peak_file = out.with_name(out.name + ".peak-rss")
+    peak_file.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = child.stdout.read()
-    _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
-    return {"from_disk": mode, "exit_code": child.returncode, "wall_s": time.perf_counter() - t0,
-            "peak_rss_bytes": usage.ru_maxrss * 1024, "output_tail": output.strip().splitlines()[-3:],
-            "command": " ".join(cmd)}
+    proc = subprocess.run([sys.executable, "-c", PEAK_RSS_SHIM, *argv], capture_output=True, text=True,
+                          env={**os.environ, "PEAK_RSS_FILE": str(peak_file)})
+    wall = time.perf_counter() - t0
+    peak = int(peak_file.read_text()) if peak_file.is_file() else None
+    peak_file.unlink(missing_ok=True)
+    return {"from_disk": mode, "exit_code": proc.returncode, "wall_s": wall, "peak_rss_bytes": peak,
+            "output_tail": (proc.stdout + proc.stderr).strip().splitlines()[-3:],
+            "command": f"{sys.executable} -m sparsefast {' '.join(argv)}"}
 
 
 def same_files(a: Path, b: Path) -> dict[str, bool]:
@@ -114,17 +133,17 @@ def measure(work: Path, sizes: list[float], cases: list[str], calib: list[str], 
             outs = {mode: work / f"out-{gib:g}-{case.replace(':', '')}-{mode}" for mode in ("on", "off")}
             runs = {mode: run_prune(src, out, mode, CASES[case], calib) for mode, out in outs.items()}
             for mode, r in runs.items():
-                print(f"  {case} --from-disk {mode}: exit {r['exit_code']}, peak RSS "
-                      f"{r['peak_rss_bytes'] / 2**30:.2f} GiB ({r['peak_rss_bytes'] / info['weight_bytes']:.1%} of "
-                      f"the model), {r['wall_s']:.0f} s", flush=True)
-            ok = all(r["exit_code"] == 0 for r in runs.values())
+                peak = r["peak_rss_bytes"] or 0
+                print(f"  {case} --from-disk {mode}: exit {r['exit_code']}, peak RSS {peak / 2**30:.2f} GiB "
+                      f"({peak / info['weight_bytes']:.1%} of the model), {r['wall_s']:.0f} s", flush=True)
+            ok = all(r["exit_code"] == 0 and r["peak_rss_bytes"] for r in runs.values())
             same = same_files(outs["on"], outs["off"]) if ok else {}
             equal = ok and bool(same) and all(same.values())
             failed |= not equal
             results.append({"gib": gib, "layers": info["layers"], "weight_bytes": info["weight_bytes"],
                             "case": case, "runs": list(runs.values()), "files_equal": same, "bit_identical": equal,
-                            "streamed_rss_fraction": runs["on"]["peak_rss_bytes"] / info["weight_bytes"],
-                            "full_rss_fraction": runs["off"]["peak_rss_bytes"] / info["weight_bytes"],
+                            "streamed_rss_fraction": (runs["on"]["peak_rss_bytes"] or 0) / info["weight_bytes"],
+                            "full_rss_fraction": (runs["off"]["peak_rss_bytes"] or 0) / info["weight_bytes"],
                             "load_after": load_average()})
             print(f"  {case}: checkpoints {'byte-identical' if equal else 'DIFFER or failed'}", flush=True)
             if not keep:
@@ -164,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     paths = write_result("prune-from-disk", {
         "protocol": "sparsefast prune SRC CASE --calib c4 --nsamples N --seqlen L --out OUT --from-disk on|off, each "
-                    "in its own child process, one after the other; peak RSS from wait4(2) (ru_maxrss); checkpoints "
+                    "in its own child process, one after the other; peak RSS = the child's VmHWM at exit; checkpoints "
                     "compared byte for byte (safetensors, config, generation config, tokenizer)",
         "nsamples": args.nsamples, "seqlen": args.seqlen, "model_shape": SHAPE, "results": results}, device="cpu")
     print(f"wrote {paths[0]}")
