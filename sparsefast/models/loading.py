@@ -135,7 +135,7 @@ def default_load_dtype(config: transformers.PretrainedConfig | None, device: tor
     slow and fp16 lacks kernels there). GGUF checkpoints dequantize to float32."""
     stored = None
     if config is not None:
-        stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        stored = getattr(config, DTYPE_KWARG, None)  # not torch_dtype on >= 4.56: it warns it is deprecated
         if isinstance(stored, str):
             stored = getattr(torch, stored, None)
     if not isinstance(stored, torch.dtype) or not stored.is_floating_point:
