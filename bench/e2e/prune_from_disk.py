@@ -73,7 +73,7 @@ def make_model(directory: Path, gib: float, tokenizer_dir: Path) -> dict:
         writer.write(spec.name, torch.ones(spec.shape) if norm else torch.randn(spec.shape, generator=gen) * 0.02)
     writer.close()
     config.save_pretrained(tmp)
-    transformers.AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
+    transformers.AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False).save_pretrained(tmp)
     info = {"gib": gib, "layers": layers, "weight_bytes": sum(s.nbytes for s in specs), "config": SHAPE}
     (tmp / MARKER).write_text(json.dumps(info))
     os.rename(tmp, directory)
