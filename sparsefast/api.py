@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import shutil
 import time
 from typing import Any, Sequence
 
@@ -200,38 +201,49 @@ FROM_DISK_AUTO_FRACTION = 0.5  # auto streams a model whose weights take more th
 
 def _from_disk_source(model_name: str, config: PruneConfig, from_disk: str, *, out: str | None,
                       evaluating: bool, log) -> Any:
-    """The checkpoint directory to prune from disk, or None to load the model fully (module `prune_pretrained`).
-    "on" raises ValueError, before any work, when streaming cannot serve the request; "auto" streams only a local
-    safetensors checkpoint whose weights take more than half the available memory, saved to `out`, without
-    --eval and --quantize (which need the whole model)."""
+    """The StreamPlan (sparsefast.models.streamed) to prune from disk, or None to load the model whole. "on" raises
+    ValueError, before any work, when streaming cannot serve the request (the reason and the fix); "auto" streams a
+    local safetensors checkpoint whose weights take more than half the available memory, saved to `out`, without
+    --eval and --quantize (which need the whole model), and otherwise (saying why when the size called for it)
+    loads it whole."""
     from sparsefast.device import available_memory_bytes
-    from sparsefast.models import load_config
-    from sparsefast.models.loading import default_load_dtype
-    from sparsefast.models.streamed import checkpoint_bytes, streamable_dir
+    from sparsefast.models.safetensors_stream import checkpoint_files
+    from sparsefast.models.streamed import plan_streamed, streamable_dir
 
     if from_disk not in FROM_DISK_CHOICES:
         raise ValueError(f"from_disk must be one of {', '.join(FROM_DISK_CHOICES)}, got {from_disk!r}")
     if from_disk == "off":
         return None
-    directory = streamable_dir(model_name)
-    why_not = ("it is not a local Hugging Face checkpoint directory with safetensors weights (download it first)"
-               if directory is None else "it writes each pruned layer as it goes: give --out DIR" if out is None
-               else "the model is never whole in memory, so --eval cannot run: prune, then `sparsefast eval OUT`"
-               if evaluating else "--quantize rounds the LM head after the layers: prune without --from-disk on"
-               if config.quantize is not None else None)
-    if from_disk == "on":
-        if why_not is not None:
-            raise ValueError(f"--from-disk on: {model_name}: {why_not}")
-        return directory
+    directory, why_not = streamable_dir(model_name)
+    if why_not is None:
+        why_not = ("it writes each pruned layer as it goes: give --out DIR" if out is None
+                   else "the model is never whole in memory, so --eval cannot run: prune, then `sparsefast eval OUT`"
+                   if evaluating else "--quantize rounds the LM head after the layers: prune with --from-disk off"
+                   if config.quantize is not None else None)
+    if from_disk == "on" and why_not is not None:
+        raise ValueError(f"--from-disk on: {model_name}: {why_not}")
     if why_not is not None:
         return None
-    dtype = resolve_dtype(config.dtype) or default_load_dtype(load_config(model_name), torch.device("cpu"))
-    need, free = checkpoint_bytes(directory, dtype), available_memory_bytes()
+    try:
+        plan = plan_streamed(directory, resolve_dtype(config.dtype))
+    except ValueError as exc:
+        if from_disk == "on":
+            raise
+        plan, reason = None, exc
+    if from_disk == "on":
+        return plan
+    free = available_memory_bytes()
+    # the size in the model's dtype when the plan is known, else the files' (then only to say why it is loaded whole)
+    need = plan.weight_bytes if plan is not None else sum(f.stat().st_size for f in checkpoint_files(directory))
     if free is None or need <= FROM_DISK_AUTO_FRACTION * free:
+        return None
+    if plan is None:
+        log(f"not pruning from disk although the model takes {need / 2**30:.1f} GiB of the {free / 2**30:.1f} GiB "
+            f"available: {reason}")
         return None
     log(f"pruning from disk: the model's weights take {need / 2**30:.1f} GiB, more than half of the "
         f"{free / 2**30:.1f} GiB available (--from-disk off loads it whole)")
-    return directory
+    return plan
 
 
 def prune_pretrained(model_name: str, config: PruneConfig, *, out: str | None = None, overwrite: bool = False,
@@ -243,8 +255,9 @@ def prune_pretrained(model_name: str, config: PruneConfig, *, out: str | None = 
 
     from_disk: "on" prunes a local safetensors checkpoint layer by layer from disk, writing each pruned layer to
     `out` as it finishes (peak memory about one decoder layer plus the calibration activations; the result is the
-    fully-loaded one, bit for bit: sparsefast.models.streamed); "off" loads the model whole; "auto" (default) streams
-    when the model would take more than half the available memory and nothing asked needs it whole."""
+    fully-loaded one, byte for byte: sparsefast.models.streamed); "off" loads the model whole; "auto" (default)
+    streams when the model would take more than half the available memory and nothing asked needs it whole. From
+    disk, the weights are checked finite by one read pass before any file is written."""
     from sparsefast.checkpoint import OutputClaim, check_savable, save_checkpoint
     from sparsefast.data import check_data_dir, check_eval_request
     from sparsefast.models import load_config, load_model, local_source_paths
@@ -258,15 +271,15 @@ def prune_pretrained(model_name: str, config: PruneConfig, *, out: str | None = 
         raise ValueError(f"--eval-windows must be >= 1, got {eval_windows}")
     if eval_seqlen is not None and eval_seqlen < 1:
         raise ValueError(f"--eval-seqlen must be >= 1, got {eval_seqlen}")
+    plan = _from_disk_source(model_name, config, from_disk, out=out, evaluating=bool(eval_datasets), log=log)
     load_config(model_name)  # missing path / unsupported architecture, before loading any weights
-    stream_dir = _from_disk_source(model_name, config, from_disk, out=out, evaluating=bool(eval_datasets), log=log)
     # `out` is checked and claimed here and held until the save: a second run on the same `out` stops now, before
     # any work (sparsefast.checkpoint.OutputClaim)
     claim = OutputClaim(out, overwrite, sources=sources) if out is not None else None
     with claim or contextlib.nullcontext():
-        if stream_dir is not None:
-            return _prune_from_disk(model_name, stream_dir, config, claim, device, data_dir=data_dir,
-                                    progress=progress, log=log)
+        if plan is not None:
+            return _prune_from_disk(model_name, plan, config, claim, device, data_dir=data_dir, progress=progress,
+                                    log=log)
         model, tokenizer = load_model(model_name, dtype=resolve_dtype(config.dtype), device="cpu")
         adapter = check_prunable(model, config)
         if out is not None:
@@ -312,31 +325,38 @@ def _log_pruned(report: dict, log) -> None:
         f"{timings['metric_mask_s']:.1f} s)")
 
 
-def _prune_from_disk(model_name: str, directory: Any, config: PruneConfig, claim: Any, device: torch.device, *,
+def _prune_from_disk(model_name: str, plan: Any, config: PruneConfig, claim: Any, device: torch.device, *,
                      data_dir: str | None, progress: bool, log) -> dict[str, Any]:
-    """prune_pretrained with from_disk: the decoder layers are read one at a time from `directory` and written to
-    the claimed output as each finishes (sparsefast.models.streamed); the rest of the checkpoint after the last."""
+    """prune_pretrained from a StreamPlan: checks (disk space for the output, finite weights by one read pass), then
+    the decoder layers are read one at a time and written to the claimed output as each finishes
+    (sparsefast.models.streamed); the rest of the checkpoint after the last."""
     from sparsefast.checkpoint import atomic_output_dir, write_beside_weights
     from sparsefast.models import load_tokenizer
     from sparsefast.models.safetensors_stream import CheckpointWriter
-    from sparsefast.models.streamed import open_streamed, save_config
+    from sparsefast.models.streamed import check_finite_on_disk, open_streamed, save_config
 
-    model, stream, specs = open_streamed(directory, resolve_dtype(config.dtype))
-    tokenizer = load_tokenizer(str(directory))
-    adapter = check_prunable(model, config, check_weights=False)  # each layer's weights are checked as read
+    free = shutil.disk_usage(claim.path.parent).free
+    if plan.weight_bytes > free:
+        raise ValueError(f"the pruned checkpoint needs {plan.weight_bytes / 2**30:.1f} GiB, {claim.path.parent} has "
+                         f"{free / 2**30:.1f} GiB free: free space or choose another --out")
+    model = plan.model
+    tokenizer = load_tokenizer(str(plan.directory))
+    adapter = check_prunable(model, config, check_weights=False)
     calib = _calibration_ids(model, adapter, tokenizer, config, data_dir)
+    check_finite_on_disk(plan, progress=progress)
+    stream = open_streamed(plan)
     with atomic_output_dir(claim.path, overwrite=claim.overwrite) as tmp:
-        stream.writer = writer = CheckpointWriter(tmp, specs)
-        report = _prune_checked(model, adapter, config, calib, device, progress=progress, layer_stream=stream)
-        state = model.state_dict()
-        for spec in specs:
-            if not spec.name.startswith(f"{adapter.layers_path}."):
-                writer.write(spec.name, state[spec.name])
-        writer.close()
+        with CheckpointWriter(tmp, plan.specs, total_parameters=model.num_parameters()) as writer:
+            stream.writer = writer
+            report = _prune_checked(model, adapter, config, calib, device, progress=progress, layer_stream=stream)
+            state = model.state_dict()
+            for spec in plan.specs:
+                if not spec.name.startswith(plan.layers_prefix):
+                    writer.write(spec.name, state[spec.name])
         save_config(model, tmp)
         report["model"] = model_name
-        report["from_disk"] = {"checkpoint": str(directory), "weight_bytes_read": stream.loaded_bytes,
-                               "weight_bytes_written": sum(s.nbytes for s in specs)}
+        report["from_disk"] = {"checkpoint": str(plan.directory), "bytes_read": stream.bytes_read,
+                               "weight_bytes_written": plan.weight_bytes}
         _log_pruned(report, log)
         write_beside_weights(tmp, tokenizer, report)
     log(f"saved {claim.path}")

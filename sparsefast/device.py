@@ -5,6 +5,7 @@ torch is imported inside the functions: the CLI parsers take DEVICE_CHOICES / DT
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -65,15 +66,35 @@ def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def available_memory_bytes() -> int | None:
-    """The kernel's estimate of memory available to a new allocation without swapping (MemAvailable in
-    /proc/meminfo), or None where there is no such file."""
+    """Memory a new allocation may take without swapping or being OOM-killed: the kernel's MemAvailable
+    (/proc/meminfo), lowered to the headroom of this process's cgroup limit where one is set (a container sees the
+    host's MemAvailable). None where neither is known."""
+    available = None
     try:
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+            available = next((int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")), None)
     except OSError:
-        return None
+        pass
+    headroom = _cgroup_memory_headroom()
+    if headroom is not None:
+        available = headroom if available is None else min(available, headroom)
+    return available
+
+
+def _cgroup_memory_headroom() -> int | None:
+    """limit - usage of this process's memory cgroup (v2: memory.max / memory.current; v1: limit_in_bytes /
+    usage_in_bytes), or None without a limit."""
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit = Path(limit_file).read_text().strip()
+            usage = int(Path(usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or not limit.isdigit() or int(limit) >= 1 << 60:  # v1 writes a huge number for "none"
+            return None
+        return max(int(limit) - usage, 0)
     return None
 
 

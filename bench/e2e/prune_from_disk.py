@@ -63,27 +63,30 @@ def make_model(directory: Path, gib: float, tokenizer_dir: Path) -> dict:
     specs = [TensorSpec(n, torch.float32, tuple(t.shape)) for n, t in outside.items()]
     specs += [TensorSpec(f"model.layers.{i}.{n}", torch.float32, tuple(t.shape)) for i in range(layers)
               for n, t in layer.items()]
-    tmp = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    writer = CheckpointWriter(tmp, specs)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))  # ours alone
     gen = torch.Generator().manual_seed(0)
-    for spec in specs:
-        norm = spec.name.endswith("norm.weight")
-        writer.write(spec.name, torch.ones(spec.shape) if norm else torch.randn(spec.shape, generator=gen) * 0.02)
-    writer.close()
-    config.save_pretrained(tmp)
-    transformers.AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False).save_pretrained(tmp)
-    info = {"gib": gib, "layers": layers, "weight_bytes": sum(s.nbytes for s in specs), "config": SHAPE}
-    (tmp / MARKER).write_text(json.dumps(info))
-    os.rename(tmp, directory)
+    try:
+        with CheckpointWriter(tmp, specs, total_parameters=sum(math.prod(s.shape) for s in specs)) as writer:
+            for spec in specs:
+                norm = spec.name.endswith("norm.weight")
+                value = torch.ones(spec.shape) if norm else torch.randn(spec.shape, generator=gen) * 0.02
+                writer.write(spec.name, value)
+        config.save_pretrained(tmp)
+        transformers.AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False).save_pretrained(tmp)
+        info = {"gib": gib, "layers": layers, "weight_bytes": sum(s.nbytes for s in specs), "config": SHAPE}
+        (tmp / MARKER).write_text(json.dumps(info))
+        os.rename(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return info
 
 
-# runs `python -m sparsefast ARGS` and, at exit, writes the process's own peak RSS (VmHWM of its address space) to
-# $PEAK_RSS_FILE. Not getrusage/wait4: a child's ru_maxrss starts from the peak of the address space it replaced at
-# exec, i.e. the parent's (subprocess forks with vfork), so it would count this benchmark's own peak
-PEAK_RSS_SHIM = """
+# PEAK_RSS_SHIM runs `python -m sparsefast ARGS` and, at exit, writes the process's own peak RSS (VmHWM of its
+# address space) to $PEAK_RSS_FILE. Not getrusage/wait4: a child's ru_maxrss starts from the peak of the address
+# space it replaced at exec, i.e. the parent's (subprocess forks with vfork), so it would count this benchmark's peak
+REPORT_PEAK_AT_EXIT = """
 import atexit, os, runpy, sys
 def peak():
     with open("/proc/self/status") as f:
@@ -91,26 +94,46 @@ def peak():
     with open(os.environ["PEAK_RSS_FILE"], "w") as f:
         f.write(str(kib * 1024))
 atexit.register(peak)
+"""
+PEAK_RSS_SHIM = REPORT_PEAK_AT_EXIT + """
 sys.argv = ["sparsefast", *sys.argv[1:]]
 runpy.run_module("sparsefast", run_name="__main__", alter_sys=True)
 """
+# the imports `sparsefast prune` makes before it reads any weight: the part of every peak no model causes
+BASELINE_SHIM = REPORT_PEAK_AT_EXIT + "import transformers.modeling_utils, sparsefast.api, sparsefast.data\n"
 
 
-def run_prune(src: Path, out: Path, mode: str, args: list[str], calib: list[str]) -> dict:
-    """One `sparsefast prune` child: wall time, its peak RSS (VmHWM), exit status and its last output lines."""
-    shutil.rmtree(out, ignore_errors=True)
-    argv = ["prune", str(src), *args, *calib, "--out", str(out), "--from-disk", mode, "--no-progress"]
-    peak_file = out.with_name(out.name + ".peak-rss")
-    peak_file.unlink(missing_ok=True)
+def run_child(code: str, argv: list[str], peak_file: Path) -> tuple[subprocess.CompletedProcess, float, int | None]:
+    """`python -c CODE ARGV` in a child: (its result, wall seconds, its peak RSS or None)."""
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", PEAK_RSS_SHIM, *argv], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
                           env={**os.environ, "PEAK_RSS_FILE": str(peak_file)})
     wall = time.perf_counter() - t0
     peak = int(peak_file.read_text()) if peak_file.is_file() else None
-    peak_file.unlink(missing_ok=True)
+    return proc, wall, peak
+
+
+def run_prune(src: Path, out: Path, mode: str, args: list[str], calib: list[str]) -> dict:
+    """One `sparsefast prune` child into `out` (which does not exist yet): wall time, its peak RSS (VmHWM), exit
+    status and its last output lines."""
+    argv = ["prune", str(src), *args, *calib, "--out", str(out), "--from-disk", mode, "--no-progress"]
+    proc, wall, peak = run_child(PEAK_RSS_SHIM, argv, out.with_name(out.name + ".peak-rss"))
     return {"from_disk": mode, "exit_code": proc.returncode, "wall_s": wall, "peak_rss_bytes": peak,
             "output_tail": (proc.stdout + proc.stderr).strip().splitlines()[-3:],
             "command": f"{sys.executable} -m sparsefast {' '.join(argv)}"}
+
+
+def baseline_rss(outputs: Path) -> int | None:
+    """Peak RSS of a Python process that imports what `sparsefast prune` imports, then exits."""
+    return run_child(BASELINE_SHIM, [], outputs / "baseline.peak-rss")[2]
+
+
+def mem_total() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+    except (OSError, StopIteration):
+        return None
 
 
 def same_files(a: Path, b: Path) -> dict[str, bool]:
@@ -119,9 +142,10 @@ def same_files(a: Path, b: Path) -> dict[str, bool]:
     return {n: (b / n).is_file() and (a / n).read_bytes() == (b / n).read_bytes() for n in names}
 
 
-def measure(work: Path, sizes: list[float], cases: list[str], calib: list[str], tokenizer_dir: Path, *,
-            keep: bool) -> tuple[list[dict], bool]:
-    """Every size x case, --from-disk on then off: (results, whether any case failed or differed)."""
+def measure(work: Path, outputs: Path, sizes: list[float], cases: list[str], calib: list[str],
+            tokenizer_dir: Path) -> tuple[list[dict], bool]:
+    """Every size x case, --from-disk on then off, pruned checkpoints written under `outputs`: (results, whether
+    any case failed or differed)."""
     from sparsefast.bench.results import load_average
 
     results, failed = [], False
@@ -130,7 +154,7 @@ def measure(work: Path, sizes: list[float], cases: list[str], calib: list[str], 
         info = make_model(src, gib, tokenizer_dir)
         print(f"model {src}: {info['layers']} layers, {info['weight_bytes'] / 2**30:.2f} GiB", flush=True)
         for case in cases:
-            outs = {mode: work / f"out-{gib:g}-{case.replace(':', '')}-{mode}" for mode in ("on", "off")}
+            outs = {mode: outputs / f"out-{gib:g}-{case.replace(':', '')}-{mode}" for mode in ("on", "off")}
             runs = {mode: run_prune(src, out, mode, CASES[case], calib) for mode, out in outs.items()}
             for mode, r in runs.items():
                 peak = r["peak_rss_bytes"] or 0
@@ -146,9 +170,6 @@ def measure(work: Path, sizes: list[float], cases: list[str], calib: list[str], 
                             "full_rss_fraction": (runs["off"]["peak_rss_bytes"] or 0) / info["weight_bytes"],
                             "load_after": load_average()})
             print(f"  {case}: checkpoints {'byte-identical' if equal else 'DIFFER or failed'}", flush=True)
-            if not keep:
-                for out in outs.values():
-                    shutil.rmtree(out, ignore_errors=True)
     return results, failed
 
 
@@ -163,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", default=None,
                    help="where the random models are kept for later runs (default: a temporary directory, removed)")
     p.add_argument("--shared", default=os.environ.get("SPARSEFAST_SHARED", str(REPO.parent / "shared")))
-    p.add_argument("--keep-outputs", action="store_true", help="keep the pruned checkpoints in --work-dir")
+    p.add_argument("--keep-outputs", action="store_true",
+                   help="keep the pruned checkpoints (in an outputs-* directory this run makes in --work-dir)")
     args = p.parse_args(argv)
     cases = args.cases.split(",")
     unknown = [c for c in cases if c not in CASES]
@@ -177,7 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     calib = ["--calib", "c4", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
     with contextlib.ExitStack() as stack:
         work = Path(args.work_dir) if args.work_dir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        results, failed = measure(work, args.gib or [2.0], cases, calib, tokenizer_dir, keep=args.keep_outputs)
+        work.mkdir(parents=True, exist_ok=True)
+        outputs = Path(tempfile.mkdtemp(prefix="outputs-", dir=work))  # made here, so removing it removes only ours
+        if not args.keep_outputs:
+            stack.callback(shutil.rmtree, outputs, ignore_errors=True)
+        baseline = baseline_rss(outputs)
+        results, failed = measure(work, outputs, args.gib or [2.0], cases, calib, tokenizer_dir)
     if not results:
         print("nothing measured", file=sys.stderr)
         return 1
@@ -185,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         "protocol": "sparsefast prune SRC CASE --calib c4 --nsamples N --seqlen L --out OUT --from-disk on|off, each "
                     "in its own child process, one after the other; peak RSS = the child's VmHWM at exit; checkpoints "
                     "compared byte for byte (safetensors, config, generation config, tokenizer)",
-        "nsamples": args.nsamples, "seqlen": args.seqlen, "model_shape": SHAPE, "results": results}, device="cpu")
+        "nsamples": args.nsamples, "seqlen": args.seqlen, "model_shape": SHAPE, "mem_total_bytes": mem_total(),
+        "import_baseline_rss_bytes": baseline, "results": results}, device="cpu")
     print(f"wrote {paths[0]}")
     return 1 if failed else 0
 

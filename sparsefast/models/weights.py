@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from sparsefast.models.base import ModelAdapter, get_adapter
+from sparsefast.models.base import get_adapter
 from sparsefast.ops.wanda_mask import all_finite
 
 
@@ -32,12 +32,12 @@ def check_finite_weights(model: nn.Module) -> None:
     would otherwise spread through SparseGPT's update or survive magnitude pruning into a "saved" checkpoint."""
     adapter = get_adapter(model)
     for i, layer in enumerate(adapter.decoder_layers(model)):
-        check_finite_layer(adapter, i, layer)
+        for name, linear in adapter.prunable_linears(layer).items():
+            if not all_finite(linear.weight.detach()):
+                raise nonfinite_weight(f"{adapter.layers_path}.{i}.{name}")
 
 
-def check_finite_layer(adapter: ModelAdapter, i: int, layer: nn.Module) -> None:
-    """check_finite_weights for decoder layer `i` alone (pruning from disk checks each layer as it is read)."""
-    for name, linear in adapter.prunable_linears(layer).items():
-        if not all_finite(linear.weight.detach()):
-            raise ValueError(f"the weight of {adapter.layers_path}.{i}.{name} holds NaN or inf: the checkpoint is "
-                             "corrupt or overflowed in its dtype (try --dtype float32); fix or re-download it")
+def nonfinite_weight(name: str) -> ValueError:
+    """The error for a prunable weight holding NaN or inf (loaded, or read from disk by pruning from disk)."""
+    return ValueError(f"the weight of {name} holds NaN or inf: the checkpoint is corrupt or overflowed in its dtype "
+                      "(try --dtype float32); fix or re-download it")

@@ -36,7 +36,8 @@ def test_both_paths_measured_and_identical(bench, tmp_path, shared_dir, capsys):
     marker = json.loads((work / "random-llama-0.003gib" / bench.MARKER).read_text())
     assert marker["layers"] == r["layers"]
     assert bench.main(argv) == 0  # the model is reused, not rewritten
-    assert not list(work.glob("out-*"))  # pruned checkpoints removed without --keep-outputs
+    assert not list(work.glob("outputs-*"))  # pruned checkpoints removed without --keep-outputs
+    assert data["import_baseline_rss_bytes"] > 100 * 2**20 and data["mem_total_bytes"] > 2**30
 
 
 def test_a_failed_case_exits_non_zero(bench, tmp_path, shared_dir, monkeypatch, capsys):
