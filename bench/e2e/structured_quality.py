@@ -121,6 +121,8 @@ def decode_side_by_side(out: Path, repeats: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from accelerate import Accelerator
+
     from sparsefast.checkpoint import write_json
     from sparsefast.data import get_calibration
     from sparsefast.models import load_model
@@ -244,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if samples is None:
             samples, dropped = tokenize_recovery_data(records, tok, lora_cfg.cutoff_len)
-        model, stats = lora_recover(model, tok, samples, lora_cfg, device=args.device, progress=False)
+        # under an accelerate Accelerator, as `sparsefast recover` trains (one process here)
+        model, stats = lora_recover(model, tok, samples, lora_cfg, device=args.device, progress=False,
+                                    accelerator=Accelerator(cpu=args.device == "cpu"))
         model.to("cpu")
         stats = {**{k: v for k, v in stats.items() if k != "config"}, "records": len(records.records),
                  "dropped_too_long": dropped, "data": records.source}
