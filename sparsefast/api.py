@@ -199,13 +199,13 @@ def evaluate(model: nn.Module, tokenizer: Any, datasets: Sequence[str], *, seqle
 FROM_DISK_AUTO_FRACTION = 0.5  # auto streams a model whose weights take more than this share of the free memory
 
 
-def _from_disk_source(model_name: str, config: PruneConfig, from_disk: str, *, out: str | None,
-                      evaluating: bool, log) -> Any:
+def from_disk_plan(model_name: str, from_disk: str, *, dtype: torch.dtype | None, needs_whole: str | None,
+                   log) -> Any:
     """The StreamPlan (sparsefast.models.streamed) to prune from disk, or None to load the model whole. "on" raises
-    ValueError, before any work, when streaming cannot serve the request (the reason and the fix); "auto" streams a
-    local safetensors checkpoint whose weights take more than half the available memory, saved to `out`, without
-    --eval and --quantize (which need the whole model), and otherwise (saying why when the size called for it)
-    loads it whole."""
+    ValueError, before any work, when streaming cannot serve the request (the reason and the fix; `needs_whole`:
+    why the request itself needs the whole model, or None); "auto" streams a local safetensors checkpoint whose
+    weights take more than half the available memory when nothing needs the model whole, and otherwise (saying why
+    when the size called for it) loads it whole."""
     from sparsefast.device import available_memory_bytes
     from sparsefast.models.safetensors_stream import checkpoint_files
     from sparsefast.models.streamed import plan_streamed, streamable_dir
@@ -215,27 +215,25 @@ def _from_disk_source(model_name: str, config: PruneConfig, from_disk: str, *, o
     if from_disk == "off":
         return None
     directory, why_not = streamable_dir(model_name)
-    if why_not is None:
-        why_not = ("it writes each pruned layer as it goes: give --out DIR" if out is None
-                   else "the model is never whole in memory, so --eval cannot run: prune, then `sparsefast eval OUT`"
-                   if evaluating else "--quantize rounds the LM head after the layers: prune with --from-disk off"
-                   if config.quantize is not None else None)
+    why_not = why_not or needs_whole
     if from_disk == "on" and why_not is not None:
         raise ValueError(f"--from-disk on: {model_name}: {why_not}")
     if why_not is not None:
         return None
-    try:
-        plan = plan_streamed(directory, resolve_dtype(config.dtype))
-    except ValueError as exc:
-        if from_disk == "on":
-            raise
-        plan, reason = None, exc
     if from_disk == "on":
-        return plan
+        return plan_streamed(directory, dtype)
     free = available_memory_bytes()
+    files = sum(f.stat().st_size for f in checkpoint_files(directory))
+    # loading casts half-precision files to float32 at most: files this small fit whatever the dtype, unplanned
+    if free is None or 2 * files <= FROM_DISK_AUTO_FRACTION * free:
+        return None
+    try:
+        plan = plan_streamed(directory, dtype)
+    except ValueError as exc:
+        plan, reason = None, exc
     # the size in the model's dtype when the plan is known, else the files' (then only to say why it is loaded whole)
-    need = plan.weight_bytes if plan is not None else sum(f.stat().st_size for f in checkpoint_files(directory))
-    if free is None or need <= FROM_DISK_AUTO_FRACTION * free:
+    need = plan.weight_bytes if plan is not None else files
+    if need <= FROM_DISK_AUTO_FRACTION * free:
         return None
     if plan is None:
         log(f"not pruning from disk although the model takes {need / 2**30:.1f} GiB of the {free / 2**30:.1f} GiB "
@@ -271,7 +269,11 @@ def prune_pretrained(model_name: str, config: PruneConfig, *, out: str | None = 
         raise ValueError(f"--eval-windows must be >= 1, got {eval_windows}")
     if eval_seqlen is not None and eval_seqlen < 1:
         raise ValueError(f"--eval-seqlen must be >= 1, got {eval_seqlen}")
-    plan = _from_disk_source(model_name, config, from_disk, out=out, evaluating=bool(eval_datasets), log=log)
+    needs_whole = ("it writes each pruned layer as it goes: give --out DIR" if out is None
+                   else "the model is never whole in memory, so --eval cannot run: prune, then `sparsefast eval OUT`"
+                   if eval_datasets else "--quantize rounds the LM head after the layers: prune with --from-disk off"
+                   if config.quantize is not None else None)
+    plan = from_disk_plan(model_name, from_disk, dtype=resolve_dtype(config.dtype), needs_whole=needs_whole, log=log)
     load_config(model_name)  # missing path / unsupported architecture, before loading any weights
     # `out` is checked and claimed here and held until the save: a second run on the same `out` stops now, before
     # any work (sparsefast.checkpoint.OutputClaim)
@@ -335,10 +337,7 @@ def _prune_from_disk(model_name: str, plan: Any, config: PruneConfig, claim: Any
     from sparsefast.models.safetensors_stream import CheckpointWriter
     from sparsefast.models.streamed import check_finite_on_disk, open_streamed, save_config
 
-    free = shutil.disk_usage(claim.path.parent).free
-    if plan.weight_bytes > free:
-        raise ValueError(f"the pruned checkpoint needs {plan.weight_bytes / 2**30:.1f} GiB, {claim.path.parent} has "
-                         f"{free / 2**30:.1f} GiB free: free space or choose another --out")
+    _check_output_space(plan, claim)
     model = plan.model
     tokenizer = load_tokenizer(str(plan.directory))
     adapter = check_prunable(model, config, check_weights=False)
@@ -360,6 +359,63 @@ def _prune_from_disk(model_name: str, plan: Any, config: PruneConfig, claim: Any
         _log_pruned(report, log)
         write_beside_weights(tmp, tokenizer, report)
     log(f"saved {claim.path}")
+    return report
+
+
+def _check_output_space(plan: Any, claim: Any) -> None:
+    """Raise ValueError, before any work, when the output's filesystem has less free space than the plan's weights
+    (an upper bound of the pruned checkpoint's)."""
+    free = shutil.disk_usage(claim.path.parent).free
+    if plan.weight_bytes > free:
+        raise ValueError(f"the pruned checkpoint needs up to {plan.weight_bytes / 2**30:.1f} GiB, {claim.path.parent} "
+                         f"has {free / 2**30:.1f} GiB free: free space or choose another --out")
+
+
+def prune_structured_from_disk(model_name: str, plan: Any, config: Any, claim: Any, *, calib_source: str = "c4",
+                               data_dir: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """`sparsefast prune-structured` from a StreamPlan (block strategy, on the CPU): the importances are computed
+    with one decoder layer in memory at a time (sparsefast.prune.structural.importance.streamed_channel_scores),
+    then each layer is read again, sliced and written to the claimed output; the rest of the checkpoint after the
+    last. The checkpoint is the fully-loaded run's, byte for byte. Checks first: disk space, finite weights (one
+    read pass)."""
+    import math
+
+    from sparsefast.checkpoint import atomic_output_dir, write_beside_weights
+    from sparsefast.export.architecture import set_plain_config
+    from sparsefast.models import load_tokenizer
+    from sparsefast.models.safetensors_stream import CheckpointWriter, TensorSpec
+    from sparsefast.models.streamed import check_finite_on_disk, open_streamed, save_config
+    from sparsefast.models.structural import structure_of
+    from sparsefast.prune.structural import remove_selected, select_structured
+    from sparsefast.prune.structural.slicing import pruned_shapes
+
+    _check_output_space(plan, claim)
+    model = plan.model
+    tokenizer = load_tokenizer(str(plan.directory))
+    check_finite_on_disk(plan, progress=progress)
+    stream = open_streamed(plan)
+    selection = select_structured(model, tokenizer, config, calib_source=calib_source, data_dir=data_dir,
+                                  progress=progress, layer_stream=stream)
+    shapes = pruned_shapes(model, selection.removed)
+    specs = [TensorSpec(s.name, s.dtype, shapes.get(s.name, s.shape)) for s in plan.specs]
+    with atomic_output_dir(claim.path, overwrite=claim.overwrite) as tmp:
+        with CheckpointWriter(tmp, specs, total_parameters=sum(map(math.prod, shapes.values()))) as writer:
+            stream.writer = writer
+            report = remove_selected(model, config, selection, progress=progress, layer_stream=stream)
+            state = model.state_dict()
+            for spec in specs:
+                if not spec.name.startswith(plan.layers_prefix):
+                    writer.write(spec.name, state[spec.name])
+        structure = None
+        if config.uniform:  # every layer alike: a plain config any engine loads, no structure.json
+            set_plain_config(model)
+        else:
+            structure = structure_of(model, model.sparsefast_layers)
+        save_config(model, tmp)
+        report["model"] = model_name
+        report["from_disk"] = {"checkpoint": str(plan.directory), "bytes_read": stream.bytes_read,
+                               "weight_bytes_written": sum(s.nbytes for s in specs)}
+        write_beside_weights(tmp, tokenizer, report, structure=structure)
     return report
 
 

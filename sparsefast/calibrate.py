@@ -117,7 +117,9 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, calib: torch.T
     return records
 
 
-def _call_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, device: torch.device) -> torch.Tensor:
+def call_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, device: torch.device) -> torch.Tensor:
+    """Decoder `layer`'s output hidden states for one record of capture_layer_inputs (its kwargs moved to
+    `device`)."""
     kwargs = _to(kwargs, device)
     args = [kwargs.pop(f"__arg{i}") for i in range(len([k for k in kwargs if k.startswith("__arg")]))]
     out = layer(hidden.to(device), *args, **kwargs)
@@ -183,7 +185,7 @@ def prune_layerwise(model: nn.Module, adapter: Any, pruner: Pruner, calib: torch
                     _sync(device)
                     t0 = time.perf_counter()
                     for hidden, kwargs in inputs:
-                        _call_layer(layer, hidden, kwargs, device)
+                        call_layer(layer, hidden, kwargs, device)
                     _sync(device)
                     lt["calib_forward_s"] += time.perf_counter() - t0
                 finally:
@@ -207,7 +209,7 @@ def prune_layerwise(model: nn.Module, adapter: Any, pruner: Pruner, calib: torch
                 store = torch.device("cpu") if offload else device
                 new_inputs = []
                 for hidden, kwargs in inputs:
-                    out = _call_layer(layer, hidden, kwargs, device)
+                    out = call_layer(layer, hidden, kwargs, device)
                     _check_finite(out, f"leaving decoder layer {i}")
                     new_inputs.append((out.to(store), kwargs))
                 inputs = new_inputs
@@ -270,7 +272,7 @@ def layer_outlier_ratios(model: nn.Module, adapter: Any, calib: torch.Tensor, *,
 
             handles = [lin.register_forward_hook(accumulate(name)) for name, lin in linears.items()]
             try:
-                outputs = [(_call_layer(layer, hidden, kwargs, device), kwargs) for hidden, kwargs in inputs]
+                outputs = [(call_layer(layer, hidden, kwargs, device), kwargs) for hidden, kwargs in inputs]
                 ratios.append(outlier_ratio([lin.weight.float().abs() * acc[name].sqrt()[None, :]
                                              for name, lin in linears.items()], m))
             finally:

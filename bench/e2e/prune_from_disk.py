@@ -1,13 +1,13 @@
-"""Peak memory of `sparsefast prune --from-disk on` against the fully-loaded path on a random LLaMA of a given size,
-and whether their checkpoints are the same bytes (issue 26).
+"""Peak memory of `sparsefast prune --from-disk on` and `prune-structured --from-disk on` against the fully-loaded
+path on a random LLaMA of a given size, and whether their checkpoints are the same bytes (issue 26).
 
 The model: LLaMA architecture, hidden 2048, MLP 5632, 16 heads (4 KV heads), the story llama's 2048-token vocabulary
 and tokenizer, as many decoder layers as make at least --gib GiB of fp32 weights, weights N(0, 0.02) from a fixed
 seed, norms 1. It is written layer by layer (sparsefast.models.safetensors_stream) into --work-dir and reused by later
-runs (a marker file says it is ours). Each case runs `sparsefast prune` twice in child processes, --from-disk on and
-off, one after the other (never side by side). Each child reports its own peak RSS (VmHWM) as it exits
-(PEAK_RSS_SHIM says why not wait4's rusage); it counts every resident page of the process, the Python, torch and
-transformers it imports too (~0.5 GB here).
+runs (a marker file says it is ours). Each case runs its command (`sparsefast prune` or `prune-structured`) twice in
+child processes, --from-disk on and off, one after the other (never side by side). Each child reports its own peak
+RSS (VmHWM) as it exits (PEAK_RSS_SHIM says why not wait4's rusage); it counts every resident page of the process,
+the Python, torch and transformers it imports too (~0.5 GB here).
 
     python bench/e2e/prune_from_disk.py --gib 2 --gib 4      # writes bench/results/<date>-cpu-prune-from-disk.json
 
@@ -32,8 +32,10 @@ REPO = Path(__file__).resolve().parents[2]
 MARKER = "sparsefast-bench-random-llama.json"
 SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=16, num_key_value_heads=4,
              vocab_size=2048, max_position_embeddings=2048, tie_word_embeddings=False)
-CASES = {"wanda-2:4": ["--method", "wanda", "--pattern", "2:4"],
-         "sparsegpt-50%": ["--method", "sparsegpt", "--sparsity", "0.5"]}
+CASES = {"wanda-2:4": ["prune", "--method", "wanda", "--pattern", "2:4"],
+         "sparsegpt-50%": ["prune", "--method", "sparsegpt", "--sparsity", "0.5"],
+         # LLM-Pruner's block-wise setting: element-wise first-order Taylor, 20% of heads and MLP channels per layer
+         "structured-20%": ["prune-structured", "--ratio", "0.2", "--importance", "element1", "--device", "cpu"]}
 
 
 def make_model(directory: Path, gib: float, tokenizer_dir: Path) -> dict:
@@ -113,10 +115,10 @@ def run_child(code: str, argv: list[str], peak_file: Path) -> tuple[subprocess.C
     return proc, wall, peak
 
 
-def run_prune(src: Path, out: Path, mode: str, args: list[str], calib: list[str]) -> dict:
-    """One `sparsefast prune` child into `out` (which does not exist yet): wall time, its peak RSS (VmHWM), exit
-    status and its last output lines."""
-    argv = ["prune", str(src), *args, *calib, "--out", str(out), "--from-disk", mode, "--no-progress"]
+def run_prune(src: Path, out: Path, mode: str, case: list[str], calib: list[str]) -> dict:
+    """One `sparsefast prune` / `prune-structured` child (case: the subcommand, then its options) into `out` (which
+    does not exist yet): wall time, its peak RSS (VmHWM), exit status and its last output lines."""
+    argv = [case[0], str(src), *case[1:], *calib, "--out", str(out), "--from-disk", mode, "--no-progress"]
     proc, wall, peak = run_child(PEAK_RSS_SHIM, argv, out.with_name(out.name + ".peak-rss"))
     return {"from_disk": mode, "exit_code": proc.returncode, "wall_s": wall, "peak_rss_bytes": peak,
             "output_tail": (proc.stdout + proc.stderr).strip().splitlines()[-3:],
@@ -209,9 +211,11 @@ def main(argv: list[str] | None = None) -> int:
         print("nothing measured", file=sys.stderr)
         return 1
     paths = write_result("prune-from-disk", {
-        "protocol": "sparsefast prune SRC CASE --calib c4 --nsamples N --seqlen L --out OUT --from-disk on|off, each "
-                    "in its own child process, one after the other; peak RSS = the child's VmHWM at exit; checkpoints "
-                    "compared byte for byte (safetensors, config, generation config, tokenizer)",
+        "protocol": "sparsefast prune|prune-structured SRC CASE --calib c4 --nsamples N --seqlen L --out OUT "
+                    "--from-disk on|off, each in its own child process, one after the other; peak RSS = the "
+                    "child's VmHWM at exit; checkpoints compared byte for byte (safetensors, config, generation "
+                    "config, tokenizer, structure.json)",
+        "cases": {case: CASES[case] for case in cases},
         "nsamples": args.nsamples, "seqlen": args.seqlen, "model_shape": SHAPE, "mem_total_bytes": mem_total(),
         "import_baseline_rss_bytes": baseline, "results": results}, device="cpu")
     print(f"wrote {paths[0]}")

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import argparse
 
-# both import no torch, so `sparsefast --help` stays light
+# these import no torch, so `sparsefast --help` stays light
+from sparsefast.config.prune import FROM_DISK_CHOICES
 from sparsefast.config.structural import (
     AGGREGATIONS,
     GQA_MODES,
@@ -81,6 +82,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="model dtype (default: the checkpoint's; half types become float32 on CPU)")
     p.add_argument("--data-dir", default=None, help="directory with datasets (else $SPARSEFAST_DATA, bundled)")
     p.add_argument("--out", required=True, help="output directory of the pruned checkpoint")
+    p.add_argument("--from-disk", default="auto", choices=FROM_DISK_CHOICES,
+                   help="on: keep the decoder layers on disk, reading one at a time from the checkpoint's "
+                        "safetensors for the gradients and again to slice and write it to --out (peak memory about "
+                        "one layer, its gradients and the calibration activations; the same checkpoint as loading "
+                        "it whole; block strategy, on the CPU); off: load the model whole; auto (default): on when "
+                        "the weights would take more than half the available memory and the run allows it")
     p.add_argument("--json", default=None, help="also write the full report to this file")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty --out that sparsefast wrote (only the files it recorded) and an "
@@ -108,16 +115,13 @@ def config_from_args(args: argparse.Namespace) -> StructuralConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-    import time
-
     import transformers
 
-    from sparsefast.checkpoint import OutputClaim, check_output_dir, check_output_file, check_savable, write_json
+    from sparsefast.api import from_disk_plan, prune_structured_from_disk
+    from sparsefast.checkpoint import OutputClaim, check_output_dir, check_output_file, write_json
     from sparsefast.data import check_data_dir
     from sparsefast.device import resolve_dtype
-    from sparsefast.models import load_config, load_model, local_source_paths, save_structural
-    from sparsefast.prune.structural import prune_structured
+    from sparsefast.models import load_config, local_source_paths
 
     config = config_from_args(args)          # bad ratio / names / layer ranges: before loading anything
     sources = local_source_paths(args.model)
@@ -131,34 +135,63 @@ def run(args: argparse.Namespace) -> int:
     bars = transformers.utils.logging.is_progress_bar_enabled()
     if args.no_progress:
         transformers.utils.logging.disable_progress_bar()    # also huggingface_hub's bars
+    plan = from_disk_plan(args.model, args.from_disk, dtype=resolve_dtype(args.dtype), log=print,
+                          needs_whole=_needs_whole(config, args.device))
     claim = OutputClaim(args.out, args.overwrite, sources=sources)  # held until the save: a second run stops here
     try:
-        model, tokenizer = load_model(args.model, dtype=resolve_dtype(args.dtype), device=args.device)
-        check_savable(model)
-        report = prune_structured(model, tokenizer, config, calib_source=args.calib, data_dir=args.data_dir,
-                                  progress=not args.no_progress)
-        report["model"] = args.model
-        if not args.no_progress:
-            print(f"prune-structured: saving {claim.path}", file=sys.stderr, flush=True)
-        t_save = time.perf_counter()
-        if config.uniform:  # every layer alike: a plain config any engine loads, no structure.json
-            from sparsefast.checkpoint import save_checkpoint
-            from sparsefast.export.architecture import set_plain_config
-
-            set_plain_config(model)
-            save_checkpoint(model, tokenizer, claim, report)
+        if plan is not None:  # each layer is written as it is pruned
+            report = prune_structured_from_disk(args.model, plan, config, claim, calib_source=args.calib,
+                                                data_dir=args.data_dir, progress=not args.no_progress)
         else:
-            save_structural(model, claim, tokenizer=tokenizer, report=report)
-        save_s = time.perf_counter() - t_save
+            report, save_s = _prune_loaded(args, config, claim)
     finally:
         claim.release()
         if bars:
             transformers.utils.logging.enable_progress_bar()
     print(summary(report))
-    print(f"saved {claim.path} ({save_s:.1f} s)")
+    print(f"saved {claim.path} " + ("(pruned from disk)" if plan is not None else f"({save_s:.1f} s)"))
     if args.json is not None:
         print(f"report written to {write_json(args.json, report, overwrite=args.overwrite)}")
     return 0
+
+
+def _prune_loaded(args: argparse.Namespace, config: StructuralConfig, claim) -> tuple[dict, float]:
+    """Load the model whole, prune it and save it to the claimed output; returns (report, seconds of the save)."""
+    import sys
+    import time
+
+    from sparsefast.checkpoint import check_savable, save_checkpoint
+    from sparsefast.device import resolve_dtype
+    from sparsefast.export.architecture import set_plain_config
+    from sparsefast.models import load_model, save_structural
+    from sparsefast.prune.structural import prune_structured
+
+    model, tokenizer = load_model(args.model, dtype=resolve_dtype(args.dtype), device=args.device)
+    check_savable(model)
+    report = prune_structured(model, tokenizer, config, calib_source=args.calib, data_dir=args.data_dir,
+                              progress=not args.no_progress)
+    report["model"] = args.model
+    if not args.no_progress:
+        print(f"prune-structured: saving {claim.path}", file=sys.stderr, flush=True)
+    t_save = time.perf_counter()
+    if config.uniform:  # every layer alike: a plain config any engine loads, no structure.json
+        set_plain_config(model)
+        save_checkpoint(model, tokenizer, claim, report)
+    else:
+        save_structural(model, claim, tokenizer=tokenizer, report=report)
+    return report, time.perf_counter() - t_save
+
+
+def _needs_whole(config: StructuralConfig, device: str) -> str | None:
+    """Why this run needs the whole model in memory (so it cannot prune from disk), or None."""
+    from sparsefast.api import compute_device
+
+    if config.strategy != "block":
+        return (f"strategy {config.strategy} changes the embeddings or renumbers the layers; only the block strategy "
+                "prunes from disk (--from-disk off)")
+    if compute_device(device).type != "cpu":
+        return "from disk, the gradients are computed on the CPU: --device cpu, or --from-disk off"
+    return None
 
 
 def summary(report: dict) -> str:

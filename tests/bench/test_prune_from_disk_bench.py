@@ -23,17 +23,18 @@ def bench(monkeypatch, tmp_path, shared_dir):
     return module
 
 
-def test_both_paths_measured_and_identical(bench, tmp_path, shared_dir, capsys):
+@pytest.mark.parametrize("case, gib", [("wanda-2:4", "0.003"), ("structured-20%", "0.005")])  # 0.005: 4 layers
+def test_both_paths_measured_and_identical(bench, tmp_path, shared_dir, capsys, case, gib):
     work = tmp_path / "work"
-    argv = ["--gib", "0.003", "--cases", "wanda-2:4", "--work-dir", str(work), "--shared", str(shared_dir)]
+    argv = ["--gib", gib, "--cases", case, "--work-dir", str(work), "--shared", str(shared_dir)]
     assert bench.main(argv) == 0, capsys.readouterr()
     (result,) = (tmp_path / "results").glob("*-cpu-prune-from-disk.json")
     data = json.loads(result.read_text())
     (r,) = data["results"]
     assert r["bit_identical"] and r["files_equal"]["model.safetensors"] and r["files_equal"]["config.json"]
-    assert r["weight_bytes"] >= 0.003 * 2**30 and r["layers"] >= 2
+    assert r["weight_bytes"] >= float(gib) * 2**30 and r["layers"] >= 2
     assert [x["from_disk"] for x in r["runs"]] == ["on", "off"] and all(x["peak_rss_bytes"] > 0 for x in r["runs"])
-    marker = json.loads((work / "random-llama-0.003gib" / bench.MARKER).read_text())
+    marker = json.loads((work / f"random-llama-{gib}gib" / bench.MARKER).read_text())
     assert marker["layers"] == r["layers"]
     assert bench.main(argv) == 0  # the model is reused, not rewritten
     assert not list(work.glob("outputs-*"))  # pruned checkpoints removed without --keep-outputs
@@ -41,7 +42,8 @@ def test_both_paths_measured_and_identical(bench, tmp_path, shared_dir, capsys):
 
 
 def test_a_failed_case_exits_non_zero(bench, tmp_path, shared_dir, monkeypatch, capsys):
-    monkeypatch.setitem(bench.CASES, "wanda-2:4", ["--method", "wanda", "--pattern", "3:7"])  # 7 divides no width
+    # 7 divides no width
+    monkeypatch.setitem(bench.CASES, "wanda-2:4", ["prune", "--method", "wanda", "--pattern", "3:7"])
     argv = ["--gib", "0.003", "--cases", "wanda-2:4", "--work-dir", str(tmp_path / "w"), "--shared", str(shared_dir)]
     assert bench.main(argv) == 1
     assert "DIFFER or failed" in capsys.readouterr().out

@@ -18,3 +18,14 @@ def poisoned_story(story_llama_dir, tmp_path):
     model.save_pretrained(src)
     transformers.AutoTokenizer.from_pretrained(story_llama_dir).save_pretrained(src)
     return src
+
+
+STORY = "Once upon a time there was a little fox who lived in the forest with her family. " * 40
+
+
+@pytest.fixture()
+def calib_file(tmp_path):
+    """A small calibration text file (three documents) for the commands' --calib."""
+    path = tmp_path / "calib.txt"
+    path.write_text("\n\n".join([STORY, STORY[::-1], STORY.upper()]))
+    return path

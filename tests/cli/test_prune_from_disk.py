@@ -15,15 +15,7 @@ from sparsefast.cli import main
 from sparsefast.models.safetensors_stream import INDEX_FILE, SINGLE_FILE
 from tests.conftest import tiny_model
 
-STORY = "Once upon a time there was a little fox who lived in the forest with her family. " * 40
 SAVED = (SINGLE_FILE, "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
-
-
-@pytest.fixture()
-def calib_file(tmp_path):
-    path = tmp_path / "calib.txt"
-    path.write_text("\n\n".join([STORY, STORY[::-1], STORY.upper()]))
-    return path
 
 
 def prune(src, out, mode, args, calib, capsys):

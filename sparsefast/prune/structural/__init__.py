@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,9 +34,10 @@ from sparsefast.prune.structural.slicing import (
     slice_units,
     update_layer_attributes,
 )
-from sparsefast.prune.structural.strategies import plan_candidates, select
+from sparsefast.prune.structural.strategies import Plan, plan_candidates, select
 
-__all__ = ["StructuralConfig", "build_graph", "count_parameters", "macs_per_token", "mask_dense", "prune_structured"]
+__all__ = ["Selection", "StructuralConfig", "build_graph", "count_parameters", "macs_per_token", "mask_dense",
+           "prune_structured", "remove_selected", "select_structured"]
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -94,6 +96,18 @@ def _phase_done(progress: bool, what: str, since: float) -> float:
     return now
 
 
+@dataclass
+class Selection:
+    """What `select_structured` chose: the units to remove, with what `remove_selected` needs for its report."""
+    graph: StructureGraph
+    plan: Plan
+    removed: list
+    before: dict[str, Any]
+    stats: dict[str, Any]
+    seconds: dict[str, float]
+    started: float
+
+
 def prune_structured(model: nn.Module, tokenizer, config: StructuralConfig,
                      calib: torch.Tensor | None = None, *, calib_source: str = "c4",
                      data_dir: str | None = None, progress: bool = True) -> dict[str, Any]:
@@ -106,8 +120,25 @@ def prune_structured(model: nn.Module, tokenizer, config: StructuralConfig,
     progress: one line on stderr per finished phase (graph, calibration, importance, pruning) with its time, and a
     bar over the calibration samples of the gradient pass.
     """
+    selection = select_structured(model, tokenizer, config, calib, calib_source=calib_source, data_dir=data_dir,
+                                  progress=progress)
+    return remove_selected(model, config, selection, progress=progress)
+
+
+def select_structured(model: nn.Module, tokenizer, config: StructuralConfig, calib: torch.Tensor | None = None, *,
+                      calib_source: str = "c4", data_dir: str | None = None, progress: bool = True,
+                      layer_stream: Any = None) -> Selection:
+    """The first half of `prune_structured`: trace, plan, score and choose the units to remove; no weight changes.
+
+    layer_stream (sparsefast.models.streamed.LayerStream, the model's decoder layers on disk): the importances are
+    computed one layer at a time (importance.streamed_channel_scores, the same numbers); its caller checked the
+    weights on disk (the block strategy only)."""
     refuse_quantized(model, "prune-structured")  # slicing would leave the int8 scales behind
-    check_finite_weights(model)  # a NaN would spread through the Taylor importances into a "pruned" model
+    if layer_stream is None:
+        check_finite_weights(model)  # a NaN would spread through the Taylor importances into a "pruned" model
+    elif config.strategy != "block":
+        raise ValueError(f"strategy {config.strategy!r} changes the embeddings or renumbers the layers; only the "
+                         "block strategy prunes from disk: use --from-disk off")
     if calib is None:
         config.check_context(getattr(getattr(model, "config", None), "max_position_embeddings", None))
     t0 = time.perf_counter()
@@ -127,21 +158,34 @@ def prune_structured(model: nn.Module, tokenizer, config: StructuralConfig,
     _, layers = decoder_layers(model)
     t1 = time.perf_counter()
     # the gradient pass runs one model forward (and backward) per calibration sample: a pre-hook on the model
-    # advances the bar without threading a callback through the importance code
-    bar = tqdm(total=len(calib) if config.needs_gradients else 0, desc="importance: gradients", unit="sample",
-               disable=not progress or not config.needs_gradients, leave=False)
+    # advances the bar without threading a callback through the importance code (from disk: the model runs twice
+    # per sample, before and after the layers' forward pass)
+    runs = len(calib) * (2 if layer_stream is not None else 1) if config.needs_gradients else 0
+    bar = tqdm(total=runs, desc="importance: gradients", unit="pass", disable=not progress or not runs, leave=False)
 
     def count_sample(*_: Any) -> None:  # returns None: a pre-hook's return value would replace the inputs
         bar.update(1)
 
     hook = model.register_forward_pre_hook(count_sample)
     try:
-        scores, imp_stats = unit_importance(model, plan.units, config, calib, layers)
+        scores, imp_stats = unit_importance(model, plan.units, config, calib, layers, layer_stream=layer_stream)
     finally:
         hook.remove()
         bar.close()
     removed = select(plan, scores, config)
     t2 = _phase_done(progress, f"importance: {config.importance} over {len(plan.units)} units", t1)
+    return Selection(graph, plan, removed, before, imp_stats,
+                     {"graph": t_graph, "calibration": t_calib, "importance": t2 - t1}, t0)
+
+
+def remove_selected(model: nn.Module, config: StructuralConfig, selection: Selection, *, progress: bool = True,
+                    layer_stream: Any = None) -> dict[str, Any]:
+    """The second half of `prune_structured`: remove the selected units physically; returns the report.
+
+    layer_stream: each decoder layer is read, sliced and written (by the stream's writer, whose tensors have the
+    shapes `pruned_shapes` gives) in turn."""
+    graph, plan, removed = selection.graph, selection.plan, selection.removed
+    t2 = time.perf_counter()
     if config.strategy == "layer":
         gone = sorted(u.layer for u in removed)
         info = [e for e in _layer_info(model, graph, []) if e["index"] not in gone]
@@ -149,12 +193,20 @@ def prune_structured(model: nn.Module, tokenizer, config: StructuralConfig,
         for i, e in enumerate(info):
             e["index"] = i
     else:
-        slice_units(model, removed)
+        if layer_stream is None:
+            slice_units(model, removed)
+        else:
+            _, layers = decoder_layers(model)
+            for i, layer in enumerate(tqdm(layers, desc="pruning: layers", disable=not progress, leave=False)):
+                layer_stream.load(i, layer)
+                slice_units(model, [u for u in removed if u.layer == i])
+                layer_stream.release(i, layer)
         info = _layer_info(model, graph, removed)
         if config.strategy == "channel":
             set_hidden_size(model)
     model.sparsefast_layers = info
     t3 = _phase_done(progress, f"pruning: removed {len(removed)} of {len(plan.units)} units", t2)
+    before = selection.before
     after = {"parameters": count_parameters(model), "macs_per_token": macs_per_token(model, config.seqlen)}
     return {
         "method": "llm-pruner-structural",
@@ -170,7 +222,6 @@ def prune_structured(model: nn.Module, tokenizer, config: StructuralConfig,
         "before": before,
         "after": after,
         "parameter_ratio": after["parameters"] / before["parameters"],
-        "importance": imp_stats,
-        "seconds": {"graph": t_graph, "calibration": t_calib, "importance": t2 - t1, "slicing": t3 - t2,
-                    "total": t3 - t0},
+        "importance": selection.stats,
+        "seconds": {**selection.seconds, "slicing": t3 - t2, "total": t3 - selection.started},
     }

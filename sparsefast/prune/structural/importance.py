@@ -46,8 +46,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from sparsefast.calibrate import call_layer, capture_layer_inputs
 from sparsefast.config.structural import StructuralConfig
-from sparsefast.prune.structural.graph import Member, Unit
+from sparsefast.prune.structural.graph import Member, Unit, decoder_layers
 
 
 @contextmanager
@@ -184,39 +185,188 @@ def aggregate_head(channel_scores_per_member: list[torch.Tensor], members: list[
     raise ValueError(f"unknown aggregation {how!r}")
 
 
-def unit_importance(model: nn.Module, units: list[Unit], config: StructuralConfig,
-                    calib: torch.Tensor | None, layers: nn.ModuleList | None = None) -> tuple[list[float], dict]:
-    """Importance of every unit (higher = keep). Returns (scores aligned with `units`, stats)."""
-    if config.importance == "random":
-        gen = torch.Generator().manual_seed(config.seed)
-        return torch.rand(len(units), generator=gen, dtype=torch.float64).tolist(), {}
-    params = dict(model.named_parameters())
-    used = sorted({m.param for u in units for m in u.members})
-    stats: dict = {}
-    grad, fish = {}, {}
-    if config.needs_gradients:
-        if calib is None:
-            raise ValueError(f"importance {config.importance!r} needs calibration samples; pass calib or use l2/random")
-        grad, fish, stats = accumulate_gradients(model, {n: params[n] for n in used}, calib,
-                                                 fisher=config.importance in ("element2", "mix"), layers=layers,
-                                                 checkpointing=config.gradient_checkpointing)
-    cache: dict[tuple[str, int], torch.Tensor] = {}
-    by_key = defaultdict(list)
-    for u in units:
-        for m in u.members:
-            by_key[(m.param, m.dim)].append(m)
-    for key in by_key:
-        name, dim = key
-        w = params[name]
-        cache[key] = channel_scores(w, dim, config.importance, grad.get(name, None) if grad else None,
-                                    fish.get(name, None) if fish else None).double().cpu()
-    del grad, fish
+def unit_scores(units: list[Unit], cache: dict[tuple[str, int], torch.Tensor], how: str) -> list[float]:
+    """Every unit's score from the per-channel scores of its members' (param, dim) keys (`channel_scores`, fp64)."""
     scores = []
     for u in units:
         if u.kind in ("attention", "query"):
             channels = [cache[(m.param, m.dim)][m.index] for m in u.members]
-            scores.append(aggregate_head(channels, u.members, config.aggregation))
+            scores.append(aggregate_head(channels, u.members, how))
         else:
             member_scores = [float(cache[(m.param, m.dim)][m.index].sum()) for m in u.members]
-            scores.append(aggregate(member_scores, u.members, config.aggregation))
-    return scores, stats
+            scores.append(aggregate(member_scores, u.members, how))
+    return scores
+
+
+def unit_importance(model: nn.Module, units: list[Unit], config: StructuralConfig,
+                    calib: torch.Tensor | None, layers: nn.ModuleList | None = None, *,
+                    layer_stream=None) -> tuple[list[float], dict]:
+    """Importance of every unit (higher = keep). Returns (scores aligned with `units`, stats).
+
+    layer_stream (sparsefast.models.streamed.LayerStream): the decoder layers are on disk; the channel scores come
+    from `streamed_channel_scores`, the same numbers with one decoder layer in memory at a time."""
+    if config.importance == "random":
+        gen = torch.Generator().manual_seed(config.seed)
+        return torch.rand(len(units), generator=gen, dtype=torch.float64).tolist(), {}
+    if config.needs_gradients and calib is None:
+        raise ValueError(f"importance {config.importance!r} needs calibration samples; pass calib or use l2/random")
+    keys = sorted({(m.param, m.dim) for u in units for m in u.members})
+    if layer_stream is not None:
+        cache, stats = streamed_channel_scores(model, keys, config, calib, layer_stream)
+        return unit_scores(units, cache, config.aggregation), stats
+    params = dict(model.named_parameters())
+    used = sorted({name for name, _ in keys})
+    stats: dict = {}
+    grad, fish = {}, {}
+    if config.needs_gradients:
+        grad, fish, stats = accumulate_gradients(model, {n: params[n] for n in used}, calib,
+                                                 fisher=config.importance in ("element2", "mix"), layers=layers,
+                                                 checkpointing=config.gradient_checkpointing)
+    cache = {(name, dim): channel_scores(params[name], dim, config.importance, grad.get(name), fish.get(name))
+             .double().cpu() for name, dim in keys}
+    del grad, fish
+    return unit_scores(units, cache, config.aggregation), stats
+
+
+def streamed_channel_scores(model: nn.Module, keys: list[tuple[str, int]], config: StructuralConfig,
+                            calib: torch.Tensor | None, stream) -> tuple[dict, dict]:
+    """`channel_scores` of every (param, dim) in `keys`, all inside decoder layers, with the layers on disk: read
+    one at a time through `stream` (load / release, writing nothing).
+
+    l2 reads each layer once. The gradients are `accumulate_gradients`' numbers, bit for bit, computed layer by
+    layer: a forward pass stores every calibration sample's input of each layer from the lowest one with a
+    candidate up; the model's own forward, with its decoder layers standing in for the stored last output, gives
+    the loss and its gradient at that output; then from the last layer down each layer is read again, its forward
+    recomputed per sample from the stored input and backpropagated from the gradient at its output, which leaves
+    the gradients of its parameters (summed, and their squares for the Fisher, per sample in order as the whole
+    model's backward does) and the gradient at its input for the layer below. Memory: one decoder layer, its
+    gradients, and the stored inputs (samples x seqlen x hidden per layer)."""
+    prefix, layers = decoder_layers(model)
+    by_layer: dict[int, list[tuple[str, int]]] = defaultdict(list)
+    for name, dim in keys:
+        head, _, rest = name.partition(f"{prefix}.")
+        index = rest.split(".", 1)[0]
+        if head or not index.isdigit():
+            raise ValueError(f"{name} is outside the decoder layers: only the block strategy prunes from disk; "
+                             "use --from-disk off")
+        by_layer[int(index)].append((name, dim))
+
+    def layer_params(i: int) -> dict[str, nn.Parameter]:
+        return dict(layers[i].named_parameters(prefix=f"{prefix}.{i}"))
+
+    cache: dict[tuple[str, int], torch.Tensor] = {}
+    if not config.needs_gradients:
+        for i in sorted(by_layer):
+            stream.load(i, layers[i])
+            try:
+                params = layer_params(i)
+                for name, dim in by_layer[i]:
+                    cache[(name, dim)] = channel_scores(params[name], dim, config.importance).double().cpu()
+            finally:
+                stream.release(i, layers[i], write=False)
+        return cache, {}
+    if calib.dim() != 2 or calib.dtype != torch.long:
+        raise ValueError(f"calibration ids must be a LongTensor [nsamples, seqlen], got {calib.dtype} "
+                         f"{tuple(calib.shape)}")
+    fisher = config.importance in ("element2", "mix")
+    cpu = torch.device("cpu")
+    t0 = time.perf_counter()
+    saved = {id(p): p.requires_grad for p in model.parameters()}
+    lowest = min(by_layer)
+    was_training = model.training
+    model.eval()
+    try:
+        for p in model.parameters():  # the resident modules (embeddings, norm, head) take no gradients
+            p.requires_grad_(False)
+        records = capture_layer_inputs(model, layers, calib, device=cpu, batch_size=1, offload=False)
+        kwargs = [kw for _, kw in records]
+        hidden = [h for h, _ in records]
+        del records
+        inputs: dict[int, list[torch.Tensor]] = {}
+        returns_tuple: list[bool] = []
+        with torch.no_grad():
+            for i, layer in enumerate(layers):
+                stream.load(i, layer)
+                hook = layer.register_forward_hook(lambda m, a, out: returns_tuple.append(isinstance(out, tuple)))
+                try:
+                    if i >= lowest:
+                        inputs[i] = hidden
+                    hidden = [call_layer(layer, h, kw, cpu) for h, kw in zip(hidden, kwargs)]
+                finally:
+                    hook.remove()
+                    stream.release(i, layer, write=False)
+        grad_out, losses = _output_gradients(model, layers, calib, hidden, returns_tuple[-1])
+        del hidden
+        for i in range(len(layers) - 1, lowest - 1, -1):
+            layer = layers[i]
+            stream.load(i, layer)
+            try:
+                params = layer_params(i)
+                wanted = {name for name, _ in by_layer.get(i, [])}
+                for name, p in params.items():
+                    p.requires_grad_(name in wanted)
+                grad = {n: torch.zeros(params[n].shape, dtype=torch.float32) for n in sorted(wanted)}
+                fish = {n: torch.zeros(params[n].shape, dtype=torch.float32) for n in sorted(wanted)} if fisher else {}
+                for s, kw in enumerate(kwargs):
+                    x = inputs[i][s].detach().requires_grad_(i > lowest)
+                    with torch.enable_grad():
+                        torch.autograd.backward(call_layer(layer, x, kw, cpu), grad_out[s])
+                    for n in grad:
+                        g = params[n].grad.float()
+                        grad[n] += g
+                        if fisher:
+                            fish[n].addcmul_(g, g)
+                        params[n].grad = None
+                    grad_out[s] = x.grad
+                del inputs[i]
+                for name, dim in by_layer.get(i, []):
+                    cache[(name, dim)] = channel_scores(params[name], dim, config.importance, grad[name],
+                                                        fish.get(name)).double().cpu()
+                del grad, fish
+            finally:
+                for p in layer.parameters():
+                    p.requires_grad_(False)
+                    p.grad = None
+                stream.release(i, layer, write=False)
+    finally:
+        for p in model.parameters():
+            if id(p) in saved:
+                p.requires_grad_(saved[id(p)])
+        model.train(was_training)
+    stats = {"calib_loss": sum(losses) / len(losses), "grad_seconds": time.perf_counter() - t0,
+             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return cache, stats
+
+
+def _output_gradients(model: nn.Module, layers: nn.ModuleList, calib: torch.Tensor, last: list[torch.Tensor],
+                      returns_tuple: bool) -> tuple[list[torch.Tensor], list[float]]:
+    """Per calibration sample, the loss and its gradient at the last decoder layer's output `last[s]`, from the
+    model's own forward (embeddings, norm, head, loss: whatever it computes after its layers) with every decoder
+    layer standing in: each passes its input through, the last returns `last[s]`."""
+    current: list[torch.Tensor] = []
+
+    def passthrough(hidden_states, *args, **kwargs):
+        return (hidden_states,) if returns_tuple else hidden_states
+
+    def last_output(hidden_states, *args, **kwargs):
+        return (current[0],) if returns_tuple else current[0]
+
+    for layer in layers:
+        layer.forward = passthrough
+    layers[-1].forward = last_output
+    grads, losses = [], []
+    try:
+        for s, row in enumerate(calib):
+            current[:] = [last[s].detach().requires_grad_()]
+            ids = row[None]
+            with torch.enable_grad():
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"calibration loss is {loss.item()}; use float32 or bfloat16 weights")
+            loss.backward()
+            losses.append(loss.detach().item())
+            grads.append(current[0].grad)
+    finally:
+        for layer in layers:
+            del layer.forward
+    return grads, losses

@@ -131,3 +131,11 @@ def set_hidden_size(model: nn.Module) -> None:
     if getattr(cfg, "head_dim", None) is None:
         raise ValueError("channel-wise pruning needs an explicit config.head_dim")
     cfg.hidden_size = model.get_input_embeddings().embedding_dim
+
+
+def pruned_shapes(model: nn.Module, units: list[Unit]) -> dict[str, tuple[int, ...]]:
+    """The shape of every parameter of `model` once `units` are removed (what slice_units leaves), by name."""
+    shapes = {name: list(p.shape) for name, p in model.named_parameters()}
+    for (name, dim), idx in removed_index(units).items():
+        shapes[name][dim] -= idx.numel()
+    return {name: tuple(shape) for name, shape in shapes.items()}

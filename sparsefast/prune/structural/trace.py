@@ -19,6 +19,8 @@ channel-labelled inputs and no rule raises, so a new architecture fails loudly i
 
 from __future__ import annotations
 
+import itertools
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -182,6 +184,32 @@ class _LabelMode(TorchDispatchMode):
                            "add it to sparsefast/prune/structural/trace.py")
 
 
+@contextmanager
+def _all_on_meta(model: nn.Module, enabled: bool):
+    """For the block, every real parameter and buffer of `model` is replaced by a meta tensor of its shape (tied
+    tensors stay one), then put back: a model whose decoder layers are on the meta device while its embeddings are
+    real (pruning from disk) traces on meta. Only labels matter to the trace, never values."""
+    swapped: list[tuple[dict, str, torch.Tensor]] = []
+    metas: dict[int, torch.Tensor] = {}
+    if enabled:
+        for module in model.modules():
+            for store in (module._parameters, module._buffers):
+                for name, tensor in store.items():
+                    if tensor is None or tensor.is_meta:
+                        continue
+                    if id(tensor) not in metas:
+                        meta = torch.empty_like(tensor, device="meta")
+                        metas[id(tensor)] = (nn.Parameter(meta, requires_grad=tensor.requires_grad)
+                                             if isinstance(tensor, nn.Parameter) else meta)
+                    swapped.append((store, name, tensor))
+                    store[name] = metas[id(tensor)]
+    try:
+        yield
+    finally:
+        for store, name, tensor in swapped:
+            store[name] = tensor
+
+
 def trace_channels(model: nn.Module, nodes: NodeSpace, *, constant_outputs: frozenset[str] = frozenset(),
                    seq_len: int = 3) -> TraceResult:
     """Run one forward of `model` on `seq_len` random token ids with channel labels (eager attention, no cache).
@@ -214,9 +242,12 @@ def trace_channels(model: nn.Module, nodes: NodeSpace, *, constant_outputs: froz
             cfg._attn_implementation = "eager"  # matmul/softmax ops carry labels; fused SDPA kernels would not
         vocab = model.get_input_embeddings().num_embeddings
         ids = torch.randint(0, vocab, (1, seq_len), generator=torch.Generator().manual_seed(0))
-        device = next(model.parameters()).device
-        with torch.no_grad(), mode:
-            logits = model(input_ids=ids.to(device), use_cache=False).logits
+        on_meta = {t.is_meta for t in itertools.chain(model.parameters(), model.buffers())} == {True, False}
+        device = torch.device("meta") if on_meta else next(model.parameters()).device
+        # on meta, an explicit mask: transformers' mask code would otherwise inspect the position ids' values
+        mask = {"attention_mask": torch.ones_like(ids, device=device)} if device.type == "meta" else {}
+        with torch.no_grad(), _all_on_meta(model, on_meta), mode:
+            logits = model(input_ids=ids.to(device), use_cache=False, **mask).logits
     finally:
         if cfg is not None:
             cfg._attn_implementation = saved
