@@ -26,9 +26,10 @@ from sparsefast.models import get_adapter
 from sparsefast.prune.structural.trace import NodeSpace, connected_components, trace_channels
 
 
-@dataclass
+@dataclass(slots=True)
 class Member:
-    """One coupled slice: `param` (canonical name) indexed along `dim` by `index` (sorted int64)."""
+    """One coupled slice: `param` (canonical name) indexed along `dim` by `index` (sorted int64; read-only: equal
+    indices are one shared tensor, see build_graph)."""
 
     param: str
     module: str
@@ -97,10 +98,18 @@ def _param_names(model: nn.Module) -> dict[int, str]:
     return names
 
 
-def _slices(mods: dict[str, nn.Module], module: str, role: str, idx: np.ndarray, names: dict[int, str]) -> list:
-    """(param name, dim, index) slices of `module` touched by channels `idx` of `role`."""
+def _slices(mods: dict[str, nn.Module], module: str, role: str, idx: np.ndarray, names: dict[int, str],
+            shared: dict[bytes, torch.Tensor] | None = None) -> list:
+    """(param name, dim, index) slices of `module` touched by channels `idx` of `role`. `shared`: one index tensor
+    per distinct value (a model has a member per MLP channel per layer: hundreds of thousands of one-element
+    tensors, ~1.7 KB each, would be most of a streamed run's memory; the values repeat across modules and layers)."""
     mod = mods[module]
-    index = torch.as_tensor(np.sort(idx), dtype=torch.long)
+    values = np.sort(idx).astype(np.int64)
+    index = None if shared is None else shared.get(values.tobytes())
+    if index is None:
+        index = torch.from_numpy(values)
+        if shared is not None:
+            shared[values.tobytes()] = index
     if isinstance(mod, nn.Linear):
         if role == "in":
             return [(names[id(mod.weight)], 1, index)]
@@ -161,10 +170,12 @@ def build_graph(model: nn.Module, *, seq_len: int = 3) -> StructureGraph:
                 return i
         return None
 
+    shared_index: dict[bytes, torch.Tensor] = {}
+
     def make_unit(kind, layer, groups) -> Unit:
         members, done = [], set()
         for (module, role), idx in groups.items():
-            for pname, dim, index in _slices(mods, module, role, np.asarray(idx), names):
+            for pname, dim, index in _slices(mods, module, role, np.asarray(idx), names, shared_index):
                 if (pname, dim) not in done:
                     done.add((pname, dim))
                     members.append(Member(pname, module, dim, index, first.order.get(module, -1)))

@@ -36,6 +36,7 @@ its removals belong to different heads. On MHA (n_rep = 1) both are the same.
 
 from __future__ import annotations
 
+import functools
 import math
 import resource
 import time
@@ -239,8 +240,9 @@ def streamed_channel_scores(model: nn.Module, keys: list[tuple[str, int]], confi
     the loss and its gradient at that output; then from the last layer down each layer is read again, its forward
     recomputed per sample from the stored input and backpropagated from the gradient at its output, which leaves
     the gradients of its parameters (summed, and their squares for the Fisher, per sample in order as the whole
-    model's backward does) and the gradient at its input for the layer below. Memory: one decoder layer, its
-    gradients, and the stored inputs (samples x seqlen x hidden per layer)."""
+    model's backward does) and the gradient at its input for the layer below. Memory: one decoder layer, the sums of
+    its gradients (each sample's gradient of a parameter is added and freed as soon as the backward produces it),
+    and the stored inputs (samples x seqlen x hidden per layer)."""
     prefix, layers = decoder_layers(model)
     by_layer: dict[int, list[tuple[str, int]]] = defaultdict(list)
     for name, dim in keys:
@@ -307,17 +309,17 @@ def streamed_channel_scores(model: nn.Module, keys: list[tuple[str, int]], confi
                     p.requires_grad_(name in wanted)
                 grad = {n: torch.zeros(params[n].shape, dtype=torch.float32) for n in sorted(wanted)}
                 fish = {n: torch.zeros(params[n].shape, dtype=torch.float32) for n in sorted(wanted)} if fisher else {}
-                for s, kw in enumerate(kwargs):
-                    x = inputs[i][s].detach().requires_grad_(i > lowest)
-                    with torch.enable_grad():
-                        torch.autograd.backward(call_layer(layer, x, kw, cpu), grad_out[s])
-                    for n in grad:
-                        g = params[n].grad.float()
-                        grad[n] += g
-                        if fisher:
-                            fish[n].addcmul_(g, g)
-                        params[n].grad = None
-                    grad_out[s] = x.grad
+                hooks = [params[n].register_post_accumulate_grad_hook(
+                    functools.partial(_add_gradient, grad=grad[n], fisher=fish.get(n))) for n in grad]
+                try:
+                    for s, kw in enumerate(kwargs):
+                        x = inputs[i][s].detach().requires_grad_(i > lowest)
+                        with torch.enable_grad():
+                            torch.autograd.backward(call_layer(layer, x, kw, cpu), grad_out[s])
+                        grad_out[s] = x.grad
+                finally:
+                    for hook in hooks:
+                        hook.remove()
                 del inputs[i]
                 for name, dim in by_layer.get(i, []):
                     cache[(name, dim)] = channel_scores(params[name], dim, config.importance, grad[name],
@@ -336,6 +338,16 @@ def streamed_channel_scores(model: nn.Module, keys: list[tuple[str, int]], confi
     stats = {"calib_loss": sum(losses) / len(losses), "grad_seconds": time.perf_counter() - t0,
              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     return cache, stats
+
+
+def _add_gradient(param: nn.Parameter, *, grad: torch.Tensor, fisher: torch.Tensor | None) -> None:
+    """A post-accumulate-grad hook: add the parameter's gradient of one sample to `grad` (and its square to
+    `fisher`) as soon as the backward has it, and free it, so one parameter's gradient is in memory at a time."""
+    g = param.grad.float()
+    grad += g
+    if fisher is not None:
+        fisher.addcmul_(g, g)
+    param.grad = None
 
 
 def _output_gradients(model: nn.Module, layers: nn.ModuleList, calib: torch.Tensor, last: list[torch.Tensor],
