@@ -112,3 +112,26 @@ def test_mha_llama_has_one_query_per_group():
     graph = build_graph(model)
     assert graph.heads(0) == (4, 4)
     assert all(g.queries == [g.unit] for g in graph.attention[0])
+
+
+def test_equal_indices_are_one_tensor_and_a_meta_model_traces_alike():
+    """Members with the same index values share one tensor (a model has a member per MLP channel per layer); a model
+    whose decoder layers are on the meta device (pruning from disk) gives the same units."""
+    import torch
+
+    model = tiny_model("llama", num_hidden_layers=3)
+    graph = build_graph(model)
+    mlp = [u for units in graph.mlp.values() for u in units]
+    indices = [m.index for u in mlp for m in u.members]
+    assert len({id(i) for i in indices}) == len({tuple(i.tolist()) for i in indices}) == INTER
+    for layer in model.model.layers:  # the embeddings, final norm and head stay real
+        layer.to("meta")
+    meta = build_graph(model)
+
+    def units(g):
+        return [[(m.param, m.dim, m.index.tolist()) for m in u.members]
+                for u in g.hidden + [u for v in g.mlp.values() for u in v]
+                + [a.unit for v in g.attention.values() for a in v]]
+
+    assert units(meta) == units(graph) and meta.other == graph.other
+    assert model.model.embed_tokens.weight.device == torch.device("cpu")  # put back after the trace
