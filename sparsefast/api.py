@@ -218,12 +218,17 @@ def from_disk_plan(model_name: str, from_disk: str, *, dtype: torch.dtype | None
     why_not = why_not or needs_whole
     if from_disk == "on" and why_not is not None:
         raise ValueError(f"--from-disk on: {model_name}: {why_not}")
-    if why_not is not None:
-        return None
     if from_disk == "on":
         return plan_streamed(directory, dtype)
+    if directory is None:  # not a local safetensors checkpoint: nothing to stream from
+        return None
     free = available_memory_bytes()
     files = sum(f.stat().st_size for f in checkpoint_files(directory))
+    if why_not is not None:
+        if free is not None and files > FROM_DISK_AUTO_FRACTION * free:
+            log(f"loading the model whole although its files take {files / 2**30:.1f} GiB of the "
+                f"{free / 2**30:.1f} GiB available: {why_not}")
+        return None
     # loading casts half-precision files to float32 at most: files this small fit whatever the dtype, unplanned
     if free is None or 2 * files <= FROM_DISK_AUTO_FRACTION * free:
         return None
@@ -348,18 +353,28 @@ def _prune_from_disk(model_name: str, plan: Any, config: PruneConfig, claim: Any
         with CheckpointWriter(tmp, plan.specs, total_parameters=model.num_parameters()) as writer:
             stream.writer = writer
             report = _prune_checked(model, adapter, config, calib, device, progress=progress, layer_stream=stream)
-            state = model.state_dict()
-            for spec in plan.specs:
-                if not spec.name.startswith(plan.layers_prefix):
-                    writer.write(spec.name, state[spec.name])
+            _write_outside_layers(model, plan, plan.specs, writer)
         save_config(model, tmp)
         report["model"] = model_name
-        report["from_disk"] = {"checkpoint": str(plan.directory), "bytes_read": stream.bytes_read,
-                               "weight_bytes_written": plan.weight_bytes}
+        report["from_disk"] = _from_disk_record(plan, stream, plan.specs)
         _log_pruned(report, log)
         write_beside_weights(tmp, tokenizer, report)
     log(f"saved {claim.path}")
     return report
+
+
+def _write_outside_layers(model: nn.Module, plan: Any, specs: list, writer: Any) -> None:
+    """Write the checkpoint's tensors outside the decoder layers (embeddings, final norm, head) after the layers."""
+    state = model.state_dict()
+    for spec in specs:
+        if not spec.name.startswith(plan.layers_prefix):
+            writer.write(spec.name, state[spec.name])
+
+
+def _from_disk_record(plan: Any, stream: Any, specs: list) -> dict[str, Any]:
+    """The report's record of a run from disk: the checkpoint read, the bytes read and written."""
+    return {"checkpoint": str(plan.directory), "bytes_read": stream.bytes_read,
+            "weight_bytes_written": sum(s.nbytes for s in specs)}
 
 
 def _check_output_space(plan: Any, claim: Any) -> None:
@@ -376,15 +391,15 @@ def prune_structured_from_disk(model_name: str, plan: Any, config: Any, claim: A
     """`sparsefast prune-structured` from a StreamPlan (block strategy, on the CPU): the importances are computed
     with one decoder layer in memory at a time (sparsefast.prune.structural.importance.streamed_channel_scores),
     then each layer is read again, sliced and written to the claimed output; the rest of the checkpoint after the
-    last. The checkpoint is the fully-loaded run's, byte for byte. Checks first: disk space, finite weights (one
-    read pass)."""
+    last. The checkpoint is the fully-loaded run's, byte for byte. Checks first: disk space, then (in
+    select_structured, once the plan is known to be good) finite weights in one read pass."""
     import math
 
     from sparsefast.checkpoint import atomic_output_dir, write_beside_weights
     from sparsefast.export.architecture import set_plain_config
     from sparsefast.models import load_tokenizer
     from sparsefast.models.safetensors_stream import CheckpointWriter, TensorSpec
-    from sparsefast.models.streamed import check_finite_on_disk, open_streamed, save_config
+    from sparsefast.models.streamed import open_streamed, save_config
     from sparsefast.models.structural import structure_of
     from sparsefast.prune.structural import remove_selected, select_structured
     from sparsefast.prune.structural.slicing import pruned_shapes
@@ -392,7 +407,6 @@ def prune_structured_from_disk(model_name: str, plan: Any, config: Any, claim: A
     _check_output_space(plan, claim)
     model = plan.model
     tokenizer = load_tokenizer(str(plan.directory))
-    check_finite_on_disk(plan, progress=progress)
     stream = open_streamed(plan)
     selection = select_structured(model, tokenizer, config, calib_source=calib_source, data_dir=data_dir,
                                   progress=progress, layer_stream=stream)
@@ -402,10 +416,7 @@ def prune_structured_from_disk(model_name: str, plan: Any, config: Any, claim: A
         with CheckpointWriter(tmp, specs, total_parameters=sum(map(math.prod, shapes.values()))) as writer:
             stream.writer = writer
             report = remove_selected(model, config, selection, progress=progress, layer_stream=stream)
-            state = model.state_dict()
-            for spec in specs:
-                if not spec.name.startswith(plan.layers_prefix):
-                    writer.write(spec.name, state[spec.name])
+            _write_outside_layers(model, plan, specs, writer)
         structure = None
         if config.uniform:  # every layer alike: a plain config any engine loads, no structure.json
             set_plain_config(model)
@@ -413,8 +424,7 @@ def prune_structured_from_disk(model_name: str, plan: Any, config: Any, claim: A
             structure = structure_of(model, model.sparsefast_layers)
         save_config(model, tmp)
         report["model"] = model_name
-        report["from_disk"] = {"checkpoint": str(plan.directory), "bytes_read": stream.bytes_read,
-                               "weight_bytes_written": sum(s.nbytes for s in specs)}
+        report["from_disk"] = _from_disk_record(plan, stream, specs)
         write_beside_weights(tmp, tokenizer, report, structure=structure)
     return report
 

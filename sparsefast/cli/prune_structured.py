@@ -132,11 +132,11 @@ def run(args: argparse.Namespace) -> int:
     hf_config = load_config(args.model)      # None for GGUF: prune_structured checks the context after loading
     if hf_config is not None:                # the same check from config.json, before any weight is read
         config.check_context(getattr(hf_config, "max_position_embeddings", None))
+    plan = from_disk_plan(args.model, args.from_disk, dtype=resolve_dtype(args.dtype), log=print,
+                          needs_whole=_needs_whole(config, args.device))
     bars = transformers.utils.logging.is_progress_bar_enabled()
     if args.no_progress:
         transformers.utils.logging.disable_progress_bar()    # also huggingface_hub's bars
-    plan = from_disk_plan(args.model, args.from_disk, dtype=resolve_dtype(args.dtype), log=print,
-                          needs_whole=_needs_whole(config, args.device))
     claim = OutputClaim(args.out, args.overwrite, sources=sources)  # held until the save: a second run stops here
     try:
         if plan is not None:  # each layer is written as it is pruned
@@ -185,13 +185,11 @@ def _prune_loaded(args: argparse.Namespace, config: StructuralConfig, claim) -> 
 def _needs_whole(config: StructuralConfig, device: str) -> str | None:
     """Why this run needs the whole model in memory (so it cannot prune from disk), or None."""
     from sparsefast.api import compute_device
+    from sparsefast.prune.structural import why_not_streamable
 
-    if config.strategy != "block":
-        return (f"strategy {config.strategy} changes the embeddings or renumbers the layers; only the block strategy "
-                "prunes from disk (--from-disk off)")
     if compute_device(device).type != "cpu":
-        return "from disk, the gradients are computed on the CPU: --device cpu, or --from-disk off"
-    return None
+        return "pruning from disk runs on the CPU: --device cpu, or --from-disk off"
+    return why_not_streamable(config)
 
 
 def summary(report: dict) -> str:

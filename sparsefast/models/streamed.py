@@ -5,9 +5,10 @@ such as rotary tables real) and checks, from the safetensors headers alone, that
 tensor names and shapes are the model's (a key transformers renames or drops at load other than the ones it ignores
 itself, an int8 `weight_scale`, a missing tensor: refused, with the fix). `check_finite_on_disk` reads every
 prunable weight once, one at a time, before any output exists. `open_streamed` then loads everything outside the
-decoder layers (embeddings, final norm, LM head) and returns a `LayerStream`; the engine
-(sparsefast.calibrate.prune_layerwise and layer_outlier_ratios) calls `stream.load(i, layer)` before it touches
-decoder layer i and `stream.release(i, layer)` after: `load` reads the layer's tensors (plain reads, no mmap:
+decoder layers (embeddings, final norm, LM head) and returns a `LayerStream`; its users (the engine's
+sparsefast.calibrate.prune_layerwise and layer_outlier_ratios; structural pruning's importance and slicing passes in
+sparsefast.prune.structural) call `stream.load(i, layer)` before they touch decoder layer i and
+`stream.release(i, layer)` after: `load` reads the layer's tensors (plain reads, no mmap:
 sparsefast.models.safetensors_stream), `release` writes the pruned tensors to the output checkpoint (when the stream
 has a writer), returns the layer to the meta device and hands the freed heap back to the OS. Peak memory is then the
 resident modules, one decoder layer and the calibration activations, whatever the model size.

@@ -12,15 +12,7 @@ import transformers
 
 import sparsefast.cli.prune as prune_cli
 from sparsefast.cli import main
-
-STORY = "Once upon a time there was a little fox who lived in the forest with her family. " * 40
-
-
-@pytest.fixture()
-def calib_file(tmp_path):
-    path = tmp_path / "calib.txt"
-    path.write_text("\n\n".join([STORY, STORY[::-1], STORY.upper()]))
-    return path
+from tests.cli.conftest import STORY
 
 
 def run(argv, capsys):

@@ -32,8 +32,8 @@ def prune_structured(src, out, mode, args, calib, capsys):
 
 
 def assert_same_checkpoint(a, b):
-    names = {p.name for p in a.iterdir()} - {"sparsefast.json", ".sparsefast-files.json"}
-    assert names == {p.name for p in b.iterdir()} - {"sparsefast.json", ".sparsefast-files.json"}
+    names = {p.name for p in a.iterdir()} - {"sparsefast.json"}  # the report holds times; compared below
+    assert names == {p.name for p in b.iterdir()} - {"sparsefast.json"}
     assert set(COMMON) <= names
     for name in sorted(names):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
@@ -105,8 +105,8 @@ def test_auto_streams_only_what_does_not_fit(tmp_path, story_llama_dir, calib_fi
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--strategy", "channel"], "only the block strategy prunes from disk"),
-    (["--strategy", "layer"], "only the block strategy prunes from disk"),
+    (["--strategy", "channel"], "channel pruning narrows the embeddings and every layer; only the block strategy"),
+    (["--strategy", "layer"], "layer pruning renumbers the decoder layers; only the block strategy prunes"),
 ])
 def test_requests_streaming_cannot_serve_are_refused(tmp_path, story_llama_dir, capsys, extra, message):
     out = tmp_path / "out"
@@ -121,3 +121,45 @@ def test_gguf_source_is_refused_with_its_fix(tmp_path, capsys):
     code = main(["prune-structured", "smollm2", "--from-disk", "on", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "prune it with --from-disk off" in err[-1], err
+
+
+def test_a_failure_mid_gradients_leaves_the_model_as_it_was(story_llama_dir, monkeypatch):
+    """An error inside the layer-by-layer gradients (here: a non-finite loss) propagates, and every layer is back on
+    meta without a forward stand-in, no layer parameter wants gradients, the resident ones keep their flags."""
+    from sparsefast.prune.structural import importance
+
+    config = StructuralConfig(layers="0-1", nsamples=2, seqlen=16)
+    calib = torch.randint(0, 2048, (2, 16), generator=torch.Generator().manual_seed(0))
+    plan = plan_streamed(story_llama_dir)
+    stream = open_streamed(plan)
+    model = plan.model
+    model.model.norm.weight.requires_grad_(True)
+    units = plan_candidates(model, build_graph(model), config).units
+    real_backward = torch.autograd.backward
+    calls = []
+
+    def failing_backward(*args, **kwargs):  # the second layer's backward fails
+        calls.append(1)
+        if len(calls) > len(calib):
+            raise RuntimeError("injected")
+        return real_backward(*args, **kwargs)
+
+    monkeypatch.setattr(importance.torch.autograd, "backward", failing_backward)
+    with pytest.raises(RuntimeError, match="injected"):
+        unit_importance(model, units, config, calib, layer_stream=stream)
+    for layer in model.model.layers:
+        assert "forward" not in layer.__dict__
+        assert all(p.device.type == "meta" and not p.requires_grad for p in layer.parameters())
+    assert model.model.norm.weight.requires_grad and not model.lm_head.weight.requires_grad
+
+
+def test_a_gpu_device_is_refused_before_work(tmp_path, story_llama_dir, capsys, monkeypatch):
+    import sparsefast.api as api
+
+    monkeypatch.setattr(api, "compute_device", lambda name: torch.device("cuda"))
+    out = tmp_path / "out"
+    code = main(["prune-structured", str(story_llama_dir), "--from-disk", "on", "--device", "cuda", "--no-progress",
+                 "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "pruning from disk runs on the CPU: --device cpu, or --from-disk off" in err[-1], err
+    assert not out.exists() and not list(tmp_path.glob(".out*"))

@@ -37,7 +37,7 @@ from sparsefast.prune.structural.slicing import (
 from sparsefast.prune.structural.strategies import Plan, plan_candidates, select
 
 __all__ = ["Selection", "StructuralConfig", "build_graph", "count_parameters", "macs_per_token", "mask_dense",
-           "prune_structured", "remove_selected", "select_structured"]
+           "prune_structured", "remove_selected", "select_structured", "why_not_streamable"]
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -130,15 +130,14 @@ def select_structured(model: nn.Module, tokenizer, config: StructuralConfig, cal
                       layer_stream: Any = None) -> Selection:
     """The first half of `prune_structured`: trace, plan, score and choose the units to remove; no weight changes.
 
-    layer_stream (sparsefast.models.streamed.LayerStream, the model's decoder layers on disk): the importances are
-    computed one layer at a time (importance.streamed_channel_scores, the same numbers); its caller checked the
-    weights on disk (the block strategy only)."""
+    layer_stream (sparsefast.models.streamed.LayerStream, the model's decoder layers on disk; the block strategy
+    only): the weights are checked finite on disk (one read pass, after the plan and the calibration data) and the
+    importances computed one layer at a time (importance.streamed_channel_scores, the same numbers)."""
     refuse_quantized(model, "prune-structured")  # slicing would leave the int8 scales behind
     if layer_stream is None:
         check_finite_weights(model)  # a NaN would spread through the Taylor importances into a "pruned" model
-    elif config.strategy != "block":
-        raise ValueError(f"strategy {config.strategy!r} changes the embeddings or renumbers the layers; only the "
-                         "block strategy prunes from disk: use --from-disk off")
+    else:
+        _check_streamable(config)
     if calib is None:
         config.check_context(getattr(getattr(model, "config", None), "max_position_embeddings", None))
     t0 = time.perf_counter()
@@ -153,6 +152,10 @@ def select_structured(model: nn.Module, tokenizer, config: StructuralConfig, cal
         calib = get_calibration(calib_source, tokenizer, config.nsamples, config.seqlen, config.seed, data_dir)
         t_calib = _phase_done(progress, f"calibration: {config.nsamples} samples x {config.seqlen} tokens from "
                                         f"{calib_source}", t) - t
+    if layer_stream is not None:  # the weights on disk, checked once the plan and the data are known to be good
+        from sparsefast.models.streamed import check_finite_on_disk
+
+        check_finite_on_disk(layer_stream.plan, progress=progress)
     model.sparsefast_layers = _layer_info(model, graph, [])
     before = {"parameters": count_parameters(model), "macs_per_token": macs_per_token(model, config.seqlen)}
     _, layers = decoder_layers(model)
@@ -178,6 +181,21 @@ def select_structured(model: nn.Module, tokenizer, config: StructuralConfig, cal
                      {"graph": t_graph, "calibration": t_calib, "importance": t2 - t1}, t0)
 
 
+def why_not_streamable(config: StructuralConfig) -> str | None:
+    """Why `config` cannot prune with the decoder layers on disk (only the block strategy can), or None."""
+    if config.strategy == "block":
+        return None
+    what = ("channel pruning narrows the embeddings and every layer" if config.strategy == "channel"
+            else "layer pruning renumbers the decoder layers")
+    return f"{what}; only the block strategy prunes from disk: use --from-disk off"
+
+
+def _check_streamable(config: StructuralConfig) -> None:
+    why = why_not_streamable(config)
+    if why is not None:
+        raise ValueError(why)
+
+
 def remove_selected(model: nn.Module, config: StructuralConfig, selection: Selection, *, progress: bool = True,
                     layer_stream: Any = None) -> dict[str, Any]:
     """The second half of `prune_structured`: remove the selected units physically; returns the report.
@@ -185,6 +203,10 @@ def remove_selected(model: nn.Module, config: StructuralConfig, selection: Selec
     layer_stream: each decoder layer is read, sliced and written (by the stream's writer, whose tensors have the
     shapes `pruned_shapes` gives) in turn."""
     graph, plan, removed = selection.graph, selection.plan, selection.removed
+    if layer_stream is not None:
+        _check_streamable(config)
+        if layer_stream.writer is None:
+            raise ValueError("remove_selected: the layer stream has no writer, so the pruned layers would be lost")
     t2 = time.perf_counter()
     if config.strategy == "layer":
         gone = sorted(u.layer for u in removed)
@@ -197,10 +219,19 @@ def remove_selected(model: nn.Module, config: StructuralConfig, selection: Selec
             slice_units(model, removed)
         else:
             _, layers = decoder_layers(model)
+            per_layer: dict[int, list] = {}
+            for u in removed:
+                per_layer.setdefault(u.layer, []).append(u)
             for i, layer in enumerate(tqdm(layers, desc="pruning: layers", disable=not progress, leave=False)):
-                layer_stream.load(i, layer)
-                slice_units(model, [u for u in removed if u.layer == i])
-                layer_stream.release(i, layer)
+                written = False
+                try:
+                    layer_stream.load(i, layer)
+                    slice_units(model, per_layer.get(i, []))
+                    layer_stream.release(i, layer)
+                    written = True
+                finally:
+                    if not written:  # a failed read or slice: drop the layer, write nothing
+                        layer_stream.release(i, layer, write=False)
         info = _layer_info(model, graph, removed)
         if config.strategy == "channel":
             set_hidden_size(model)

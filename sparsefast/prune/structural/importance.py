@@ -72,6 +72,13 @@ def _checkpointed(layers: nn.ModuleList, enabled: bool):
             del layer.forward
 
 
+def check_calibration_ids(calib: torch.Tensor) -> None:
+    """Raise ValueError unless `calib` is a LongTensor [nsamples, seqlen] of token ids."""
+    if calib.dim() != 2 or calib.dtype != torch.long:
+        raise ValueError(f"calibration ids must be a LongTensor [nsamples, seqlen], got {calib.dtype} "
+                         f"{tuple(calib.shape)}")
+
+
 def accumulate_gradients(model: nn.Module, params: dict[str, nn.Parameter], calib: torch.Tensor, *,
                          fisher: bool, layers: nn.ModuleList | None = None,
                          checkpointing: bool = True) -> tuple[dict, dict, dict]:
@@ -80,9 +87,7 @@ def accumulate_gradients(model: nn.Module, params: dict[str, nn.Parameter], cali
     Returns (grad, fisher, stats) with fp32 tensors on the parameters' devices; stats: loss, peak memory, time.
     Other parameters get no gradients; requires_grad flags are restored afterwards.
     """
-    if calib.dim() != 2 or calib.dtype != torch.long:
-        raise ValueError(f"calibration ids must be a LongTensor [nsamples, seqlen], got {calib.dtype} "
-                         f"{tuple(calib.shape)}")
+    check_calibration_ids(calib)
     saved = {id(p): p.requires_grad for p in model.parameters()}
     wanted = {id(p) for p in params.values()}
     for p in model.parameters():
@@ -242,7 +247,8 @@ def streamed_channel_scores(model: nn.Module, keys: list[tuple[str, int]], confi
     the gradients of its parameters (summed, and their squares for the Fisher, per sample in order as the whole
     model's backward does) and the gradient at its input for the layer below. Memory: one decoder layer, the sums of
     its gradients (each sample's gradient of a parameter is added and freed as soon as the backward produces it),
-    and the stored inputs (samples x seqlen x hidden per layer)."""
+    the stored inputs (samples x seqlen x hidden per layer), each sample's layer arguments (rotary tables, mask) and
+    its gradient at the current layer boundary."""
     prefix, layers = decoder_layers(model)
     by_layer: dict[int, list[tuple[str, int]]] = defaultdict(list)
     for name, dim in keys:
@@ -259,50 +265,54 @@ def streamed_channel_scores(model: nn.Module, keys: list[tuple[str, int]], confi
     cache: dict[tuple[str, int], torch.Tensor] = {}
     if not config.needs_gradients:
         for i in sorted(by_layer):
-            stream.load(i, layers[i])
             try:
+                stream.load(i, layers[i])
                 params = layer_params(i)
                 for name, dim in by_layer[i]:
                     cache[(name, dim)] = channel_scores(params[name], dim, config.importance).double().cpu()
             finally:
                 stream.release(i, layers[i], write=False)
         return cache, {}
-    if calib.dim() != 2 or calib.dtype != torch.long:
-        raise ValueError(f"calibration ids must be a LongTensor [nsamples, seqlen], got {calib.dtype} "
-                         f"{tuple(calib.shape)}")
+    check_calibration_ids(calib)
     fisher = config.importance in ("element2", "mix")
     cpu = torch.device("cpu")
     t0 = time.perf_counter()
-    saved = {id(p): p.requires_grad for p in model.parameters()}
+    inside = {id(p) for p in layers.parameters()}  # replaced at every load: only the resident ones keep their flags
+    resident = [(p, p.requires_grad) for p in model.parameters() if id(p) not in inside]
     lowest = min(by_layer)
     was_training = model.training
     model.eval()
     try:
-        for p in model.parameters():  # the resident modules (embeddings, norm, head) take no gradients
+        for p, _ in resident:  # the resident modules (embeddings, norm, head) take no gradients
             p.requires_grad_(False)
         records = capture_layer_inputs(model, layers, calib, device=cpu, batch_size=1, offload=False)
         kwargs = [kw for _, kw in records]
         hidden = [h for h, _ in records]
         del records
         inputs: dict[int, list[torch.Tensor]] = {}
-        returns_tuple: list[bool] = []
+        returns_tuple = []
         with torch.no_grad():
             for i, layer in enumerate(layers):
-                stream.load(i, layer)
-                hook = layer.register_forward_hook(lambda m, a, out: returns_tuple.append(isinstance(out, tuple)))
+                hooks = []
                 try:
+                    stream.load(i, layer)
+                    if i == len(layers) - 1:  # what the last layer returns, for its stand-in in _output_gradients
+                        hooks.append(layer.register_forward_hook(
+                            lambda m, a, out: returns_tuple.append(isinstance(out, tuple))))
                     if i >= lowest:
                         inputs[i] = hidden
                     hidden = [call_layer(layer, h, kw, cpu) for h, kw in zip(hidden, kwargs)]
                 finally:
-                    hook.remove()
+                    for hook in hooks:
+                        hook.remove()
                     stream.release(i, layer, write=False)
-        grad_out, losses = _output_gradients(model, layers, calib, hidden, returns_tuple[-1])
+        grad_out, losses = _output_gradients(model, layers, calib, hidden, returns_tuple[0])
         del hidden
         for i in range(len(layers) - 1, lowest - 1, -1):
             layer = layers[i]
-            stream.load(i, layer)
+            hooks = []
             try:
+                stream.load(i, layer)
                 params = layer_params(i)
                 wanted = {name for name, _ in by_layer.get(i, [])}
                 for name, p in params.items():
@@ -311,29 +321,26 @@ def streamed_channel_scores(model: nn.Module, keys: list[tuple[str, int]], confi
                 fish = {n: torch.zeros(params[n].shape, dtype=torch.float32) for n in sorted(wanted)} if fisher else {}
                 hooks = [params[n].register_post_accumulate_grad_hook(
                     functools.partial(_add_gradient, grad=grad[n], fisher=fish.get(n))) for n in grad]
-                try:
-                    for s, kw in enumerate(kwargs):
-                        x = inputs[i][s].detach().requires_grad_(i > lowest)
-                        with torch.enable_grad():
-                            torch.autograd.backward(call_layer(layer, x, kw, cpu), grad_out[s])
-                        grad_out[s] = x.grad
-                finally:
-                    for hook in hooks:
-                        hook.remove()
+                for s, kw in enumerate(kwargs):
+                    x = inputs[i][s].detach().requires_grad_(i > lowest)
+                    with torch.enable_grad():
+                        torch.autograd.backward(call_layer(layer, x, kw, cpu), grad_out[s])
+                    grad_out[s] = x.grad
                 del inputs[i]
                 for name, dim in by_layer.get(i, []):
                     cache[(name, dim)] = channel_scores(params[name], dim, config.importance, grad[name],
                                                         fish.get(name)).double().cpu()
                 del grad, fish
             finally:
+                for hook in hooks:
+                    hook.remove()
                 for p in layer.parameters():
                     p.requires_grad_(False)
                     p.grad = None
                 stream.release(i, layer, write=False)
     finally:
-        for p in model.parameters():
-            if id(p) in saved:
-                p.requires_grad_(saved[id(p)])
+        for p, flag in resident:
+            p.requires_grad_(flag)
         model.train(was_training)
     stats = {"calib_loss": sum(losses) / len(losses), "grad_seconds": time.perf_counter() - t0,
              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -363,6 +370,7 @@ def _output_gradients(model: nn.Module, layers: nn.ModuleList, calib: torch.Tens
     def last_output(hidden_states, *args, **kwargs):
         return (current[0],) if returns_tuple else current[0]
 
+    own = [layer.__dict__.get("forward") for layer in layers]  # a forward already set on an instance comes back
     for layer in layers:
         layer.forward = passthrough
     layers[-1].forward = last_output
@@ -379,6 +387,9 @@ def _output_gradients(model: nn.Module, layers: nn.ModuleList, calib: torch.Tens
             losses.append(loss.detach().item())
             grads.append(current[0].grad)
     finally:
-        for layer in layers:
-            del layer.forward
+        for layer, forward in zip(layers, own):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
     return grads, losses

@@ -186,8 +186,8 @@ class _LabelMode(TorchDispatchMode):
 
 @contextmanager
 def _all_on_meta(model: nn.Module, enabled: bool):
-    """For the block, every real parameter and buffer of `model` is replaced by a meta tensor of its shape (tied
-    tensors stay one), then put back: a model whose decoder layers are on the meta device while its embeddings are
+    """Inside the with-statement every real parameter and buffer of `model` is replaced by a meta tensor of its
+    shape (tied tensors stay one); they are put back after it: a model whose decoder layers are on the meta device while its embeddings are
     real (pruning from disk) traces on meta. Only labels matter to the trace, never values."""
     swapped: list[tuple[dict, str, torch.Tensor]] = []
     metas: dict[int, torch.Tensor] = {}
