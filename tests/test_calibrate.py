@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from sparsefast.api import prune
-from sparsefast.calibrate import capture_layer_inputs, prune_layerwise
+from sparsefast.calibrate import prune_layerwise
 from sparsefast.config import SparseGPTConfig, WandaConfig
+from sparsefast.models.layer_inputs import capture_layer_inputs
 from sparsefast.ops.wanda_mask import wanda_mask
 from sparsefast.prune import WandaPruner
 from tests.conftest import tiny_model

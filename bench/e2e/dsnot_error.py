@@ -22,9 +22,9 @@ import sys
 import torch
 
 from sparsefast.bench.results import load_average, write_result
-from sparsefast.calibrate import call_layer, capture_layer_inputs
 from sparsefast.data import get_calibration
 from sparsefast.models import get_adapter, load_model
+from sparsefast.models.layer_inputs import call_layer, capture_layer_inputs
 from sparsefast.ops.wanda_mask import wanda_mask_ref
 from sparsefast.prune.dsnot import dsnot_refine
 

@@ -47,8 +47,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from sparsefast.calibrate import call_layer, capture_layer_inputs
 from sparsefast.config.structural import StructuralConfig
+from sparsefast.models.layer_inputs import call_layer, capture_layer_inputs
 from sparsefast.prune.structural.graph import Member, Unit, decoder_layers
 
 

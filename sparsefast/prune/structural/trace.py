@@ -187,8 +187,8 @@ class _LabelMode(TorchDispatchMode):
 @contextmanager
 def _all_on_meta(model: nn.Module, enabled: bool):
     """Inside the with-statement every real parameter and buffer of `model` is replaced by a meta tensor of its
-    shape (tied tensors stay one); they are put back after it: a model whose decoder layers are on the meta device while its embeddings are
-    real (pruning from disk) traces on meta. Only labels matter to the trace, never values."""
+    shape (tied tensors stay one); they are put back after it. So a model whose decoder layers are on the meta
+    device while its embeddings are real (pruning from disk) traces on meta: only labels matter, never values."""
     swapped: list[tuple[dict, str, torch.Tensor]] = []
     metas: dict[int, torch.Tensor] = {}
     if enabled:
