@@ -160,8 +160,10 @@ class DSnoTRefiner:
         return refined
 
     def permute(self, name: str, order: torch.Tensor) -> None:
-        """The input channels of `name` were reordered (new k = old order[k]): reorder its statistics too."""
-        self.sums[name] = tuple(t[order.to(t.device)] for t in self.sums[name])
+        """The input channels of `name` were reordered (new k = old order[k]): reorder its statistics too (a linear
+        outside the refiner's scope, e.g. RIA's down projections with the attention scope, has none)."""
+        if name in self.sums:
+            self.sums[name] = tuple(t[order.to(t.device)] for t in self.sums[name])
 
     def end_layer(self) -> None:
         self.sums = {}

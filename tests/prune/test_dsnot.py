@@ -150,6 +150,13 @@ def test_refiner_statistics_follow_a_channel_permutation():
     want = refined(w[:, order], x[..., order], pruned[:, order])
     assert torch.equal(refined(w[:, order], x, pruned[:, order], permute=order), want)
     assert not torch.equal(refined(w[:, order], x, pruned[:, order]), want)  # the check can fail
+    # a linear outside the refiner's scope (RIA reallocates the down projections; DSnoT's default scope is the
+    # attention) has no statistics to follow: nothing to do, no error
+    r = DSnoTRefiner(WandaConfig(refine="dsnot"))
+    r.targets = ("fc",)
+    r.start_layer({"fc": lin, "down": torch.nn.Linear(16, 8)})
+    r.permute("down", order)
+    assert set(r.sums) == {"fc"}
 
 
 def test_magnitude_with_dsnot_needs_calibration_data():
