@@ -89,8 +89,8 @@ def _jit_build_cpu() -> None:
 
 
 def _register_cpu_fakes() -> None:
-    """Shape functions of the CPU ops (y [..., out_features] in x's dtype), so FakeTensor tracing and torch.compile
-    see through them."""
+    """Shape functions of the CPU ops (linears: y [..., out_features] in x's dtype; decode attention: q's shape and
+    dtype), so FakeTensor tracing and torch.compile see through them."""
     import torch
 
     torch.library.register_fake("sparsefast::sparse24_linear_cpu")(
@@ -101,6 +101,8 @@ def _register_cpu_fakes() -> None:
         x.new_empty((*x.shape[:-1], out_features)))
     torch.library.register_fake("sparsefast::dense_linear_cpu")(
         lambda x, weight, bias, isa, scales=None: x.new_empty((*x.shape[:-1], weight.shape[0])))
+    torch.library.register_fake("sparsefast::decode_attention_cpu")(
+        lambda q, keys, values, slots, positions, scale, isa: q.new_empty(q.shape))
 
 
 @functools.lru_cache(maxsize=None)

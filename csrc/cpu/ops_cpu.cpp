@@ -13,6 +13,7 @@
 #include <vector>
 
 
+#include "cpu/attention_cpu.h"
 #include "cpu/linear_cpu.h"
 
 namespace {
@@ -184,6 +185,54 @@ at::Tensor dense_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const
   return run_tiles(x, w, in_features, tiles, bias, isa, sparsefast_cpu::dense_linear_tiles);
 }
 
+// out [B, heads, head_dim] = decode attention of q [B, heads, head_dim] over the cache rows `slots` [B], keys
+// 0..positions[b] of row b (attention_cpu.h); keys/values: the cache [rows, kv_heads, max_len, head_dim] as stored.
+at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                                const at::Tensor& slots, const at::Tensor& positions, double scale, int64_t isa) {
+  TORCH_CHECK_VALUE(isa == sparsefast_cpu::kAuto || sparsefast_cpu::isa_supported(static_cast<int>(isa)),
+                    "decode attention: instruction set ", isa, " is not supported on this CPU");
+  TORCH_CHECK_VALUE(q.dim() == 3 && keys.dim() == 4 && values.sizes() == keys.sizes() &&
+                        values.strides() == keys.strides(),
+                    "decode attention: q must be [batch, heads, head_dim] and keys, values the cache "
+                    "[rows, kv_heads, max_len, head_dim] with equal strides");
+  TORCH_CHECK_VALUE((q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16) &&
+                        keys.scalar_type() == q.scalar_type() && values.scalar_type() == q.scalar_type(),
+                    "decode attention: q, keys and values must all be float32 or all bfloat16");
+  TORCH_CHECK_VALUE(q.device().is_cpu() && keys.device().is_cpu() && values.device().is_cpu() &&
+                        slots.device().is_cpu() && positions.device().is_cpu(),
+                    "decode attention: CPU tensors only");
+  const int64_t batch = q.size(0), heads = q.size(1), head_dim = q.size(2), kv_heads = keys.size(1);
+  TORCH_CHECK_VALUE(keys.size(3) == head_dim && keys.stride(3) == 1 && head_dim <= sparsefast_cpu::kMaxHeadDim,
+                    "decode attention: the cache's head_dim must equal q's (at most ", sparsefast_cpu::kMaxHeadDim,
+                    ") with unit stride");
+  TORCH_CHECK_VALUE(kv_heads > 0 && heads % kv_heads == 0, "decode attention: heads (", heads,
+                    ") must be a multiple of kv_heads (", kv_heads, ")");
+  TORCH_CHECK_VALUE(slots.scalar_type() == at::kLong && positions.scalar_type() == at::kLong &&
+                        slots.numel() == batch && positions.numel() == batch,
+                    "decode attention: slots and positions must be int64 with one entry per sequence");
+  const at::Tensor qc = q.contiguous(), sc = slots.contiguous(), pc = positions.contiguous();
+  const int64_t* sp = sc.data_ptr<int64_t>();
+  const int64_t* pp = pc.data_ptr<int64_t>();
+  int64_t longest = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK_VALUE(sp[b] >= 0 && sp[b] < keys.size(0), "decode attention: slot ", sp[b], " is not a cache row");
+    TORCH_CHECK_VALUE(pp[b] >= 0 && pp[b] < keys.size(2), "decode attention: position ", pp[b],
+                      " is outside the cache (max_len ", keys.size(2), ")");
+    longest = std::max(longest, pp[b] + 1);
+  }
+  at::Tensor out = at::empty({batch, heads, head_dim}, q.options());
+  const sparsefast_cpu::DecodeAttentionArgs args{
+      qc.data_ptr(), keys.data_ptr(), values.data_ptr(),
+      q.scalar_type() == at::kBFloat16 ? sparsefast_cpu::kBf16 : sparsefast_cpu::kFloat32, sp, pp, heads, kv_heads,
+      head_dim, keys.stride(0), keys.stride(1), keys.stride(2), static_cast<float>(scale), out.data_ptr()};
+  // a thread takes at least ~16K multiply-adds of tasks: a short context runs on the calling thread alone
+  const int64_t grain = std::max<int64_t>(1, 16384 / (2 * longest * head_dim));
+  at::parallel_for(0, batch * heads, grain, [&](int64_t t0, int64_t t1) {
+    sparsefast_cpu::decode_attention_tasks(args, t0, t1, scratch(0, longest).data(), static_cast<int>(isa));
+  });
+  return out;
+}
+
 int64_t cpu_best_isa() { return sparsefast_cpu::best_isa(); }
 
 }  // namespace
@@ -196,6 +245,10 @@ TORCH_LIBRARY_FRAGMENT(sparsefast, m) {
   m.def("sparse_unstructured_linear_cpu(Tensor x, Tensor values, Tensor mask, Tensor tile_offsets, Tensor? bias, "
         "int out_features, int in_features, int isa, Tensor? scales=None) -> Tensor");
   m.def("dense_linear_cpu(Tensor x, Tensor weight, Tensor? bias, int isa, Tensor? scales=None) -> Tensor");
+  // q [B, heads, head_dim] -> out [B, heads, head_dim] (q's dtype); keys, values: a KV cache [rows, kv_heads,
+  // max_len, head_dim] read in place at rows `slots`, positions 0..positions[b]
+  m.def("decode_attention_cpu(Tensor q, Tensor keys, Tensor values, Tensor slots, Tensor positions, float scale, "
+        "int isa) -> Tensor");
   m.def("cpu_best_isa() -> int", &cpu_best_isa);
 }
 
@@ -203,4 +256,5 @@ TORCH_LIBRARY_IMPL(sparsefast, CPU, m) {
   m.impl("sparse24_linear_cpu", &sparse24_linear_cpu);
   m.impl("sparse_unstructured_linear_cpu", &sparse_unstructured_linear_cpu);
   m.impl("dense_linear_cpu", &dense_linear_cpu);
+  m.impl("decode_attention_cpu", &decode_attention_cpu);
 }

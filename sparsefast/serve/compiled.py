@@ -15,9 +15,10 @@ through `torch.compile` with inductor: C++/OpenMP kernels on CPU, the whole step
   max_batch, which is always a bucket) that holds it, so continuous batching never compiles while serving: one
   graph per bucket, all compiled at load (`compile_seconds` says how long). Padding rows feed token 0 at position 0
   of the cache's spare row, which no request owns; their logits are dropped.
-* Keys read per step: on CPU the L = longest position + 1 keys that exist, L a dynamic dimension of the mask (one
-  graph for every length; attention never reads the unused rest of the cache); on CUDA every max_model_len keys,
-  masked (CUDA graphs replay fixed shapes: gpt-fast's full-cache mask).
+* Keys read per step: on CPU each row's own keys, up to its position, read in place by the decode-attention kernel
+  (sparsefast.ops.attention_cpu; no mask, every shape static); on CPU without the kernel the L = longest position
+  + 1 keys that exist, L a dynamic dimension of the mask (one graph for every length); on CUDA every max_model_len
+  keys, masked (CUDA graphs replay fixed shapes: gpt-fast's full-cache mask).
 * Prefill stays eager: it runs once per request, its matmuls are compute-bound, and its shapes vary per prompt.
 * The compiled kernels are cached on disk by inductor's FX graph cache (`inductor_cache_dir()`: TORCHINDUCTOR_CACHE_DIR,
   else inductor's default under the temp directory), so a second load of the same model compiles in seconds.
@@ -128,8 +129,8 @@ class CompiledRunner:
 
     # ------------------------------------------------------------------------------------------------------------------
     def step_inputs(self, slots: list[int], ids: list[int], positions: list[int]) -> tuple[torch.Tensor, ...]:
-        """(ids [P, 1], positions [P, 1], slots [P], mask [P, 1, 1, L]) of `decode_static` for the batch padded to
-        its bucket P."""
+        """(ids [P, 1], positions [P, 1], slots [P], mask [P, 1, 1, L] or None) of `decode_static` for the batch
+        padded to its bucket P."""
         import torch
 
         pad = bucket_for(len(slots), self.buckets) - len(slots)
@@ -137,6 +138,8 @@ class CompiledRunner:
         ids_t = torch.tensor(ids + [0] * pad, device=dev)[:, None]
         pos_t = torch.tensor(positions + [0] * pad, device=dev)[:, None]
         slots_t = torch.tensor(slots + [self.spare_slot] * pad, device=dev)
+        if self.runner.decode_kernel:  # the CPU attention kernel reads each row up to its position: no mask
+            return ids_t, pos_t, slots_t, None
         length = self.max_len if dev.type == "cuda" else max(positions) + 1
         mask = (torch.arange(length, device=dev)[None, :] <= pos_t).view(len(slots_t), 1, 1, length)
         if dev.type != "cuda":

@@ -2,12 +2,14 @@
 
 * `LlamaBatchRunner` (LLaMA / Mistral / Qwen2 layout, which includes SmolLM2): runs the model's own modules —
   embeddings, norms, rotary embedding, q/k/v/o projections, MLP, head — so any linear swapped into the model (a
-  Sparse24Linear, a CPU sparse linear) is what runs. Attention is ours: torch SDPA over a `StaticKVCache` with a
-  per-row position mask, so rows of different lengths decode together in one batched forward. Head counts are read
-  per layer from the projection widths (structural checkpoints keep different counts per layer). The projections
-  that read the same input run as one call where they can (q/k/v; gate/up of the gated MLP): `fuse_linears`
-  concatenates their weights and re-points the model's own tensors to rows of the fused buffer (views, no extra
-  memory, the model's forward and state dict unchanged).
+  Sparse24Linear, a CPU sparse linear) is what runs. Attention is ours, over a `StaticKVCache`, so rows of
+  different lengths decode together in one batched forward: a decode step on the CPU runs the decode-attention
+  kernel (sparsefast.ops.attention_cpu: each row's cache entries up to its position, read in place); prefill, and
+  decode where the kernel does not run (CUDA, no CPU extension), run torch SDPA with a per-row position mask.
+  Head counts are read per layer from the projection widths (structural checkpoints keep different counts per
+  layer). The projections that read the same input run as one call where they can (q/k/v; gate/up of the gated
+  MLP): `fuse_linears` concatenates their weights and re-points the model's own tensors to rows of the fused buffer
+  (views, no extra memory, the model's forward and state dict unchanged).
 * `HFRequestRunner` (every other family, e.g. OPT, GPT-NeoX): the HF forward with one HF cache per request, one
   forward per request per step. Requests still join and leave at step boundaries, but their matmuls are not batched.
 """
@@ -27,7 +29,9 @@ from sparsefast.models import LlamaAdapter, get_adapter
 from sparsefast.models.loading import cache_argument, returned_cache
 from sparsefast.nn.dense_linear import DenseCpuLinear
 from sparsefast.nn.fused_linear import fuse_linears
+from sparsefast.ops.attention_cpu import decode_attention_takes
 from sparsefast.ops.dense_cpu import dense_kernel_fits
+from sparsefast.ops.sparse24_cpu import cpu_isa
 from sparsefast.serve.compiled import CompiledRunner, check_compile_mode
 from sparsefast.serve.kv_cache import StaticKVCache
 
@@ -35,9 +39,9 @@ _ATTN_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)), which the runner computes itself with
 # gate and up fused
 _GATED_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP")
-# (layer, k, v) -> (keys, values): stores a step's keys and values [B, kv_heads, T, head_dim] in the cache and returns
-# what attention reads
-KeysValues = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# (layer, q, k, v, scale) -> attention output [B, heads, T, head_dim]: stores a step's keys and values
+# [B, kv_heads, T, head_dim] in the cache and attends q [B, heads, T, head_dim] to what the rows see
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 log = logging.getLogger(__name__)
 
 
@@ -87,6 +91,13 @@ class LlamaBatchRunner:
         dtype = self.embed.weight.dtype
         self.cache = StaticKVCache(self.kv_heads, self.head_dim, max_batch, max_len, dtype=dtype, device=device,
                                    spare_row=spare_row)
+        # decode attends with the CPU kernel when it takes every layer's heads (decided once: the compiled step
+        # reads it), else with SDPA
+        self.decode_kernel = all(
+            decode_attention_takes(torch.empty(1, a.q_proj.out_features // self.head_dim, self.head_dim, dtype=dtype,
+                                               device=device), keys)
+            for a, keys in zip((layer.self_attn for layer in self.layers), self.cache.keys))
+        self.isa = cpu_isa()
 
     def prefill(self, slots: list[int], prompts: list[list[int]], *,
                 all_positions: bool = False) -> torch.Tensor | list[torch.Tensor]:
@@ -111,20 +122,36 @@ class LlamaBatchRunner:
                              uniform=len(set(positions)) == 1)
 
     def decode_static(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                      mask: torch.Tensor) -> torch.Tensor:
+                      mask: torch.Tensor | None) -> torch.Tensor:
         """The decode step as sparsefast.serve.compiled captures it: tensors in, tensors out, no value read back
         to Python, so the shapes of the arguments are the only thing a compiled graph depends on.
 
         ids, positions: [B, 1] long; slots: [B] long, distinct cache rows (a padding row may repeat the spare row);
-        mask: [B, 1, 1, L] bool, key k visible to row b iff k <= positions[b] (L = the keys read, at least
-        max(positions) + 1). Returns logits [B, vocab]."""
+        mask: None with `decode_kernel` (the kernel reads keys 0..positions[b] of each row), else [B, 1, 1, L] bool,
+        key k visible to row b iff k <= positions[b] (L = the keys read, at least max(positions) + 1). Returns
+        logits [B, vocab]."""
+        if mask is None:
+            return self._run(ids, positions, self._decode_attend(slots, positions))
         length = mask.shape[-1]
 
-        def keys_values(li: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def attend(li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
             self.cache.write(li, slots, positions, k, v)
-            return self.cache.read(li, slots, None, length)
+            keys, values = self.cache.read(li, slots, None, length)
+            return _sdpa(q, keys, values, mask, False, scale)
 
-        return self._run(ids, positions, keys_values, mask, causal=False)
+        return self._run(ids, positions, attend)
+
+    def _decode_attend(self, slots: torch.Tensor, positions: torch.Tensor) -> Attend:
+        """Attention of a decode step (one token per row) through the CPU kernel: the cache rows `slots` [B] read in
+        place up to each row's position (positions [B, 1])."""
+        flat, op = positions.reshape(-1), torch.ops.sparsefast.decode_attention_cpu.default
+
+        def attend(li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+            self.cache.write(li, slots, positions, k, v)
+            out = op(q[:, :, 0], self.cache.keys[li], self.cache.values[li], slots, flat, scale, self.isa)
+            return out[:, :, None]
+
+        return attend
 
     def release(self, slot: int) -> None:
         """Nothing to free: a slot's stale keys are masked out (positions beyond the new owner's length)."""
@@ -139,35 +166,37 @@ class LlamaBatchRunner:
         """The eager step. ids, positions: [B, T] (long); returns logits [B, vocab] at column `last` [B] of each row
         (default the final column), or [B, T, vocab] at every column with all_positions."""
         b = ids.shape[0]
+        slot_t = torch.tensor(slots, device=self.device)
+        if self.decode_kernel and ids.shape[1] == 1 and not causal_from_zero:
+            return self._run(ids, positions, self._decode_attend(slot_t, positions))
         length = int(positions.max()) + 1
         first = slots[0] if slots == list(range(slots[0], slots[0] + b)) else None
-        slot_t = torch.tensor(slots, device=self.device)
         if causal_from_zero or uniform:
             mask = None  # prefill from position 0 (is_causal) or every row sees all `length` keys
         else:
             keys = torch.arange(length, device=self.device)
             mask = (keys[None, None, None, :] <= positions[:, None, :, None])  # [B, 1, T, length]
 
-        def keys_values(li: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def attend(li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
             self.cache.write(li, slot_t, positions, k, v)
-            if causal_from_zero:
-                return k, v  # prefill from 0: the prompt's own keys are the whole context
-            return self.cache.read(li, slot_t, first, length)
+            if causal_from_zero:  # prefill from 0: the prompt's own keys are the whole context
+                return _sdpa(q, k, v, None, True, scale)
+            keys, values = self.cache.read(li, slot_t, first, length)
+            return _sdpa(q, keys, values, mask, False, scale)
 
-        return self._run(ids, positions, keys_values, mask, causal=causal_from_zero, last=last,
-                         all_positions=all_positions)
+        return self._run(ids, positions, attend, last=last, all_positions=all_positions)
 
-    def _run(self, ids: torch.Tensor, positions: torch.Tensor, keys_values: KeysValues, mask: torch.Tensor | None,
-             *, causal: bool, last: torch.Tensor | None = None, all_positions: bool = False) -> torch.Tensor:
-        """Embedding, every decoder layer, final norm and head; keys_values(layer, k, v) stores this step's keys and
-        values and returns the keys and values attention reads. Logits [B, vocab] of column `last` (default -1), or
+    def _run(self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend, *, last: torch.Tensor | None = None,
+             all_positions: bool = False) -> torch.Tensor:
+        """Embedding, every decoder layer, final norm and head; attend(layer, q, k, v, scale) stores this step's keys
+        and values and returns the attention output. Logits [B, vocab] of column `last` (default -1), or
         [B, T, vocab] of every column with all_positions."""
         b = ids.shape[0]
         hidden = self.embed(ids)
         cos_sin = self.rotary(hidden, positions)
         for li, layer in enumerate(self.layers):
             x = layer.input_layernorm(hidden)
-            hidden = hidden + self._attention(layer.self_attn, li, x, cos_sin, keys_values, mask, causal)
+            hidden = hidden + self._attention(layer.self_attn, li, x, cos_sin, attend)
             hidden = hidden + self._mlp(layer.mlp, li, layer.post_attention_layernorm(hidden))
         if all_positions:
             return self.head(hidden if self.norm is None else self.norm(hidden))
@@ -188,7 +217,7 @@ class LlamaBatchRunner:
         return type(self.head) is nn.Linear and self.head.bias is None
 
     def _attention(self, attn: nn.Module, li: int, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
-                   keys_values: KeysValues, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+                   attend: Attend) -> torch.Tensor:
         b, t, _ = x.shape
         fused = self.qkv[li]
         if fused is None:
@@ -200,9 +229,7 @@ class LlamaBatchRunner:
         k = k.reshape(b, t, -1, self.head_dim).transpose(1, 2)
         v = v.reshape(b, t, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, *cos_sin)
-        keys, values = keys_values(li, k, v)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal and t > 1,
-                                             scale=attn.scaling, enable_gqa=q.shape[1] != keys.shape[1])
+        out = attend(li, q, k, v, attn.scaling)
         return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -212,6 +239,14 @@ class LlamaBatchRunner:
             return mlp(x)
         gate, up = fused(x).split([mlp.gate_proj.out_features, mlp.up_proj.out_features], -1)
         return mlp.down_proj(mlp.act_fn(gate) * up)
+
+
+def _sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+          scale: float) -> torch.Tensor:
+    """torch SDPA of q [B, heads, T, D] over keys, values [B, kv_heads, L, D] (grouped-query when the counts
+    differ)."""
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal and q.shape[2] > 1,
+                                          scale=scale, enable_gqa=q.shape[1] != keys.shape[1])
 
 
 class HFRequestRunner:

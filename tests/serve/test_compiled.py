@@ -76,7 +76,7 @@ def test_compiled_equals_eager_with_the_dense_cpu_kernel(story_llama_dir):
 
 def test_sparse_cpu_ops_stay_inside_one_graph(story_llama_dir):
     """torch._dynamo.explain over the step a 2:4 model with the CPU kernels swapped in runs: no graph break, the
-    sparse op in the graph (tracing only, no inductor compile)."""
+    sparse op and the decode-attention op in the graph (tracing only, no inductor compile)."""
     from sparsefast.api import prune
     from sparsefast.config import MagnitudeConfig
     from sparsefast.nn import SparsifyConfig, sparsify_, swapped_layer_names
@@ -85,8 +85,8 @@ def test_sparse_cpu_ops_stay_inside_one_graph(story_llama_dir):
     prune(model, MagnitudeConfig(pattern="2:4", device="cpu"), progress=False)
     assert len(swapped_layer_names(sparsify_(model, SparsifyConfig(calibrate=False)))) == 14
     runner = LlamaBatchRunner(model, max_batch=2, max_len=32, device=torch.device("cpu"), spare_row=True)
-    inputs = (torch.tensor([[5], [0]]), torch.tensor([[3], [0]]), torch.tensor([0, 2]),
-              torch.arange(4)[None, :].le(torch.tensor([[3], [0]])).view(2, 1, 1, 4))
+    assert runner.decode_kernel  # decode attends with the CPU kernel: no mask
+    inputs = (torch.tensor([[5], [0]]), torch.tensor([[3], [0]]), torch.tensor([0, 2]), None)
     with torch.inference_mode():
         runner.decode_static(*inputs)  # the eager call that decides each layer's route for M = 2
         explained = torch._dynamo.explain(runner.decode_static)(*inputs)
@@ -94,6 +94,7 @@ def test_sparse_cpu_ops_stay_inside_one_graph(story_llama_dir):
     ops = {str(node.target) for g in explained.graphs for node in g.graph.nodes}
     assert "sparsefast.sparse24_linear_cpu.default" in ops
     assert "sparsefast.dense_linear_cpu.default" in ops  # the dense (tied) head: sparsify_ auto's DenseCpuLinear
+    assert "sparsefast.decode_attention_cpu.default" in ops
 
 
 def test_auto_falls_back_to_eager_when_the_compile_fails(story_llama_dir, monkeypatch, caplog):

@@ -1,0 +1,35 @@
+// Decode attention on the CPU, torch-free: one new query token per sequence attends to the keys and values its
+// sequence has in a static KV cache, read in place (no gathered copy of the cache rows, no mask tensor).
+//
+//   out[b, h, :] = sum_{l <= positions[b]} softmax_l(scale * q[b, h, :] . K[slots[b], h / group, l, :]) V[slots[b], h / group, l, :]
+//
+// with group = heads / kv_heads (grouped-query attention: query head h reads KV head h / group, as HF's repeat_kv and
+// SDPA's enable_gqa). Scores, softmax and the weighted sum are fp32 whatever the storage type (fp32 or bf16); the
+// softmax subtracts the row maximum first.
+#pragma once
+
+#include <cstdint>
+
+namespace sparsefast_cpu {
+
+constexpr int64_t kMaxHeadDim = 512;  // the largest head_dim the kernel takes
+
+struct DecodeAttentionArgs {
+  const void* q;            // [batch, heads, head_dim] contiguous, of the cache's value type
+  const void* keys;         // cache [rows, kv_heads, max_len, head_dim] (element strides below)
+  const void* values;       // same shape and strides as keys
+  int vtype;                // ValueType of q, keys, values and out: kFloat32 or kBf16
+  const int64_t* slots;     // [batch] cache row of each sequence
+  const int64_t* positions; // [batch] position of the new token: keys 0..positions[b] are read
+  int64_t heads, kv_heads, head_dim;
+  int64_t row_stride, head_stride, pos_stride;  // element strides of the cache (the last dimension is unit stride)
+  float scale;
+  void* out;                // [batch, heads, head_dim] contiguous, of vtype
+};
+
+// out for the (sequence, head) tasks [task_begin, task_end), task = b * heads + h. `scores` holds at least
+// max(positions) + 1 floats (the calling thread's scratch). isa: kAuto, kScalar, or kAvx2 / kAvx512 (both run the
+// AVX2 + FMA path; it needs head_dim % 8 == 0, else the scalar one runs).
+void decode_attention_tasks(const DecodeAttentionArgs& a, int64_t task_begin, int64_t task_end, float* scores, int isa);
+
+}  // namespace sparsefast_cpu
