@@ -86,6 +86,37 @@ def test_ria_with_owl_and_dsnot(tmp_path, story_llama_dir, calib_file, capsys):
     assert code == 2 and "fixes it at 1 - N/M" in one_error_line(err) and not out.exists()
 
 
+@pytest.mark.parametrize("pattern,extra,layout", [
+    ("2:4", ["--refine", "dsnot", "--dsnot-scope", "all"], "2:4"),  # RIA's channel reallocation folded in
+    ("unstructured", ["--sparsity", "0.6", "--sparsity-allocation", "owl"], "unstructured")])
+def test_ria_owl_dsnot_checkpoints_run_on_the_sparse_kernels(tmp_path, story_llama_dir, calib_file, capsys, pattern,
+                                                             extra, layout):
+    """The new methods through the same writer and swap as the others: the checkpoint `prune --out` writes (RIA with
+    DSnoT at 2:4, its permuted down projections included; RIA with OWL unstructured) loads, every pruned linear takes
+    its sparse CPU kernel, and greedy tokens equal the loaded model's without the swap."""
+    from sparsefast.api import load
+    from sparsefast.nn import SparsifyConfig, sparsify_
+    from tests.nn.model_helpers import greedy_generate
+    from tests.ops.sparse_cpu_helpers import require_cpu_kernels
+
+    require_cpu_kernels()
+    out = tmp_path / "out"
+    code, _, err = run(["prune", str(story_llama_dir), "--method", "ria", "--pattern", pattern, *extra, "--calib",
+                        str(calib_file), "--nsamples", "3", "--seqlen", "64", "--device", "cpu", "--out", str(out),
+                        "--no-progress"], capsys)
+    assert code == 0, err
+    report = json.loads((out / "sparsefast.json").read_text())
+    assert report["config"]["method"] == "ria"
+    if pattern == "2:4":  # the reallocation was applied to a down projection, so the file holds permuted layers
+        assert any(r.get("reallocation", {}).get("applied") for r in report["linears"].values())
+    model, _ = load(out)
+    ids = torch.randint(3, model.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(0))
+    want = greedy_generate(model, ids)
+    records = sparsify_(model, SparsifyConfig(calibrate=False))  # every pruned linear gets its kernel
+    assert len(records) == 14 and all(r["chosen"] == layout for r in records.values()), records
+    assert torch.equal(greedy_generate(model, ids), want)
+
+
 def test_gguf_default_model(tmp_path, capsys):
     from sparsefast.models import smollm2_gguf_path
 
