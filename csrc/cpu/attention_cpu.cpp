@@ -12,24 +12,13 @@
 #include <cstring>
 
 #include "cpu/linear_cpu.h"
-
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define SF_ATT_X86 1
-#define SF_ATT_AVX2 __attribute__((target("avx2,fma")))
-#endif
+#include "cpu/simd_cpu.h"
 
 namespace sparsefast_cpu {
 namespace {
 
 inline float load_scalar(const void* p, int vtype, int64_t i) {
-  if (vtype == kBf16) {
-    const uint32_t u = static_cast<uint32_t>(static_cast<const uint16_t*>(p)[i]) << 16;
-    float f;
-    std::memcpy(&f, &u, sizeof f);
-    return f;
-  }
-  return static_cast<const float*>(p)[i];
+  return vtype == kBf16 ? bf16_to_f32(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
 }
 
 // fp32 -> bf16, round to nearest even (as torch's Tensor.to); NaN stays NaN.
@@ -82,41 +71,25 @@ void task_scalar(const DecodeAttentionArgs& a, int64_t task, float* scores) {
   store_row(a, task, acc, 1.f / sum);
 }
 
-#ifdef SF_ATT_X86
-template <int VT>
-SF_ATT_AVX2 inline __m256 load8(const void* p, int64_t i) {
-  if (VT == kBf16) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  }
-  return _mm256_loadu_ps(static_cast<const float*>(p) + i);
-}
-
-SF_ATT_AVX2 inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
+#ifdef SF_X86
 // head_dim % 8 == 0
 template <int VT>
-SF_ATT_AVX2 void task_avx2(const DecodeAttentionArgs& a, int64_t task, float* scores) {
+SF_AVX2 void task_avx2(const DecodeAttentionArgs& a, int64_t task, float* scores) {
   const int64_t b = task / a.heads, h = task % a.heads, d = a.head_dim;
   const int64_t g = h / (a.heads / a.kv_heads), len = a.positions[b] + 1;
   const int64_t base = a.slots[b] * a.row_stride + g * a.head_stride;
   alignas(32) float q[kMaxHeadDim], acc[kMaxHeadDim];
-  for (int64_t i = 0; i < d; i += 8) _mm256_store_ps(q + i, load8<VT>(a.q, task * d + i));
+  for (int64_t i = 0; i < d; i += 8) _mm256_store_ps(q + i, load8_256<VT>(a.q, task * d + i));
   for (int64_t l = 0; l < len; ++l) {
     const int64_t row = base + l * a.pos_stride;
     __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 16 <= d; i += 16) {
-      s0 = _mm256_fmadd_ps(_mm256_load_ps(q + i), load8<VT>(a.keys, row + i), s0);
-      s1 = _mm256_fmadd_ps(_mm256_load_ps(q + i + 8), load8<VT>(a.keys, row + i + 8), s1);
+      s0 = _mm256_fmadd_ps(_mm256_load_ps(q + i), load8_256<VT>(a.keys, row + i), s0);
+      s1 = _mm256_fmadd_ps(_mm256_load_ps(q + i + 8), load8_256<VT>(a.keys, row + i + 8), s1);
     }
-    if (i < d) s0 = _mm256_fmadd_ps(_mm256_load_ps(q + i), load8<VT>(a.keys, row + i), s0);
-    scores[l] = hsum8(_mm256_add_ps(s0, s1)) * a.scale;
+    if (i < d) s0 = _mm256_fmadd_ps(_mm256_load_ps(q + i), load8_256<VT>(a.keys, row + i), s0);
+    scores[l] = hsum256(_mm256_add_ps(s0, s1)) * a.scale;
   }
   const float sum = softmax_numerators(scores, len);
   for (int64_t i = 0; i < d; i += 8) _mm256_store_ps(acc + i, _mm256_setzero_ps());
@@ -124,7 +97,7 @@ SF_ATT_AVX2 void task_avx2(const DecodeAttentionArgs& a, int64_t task, float* sc
     const int64_t row = base + l * a.pos_stride;
     const __m256 p = _mm256_set1_ps(scores[l]);
     for (int64_t i = 0; i < d; i += 8)
-      _mm256_store_ps(acc + i, _mm256_fmadd_ps(p, load8<VT>(a.values, row + i), _mm256_load_ps(acc + i)));
+      _mm256_store_ps(acc + i, _mm256_fmadd_ps(p, load8_256<VT>(a.values, row + i), _mm256_load_ps(acc + i)));
   }
   store_row(a, task, acc, 1.f / sum);
 }
@@ -135,7 +108,7 @@ SF_ATT_AVX2 void task_avx2(const DecodeAttentionArgs& a, int64_t task, float* sc
 void decode_attention_tasks(const DecodeAttentionArgs& a, int64_t task_begin, int64_t task_end, float* scores,
                             int isa) {
   if (isa == kAuto) isa = best_isa();
-#ifdef SF_ATT_X86
+#ifdef SF_X86
   if (isa >= kAvx2 && a.head_dim % 8 == 0) {
     for (int64_t t = task_begin; t < task_end; ++t) {
       if (a.vtype == kBf16)

@@ -23,22 +23,10 @@
 
 #include <cstring>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define SF_X86 1
-#define SF_AVX512 __attribute__((target("avx512f,avx2,fma,popcnt")))
-#define SF_AVX2 __attribute__((target("avx2,fma,popcnt")))
-#endif
+#include "cpu/simd_cpu.h"
 
 namespace sparsefast_cpu {
 namespace {
-
-inline float bf16_to_f32(uint16_t v) {
-  const uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
 
 template <int VT>
 constexpr int64_t kBytes = VT == kInt8 ? 1 : VT == kBf16 ? 2 : 4;  // bytes per stored value
@@ -181,26 +169,6 @@ SF_AVX512 void tiles24_512(const Sparse24Weight& w, const float* x, int64_t m, c
 }
 
 // ---------------------------------------------------------------- 2:4, AVX2
-template <int VT>
-SF_AVX2 inline __m256 load8_256(const void* values, int64_t i) {
-  if (VT == kInt8) {
-    const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(values) + i));
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
-  }
-  if (VT == kBf16) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(values) + i));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  }
-  return _mm256_loadu_ps(static_cast<const float*>(values) + i);
-}
-
-SF_AVX2 inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // A 16-column half h of a block: lanes 0-3 (groups 0, 1) read x columns 0-7 of the half, lanes 4-7 columns 8-15;
 // vpermps uses the low 3 index bits, so one index vector (4g' + i, g' = group mod 2) serves both permutes.
 template <int RN, int TB, int VT>

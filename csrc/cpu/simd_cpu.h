@@ -1,0 +1,51 @@
+// Small helpers shared by the CPU kernels (linear_cpu.cpp, attention_cpu.cpp): the per-function instruction-set
+// attributes (one binary carries every path and picks at run time), the exact bf16 -> fp32 widening, and the AVX2
+// load of 8 stored values as fp32 and the horizontal sum of 8 lanes.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "cpu/linear_cpu.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define SF_X86 1
+#define SF_AVX512 __attribute__((target("avx512f,avx2,fma,popcnt")))
+#define SF_AVX2 __attribute__((target("avx2,fma,popcnt")))
+#endif
+
+namespace sparsefast_cpu {
+
+// bf16 is the upper half of an fp32: widening is a 16-bit shift (exact)
+inline float bf16_to_f32(uint16_t v) {
+  const uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+#ifdef SF_X86
+// values[i .. i+8) of value type VT (fp32, bf16 or int8) as 8 fp32 lanes
+template <int VT>
+SF_AVX2 inline __m256 load8_256(const void* values, int64_t i) {
+  if (VT == kInt8) {
+    const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(values) + i));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+  }
+  if (VT == kBf16) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(values) + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  return _mm256_loadu_ps(static_cast<const float*>(values) + i);
+}
+
+SF_AVX2 inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+}  // namespace sparsefast_cpu
