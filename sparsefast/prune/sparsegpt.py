@@ -147,7 +147,8 @@ class SparseGPTPruner(Pruner):
         hessian = self.hessians.pop(name).to(linear.weight.device)
         hessian.mul_(2.0 / self.nseq[name])
         cfg = self.config
-        scales = self.joint_int8_scales(linear, hessian) if cfg.quantize == "int8" else None
+        # joint int8: the grid of each row is fixed from the dense row before the sweep (GPTQ's per-channel rule)
+        scales = int8_row_scales(linear.weight.data) if cfg.quantize == "int8" else None
         new_w, notes = sparsegpt_prune_weight(linear.weight.data, hessian, sparsity=self.sparsity,
                                               nm=self.pattern.nm, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
                                               mask=self.fixed_mask(linear, hessian), int8_scales=scales)
@@ -165,17 +166,6 @@ class SparseGPTPruner(Pruner):
         stats = mask_stats(linear.weight, self.sparsity)
         stats["damping"] = notes
         return stats
-
-    def joint_int8_scales(self, linear: nn.Linear, hessian: torch.Tensor) -> torch.Tensor:
-        """Per-row int8 scales of the joint sweep: max |row| / 127 of the row SparseGPT makes without rounding (one
-        extra sweep), not of the dense row (GPTQ's rule). The OBS updates that compensate the pruned weights grow
-        the kept ones, past the dense row's maximum in many rows at 2:4, where a grid fixed from the dense row
-        clamps them (measured: bench/RESULTS.md "Sparse + int8 quality")."""
-        cfg = self.config
-        unrounded, _ = sparsegpt_prune_weight(linear.weight.data, hessian, sparsity=self.sparsity, nm=self.pattern.nm,
-                                              blocksize=cfg.blocksize, percdamp=cfg.percdamp,
-                                              mask=self.fixed_mask(linear, hessian))
-        return int8_row_scales(unrounded)
 
     def fixed_mask(self, linear: nn.Linear, hessian: torch.Tensor) -> torch.Tensor | None:
         """The mask to prune instead of SparseGPT's own choice (None: SparseGPT selects). A subclass returning e.g.
