@@ -96,19 +96,6 @@ void tiles24_scalar(const Sparse24Weight& w, const float* x, int64_t m, const fl
 
 #ifdef SF_X86
 // ---------------------------------------------------------------- 2:4, AVX-512
-template <int VT>
-SF_AVX512 inline __m512 load16_512(const void* values, int64_t i) {
-  if (VT == kInt8) {
-    const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(values) + i));
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
-  }
-  if (VT == kBf16) {
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(values) + i));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  }
-  return _mm512_loadu_ps(static_cast<const float*>(values) + i);
-}
-
 // Rows r0..r0+RN-1 of `tile` for tokens t0..t0+TB-1.
 template <int RN, int TB, int VT>
 SF_AVX512 void tile24_512(const Sparse24Weight& w, int64_t tile, int r0, const float* x, int64_t t0, const float* bias,

@@ -1,6 +1,6 @@
 // Small helpers shared by the CPU kernels (linear_cpu.cpp, attention_cpu.cpp): the per-function instruction-set
-// attributes (one binary carries every path and picks at run time), the exact bf16 -> fp32 widening, and the AVX2
-// load of 8 stored values as fp32 and the horizontal sum of 8 lanes.
+// attributes (one binary carries every path and picks at run time), the exact bf16 -> fp32 widening, the loads of
+// 16 (AVX-512) or 8 (AVX2) stored values as fp32, and the horizontal sum of 8 lanes.
 #pragma once
 
 #include <cstdint>
@@ -26,6 +26,20 @@ inline float bf16_to_f32(uint16_t v) {
 }
 
 #ifdef SF_X86
+// values[i .. i+16) of value type VT (fp32, bf16 or int8) as 16 fp32 lanes
+template <int VT>
+SF_AVX512 inline __m512 load16_512(const void* values, int64_t i) {
+  if (VT == kInt8) {
+    const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(values) + i));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
+  }
+  if (VT == kBf16) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(values) + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  return _mm512_loadu_ps(static_cast<const float*>(values) + i);
+}
+
 // values[i .. i+8) of value type VT (fp32, bf16 or int8) as 8 fp32 lanes
 template <int VT>
 SF_AVX2 inline __m256 load8_256(const void* values, int64_t i) {
