@@ -19,6 +19,7 @@ from tests.ops.sparse_cpu_helpers import (
     as_stored,
     assert_same_from_threads,
     assert_within_rule,
+    available_isas,
     require_cpu_kernels,
     run_all,
 )
@@ -37,17 +38,19 @@ def test_dense_linear_cpu_matches_torch(shape, wdtype, xdtype):
     run_all(lambda xm, isa: dense_linear_cpu(xm, stored, bias, scales=scales, backend="cpu", isa=isa), x, w, bias)
 
 
-def test_strided_weight_view_and_leading_dims():
-    """A view of a wider matrix (row stride > in_features, as a slice of a fused weight) and x [2, 5, in]."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strided_weight_view_and_leading_dims(dtype):
+    """A view of a wider matrix (row stride > in_features, as a slice of a fused weight; 72 columns: bf16 runs its
+    32-column pair path and a tail) and x [2, 5, in]."""
     require_cpu_kernels()
     gen = torch.Generator().manual_seed(3)
-    big = torch.randn(40, 100, generator=gen)
-    w = big[3:30, 7:71]  # [27, 64], row stride 100
-    x = torch.randn(2, 5, 64, generator=gen)
-    for isa in ("scalar", "auto"):
+    big = torch.randn(40, 100, generator=gen).to(dtype)
+    w = big[3:30, 7:79]  # [27, 72], row stride 100
+    x = torch.randn(2, 5, 72, generator=gen)
+    for isa in available_isas():
         y = dense_linear_cpu(x, w, None, backend="cpu", isa=isa)
         assert y.shape == (2, 5, 27)
-        assert_within_rule(y.reshape(10, 27), x.reshape(10, 64), w, None)
+        assert_within_rule(y.reshape(10, 27), x.reshape(10, 72), w.float(), None)
 
 
 def test_kernel_called_from_several_threads_at_once():
