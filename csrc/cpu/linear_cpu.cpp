@@ -22,7 +22,6 @@
 #include "cpu/linear_cpu.h"
 
 #include <cstring>
-#include <vector>
 
 #include "cpu/simd_cpu.h"
 
@@ -440,98 +439,15 @@ SF_AVX512 void rows_dense_512(const DenseWeight& w, int64_t row0, const float* x
   store_rows<RN, TB>(w.n, row0, t0, sums, w.scales, bias, y);
 }
 
-// bf16 rows read as pairs: one 64-byte load holds 32 consecutive values, i.e. 16 32-bit lanes of (even, odd) column
-// pairs; the even values are lane << 16 and the odd ones lane & 0xFFFF0000 (both exact, neither a shuffle), against
-// x split once per call into its even and odd columns (xe, xo: [TB tokens][k2 / 2] from token t0). Where the
-// widening path spends a vpmovzxwd (a port-5 shuffle on Intel) and a shift per 16 values, this spends a shift and an
-// AND per 32. Columns from k2 = k rounded down to 32 on run the widening path.
-template <int RN, int TB>
-SF_AVX512 void rows_dense_bf16_pairs_512(const DenseWeight& w, int64_t row0, const float* xe, const float* xo,
-                                         int64_t k2, const float* x, int64_t t0, const float* bias, float* y) {
-  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-  __m512 acc[RN][TB];
-#pragma GCC unroll 8
-  for (int r = 0; r < RN; ++r)
-#pragma GCC unroll 8
-    for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_setzero_ps();
-  const int64_t half = k2 / 2;
-  const uint16_t* values = static_cast<const uint16_t*>(w.values);
-  for (int64_t c = 0; c < k2 / 32; ++c) {
-    __m512 xev[TB], xov[TB];
-#pragma GCC unroll 8
-    for (int t = 0; t < TB; ++t) {
-      xev[t] = _mm512_loadu_ps(xe + t * half + 16 * c);
-      xov[t] = _mm512_loadu_ps(xo + t * half + 16 * c);
-    }
-#pragma GCC unroll 8
-    for (int r = 0; r < RN; ++r) {
-      const int64_t at = (row0 + r) * w.ld + 32 * c;
-      prefetch_l2(values, (at + kTileRows * w.ld) * 2);  // the same columns of the next tile
-      const __m512i v = _mm512_loadu_si512(values + at);
-      const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-      const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(v, high));
-#pragma GCC unroll 8
-      for (int t = 0; t < TB; ++t)
-        acc[r][t] = _mm512_fmadd_ps(odd, xov[t], _mm512_fmadd_ps(even, xev[t], acc[r][t]));
-    }
-  }
-  const float* xb = x + t0 * w.kp;
-  for (int64_t col = k2; col < w.k; col += 16) {  // the last < 32 columns: widened 16 at a time, zero-padded
-    const int64_t c = col / 16;
-#pragma GCC unroll 8
-    for (int r = 0; r < RN; ++r) {
-      float tail[16];
-      dense_chunk_padded<kBf16>(w, row0 + r, c, tail);
-      const __m512 v = _mm512_loadu_ps(tail);
-#pragma GCC unroll 8
-      for (int t = 0; t < TB; ++t)
-        acc[r][t] = _mm512_fmadd_ps(v, _mm512_loadu_ps(xb + t * w.kp + 16 * c), acc[r][t]);
-    }
-  }
-  float sums[RN][TB];
-#pragma GCC unroll 8
-  for (int r = 0; r < RN; ++r)
-#pragma GCC unroll 8
-    for (int t = 0; t < TB; ++t) sums[r][t] = _mm512_reduce_add_ps(acc[r][t]);
-  store_rows<RN, TB>(w.n, row0, t0, sums, w.scales, bias, y);
-}
-
-// x [m, kp]'s columns below k2 split into even and odd ones: xe, xo [m, k2 / 2] in this thread's scratch.
-inline void split_even_odd(const float* x, int64_t m, int64_t kp, int64_t k2, std::vector<float>& scratch,
-                           float*& xe, float*& xo) {
-  const int64_t half = k2 / 2;
-  if (static_cast<int64_t>(scratch.size()) < 2 * m * half) scratch.resize(2 * m * half);
-  xe = scratch.data();
-  xo = xe + m * half;
-  for (int64_t t = 0; t < m; ++t)
-    for (int64_t j = 0; j < half; ++j) {
-      xe[t * half + j] = x[t * kp + 2 * j];
-      xo[t * half + j] = x[t * kp + 2 * j + 1];
-    }
-}
-
 // Whole tiles: 8 rows x token pairs (16 accumulators), then a single token; the last, shorter tile row by row (its
-// rows beyond n are not W's). bf16 weights run the pair path over their first k2 columns.
+// rows beyond n are not W's).
 template <int VT>
 SF_AVX512 void tiles_dense_512(const DenseWeight& w, const float* x, int64_t m, const float* bias, float* y,
                                int64_t t0, int64_t t1) {
-  const int64_t k2 = VT == kBf16 ? w.k / 32 * 32 : 0;
-  float *xe = nullptr, *xo = nullptr;
-  if (k2 > 0) {
-    thread_local std::vector<float> pairs_scratch;
-    split_even_odd(x, m, w.kp, k2, pairs_scratch, xe, xo);
-  }
-  const int64_t half = k2 / 2;
   for (int64_t tile = t0; tile < t1; ++tile) {
     const int64_t row0 = tile * kTileRows;
     if (row0 + kTileRows <= w.n) {
       int64_t t = 0;
-      if (k2 > 0) {
-        for (; t + 2 <= m; t += 2)
-          rows_dense_bf16_pairs_512<8, 2>(w, row0, xe + t * half, xo + t * half, k2, x, t, bias, y);
-        if (t < m) rows_dense_bf16_pairs_512<8, 1>(w, row0, xe + t * half, xo + t * half, k2, x, t, bias, y);
-        continue;
-      }
       for (; t + 2 <= m; t += 2) rows_dense_512<8, 2, VT>(w, row0, x, t, bias, y);
       if (t < m) rows_dense_512<8, 1, VT>(w, row0, x, t, bias, y);
     } else {

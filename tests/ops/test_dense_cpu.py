@@ -40,8 +40,8 @@ def test_dense_linear_cpu_matches_torch(shape, wdtype, xdtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_strided_weight_view_and_leading_dims(dtype):
-    """A view of a wider matrix (row stride > in_features, as a slice of a fused weight; 72 columns: bf16 runs its
-    32-column pair path and a tail) and x [2, 5, in]."""
+    """A view of a wider matrix (row stride > in_features, as a slice of a fused weight; 72 columns, not a multiple
+    of 16) and x [2, 5, in], fp32 and bf16 weights, every instruction set."""
     require_cpu_kernels()
     gen = torch.Generator().manual_seed(3)
     big = torch.randn(40, 100, generator=gen).to(dtype)
