@@ -88,6 +88,11 @@ def _jit_build_cpu() -> None:
          extra_ldflags=["-fopenmp"], is_python_module=False, verbose=os.environ.get("SPARSEFAST_JIT_VERBOSE") == "1")
 
 
+# every op the CPU extension registers (a prebuilt library missing one was built from older sources)
+CPU_OPS = ("sparse24_linear_cpu", "sparse_unstructured_linear_cpu", "dense_linear_cpu", "decode_attention_cpu",
+           "cpu_best_isa")
+
+
 def _register_cpu_fakes() -> None:
     """Shape functions of the CPU ops (linears: y [..., out_features] in x's dtype; decode attention: q's shape and
     dtype), so FakeTensor tracing and torch.compile see through them."""
@@ -113,17 +118,29 @@ def load_cpu_extension() -> bool:
     import torch
 
     spec = importlib.util.find_spec("sparsefast._cpu")
+    stale = False
     if spec is not None and spec.origin:
         try:
             torch.ops.load_library(spec.origin)
-            _register_cpu_fakes()
-            return True
         except OSError as exc:
             _CPU_ERROR = f"prebuilt {spec.origin} does not load: {exc}"
+        else:
+            missing = [op for op in CPU_OPS if not hasattr(torch.ops.sparsefast, op)]
+            if not missing:
+                _register_cpu_fakes()
+                _CPU_ERROR = None
+                return True
+            # an extension built from older sources: its ops are registered now, so a JIT build of this
+            # version's sources could not register them again in this process
+            stale = True
+            _CPU_ERROR = (f"prebuilt {spec.origin} predates this version of sparsefast (no "
+                          f"{', '.join(missing)}); rebuild it")
     else:
         _CPU_ERROR = "sparsefast._cpu was not built (no C++ compiler at install time?)"
     compiler = os.environ.get("CXX", "c++")
-    if os.environ.get(NO_COMPILER_ENV) == "1":
+    if stale:
+        pass
+    elif os.environ.get(NO_COMPILER_ENV) == "1":
         _CPU_ERROR += f"; JIT build skipped ({NO_COMPILER_ENV}=1)"
     elif shutil.which(compiler) is None or shutil.which("ninja") is None:
         _CPU_ERROR += f"; JIT build needs {compiler} and ninja on PATH"

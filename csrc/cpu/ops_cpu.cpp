@@ -202,8 +202,9 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& keys, con
                         slots.device().is_cpu() && positions.device().is_cpu(),
                     "decode attention: CPU tensors only");
   const int64_t batch = q.size(0), heads = q.size(1), head_dim = q.size(2), kv_heads = keys.size(1);
-  TORCH_CHECK_VALUE(keys.size(3) == head_dim && keys.stride(3) == 1 && head_dim <= sparsefast_cpu::kMaxHeadDim,
-                    "decode attention: the cache's head_dim must equal q's (at most ", sparsefast_cpu::kMaxHeadDim,
+  TORCH_CHECK_VALUE(keys.size(3) == head_dim && keys.stride(3) == 1 && head_dim > 0 &&
+                        head_dim <= sparsefast_cpu::kMaxHeadDim,
+                    "decode attention: the cache's head_dim must equal q's (1 to ", sparsefast_cpu::kMaxHeadDim,
                     ") with unit stride");
   TORCH_CHECK_VALUE(kv_heads > 0 && heads % kv_heads == 0, "decode attention: heads (", heads,
                     ") must be a multiple of kv_heads (", kv_heads, ")");
@@ -221,6 +222,7 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& keys, con
     longest = std::max(longest, pp[b] + 1);
   }
   at::Tensor out = at::empty({batch, heads, head_dim}, q.options());
+  if (batch * heads == 0) return out;
   const sparsefast_cpu::DecodeAttentionArgs args{
       qc.data_ptr(), keys.data_ptr(), values.data_ptr(),
       q.scalar_type() == at::kBFloat16 ? sparsefast_cpu::kBf16 : sparsefast_cpu::kFloat32, sp, pp, heads, kv_heads,

@@ -49,6 +49,9 @@ def decode_attention_cpu(q: torch.Tensor, keys: torch.Tensor, values: torch.Tens
         raise ValueError(f"decode_attention_cpu: q must be [B, heads, head_dim] and keys, values the cache [rows, "
                          f"kv_heads, max_len, head_dim]; got q {tuple(q.shape)}, keys {tuple(keys.shape)}, values "
                          f"{tuple(values.shape)}")
+    if keys.shape[1] == 0 or q.shape[1] % keys.shape[1]:
+        raise ValueError(f"decode_attention_cpu: {q.shape[1]} query heads are not a multiple of the cache's "
+                         f"{keys.shape[1]} KV heads")
     chosen = select_backend("decode_attention_cpu", q, backend, has=("cpu", "torch"),
                             cuda_ok=decode_attention_fits(q, keys) and values.stride() == keys.stride())
     if chosen == "torch":

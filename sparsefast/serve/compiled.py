@@ -128,7 +128,8 @@ class CompiledRunner:
         return logits.clone() if self.device.type == "cuda" else logits
 
     # ------------------------------------------------------------------------------------------------------------------
-    def step_inputs(self, slots: list[int], ids: list[int], positions: list[int]) -> tuple[torch.Tensor, ...]:
+    def step_inputs(self, slots: list[int], ids: list[int],
+                    positions: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(ids [P, 1], positions [P, 1], slots [P], mask [P, 1, 1, L] or None) of `decode_static` for the batch
         padded to its bucket P."""
         import torch

@@ -5,7 +5,8 @@
   Sparse24Linear, a CPU sparse linear) is what runs. Attention is ours, over a `StaticKVCache`, so rows of
   different lengths decode together in one batched forward: a decode step on the CPU runs the decode-attention
   kernel (sparsefast.ops.attention_cpu: each row's cache entries up to its position, read in place); prefill, and
-  decode where the kernel does not run (CUDA, no CPU extension), run torch SDPA with a per-row position mask.
+  decode where the kernel does not take every layer (CUDA, no CPU extension, a dtype other than fp32/bf16, heads
+  over 512 wide), run torch SDPA with a per-row position mask.
   Head counts are read per layer from the projection widths (structural checkpoints keep different counts per
   layer). The projections that read the same input run as one call where they can (q/k/v; gate/up of the gated
   MLP): `fuse_linears` concatenates their weights and re-points the model's own tensors to rows of the fused buffer
@@ -97,7 +98,7 @@ class LlamaBatchRunner:
             decode_attention_takes(torch.empty(1, a.q_proj.out_features // self.head_dim, self.head_dim, dtype=dtype,
                                                device=device), keys)
             for a, keys in zip((layer.self_attn for layer in self.layers), self.cache.keys))
-        self.isa = cpu_isa()
+        self.isa = cpu_isa() if self.decode_kernel else None
 
     def prefill(self, slots: list[int], prompts: list[list[int]], *,
                 all_positions: bool = False) -> torch.Tensor | list[torch.Tensor]:
@@ -167,7 +168,7 @@ class LlamaBatchRunner:
         (default the final column), or [B, T, vocab] at every column with all_positions."""
         b = ids.shape[0]
         slot_t = torch.tensor(slots, device=self.device)
-        if self.decode_kernel and ids.shape[1] == 1 and not causal_from_zero:
+        if self.decode_kernel and ids.shape[1] == 1 and not causal_from_zero and last is None and not all_positions:
             return self._run(ids, positions, self._decode_attend(slot_t, positions))
         length = int(positions.max()) + 1
         first = slots[0] if slots == list(range(slots[0], slots[0] + b)) else None

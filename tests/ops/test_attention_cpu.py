@@ -38,7 +38,7 @@ def _sdpa_over_gathered_rows(q, keys, values, slots, positions, scale):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 16), (6, 2, 12), (2, 1, 8)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 16), (6, 2, 12), (2, 1, 8), (3, 1, 24)])
 def test_decode_attention_matches_twin_and_sdpa(dtype, heads, kv_heads, head_dim):
     require_cpu_kernels()
     q, keys, values, slots, positions = _case(heads, kv_heads, head_dim, dtype)
@@ -81,13 +81,15 @@ def test_reads_only_each_rows_own_positions():
     require_cpu_kernels()
     q, keys, values, slots, positions = _case(4, 2, 32, torch.float32)
     scale = 0.2
-    expected = decode_attention_cpu(q, keys, values, slots, positions, scale, backend="cpu")
-    for i, (slot, pos) in enumerate(zip(slots.tolist(), positions.tolist())):
+    expected = {isa: decode_attention_cpu(q, keys, values, slots, positions, scale, backend="cpu", isa=isa)
+                for isa in available_isas()}
+    for slot, pos in zip(slots.tolist(), positions.tolist()):
         keys[slot, :, pos + 1:] = float("inf")
         values[slot, :, pos + 1:] = float("nan")
     keys[[1, 2]] = float("nan")  # rows no sequence reads
-    out = decode_attention_cpu(q, keys, values, slots, positions, scale, backend="cpu")
-    assert torch.equal(out, expected)
+    for isa, want in expected.items():
+        out = decode_attention_cpu(q, keys, values, slots, positions, scale, backend="cpu", isa=isa)
+        assert torch.equal(out, want), isa
 
 
 def test_opcheck():
@@ -113,6 +115,12 @@ def test_errors():
         op(q, keys, values, slots[:2], positions, 0.25, 0)
     with pytest.raises(ValueError, match="decode_attention_cpu: q must be"):
         decode_attention_cpu(q[0], keys, values, slots, positions, 0.25)
+    with pytest.raises(ValueError, match="3 query heads are not a multiple of the cache's 2 KV heads"):
+        decode_attention_cpu(q[:, :3], keys, values, slots, positions, 0.25)  # before the twin too
+    with pytest.raises(ValueError, match="head_dim must equal q's"):
+        op(q[:, :, :0], keys[..., :0], values[..., :0], slots, positions, 0.25, 0)
+    empty = op(q[:0], keys, values, slots[:0], positions[:0], 0.25, 0)  # no sequences: an empty result
+    assert empty.shape == (0, 4, 16)
     # what the kernel does not take runs the twin under auto, and is refused when the kernel is forced
     assert not decode_attention_takes(q.double(), keys.double())
     out = decode_attention_cpu(q.double(), keys.double(), values.double(), slots, positions, 0.25)
@@ -120,3 +128,21 @@ def test_errors():
                                                           positions, 0.25))
     with pytest.raises(ValueError, match="does not support this input"):
         decode_attention_cpu(q.double(), keys.double(), values.double(), slots, positions, 0.25, backend="cpu")
+
+
+def test_a_prebuilt_extension_from_older_sources_is_refused_with_the_reason(monkeypatch):
+    """A `sparsefast._cpu` built before an op existed (a pull without reinstalling): the CPU kernels report
+    unavailable with the fix, once, instead of every caller failing on the missing op."""
+    import sparsefast._ext as ext
+
+    require_cpu_kernels()
+    monkeypatch.setattr(ext, "CPU_OPS", (*ext.CPU_OPS, "an_op_this_build_lacks"))
+    ext.load_cpu_extension.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="predates this version of sparsefast"):
+            assert ext.load_cpu_extension() is False
+        assert "an_op_this_build_lacks" in ext.cpu_extension_error()
+    finally:
+        monkeypatch.undo()
+        ext.load_cpu_extension.cache_clear()
+        assert ext.load_cpu_extension() and ext.cpu_extension_error() is None

@@ -74,6 +74,30 @@ def test_compiled_equals_eager_with_the_dense_cpu_kernel(story_llama_dir):
     assert compiled == eager == plain and engine.runner.graphs == 2
 
 
+def test_compiled_sdpa_step_on_cpu_equals_eager_across_lengths():
+    """The CPU step without the decode-attention kernel (a build without the extension): SDPA over the masked cache
+    with the key count a dynamic dimension: one graph for every length, logits equal to the eager step's."""
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama")
+    cpu = torch.device("cpu")
+    runners = [LlamaBatchRunner(model, max_batch=2, max_len=24, device=cpu, spare_row=True) for _ in range(2)]
+    for r in runners:
+        r.decode_kernel = False
+    eager, compiled = runners[0], CompiledRunner(runners[1], max_batch=2, max_len=24)
+    prompts = [[5, 17, 33, 4, 9], [7, 8]]
+    with torch.inference_mode():
+        for r in (eager, compiled):
+            r.prefill([0, 1], prompts)
+        positions = [5, 2]
+        for step in range(6):
+            ids = [11 + step, 40 + step]
+            torch.testing.assert_close(compiled.decode([0, 1], ids, positions), eager.decode([0, 1], ids, positions),
+                                       rtol=1e-5, atol=1e-5)
+            positions = [p + 1 for p in positions]
+    assert compiled.graphs == 2  # buckets 1 and 2, no recompile as the lengths grew
+
+
 def test_sparse_cpu_ops_stay_inside_one_graph(story_llama_dir):
     """torch._dynamo.explain over the step a 2:4 model with the CPU kernels swapped in runs: no graph break, the
     sparse op and the decode-attention op in the graph (tracing only, no inductor compile)."""
