@@ -28,20 +28,15 @@ def worker(dtype: str, weights: str, attention: str, prompt_len: int, new_tokens
     """One variant in this process: {"ms_per_token": [3 runs], "tokens": [...]}."""
     import torch
 
-    from sparsefast.api import load
-    from sparsefast.models import get_adapter
+    from sparsefast.api import load, prune
+    from sparsefast.config import MagnitudeConfig
     from sparsefast.nn import SparsifyConfig, sparsify_
     from sparsefast.serve.compiled import CompiledRunner
     from sparsefast.serve.runner import LlamaBatchRunner
 
     model, _ = load("smollm2", dtype=dtype)
     if weights == "2:4":
-        with torch.no_grad():
-            for layer in get_adapter(model).decoder_layers(model):
-                for linear in get_adapter(model).prunable_linears(layer).values():
-                    groups = linear.weight.view(linear.out_features, -1, 4)
-                    smallest = groups.abs().float().topk(2, dim=-1, largest=False).indices
-                    groups.scatter_(-1, smallest, 0)
+        prune(model, MagnitudeConfig(pattern="2:4", device="cpu"), progress=False)
     sparsify_(model, SparsifyConfig(mode="auto", calibrate=False))
     max_len = prompt_len + new_tokens + 1
     eager = LlamaBatchRunner(model, 1, max_len, torch.device("cpu"))

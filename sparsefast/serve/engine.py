@@ -26,9 +26,10 @@ without another process busy on a core: bench/results/*-cpu-decode-smollm2.json 
 2-core Xeon, ad-hoc): the linears are about two thirds of it, run by sparsefast's kernels (the dense GEMV of
 sparsefast.ops.dense_cpu for dense layers and the head: torch's bf16 matmul read weights at half the rate), then
 the fused glue (norms, rotary, residuals, the cache write) and the graph's own per-call overhead (~2.5-3 ms of a
-10-14 ms bf16 step, about 8 calls per layer), then single-token attention: SDPA over gathered cache rows took ~12%
-(40-54 us per layer), the decode-attention kernel of sparsefast.ops.attention_cpu ~3% (11-12 us; 1.05-1.12x per
-token end to end, bench/results/2026-12-07-cpu-decode-attention-ab.json); every region is an OpenMP parallel
+10-14 ms bf16 step, about 8 calls per layer), then single-token attention: the decode-attention kernel of
+sparsefast.ops.attention_cpu ~3% (11-12 us per layer, bench/results/2026-12-07-cpu-decode-step-profile.txt), where
+SDPA over gathered cache rows cost 1.05-1.12x per token end to end
+(bench/results/2026-12-07-cpu-decode-attention-ab.json); every region is an OpenMP parallel
 region, so the engine must be built where its step is the process's only OpenMP user (`build_in_thread`), and must
 not run a thread on a core another process keeps busy: each region would wait for that thread's turn on the core
 (the benchmark's busy-core run: ~0.5 s per token with 2 threads on 2 cores, one busy; 42.6 ms with the 1 thread
