@@ -21,20 +21,11 @@ inline float load_scalar(const void* p, int vtype, int64_t i) {
   return vtype == kBf16 ? bf16_to_f32(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
 }
 
-// fp32 -> bf16, round to nearest even (as torch's Tensor.to); NaN stays NaN.
-inline uint16_t to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-
 inline void store_row(const DecodeAttentionArgs& a, int64_t task, const float* acc, float inv) {
   const int64_t d = a.head_dim;
   if (a.vtype == kBf16) {
     uint16_t* out = static_cast<uint16_t*>(a.out) + task * d;
-    for (int64_t i = 0; i < d; ++i) out[i] = to_bf16(acc[i] * inv);
+    for (int64_t i = 0; i < d; ++i) out[i] = f32_to_bf16(acc[i] * inv);
   } else {
     float* out = static_cast<float*>(a.out) + task * d;
     for (int64_t i = 0; i < d; ++i) out[i] = acc[i] * inv;

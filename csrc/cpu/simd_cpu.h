@@ -1,6 +1,7 @@
-// Small helpers shared by the CPU kernels (linear_cpu.cpp, attention_cpu.cpp): the per-function instruction-set
-// attributes (one binary carries every path and picks at run time), the exact bf16 -> fp32 widening, the loads of
-// 16 (AVX-512) or 8 (AVX2) stored values as fp32, and the horizontal sum of 8 lanes.
+// Small helpers shared by the torch-free CPU kernels (linear_cpu.cpp, attention_cpu.cpp): the per-function
+// instruction-set attributes (one binary carries every path and picks at run time), the exact bf16 -> fp32 widening
+// and the fp32 -> bf16 rounding (ops_cpu.cpp, the torch file, converts with c10::BFloat16, which rounds the same way),
+// the loads of 16 (AVX-512) or 8 (AVX2) stored values as fp32, and the horizontal sum of 8 lanes.
 #pragma once
 
 #include <cstdint>
@@ -23,6 +24,15 @@ inline float bf16_to_f32(uint16_t v) {
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
+}
+
+// fp32 -> bf16, round to nearest even (as torch's Tensor.to and c10::BFloat16); NaN stays NaN (quiet).
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
 }
 
 #ifdef SF_X86

@@ -24,17 +24,24 @@ MAX_HEAD_DIM = 512  # csrc/cpu/attention_cpu.h kMaxHeadDim
 
 def decode_attention_fits(q: torch.Tensor, keys: torch.Tensor) -> bool:
     """Whether the kernel takes q [B, heads, head_dim] and a cache [rows, kv_heads, max_len, head_dim], the extension
-    aside: CPU tensors of one kernel dtype (fp32 / bf16), heads a multiple of kv_heads, head_dim <= MAX_HEAD_DIM with
-    unit stride. Tensor properties only, so torch.compile traces it."""
-    return (q.device.type == "cpu" and keys.device.type == "cpu" and q.dim() == 3 and keys.dim() == 4
-            and q.dtype in KERNEL_DTYPES and keys.dtype == q.dtype and q.shape[-1] == keys.shape[-1]
-            and q.shape[-1] <= MAX_HEAD_DIM and keys.stride(-1) == 1 and keys.shape[1] > 0
-            and q.shape[1] % keys.shape[1] == 0)
+    aside: a query of the cache's dtype, device and head_dim that `cache_fits` takes. Tensor properties only, so
+    torch.compile traces it."""
+    return (q.dim() == 3 and q.dtype == keys.dtype and q.device == keys.device and keys.dim() == 4
+            and q.shape[-1] == keys.shape[-1] and cache_fits(q.shape[1], keys))
 
 
-def decode_attention_takes(q: torch.Tensor, keys: torch.Tensor) -> bool:
-    """`decode_attention_fits` and the CPU extension loaded."""
-    return decode_attention_fits(q, keys) and load_cpu_extension()
+def cache_fits(heads: int, keys: torch.Tensor) -> bool:
+    """Whether the kernel takes queries of `heads` heads (in the cache's dtype) over the cache keys [rows, kv_heads,
+    max_len, head_dim]: a CPU tensor of a kernel dtype (fp32 / bf16), heads a multiple of kv_heads, head_dim <=
+    MAX_HEAD_DIM with unit stride."""
+    return (keys.device.type == "cpu" and keys.dim() == 4 and keys.dtype in KERNEL_DTYPES
+            and keys.shape[-1] <= MAX_HEAD_DIM and keys.stride(-1) == 1 and keys.shape[1] > 0
+            and heads % keys.shape[1] == 0)
+
+
+def decode_attention_takes(heads: int, keys: torch.Tensor) -> bool:
+    """`cache_fits` and the CPU extension loaded: whether a decode step over this cache runs the kernel."""
+    return cache_fits(heads, keys) and load_cpu_extension()
 
 
 def decode_attention_cpu(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,

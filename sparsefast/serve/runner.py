@@ -94,10 +94,8 @@ class LlamaBatchRunner:
                                    spare_row=spare_row)
         # decode attends with the CPU kernel when it takes every layer's heads (decided once: the compiled step
         # reads it), else with SDPA
-        self.decode_kernel = all(
-            decode_attention_takes(torch.empty(1, a.q_proj.out_features // self.head_dim, self.head_dim, dtype=dtype,
-                                               device=device), keys)
-            for a, keys in zip((layer.self_attn for layer in self.layers), self.cache.keys))
+        self.decode_kernel = all(decode_attention_takes(layer.self_attn.q_proj.out_features // self.head_dim, keys)
+                                 for layer, keys in zip(self.layers, self.cache.keys))
         self.isa = cpu_isa() if self.decode_kernel else None
 
     def prefill(self, slots: list[int], prompts: list[list[int]], *,

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparsefast.ops.attention_cpu import decode_attention_cpu, decode_attention_ref, decode_attention_takes
+from sparsefast.ops.attention_cpu import (decode_attention_cpu, decode_attention_fits, decode_attention_ref,
+                                          decode_attention_takes)
 from tests.ops.sparse_cpu_helpers import available_isas, poison, require_cpu_kernels
 
 TOL = {torch.float32: dict(atol=2e-6, rtol=1e-5), torch.bfloat16: dict(atol=1e-2, rtol=1e-2)}
@@ -122,7 +123,9 @@ def test_errors():
     empty = op(q[:0], keys, values, slots[:0], positions[:0], 0.25, 0)  # no sequences: an empty result
     assert empty.shape == (0, 4, 16)
     # what the kernel does not take runs the twin under auto, and is refused when the kernel is forced
-    assert not decode_attention_takes(q.double(), keys.double())
+    assert not decode_attention_takes(q.shape[1], keys.double())
+    assert not decode_attention_takes(3, keys)  # 3 query heads over 2 KV heads
+    assert not decode_attention_fits(q, keys.bfloat16())  # q's dtype is not the cache's
     out = decode_attention_cpu(q.double(), keys.double(), values.double(), slots, positions, 0.25)
     torch.testing.assert_close(out, decode_attention_ref(q.double(), keys.double(), values.double(), slots,
                                                           positions, 0.25))
