@@ -439,8 +439,10 @@ SF_AVX512 void rows_dense_512(const DenseWeight& w, int64_t row0, const float* x
   store_rows<RN, TB>(w.n, row0, t0, sums, w.scales, bias, y);
 }
 
-// Whole tiles: 8 rows x token pairs (16 accumulators), then a single token; the last, shorter tile row by row (its
-// rows beyond n are not W's).
+// Whole tiles: 8 tokens at a time over row pairs (16 accumulators), then 8 rows x token pairs, then a single token;
+// the last, shorter tile row by row (its rows beyond n are not W's). With 8 tokens the FMAs (not the weight bytes)
+// bound a tile; walking it once per 8 tokens keeps the weight stream running under them, where 8 rows x 2 tokens
+// read the tile from memory in the first pass and from cache in three more, with the stream idle meanwhile.
 template <int VT>
 SF_AVX512 void tiles_dense_512(const DenseWeight& w, const float* x, int64_t m, const float* bias, float* y,
                                int64_t t0, int64_t t1) {
@@ -448,6 +450,9 @@ SF_AVX512 void tiles_dense_512(const DenseWeight& w, const float* x, int64_t m, 
     const int64_t row0 = tile * kTileRows;
     if (row0 + kTileRows <= w.n) {
       int64_t t = 0;
+      for (; t + 8 <= m; t += 8)
+#pragma GCC unroll 4
+        for (int r = 0; r < kTileRows; r += 2) rows_dense_512<2, 8, VT>(w, row0 + r, x, t, bias, y);
       for (; t + 2 <= m; t += 2) rows_dense_512<8, 2, VT>(w, row0, x, t, bias, y);
       if (t < m) rows_dense_512<8, 1, VT>(w, row0, x, t, bias, y);
     } else {

@@ -16,7 +16,7 @@ from sparsefast._ext import NO_COMPILER_ENV, cpu_extension_error, load_cpu_exten
 from sparsefast.ops.int8_rows import dequantize_int8_rows, quantize_int8_rows
 from sparsefast.ops.sparse24_cpu import ISAS
 
-TOKENS = (1, 2, 3, 8, 16, 33, 64)
+TOKENS = (1, 2, 3, 8, 11, 16, 33, 64)
 SHAPES = ((1, 4), (7, 37), (13, 100), (33, 260), (64, 576))  # (out, in): 1, primes, non-multiples of 8/16
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
