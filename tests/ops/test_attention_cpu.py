@@ -11,8 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparsefast.ops.attention_cpu import (decode_attention_cpu, decode_attention_fits, decode_attention_ref,
-                                          decode_attention_takes)
+from sparsefast.ops.attention_cpu import (
+    decode_attention_cpu,
+    decode_attention_fits,
+    decode_attention_ref,
+    decode_attention_takes,
+)
 from tests.ops.sparse_cpu_helpers import available_isas, poison, require_cpu_kernels
 
 TOL = {torch.float32: dict(atol=2e-6, rtol=1e-5), torch.bfloat16: dict(atol=1e-2, rtol=1e-2)}
