@@ -16,12 +16,12 @@ its state dict and a checkpoint written from it are unchanged.
 What fuses: parts of the same kind, dtype and device, reading the same input width, with all or none of them biased:
 * plain `nn.Linear` / `DenseCpuLinear` (the fused layer has the type of the parts; int8 `DenseCpuLinear`s, all or
   none, fuse their int8 q and scales too);
-* 2:4 `SparseLinear`s, each part's out_features a multiple of the 8-row tile (the packed tiles then concatenate),
-  the dense copy kept by all or none of them, int8 values (with their scales) in all or none. Their dispatch tables
-  (measured per shape at swap time) are combined: the fused layer runs the kernel for the token counts where every
-  part's table chose it, dense elsewhere. Not the
-  unstructured layout: its parts' value streams each end in 16 zeros of padding, so a joined stream cannot hold
-  every part as a view of itself.
+* `SparseLinear`s of one layout (2:4 or unstructured), each part's out_features a multiple of the 8-row tile (the
+  packed tiles then concatenate), the dense copy kept by all or none of them, int8 values (with their scales) in all
+  or none. Their dispatch tables (measured per shape at swap time) are combined: the fused layer runs the kernel for
+  the token counts where every part's table chose it, dense elsewhere. Unstructured parts' value streams are joined
+  whole, each with its 16 zeros of padding, and the fused layer gets tile offsets of its own that step over them
+  (a tile may end before the next one starts: sparsefast.ops.sparse_unstructured).
 Anything else (mixed kinds, CUDA 2:4 layers, LoRA wrappers, ...) returns None and runs part by part.
 """
 
@@ -66,7 +66,7 @@ def _compatible(parts: Sequence[nn.Module]) -> bool:
         if t.dtype != tensor.dtype or t.device != tensor.device:
             return False
     if kind is SparseLinear:
-        return (all(p.layout == "2:4" for p in parts)
+        return (all(p.layout == first.layout for p in parts)
                 and all(p.out_features % TILE_ROWS == 0 for p in parts)
                 and len({p.dense is None for p in parts}) == 1)
     return True
@@ -128,10 +128,22 @@ def _fuse_dense(parts: Sequence[nn.Module]) -> nn.Module:
 
 def _fuse_sparse(parts: Sequence[SparseLinear]) -> SparseLinear:
     first = parts[0]
+    if first.layout == "2:4":
+        meta, meta_views = _concat_rows([p.meta for p in parts])
+        for p, m in zip(parts, meta_views):
+            p.meta = m
+        structure: tuple[torch.Tensor, ...] = (meta,)
+    else:  # unstructured: masks concatenate by tiles; each part's tile offsets shift past the values before it
+        starts = torch.cumsum(torch.tensor([0] + [p.values.shape[0] for p in parts[:-1]]), 0)
+        offsets = torch.cat([p.tile_offsets[:-1] + start for p, start in zip(parts, starts.tolist())]
+                            + [parts[-1].tile_offsets[-1:] + int(starts[-1])])
+        mask, mask_views = _concat_rows([p.mask for p in parts])
+        for p, m in zip(parts, mask_views):
+            p.mask = m
+        structure = (mask, offsets)
     values, value_views = _concat_rows([p.values for p in parts])
-    meta, meta_views = _concat_rows([p.meta for p in parts])
-    for p, v, m in zip(parts, value_views, meta_views):
-        p.values, p.meta = v, m
+    for p, v in zip(parts, value_views):
+        p.values = v
     dense = None
     if first.dense is not None:
         dense, dense_views = _concat_rows([p.dense for p in parts])
@@ -145,7 +157,7 @@ def _fuse_sparse(parts: Sequence[SparseLinear]) -> SparseLinear:
     for p in parts:
         p._routes = {}  # a route captured the old packed tensors
     out_features = sum(p.out_features for p in parts)
-    return SparseLinear(first.in_features, out_features, "2:4", (values, meta), _fused_bias(parts),
+    return SparseLinear(first.in_features, out_features, first.layout, (values, *structure), _fused_bias(parts),
                         _combined_table([p.dispatch for p in parts]), dense, scales)
 
 

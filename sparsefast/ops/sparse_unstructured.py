@@ -12,8 +12,11 @@ chunks of 16 input columns (K_p = round_up(K, 16)); padding rows and columns are
   padding (the vector loads read up to 16 elements from a chunk's start). A tile is one sequential stream, which
   the hardware prefetcher follows far better than 8 interleaved row streams (ad-hoc timing on the 2-core AMD EPYC:
   1536x576 at 50% from DRAM, one thread, 106 µs tiled vs about 215 µs row by row).
-* tile_offsets [N_p/8 + 1] int64: tile t's values are values[tile_offsets[t] : tile_offsets[t + 1]]; they let
-  threads start at any tile.
+* tile_offsets [N_p/8 + 1] int64: tile t's values start at values[tile_offsets[t]] (as many as its mask bits);
+  they let threads start at any tile. Packed here, tile t + 1 starts where tile t ends (tile_offsets[t + 1]), and
+  tile_offsets[-1] is the end of the last tile. A fused layer (sparsefast.nn.fused_linear: q/k/v, gate/up as one)
+  joins its parts' value tensors whole, so between one part's last tile and the next part's first lie the first
+  part's 16 zeros of padding: a tile may end before the next one starts, the gap holding zeros only.
 * Bytes per weight at sparsity s: (1 - s) of the dense bytes + 1 bit per weight (1/32 of fp32, 1/16 of bf16):
   0.53 of fp32 at 50%, 0.33 at 70%, 0.13 at 90%; int8 at 50%: 0.625 bytes per weight.
 
@@ -98,14 +101,25 @@ def unpack_sparse_unstructured(values: torch.Tensor, mask: torch.Tensor, tile_of
     check_packed_unstructured(values, mask, tile_offsets, out_features, in_features)
     nz = (mask.to(torch.int64).unsqueeze(-1) & _BIT_WEIGHTS.to(mask.device)) != 0  # [tile, chunk, row, column]
     counts = nz.flatten(1).sum(1)
-    bad = (counts != tile_offsets[1:] - tile_offsets[:-1]).nonzero()
-    if bad.numel():
-        t = int(bad[0])
-        raise ValueError(f"sparse unstructured: tile {t} (rows {TILE_ROWS * t}..{TILE_ROWS * t + TILE_ROWS - 1}): "
-                         f"mask holds {int(counts[t])} entries but tile_offsets give "
-                         f"{int(tile_offsets[t + 1] - tile_offsets[t])}; the packed tensors are corrupt")
+    room = tile_offsets[1:] - tile_offsets[:-1]
+    if bool((counts == room).all()) and int(tile_offsets[0]) == 0:  # as packed: the tiles back to back
+        stored = values[: int(tile_offsets[-1])]
+    else:  # a fused layer's: each tile's values from its start, zeros (a part's padding) up to the next tile's
+        bad = counts > room
+        where = (torch.repeat_interleave(tile_offsets[:-1] - (torch.cumsum(counts, 0) - counts), counts)
+                 + torch.arange(int(counts.sum()), device=counts.device))
+        if not bool(bad.any()):
+            stray = values[: int(tile_offsets[-1])] != 0
+            stray[where] = False
+            bad[torch.searchsorted(tile_offsets, stray.nonzero().flatten(), right=True) - 1] = True
+        if bool(bad.any()):
+            t = int(bad.nonzero()[0])
+            raise ValueError(f"sparse unstructured: tile {t} (rows {TILE_ROWS * t}..{TILE_ROWS * t + TILE_ROWS - 1}"
+                             f"): mask holds {int(counts[t])} entries but tile_offsets give {int(room[t])} values "
+                             f"(more only with zeros after the tile's own); the packed tensors are corrupt")
+        stored = values[where]
     w = torch.zeros(nz.shape, dtype=values.dtype, device=values.device)
-    w[nz] = values[: int(tile_offsets[-1])]
+    w[nz] = stored
     w = w.transpose(1, 2).reshape(nz.shape[0] * TILE_ROWS, -1)
     return w[:out_features, :in_features].contiguous()
 

@@ -123,6 +123,23 @@ def test_unstructured_detects_corruption_and_bad_weights():
         pack_sparse_unstructured(torch.zeros(2, 2, dtype=torch.int32))
 
 
+def test_unpack_steps_over_a_fused_layers_padding():
+    """A fused layer's packed tensors (sparsefast.nn.fused_linear): its parts' value streams joined whole, each with
+    its 16 zeros of padding, and tile offsets that step over them: unpack gives the parts' rows one after the other,
+    and a nonzero in such a gap is reported as corruption of the tile it follows."""
+    gen = torch.Generator().manual_seed(6)
+    ws = [random_unstructured(n, 20, 0.5, gen) for n in (16, 8)]
+    (v0, m0, o0), (v1, m1, o1) = (pack_sparse_unstructured(w) for w in ws)
+    values, mask = torch.cat((v0, v1)), torch.cat((m0, m1))
+    offsets = torch.cat((o0[:-1], o1 + v0.numel()))
+    assert int(offsets[2] - offsets[1]) == int(o0[2] - o0[1]) + 16  # part 0's last tile, then its padding
+    assert torch.equal(unpack_sparse_unstructured(values, mask, offsets, 24, 20), torch.cat(ws))
+    bad = values.clone()
+    bad[v0.numel() - 1] = 1.0  # the last element of part 0's padding
+    with pytest.raises(ValueError, match=r"tile 1 \(rows 8..15\).*corrupt"):
+        unpack_sparse_unstructured(bad, mask, offsets, 24, 20)
+
+
 def test_torch_twin_is_dense_with_zeros_linear():
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(3, 37, generator=gen)
