@@ -134,9 +134,11 @@ def _fuse_sparse(parts: Sequence[SparseLinear]) -> SparseLinear:
             p.meta = m
         structure: tuple[torch.Tensor, ...] = (meta,)
     else:  # unstructured: masks concatenate by tiles; each part's tile offsets shift past the values before it
-        starts = torch.cumsum(torch.tensor([0] + [p.values.shape[0] for p in parts[:-1]]), 0)
-        offsets = torch.cat([p.tile_offsets[:-1] + start for p, start in zip(parts, starts.tolist())]
-                            + [parts[-1].tile_offsets[-1:] + int(starts[-1])])
+        shifted, start = [], 0
+        for p in parts:
+            shifted.append(p.tile_offsets[:-1] + start)
+            start += p.values.shape[0]
+        offsets = torch.cat([*shifted, parts[-1].tile_offsets[-1:] + (start - parts[-1].values.shape[0])])
         mask, mask_views = _concat_rows([p.mask for p in parts])
         for p, m in zip(parts, mask_views):
             p.mask = m
