@@ -158,9 +158,11 @@ class CompiledRunner:
         if self.device.type == "cuda":
             patches["triton.cudagraphs"] = True
         else:
-            # the step's ~300 kernel and op calls from a C++ wrapper instead of inductor's Python one: the Python
-            # wrapper cost ~2.5 ms of a 12.6 ms bf16 2:4 SmolLM2 step on a 2-core Xeon (profiled, module docstring)
+            # the step's ~300 kernel and op calls from a C++ wrapper instead of inductor's Python one (module
+            # docstring: what it saves); kernels and wrapper built as separate objects, in parallel: one object
+            # took SmolLM2's 4 buckets 337 s to compile on a 2-core Xeon, separate ones 123 s (Python wrapper: 100 s)
             patches["cpp_wrapper"] = True
+            patches["cpp_wrapper_build_separate"] = True
         return compile_fx(gm, example_inputs, config_patches=patches)
 
     def _compile_buckets(self) -> dict[int, float]:
