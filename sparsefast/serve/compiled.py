@@ -19,6 +19,12 @@ through `torch.compile` with inductor: C++/OpenMP kernels on CPU, the whole step
   (sparsefast.ops.attention_cpu; no mask, every shape static); on CPU without the kernel the L = longest position
   + 1 keys that exist, L a dynamic dimension of the mask (one graph for every length); on CUDA every max_model_len
   keys, masked (CUDA graphs replay fixed shapes: gpt-fast's full-cache mask).
+* On CPU the step's calls come from a C++ wrapper (inductor's cpp_wrapper, kernels and wrapper built as separate
+  objects). Inductor's Python wrapper calls each of the step's ~300 kernels and ops from Python: profiled on a
+  2-core Xeon (SmolLM2 bf16 2:4), the graph's own time outside every kernel was 2.4-2.9 ms of a 12.6 ms step, 1.5 ms
+  with the C++ wrapper; through the engine the step went 10.2 -> 9.2 ms at batch 1 and 23.9 -> 22.4 ms at 8
+  concurrent (bench/results/2026-12-07-cpu-compiled-step-cpp-wrapper-ab.txt). It costs compile time once: 123 s
+  for SmolLM2's 4 buckets against 100 s (305 s when the wrapper and kernels are one object).
 * Prefill stays eager: it runs once per request, its matmuls are compute-bound, and its shapes vary per prompt.
 * The compiled kernels are cached on disk by inductor's FX graph cache (`inductor_cache_dir()`: TORCHINDUCTOR_CACHE_DIR,
   else inductor's default under the temp directory), so a second load of the same model compiles in seconds.
@@ -158,9 +164,7 @@ class CompiledRunner:
         if self.device.type == "cuda":
             patches["triton.cudagraphs"] = True
         else:
-            # the step's ~300 kernel and op calls from a C++ wrapper instead of inductor's Python one (module
-            # docstring: what it saves); kernels and wrapper built as separate objects, in parallel: one object
-            # took SmolLM2's 4 buckets 337 s to compile on a 2-core Xeon, separate ones 123 s (Python wrapper: 100 s)
+            # the step's calls from a C++ wrapper, its kernels and wrapper built as separate objects (module docstring)
             patches["cpp_wrapper"] = True
             patches["cpp_wrapper_build_separate"] = True
         return compile_fx(gm, example_inputs, config_patches=patches)
