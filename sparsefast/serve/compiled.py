@@ -154,9 +154,10 @@ class CompiledRunner:
         return ids_t, pos_t, slots_t, mask
 
     def _backend(self, gm: torch.fx.GraphModule, example_inputs: list) -> Any:
-        """inductor, counting the graphs it compiles; CUDA graphs on CUDA (mode="reduce-overhead"). Low-precision
-        intermediates are rounded where eager rounds them (emulate_precision_casts): otherwise a fused bf16 RMSNorm
-        keeps fp32 where the eager step rounds to bf16, and greedy bf16 output drifts from the eager step's."""
+        """inductor, counting the graphs it compiles; CUDA graphs on CUDA (mode="reduce-overhead"), its C++ wrapper
+        on CPU. Low-precision intermediates are rounded where eager rounds them (emulate_precision_casts): otherwise a
+        fused bf16 RMSNorm keeps fp32 where the eager step rounds to bf16, and greedy bf16 output drifts from the
+        eager step's."""
         from torch._inductor.compile_fx import compile_fx
 
         self.graphs += 1
