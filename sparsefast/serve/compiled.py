@@ -158,14 +158,16 @@ class CompiledRunner:
         on CPU. Low-precision intermediates are rounded where eager rounds them (emulate_precision_casts): otherwise a
         fused bf16 RMSNorm keeps fp32 where the eager step rounds to bf16, and greedy bf16 output drifts from the
         eager step's."""
+        import torch._inductor.config
         from torch._inductor.compile_fx import compile_fx
 
         self.graphs += 1
         patches: dict[str, Any] = {"emulate_precision_casts": True}
         if self.device.type == "cuda":
             patches["triton.cudagraphs"] = True
-        else:
-            # the step's calls from a C++ wrapper, its kernels and wrapper built as separate objects (module docstring)
+        elif hasattr(torch._inductor.config, "cpp_wrapper_build_separate"):
+            # the step's calls from a C++ wrapper, its kernels and wrapper built as separate objects (module docstring;
+            # an inductor without that option keeps its Python wrapper: as one object it compiled ~3x slower)
             patches["cpp_wrapper"] = True
             patches["cpp_wrapper_build_separate"] = True
         return compile_fx(gm, example_inputs, config_patches=patches)
