@@ -43,6 +43,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: MODEL as given)")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together per step (default 8)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429 (default 64)")
+    p.add_argument("--admit-wait-ms", type=float, default=None,
+                   help="an idle server waits while requests keep arriving, each within this many ms of the last "
+                        "(at most 10x in all), so a burst is prefilled in one forward instead of the first request "
+                        "starting alone and stalling behind the rest (default: sparsefast.serve.engine.ADMIT_WAIT_S, "
+                        "5 ms; 0: no wait)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context length: prompt + generated tokens (default: the model's maximum)")
     p.add_argument("--max-tokens-limit", type=int, default=None,
@@ -96,6 +101,8 @@ def check_args(args: argparse.Namespace) -> str | None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.admit_wait_ms is not None and not 0 <= args.admit_wait_ms <= 1000:
+        raise ValueError(f"--admit-wait-ms must be in 0..1000, got {args.admit_wait_ms:g}")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     parse_threads(args.threads)
@@ -126,7 +133,8 @@ def build_loader(args: argparse.Namespace) -> Loader:
         swapped = swapped_layer_names(sparsify_(model, SparsifyConfig(mode=args.sparse)))
         logging.getLogger("sparsefast.serve").info("sparse linears swapped in: %d", len(swapped))
         engine = GenerationEngine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
-                                  max_model_len=args.max_model_len, device=device, compile=args.compile)
+                                  max_model_len=args.max_model_len, device=device, compile=args.compile,
+                                  **({} if args.admit_wait_ms is None else {"admit_wait": args.admit_wait_ms / 1000}))
         if engine.compile_seconds:
             logging.getLogger("sparsefast.serve").info(
                 "decode step compiled for batch buckets %s in %.1f s (inductor cache %s)",

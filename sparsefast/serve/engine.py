@@ -63,6 +63,7 @@ __all__ = ["EngineClosedError", "GenerationEngine", "QueueFullError", "RequestSt
 
 DEFAULT_MAX_MODEL_LEN = 2048  # cap when the model's context is longer: the cache is preallocated for every slot
 PREFILL_TOKENS = 2048  # padded prompt tokens per prefill forward (bounds its activation memory)
+ADMIT_WAIT_S = 0.005  # an idle engine waits this long for the next arrival of a burst (GenerationEngine._gather_burst)
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -175,10 +176,12 @@ class GenerationEngine(EngineClient):
 
     def __init__(self, model: nn.Module, tokenizer, *, max_batch: int = 8, max_queue: int = 64,
                  max_model_len: int | None = None, device: str = "cpu", runner: str = "auto",
-                 compile: str = "off") -> None:
+                 compile: str = "off", admit_wait: float = ADMIT_WAIT_S) -> None:
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if isinstance(admit_wait, bool) or not isinstance(admit_wait, (int, float)) or not 0 <= admit_wait <= 1:
+            raise ValueError(f"admit_wait must be a number of seconds in [0, 1], got {admit_wait!r}")
         context = model_context(model)
         if max_model_len is None:
             max_model_len = min(context or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN)
@@ -190,6 +193,7 @@ class GenerationEngine(EngineClient):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.device = torch.device(device)
         self.max_batch, self.max_queue, self.max_model_len = max_batch, max_queue, max_model_len
+        self.admit_wait = float(admit_wait)
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.eos_ids = _eos_ids(model, tokenizer)
         self.runner = make_runner(model, max_batch, max_model_len, self.device, runner, compile)
@@ -299,6 +303,8 @@ class GenerationEngine(EngineClient):
                         self._cond.wait()
                     if self._closed:
                         break
+                    if not self._running:
+                        self._gather_burst()
                     # cancelled requests leave the queue without a slot
                     dropped = [r for group in self._waiting for r in group if r.stream.cancelled]
                     if dropped:
@@ -318,6 +324,23 @@ class GenerationEngine(EngineClient):
                     for req in dict.fromkeys([r for g in admitted for r in g] + self._running):
                         self._finish(req, "error")
         self._finish_all("cancelled")
+
+    def _gather_burst(self) -> None:
+        """With the engine idle and a request waiting (called holding `_cond`): wait while more keep arriving, each
+        within `admit_wait` of the last (at most 10 x admit_wait in all, or until the batch is full), so that a burst
+        of requests is prefilled in one forward. Without it the first arrival is prefilled and starts decoding alone,
+        and the rest of the burst, prefilled in the next step, stalls it for their whole prefill."""
+        deadline = time.monotonic() + 10 * self.admit_wait
+        seen = self.queue_depth
+        while not self._closed and seen < self.max_batch:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._cond.wait(min(self.admit_wait, left))
+            depth = self.queue_depth
+            if depth <= seen:  # nothing arrived within admit_wait: the burst is over
+                return
+            seen = depth
 
     def _step(self, admitted: list[list[_Request]]) -> None:
         for req in [r for r in self._running if r.stream.cancelled]:
