@@ -4,7 +4,11 @@ One background thread runs steps. Each step: drop cancelled requests, admit wait
 `max_batch`; prompts admitted together are prefilled in one padded forward and yield their first tokens), then one
 batched decode forward for every running request. A request that finishes (EOS, stop string, max_tokens) or is
 cancelled leaves at the step boundary and its slot is reused by the next waiting request. Waiting requests sit in a
-bounded FIFO (`max_queue`).
+bounded FIFO (`max_queue`). An idle engine that sees a request arrive waits while more keep arriving (each within
+`admit_wait`, 5 ms by default, of the last; at most 10x that), so a burst is prefilled in one forward: otherwise
+the first arrival is prefilled and decodes alone, and the rest of the burst, prefilled in the next step, stalls it
+for their whole prefill (8 clients of 128-token prompts on SmolLM2, 2-core CPU: a 1.2-1.3 s stall of the first
+request; bench/results/2026-12-07-cpu-engine-burst-admission.txt).
 
 Why our own scheduler rather than transformers' continuous batching (`generate_batch` / `init_continuous_batching`,
 transformers 5.24, paged cache), measured on this project's CPU (2-core AMD EPYC, SmolLM2-135M fp32, 32-token random
@@ -357,8 +361,11 @@ class GenerationEngine(EngineClient):
                 live.append(req)
             if live:
                 samples[live[0]] = live
+        decoding = len(self._running) - sum(map(len, samples.values()))
         for group in _prefill_groups(list(samples)):
             scoring = group[0].params.prompt_logprobs is not None  # such a request is prefilled alone
+            log.debug("prefill of %d prompts (%d tokens) while %d requests wait to decode", len(group),
+                      sum(len(r.prompt) for r in group), decoding)
             logits = self.runner.prefill([r.slot for r in group], [r.prompt for r in group], all_positions=scoring)
             for leader, row in zip(group, logits):
                 self._start_samples(samples[leader], row, scoring)

@@ -19,6 +19,8 @@ from tests.serve.server_helpers import CHAT_TEMPLATE, free_port
     (["--max-batch", "0"], "--max-batch must be >= 1"),
     (["--max-tokens-limit", "0"], "--max-tokens-limit must be >= 1"),
     (["--port", "70000"], "--port must be in 0..65535"),
+    (["--admit-wait-ms", "-1"], "--admit-wait-ms must be in 0..1000"),
+    (["--admit-wait-ms", "nan"], "--admit-wait-ms must be in 0..1000"),
     (["--chat-template", "/nonexistent/template.jinja"], "no such file"),
     (["--api-key", " "], "--api-key is empty"),
 ])

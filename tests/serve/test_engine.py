@@ -329,3 +329,83 @@ def test_build_in_thread_returns_or_raises_from_a_thread_that_has_ended():
 
     with pytest.raises(ValueError, match="bad checkpoint"):
         build_in_thread(fail)
+
+
+# ---- admission of a burst ------------------------------------------------------------------------------------------
+SHORT = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+
+
+def _record_prefills(engine: GenerationEngine) -> list[int]:
+    """The number of prompts of each prefill forward the engine runs from now on."""
+    sizes: list[int] = []
+    prefill = engine.runner.prefill
+
+    def record(slots, prompts, **kw):
+        sizes.append(len(prompts))
+        return prefill(slots, prompts, **kw)
+
+    engine.runner.prefill = record
+    return sizes
+
+
+def test_idle_engine_prefills_a_burst_of_arrivals_in_one_forward(dense):
+    model, tok = dense
+    ids = tok(PROMPT)["input_ids"]
+    with running_engine(model, tok, max_batch=4, admit_wait=0.5) as eng:
+        sizes = _record_prefills(eng)
+        streams = []
+        for _ in range(3):  # 50 ms apart: each within admit_wait of the one before
+            streams.append(eng.submit(ids, SHORT))
+            time.sleep(0.05)
+        assert all(len([e for e in s if e.token_ids]) == 2 for s in streams)
+    assert sizes == [3]
+
+
+def test_without_admit_wait_the_first_arrival_is_not_held(dense):
+    model, tok = dense
+    ids = tok(PROMPT)["input_ids"]
+    with running_engine(model, tok, max_batch=4, admit_wait=0) as eng:
+        sizes = _record_prefills(eng)
+        first = eng.submit(ids, SHORT)
+        assert len([e for e in first if e.token_ids]) == 2  # done before the second arrives
+        second = eng.submit(ids, SHORT)
+        assert len([e for e in second if e.token_ids]) == 2
+    assert sizes == [1, 1]
+
+
+def test_gathering_stops_when_the_batch_is_full(dense):
+    model, tok = dense
+    ids = tok(PROMPT)["input_ids"]
+    with running_engine(model, tok, max_batch=2, admit_wait=1.0) as eng:
+        sizes = _record_prefills(eng)
+        t0 = time.perf_counter()
+        streams = [eng.submit(ids, SHORT) for _ in range(2)]
+        first = next(e for e in streams[0] if e.token_ids)
+        assert first.time - t0 < 0.5  # no second of waiting: the batch was full
+        for s in streams:
+            list(s)
+    assert sizes == [2]
+
+
+def test_a_steady_trickle_waits_at_most_ten_admit_waits(dense):
+    model, tok = dense
+    ids = tok(PROMPT)["input_ids"]
+    with running_engine(model, tok, max_batch=32, max_queue=64, admit_wait=0.1) as eng:
+        sizes = _record_prefills(eng)
+        streams = []
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 2.0:  # an arrival every 50 ms for 2 s: the burst never ends by itself
+            streams.append(eng.submit(ids, SHORT))
+            time.sleep(0.05)
+        first = next(e for e in streams[0] if e.token_ids)
+        for s in streams:
+            list(s)
+    assert first.time - streams[0].submitted < 1.5  # 10 x admit_wait, then the prefill
+    assert 1 < sizes[0] < len(streams)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 2, True, "5", float("nan")])
+def test_bad_admit_wait_is_refused_before_anything_is_built(dense, bad):
+    model, tok = dense
+    with pytest.raises(ValueError, match="admit_wait must be a number of seconds in"):
+        GenerationEngine(model, tok, admit_wait=bad)
