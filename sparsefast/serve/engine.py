@@ -5,10 +5,10 @@ One background thread runs steps. Each step: drop cancelled requests, admit wait
 batched decode forward for every running request. A request that finishes (EOS, stop string, max_tokens) or is
 cancelled leaves at the step boundary and its slot is reused by the next waiting request. Waiting requests sit in a
 bounded FIFO (`max_queue`). An idle engine that sees a request arrive waits while more keep arriving (each within
-`admit_wait`, 5 ms by default, of the last; at most 10x that), so a burst is prefilled in one forward: otherwise
-the first arrival is prefilled and decodes alone, and the rest of the burst, prefilled in the next step, stalls it
-for their whole prefill (8 clients of 128-token prompts on SmolLM2, 2-core CPU: stalls of 0.3-1.1 s; with it, TPOT
-p90 at 8 concurrent 54.9 -> 46.6 ms and output +5% through `serve`;
+`admit_wait`, ADMIT_WAIT_S by default, of the last; at most 10x that), so a burst is prefilled in one forward:
+otherwise the first arrival is prefilled and decodes alone, and the rest of the burst, prefilled in the next step,
+stalls it for their whole prefill (8 clients of 128-token prompts on SmolLM2, 2-core CPU: stalls of 0.17-1.1 s; with
+it, TPOT p90 at 8 concurrent 54.9 -> 46.6 ms through `serve`;
 bench/results/2026-12-07-cpu-engine-burst-admission.txt, bench/results/2026-12-07-cpu-serve-admit-wait-4rounds.json).
 
 Why our own scheduler rather than transformers' continuous batching (`generate_batch` / `init_continuous_batching`,
@@ -310,6 +310,8 @@ class GenerationEngine(EngineClient):
                         break
                     if not self._running:
                         self._gather_burst()
+                        if self._closed:  # shut down while gathering: the waiting requests end "cancelled"
+                            break
                     # cancelled requests leave the queue without a slot
                     dropped = [r for group in self._waiting for r in group if r.stream.cancelled]
                     if dropped:
@@ -331,10 +333,11 @@ class GenerationEngine(EngineClient):
         self._finish_all("cancelled")
 
     def _gather_burst(self) -> None:
-        """With the engine idle and a request waiting (called holding `_cond`): wait while more keep arriving, each
+        """With no request decoding and one waiting (called holding `_cond`): wait while more keep arriving, each
         within `admit_wait` of the last (at most 10 x admit_wait in all, or until the batch is full), so that a burst
         of requests is prefilled in one forward. Without it the first arrival is prefilled and starts decoding alone,
-        and the rest of the burst, prefilled in the next step, stalls it for their whole prefill."""
+        and the rest of the burst, prefilled in the next step, stalls it for their whole prefill. Returns early on
+        shutdown or when a cancel wakes it; requests queued behind a finished batch wait at most the same."""
         deadline = time.monotonic() + 10 * self.admit_wait
         seen = self.queue_depth
         while not self._closed and seen < self.max_batch:

@@ -21,6 +21,7 @@ from tests.serve.server_helpers import CHAT_TEMPLATE, free_port
     (["--port", "70000"], "--port must be in 0..65535"),
     (["--admit-wait-ms", "-1"], "--admit-wait-ms must be in 0..1000"),
     (["--admit-wait-ms", "nan"], "--admit-wait-ms must be in 0..1000"),
+    (["--admit-wait-ms", "inf"], "--admit-wait-ms must be in 0..1000"),
     (["--chat-template", "/nonexistent/template.jinja"], "no such file"),
     (["--api-key", " "], "--api-key is empty"),
 ])

@@ -90,6 +90,19 @@ def reference_text(engine: GenerationEngine, tokenizer: Any, ids: list[int], max
     return tokenizer.decode(out, skip_special_tokens=True)
 
 
+def record_prefills(engine: GenerationEngine) -> list[list[int]]:
+    """The slots of each prefill forward `engine` runs from now on (its runner's prefill wrapped)."""
+    prefills: list[list[int]] = []
+    prefill = engine.runner.prefill
+
+    def recording_prefill(slots, prompts, **kw):
+        prefills.append(list(slots))
+        return prefill(slots, prompts, **kw)
+
+    engine.runner.prefill = recording_prefill
+    return prefills
+
+
 def completion_ids(tokenizer: Any, prompt: str) -> list[int]:
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import Iterator
 
@@ -15,10 +16,12 @@ import pytest
 import torch
 
 from sparsefast.serve.engine import EngineClosedError, GenerationEngine, QueueFullError, SamplingParams
+from tests.serve.server_helpers import record_prefills
 
 PROMPTS = ["Once upon a time", "The little dog ran to the park and saw a big", "Tom had a red ball. He",
            "Lily", "One day, a girl named Sue went to the shop with her mom. She wanted to buy"]
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+SHORT = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
 PROMPT = PROMPTS[0]
 
 
@@ -332,79 +335,81 @@ def test_build_in_thread_returns_or_raises_from_a_thread_that_has_ended():
 
 
 # ---- admission of a burst ------------------------------------------------------------------------------------------
-SHORT = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
-
-
-def _record_prefills(engine: GenerationEngine) -> list[int]:
-    """The number of prompts of each prefill forward the engine runs from now on."""
-    sizes: list[int] = []
-    prefill = engine.runner.prefill
-
-    def record(slots, prompts, **kw):
-        sizes.append(len(prompts))
-        return prefill(slots, prompts, **kw)
-
-    engine.runner.prefill = record
-    return sizes
+def _gather_seconds(engine: GenerationEngine) -> float:
+    """How long the engine's burst gathering holds what is waiting now (called directly on an engine not started)."""
+    with engine._cond:
+        t0 = time.perf_counter()
+        engine._gather_burst()
+        return time.perf_counter() - t0
 
 
 def test_idle_engine_prefills_a_burst_of_arrivals_in_one_forward(dense):
     model, tok = dense
     ids = tok(PROMPT)["input_ids"]
     with running_engine(model, tok, max_batch=4, admit_wait=0.5) as eng:
-        sizes = _record_prefills(eng)
+        prefills = record_prefills(eng)
         streams = []
         for _ in range(3):  # 50 ms apart: each within admit_wait of the one before
             streams.append(eng.submit(ids, SHORT))
             time.sleep(0.05)
         assert all(len([e for e in s if e.token_ids]) == 2 for s in streams)
-    assert sizes == [3]
+    assert [len(p) for p in prefills] == [3]
 
 
-def test_without_admit_wait_the_first_arrival_is_not_held(dense):
+def test_gathering_waits_admit_wait_for_a_lone_request_and_not_at_all_when_off_or_full(dense):
     model, tok = dense
     ids = tok(PROMPT)["input_ids"]
-    with running_engine(model, tok, max_batch=4, admit_wait=0) as eng:
-        sizes = _record_prefills(eng)
-        first = eng.submit(ids, SHORT)
-        assert len([e for e in first if e.token_ids]) == 2  # done before the second arrives
-        second = eng.submit(ids, SHORT)
-        assert len([e for e in second if e.token_ids]) == 2
-    assert sizes == [1, 1]
+    for admit_wait, requests, low, high in ((0.3, 1, 0.29, 2.0), (0.0, 1, 0.0, 0.05), (1.0, 2, 0.0, 0.5)):
+        eng = GenerationEngine(model, tok, max_batch=2, admit_wait=admit_wait)
+        try:
+            for _ in range(requests):
+                eng.submit(ids, SHORT)
+            assert low <= _gather_seconds(eng) < high, (admit_wait, requests)
+        finally:
+            eng.shutdown()
 
 
-def test_gathering_stops_when_the_batch_is_full(dense):
+def test_a_steady_trickle_is_held_at_most_ten_admit_waits(dense):
     model, tok = dense
     ids = tok(PROMPT)["input_ids"]
-    with running_engine(model, tok, max_batch=2, admit_wait=1.0) as eng:
-        sizes = _record_prefills(eng)
-        t0 = time.perf_counter()
-        streams = [eng.submit(ids, SHORT) for _ in range(2)]
-        first = next(e for e in streams[0] if e.token_ids)
-        assert first.time - t0 < 0.5  # no second of waiting: the batch was full
-        for s in streams:
-            list(s)
-    assert sizes == [2]
+    eng = GenerationEngine(model, tok, max_batch=256, max_queue=256, max_model_len=32, admit_wait=0.1)
+    stop = threading.Event()
+
+    def trickle():  # an arrival every 20 ms for up to 4 s: the burst never ends by itself
+        for _ in range(200):
+            if stop.wait(0.02):
+                return
+            eng.submit(ids, SHORT)
+
+    eng.submit(ids, SHORT)
+    feeder = threading.Thread(target=trickle)
+    feeder.start()
+    try:
+        held = _gather_seconds(eng)
+        depth = eng.queue_depth
+    finally:
+        stop.set()
+        feeder.join()
+        eng.shutdown()
+    assert 0.9 <= held < 1.5 and 1 < depth < 200  # stopped by the 10 x admit_wait cap, not by the arrivals
 
 
-def test_a_steady_trickle_waits_at_most_ten_admit_waits(dense):
+def test_shutdown_while_gathering_cancels_without_a_prefill(dense):
     model, tok = dense
     ids = tok(PROMPT)["input_ids"]
-    with running_engine(model, tok, max_batch=32, max_queue=64, admit_wait=0.1) as eng:
-        sizes = _record_prefills(eng)
-        streams = []
-        t0 = time.perf_counter()
-        while time.perf_counter() - t0 < 2.0:  # an arrival every 50 ms for 2 s: the burst never ends by itself
-            streams.append(eng.submit(ids, SHORT))
-            time.sleep(0.05)
-        first = next(e for e in streams[0] if e.token_ids)
-        for s in streams:
-            list(s)
-    assert first.time - streams[0].submitted < 1.5  # 10 x admit_wait, then the prefill
-    assert 1 < sizes[0] < len(streams)
+    eng = GenerationEngine(model, tok, max_batch=4, admit_wait=1.0)
+    prefills = record_prefills(eng)
+    eng.start()
+    stream = eng.submit(ids, SHORT)
+    time.sleep(0.2)  # the engine is gathering now (up to 10 s)
+    t0 = time.perf_counter()
+    eng.shutdown()
+    assert time.perf_counter() - t0 < 0.5
+    events = list(stream)
+    assert [(e.token_ids, e.finish_reason) for e in events] == [((), "cancelled")] and prefills == []
 
 
-@pytest.mark.parametrize("bad", [-0.1, 2, True, "5", float("nan")])
+@pytest.mark.parametrize("bad", [-0.1, 2, True, "5", float("nan"), float("inf")])
 def test_bad_admit_wait_is_refused_before_anything_is_built(dense, bad):
     model, tok = dense
     with pytest.raises(ValueError, match="admit_wait must be a number of seconds in"):

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from sparsefast.serve.engine import GenerationEngine, SamplingParams
-from tests.serve.server_helpers import KEY, MODEL, PROMPTS, completion_ids
+from tests.serve.server_helpers import KEY, MODEL, PROMPTS, completion_ids, record_prefills
 
 SEEDED = [SamplingParams(max_tokens=16, temperature=1.0, seed=seed, ignore_eos=True) for seed in (7, 8, 9)]
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
@@ -27,14 +27,7 @@ def test_samples_share_one_prefill_and_decode_as_requests_alone(story_llama_dir,
 
     model, tok = load(story_llama_dir)
     engine = GenerationEngine(model, tok, max_batch=4, max_model_len=96, runner=runner)
-    prefills: list[list[int]] = []
-    prefill = engine.runner.prefill
-
-    def counting_prefill(slots, prompts, **kw):
-        prefills.append(list(slots))
-        return prefill(slots, prompts, **kw)
-
-    engine.runner.prefill = counting_prefill
+    prefills = record_prefills(engine)
     ids = completion_ids(tok, PROMPTS[2])
     engine.start()
     try:
