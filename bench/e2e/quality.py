@@ -1,7 +1,7 @@
 """Quality of the mask pruners (magnitude / Wanda / SparseGPT / RIA, each optionally with OWL's layer-wise
 sparsity and DSnoT's refinement) on SmolLM2-135M-Instruct (the embedded default model), on CPU.
 
-Protocol (issue 2, part 9): C4 calibration nsamples × seqlen (default 128 × 512, seed 0, Wanda's sampler), the same
+Protocol (issue 2, part 9): C4 calibration nsamples × seqlen (default 128 × 512, --seed 0, Wanda's sampler), the same
 calibration ids for every method; WikiText-2 perplexity with the "gptq" protocol (full test set, non-overlapping
 windows of --eval-seqlen=512, tail dropped); dense first, then every pattern (× sparsity for unstructured) × method
 from the dense weights. A method is a pruner name with optional "+owl" (allocation) and "+dsnot" (refinement), e.g.
@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="smollm2")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (a repeat with another draw)")
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--methods", default="magnitude,wanda,sparsegpt",
                    help="comma list of METHOD[+owl][+dsnot][+int8], METHOD one of magnitude, wanda, sparsegpt, ria")
@@ -71,13 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = load_model(args.model, device="cpu")
     load_s = time.perf_counter() - t0
     dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    calib = get_calibration("c4", tok, args.nsamples, args.seqlen, seed=0, data_dir=args.data_dir)
+    calib = get_calibration("c4", tok, args.nsamples, args.seqlen, seed=args.seed, data_dir=args.data_dir)
     result = {
         "what": "WikiText-2 perplexity (gptq protocol) of SmolLM2-135M-Instruct pruned one-shot",
         "model": args.model, "model_dtype": str(next(model.parameters()).dtype),
         "model_load_s": load_s, "device": args.device, "metadata": run_metadata(args.device), "versions": versions(),
         "command": " ".join([sys.executable, *sys.argv]),
-        "calibration": {"source": "c4", "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 0},
+        "calibration": {"source": "c4", "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed},
         "eval": {"dataset": "wikitext2", "protocol": "gptq", "seqlen": args.eval_seqlen,
                  "max_windows": args.eval_windows}, "runs": [],
     }
