@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default=None)
     p.add_argument("--resume", action="store_true", help="keep the runs already measured in --out")
+    p.add_argument("--no-dense", action="store_true",
+                   help="skip the dense model's evaluation (a repeat, e.g. with another --seed: the dense perplexity "
+                        "does not depend on the calibration draw)")
     args = p.parse_args(argv)
     out = Path(args.out) if args.out else result_path(f"{Path(args.model).name}-quality", device=args.device)
 
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                          device=args.device, max_windows=args.eval_windows)["wikitext2"]
         return float(value), time.perf_counter() - t
 
-    if ("dense", "-", 0.0) not in done:
+    if ("dense", "-", 0.0) not in done and not args.no_dense:
         dense_ppl, eval_s = ppl()
         result["runs"].append({"method": "dense", "pattern": "-", "sparsity": 0.0, "wikitext2_ppl": dense_ppl,
                                "eval_s": eval_s})
