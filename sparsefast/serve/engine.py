@@ -372,10 +372,10 @@ class GenerationEngine(EngineClient):
                 live.append(req)
             if live:
                 samples[live[0]] = live
-        # the requests admitted above produce this step's token in their prefill; the others decode, sorted by slot
-        # (contiguous slots → the attention reads cache views)
+        # the requests admitted above produce this step's token in their prefill
         fresh = {r for group in admitted for r in group}
-        batch = sorted((r for r in self._running if r not in fresh), key=lambda r: r.slot)
+        batch = sorted((r for r in self._running if r not in fresh), key=lambda r: r.slot)  # contiguous slots → the
+        # attention reads cache views
         groups = _prefill_groups(list(samples))
         # the decode batch rides in the last prefill forward when the runner can fold it in: the weights are read
         # once for both instead of a prefill forward and then a decode step
@@ -384,10 +384,10 @@ class GenerationEngine(EngineClient):
         for i, group in enumerate(groups):
             scoring = group[0].params.prompt_logprobs is not None  # such a request is prefilled alone
             slots, prompts = [r.slot for r in group], [r.prompt for r in group]
-            mixed = fold and i == len(groups) - 1
-            log.debug("prefill of %d prompts (%d tokens) while %d requests %s", len(group), sum(map(len, prompts)),
-                      len(batch), "decode in it" if mixed else "wait to decode")
-            if mixed:
+            log.debug("prefill of %d prompts (%d tokens) while %d requests %s", len(group),
+                      sum(map(len, prompts)), len(batch), "decode in it" if fold and i == len(groups) - 1
+                      else "wait to decode")
+            if fold and i == len(groups) - 1:
                 first, logits = self.runner.prefill_decode(slots, prompts, [r.slot for r in batch],
                                                            [r.output[-1] for r in batch],
                                                            [r.position for r in batch])
