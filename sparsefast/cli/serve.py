@@ -48,9 +48,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         "(at most 10x in all), so a burst is prefilled in one forward instead of the first request "
                         "starting alone and stalling behind the rest (default: sparsefast.serve.engine.ADMIT_WAIT_S, "
                         "5 ms; 0: no wait)")
-    p.add_argument("--mixed-prefill", default="on", choices=("on", "off"),
-                   help="on (default): a prompt that arrives while others decode is prefilled in the same forward as "
-                        "their decode step (the weights read once for both); off: a prefill forward, then the step")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context length: prompt + generated tokens (default: the model's maximum)")
     p.add_argument("--max-tokens-limit", type=int, default=None,
@@ -137,7 +134,6 @@ def build_loader(args: argparse.Namespace) -> Loader:
         logging.getLogger("sparsefast.serve").info("sparse linears swapped in: %d", len(swapped))
         engine = GenerationEngine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
                                   max_model_len=args.max_model_len, device=device, compile=args.compile,
-                                  mixed_prefill=args.mixed_prefill == "on",
                                   **({} if args.admit_wait_ms is None else {"admit_wait": args.admit_wait_ms / 1000}))
         if engine.compile_seconds:
             logging.getLogger("sparsefast.serve").info(

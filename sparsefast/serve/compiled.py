@@ -118,15 +118,6 @@ class CompiledRunner:
                 all_positions: bool = False) -> torch.Tensor | list[torch.Tensor]:
         return self.runner.prefill(slots, prompts, all_positions=all_positions)
 
-    @property
-    def mixed_step(self) -> bool:
-        return self.runner.mixed_step
-
-    def prefill_decode(self, slots: list[int], prompts: list[list[int]], dec_slots: list[int], dec_ids: list[int],
-                       dec_positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The eager runner's prefill with a decode batch folded in (one forward, not compiled: its shapes vary)."""
-        return self.runner.prefill_decode(slots, prompts, dec_slots, dec_ids, dec_positions)
-
     def release(self, slot: int) -> None:
         self.runner.release(slot)
 

@@ -2,9 +2,7 @@
 
 One background thread runs steps. Each step: drop cancelled requests, admit waiting requests into free slots (up to
 `max_batch`; prompts admitted together are prefilled in one padded forward and yield their first tokens), then one
-batched decode forward for every running request; when requests are decoding as others are admitted (`mixed_prefill`,
-on by default where the runner can), their decode rides in the arrivals' prefill forward, which reads the weights
-once for both, instead of a decode step after it. A request that finishes (EOS, stop string, max_tokens) or is
+batched decode forward for every running request. A request that finishes (EOS, stop string, max_tokens) or is
 cancelled leaves at the step boundary and its slot is reused by the next waiting request. Waiting requests sit in a
 bounded FIFO (`max_queue`). An idle engine that sees a request arrive waits while more keep arriving (each within
 `admit_wait`, ADMIT_WAIT_S by default, of the last; at most 10x that), so a burst is prefilled in one forward:
@@ -175,10 +173,6 @@ class GenerationEngine(EngineClient):
         compile: "off" (default: the eager step) | "on" | "auto": the batched runner's decode step compiled at
             construction, one graph per batch bucket (sparsefast.serve.compiled; "auto" falls back to eager where
             that cannot run). `compile_seconds` {bucket: s} says what the compile cost ({} when eager).
-        admit_wait: seconds an idle engine waits for the rest of a burst of arrivals (module docstring); 0: none.
-        mixed_prefill: when requests are decoding and others arrive, the decode batch rides in the arrivals' prefill
-            forward (one read of the weights for both) instead of a decode step after it; where the runner can
-            (`mixed_step`: the batched runner with the CPU decode-attention kernel).
 
     On a CPU, load the model and construct the engine on a thread that exits before decoding (`build_in_thread`),
     not on a thread that stays alive and idle, such as a script's main thread: the engine's step then runs about 2x
@@ -187,7 +181,7 @@ class GenerationEngine(EngineClient):
 
     def __init__(self, model: nn.Module, tokenizer, *, max_batch: int = 8, max_queue: int = 64,
                  max_model_len: int | None = None, device: str = "cpu", runner: str = "auto",
-                 compile: str = "off", admit_wait: float = ADMIT_WAIT_S, mixed_prefill: bool = True) -> None:
+                 compile: str = "off", admit_wait: float = ADMIT_WAIT_S) -> None:
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -208,7 +202,6 @@ class GenerationEngine(EngineClient):
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.eos_ids = _eos_ids(model, tokenizer)
         self.runner = make_runner(model, max_batch, max_model_len, self.device, runner, compile)
-        self.mixed_step = bool(mixed_prefill) and self.runner.mixed_step
         self.compile_seconds: dict[int, float] = dict(getattr(self.runner, "compile_seconds", {}))
         self._slots = SlotAllocator(max_batch)
         # each entry: the samples of one prompt (n of them), admitted together and prefilled once
@@ -372,34 +365,22 @@ class GenerationEngine(EngineClient):
                 live.append(req)
             if live:
                 samples[live[0]] = live
-        # the requests admitted above produce this step's token in their prefill
-        fresh = {r for group in admitted for r in group}
-        batch = sorted((r for r in self._running if r not in fresh), key=lambda r: r.slot)  # contiguous slots → the
-        # attention reads cache views
-        groups = _prefill_groups(list(samples))
-        # the decode batch rides in the last prefill forward when the runner can fold it in: the weights are read
-        # once for both instead of a prefill forward and then a decode step
-        fold = bool(batch and groups and self.mixed_step and groups[-1][0].params.prompt_logprobs is None)
-        logits = None
-        for i, group in enumerate(groups):
+        decoding = len(self._running) - sum(map(len, samples.values()))
+        for group in _prefill_groups(list(samples)):
             scoring = group[0].params.prompt_logprobs is not None  # such a request is prefilled alone
-            slots, prompts = [r.slot for r in group], [r.prompt for r in group]
-            log.debug("prefill of %d prompts (%d tokens) while %d requests %s", len(group),
-                      sum(map(len, prompts)), len(batch), "decode in it" if fold and i == len(groups) - 1
-                      else "wait to decode")
-            if fold and i == len(groups) - 1:
-                first, logits = self.runner.prefill_decode(slots, prompts, [r.slot for r in batch],
-                                                           [r.output[-1] for r in batch],
-                                                           [r.position for r in batch])
-            else:
-                first = self.runner.prefill(slots, prompts, all_positions=scoring)
-            for leader, row in zip(group, first):
+            log.debug("prefill of %d prompts (%d tokens) while %d requests wait to decode", len(group),
+                      sum(len(r.prompt) for r in group), decoding)
+            logits = self.runner.prefill([r.slot for r in group], [r.prompt for r in group], all_positions=scoring)
+            for leader, row in zip(group, logits):
                 self._start_samples(samples[leader], row, scoring)
+        # the requests admitted above already produced this step's token
+        fresh = {r for group in admitted for r in group}
+        batch = [r for r in self._running if r not in fresh]
         if not batch:
             return
-        if logits is None:
-            logits = self.runner.decode([r.slot for r in batch], [r.output[-1] for r in batch],
-                                        [r.position for r in batch])
+        batch.sort(key=lambda r: r.slot)  # contiguous slots → the attention reads cache views
+        logits = self.runner.decode([r.slot for r in batch], [r.output[-1] for r in batch],
+                                    [r.position for r in batch])
         for req, row in zip(batch, logits):
             self._advance(req, row)
 

@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import copy
-import itertools
 import logging
 from typing import Callable
 
@@ -121,44 +120,6 @@ class LlamaBatchRunner:
         return self._forward(tokens, slots, torch.tensor(positions, device=self.device)[:, None],
                              uniform=len(set(positions)) == 1)
 
-    @property
-    def mixed_step(self) -> bool:
-        """Whether `prefill_decode` can fold a decode batch into a prefill forward (the CPU decode-attention kernel
-        takes every layer)."""
-        return self.decode_kernel
-
-    def prefill_decode(self, slots: list[int], prompts: list[list[int]], dec_slots: list[int], dec_ids: list[int],
-                       dec_positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """`prefill(slots, prompts)` and `decode(dec_slots, dec_ids, dec_positions)` as one forward: every prompt's
-        tokens and the decode rows' single tokens in one sequence of tokens, so each linear reads its weights once for
-        both (a separate decode step would read them all again). Each prompt attends causally to its own tokens, each
-        decode row to its cache row up to its position (the CPU kernel). Needs `mixed_step`. Returns (logits
-        [len(prompts), vocab] of each prompt's last token, logits [len(dec_slots), vocab])."""
-        lengths = [len(p) for p in prompts]
-        ends = torch.tensor(lengths, device=self.device).cumsum(0)
-        tokens = sum(lengths)
-        ids = torch.tensor([[*itertools.chain.from_iterable(prompts), *dec_ids]], device=self.device)
-        pos = torch.tensor([[*itertools.chain.from_iterable(map(range, lengths)), *dec_positions]], device=self.device)
-        token_slots = torch.tensor([*itertools.chain.from_iterable([s] * n for s, n in zip(slots, lengths)),
-                                    *dec_slots], device=self.device)
-        dec_slot_t = torch.tensor(dec_slots, device=self.device)
-        dec_pos = pos[0, tokens:]
-        op = torch.ops.sparsefast.decode_attention_cpu.default
-
-        def attend(li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-            # q [1, heads, S, D], k and v [1, kv_heads, S, D]: every token's keys go to its slot at its position
-            self.cache.write(li, token_slots, pos[0, :, None], k[0].transpose(0, 1)[:, :, None],
-                             v[0].transpose(0, 1)[:, :, None])
-            parts = [_sdpa(q[:, :, e - n:e], k[:, :, e - n:e], v[:, :, e - n:e], None, True, scale)
-                     for n, e in zip(lengths, ends.tolist())]
-            out = op(q[0, :, tokens:].transpose(0, 1).contiguous(), self.cache.keys[li], self.cache.values[li],
-                     dec_slot_t, dec_pos, scale, self.isa)  # [B, heads, D]
-            return torch.cat([*parts, out.transpose(0, 1)[None]], dim=2)
-
-        last = torch.cat([ends - 1, torch.arange(tokens, tokens + len(dec_slots), device=self.device)])
-        logits = self._run(ids, pos, attend, last=last)
-        return logits[:len(prompts)], logits[len(prompts):]
-
     def decode_static(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                       mask: torch.Tensor | None) -> torch.Tensor:
         """The decode step as sparsefast.serve.compiled captures it: tensors in, tensors out, no value read back
@@ -238,11 +199,10 @@ class LlamaBatchRunner:
             hidden = hidden + self._mlp(layer.mlp, li, layer.post_attention_layernorm(hidden))
         if all_positions:
             return self.head(hidden if self.norm is None else self.norm(hidden))
-        # rows [b, hidden], or [len(last), hidden] when one sequence (b = 1) holds several requests' tokens
         rows = hidden[:, -1] if last is None else hidden[torch.arange(b, device=self.device), last]
         if self.norm is not None:
             rows = self.norm(rows)
-        if rows.shape[0] > 1 and self._head_as_mm(rows):
+        if b > 1 and self._head_as_mm(rows):
             # [vocab, hidden] @ [hidden, B]: for a few rows MKL runs this ~2x faster than F.linear's x @ Wᵀ on CPU
             # (the head is the largest matrix of a small model)
             return torch.mm(self.head.weight, rows.t()).t()
@@ -290,8 +250,6 @@ def _sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch
 
 class HFRequestRunner:
     """Per-request decoding through the model's own HF forward and cache (families without a batched runner)."""
-
-    mixed_step = False  # one forward per request: there is no shared forward to fold a decode batch into
 
     def __init__(self, model: nn.Module, max_batch: int, max_len: int, device: torch.device) -> None:
         self.model, self.device = model, device

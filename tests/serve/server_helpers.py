@@ -91,22 +91,15 @@ def reference_text(engine: GenerationEngine, tokenizer: Any, ids: list[int], max
 
 
 def record_prefills(engine: GenerationEngine) -> list[list[int]]:
-    """The slots of each prefill forward `engine` runs from now on (its runner's prefill wrapped, and its prefill
-    with a decode batch folded in)."""
+    """The slots of each prefill forward `engine` runs from now on (its runner's prefill wrapped)."""
     prefills: list[list[int]] = []
-    prefill, prefill_decode = engine.runner.prefill, getattr(engine.runner, "prefill_decode", None)
+    prefill = engine.runner.prefill
 
     def recording_prefill(slots, prompts, **kw):
         prefills.append(list(slots))
         return prefill(slots, prompts, **kw)
 
-    def recording_prefill_decode(slots, prompts, *decode):
-        prefills.append(list(slots))
-        return prefill_decode(slots, prompts, *decode)
-
     engine.runner.prefill = recording_prefill
-    if prefill_decode is not None:  # the runners with a mixed step
-        engine.runner.prefill_decode = recording_prefill_decode
     return prefills
 
 

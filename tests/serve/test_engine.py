@@ -113,28 +113,6 @@ def test_concurrent_prompts_of_different_lengths_match_single_requests(dense, ru
     assert together == [reference(model, tok, p, sp.max_tokens) for p, sp in zip(PROMPTS, params)]
 
 
-@pytest.mark.parametrize("mixed", [True, False], ids=["mixed", "separate"])
-def test_arrivals_while_others_decode_match_single_requests(dense, mixed):
-    """5 prompts, 2 slots: each later prompt arrives while another request decodes. With mixed_prefill its prefill
-    and that decode run as one forward (prefill_decode), without it as a prefill then a decode step; the tokens are
-    the single-request ones either way."""
-    model, tok = dense
-    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (7, 20, 12, 24, 5)]
-    engine = GenerationEngine(model, tok, max_model_len=128, max_batch=2, mixed_prefill=mixed)
-    assert engine.mixed_step == mixed
-    calls = []
-    prefill_decode = engine.runner.prefill_decode
-    engine.runner.prefill_decode = lambda *a: calls.append(len(a[2])) or prefill_decode(*a)
-    try:
-        streams = [engine.submit(ids_of(tok, p), sp) for p, sp in zip(PROMPTS, params)]
-        engine.start()
-        got = [[t for ev in s for t in ev.token_ids] for s in streams]
-    finally:
-        engine.shutdown()
-    assert got == [reference(model, tok, p, sp.max_tokens) for p, sp in zip(PROMPTS, params)]
-    assert (calls == [1, 1, 1]) if mixed else not calls, calls  # prompts 3, 4, 5 each join one decoding request
-
-
 def test_structural_checkpoint_with_per_layer_widths(story_llama_dir, tmp_path):
     """Layer 0 loses half its KV groups (kv_groups mode) and MLP channels, layer 1 stays dense; the engine's cache
     is sized per layer. Saved and reloaded through the structural checkpoint path, as `sparsefast serve` loads it."""

@@ -55,33 +55,6 @@ def test_decode_kernel_equals_sdpa_over_the_masked_cache():
         torch.testing.assert_close(kernel.cache.keys[layer], sdpa.cache.keys[layer], rtol=1e-5, atol=1e-5)
 
 
-@torch.inference_mode()
-def test_prefill_with_a_decode_batch_folded_in_equals_prefill_then_decode():
-    """prefill_decode: two new prompts (slots 3, 4) and the decode of three rows at different positions in one
-    forward give the logits and cache entries of a prefill followed by a decode step; slots not named are untouched."""
-    model = tiny_model("llama")
-    runners = []
-    for _ in range(2):
-        r = LlamaBatchRunner(model, max_batch=5, max_len=16, device=CPU)
-        require_cpu_kernels()
-        assert r.mixed_step
-        r.prefill(SLOTS, PROMPTS)
-        runners.append(r)
-    separate, mixed = runners
-    new_prompts, new_slots = [[9, 8, 7, 6, 5], [30]], [4, 3]
-    ids, positions = [11, 40, 90], [len(p) for p in PROMPTS]
-    first = separate.prefill(new_slots, new_prompts)
-    then = separate.decode(SLOTS, ids, positions)
-    got_first, got_then = mixed.prefill_decode(new_slots, new_prompts, SLOTS, ids, positions)
-    torch.testing.assert_close(got_first, first, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got_then, then, rtol=1e-5, atol=1e-5)
-    for layer in range(len(mixed.layers)):
-        for slot, n in [*zip(SLOTS, [p + 1 for p in positions]), *zip(new_slots, map(len, new_prompts))]:
-            for a, b in ((mixed.cache.keys, separate.cache.keys), (mixed.cache.values, separate.cache.values)):
-                torch.testing.assert_close(a[layer][slot, :, :n], b[layer][slot, :, :n], rtol=1e-5, atol=1e-5)
-    assert not HFRequestRunner.mixed_step
-
-
 @pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "sdpa"])
 @torch.inference_mode()
 def test_static_step_with_padding_rows_matches_the_eager_step(kernel):
