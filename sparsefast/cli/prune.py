@@ -77,9 +77,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help=f"dsnot: refine the attention projections only (the paper's code) or all linears (default "
                         f"{d.dsnot_scope})")
     p.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES,
-                   help="also quantize the kept weights: int8 (per output row, symmetric; sparsegpt picks its mask "
-                        "in fp32, then quantizes inside a second sweep on it so the updates compensate the rounding, "
-                        "other methods round after the "
+                   help="also quantize the kept weights: int8 (per output row, symmetric; sparsegpt quantizes "
+                        "inside its sweep so the updates compensate the rounding, other methods round after the "
                         "mask; the LM head, and a tied embedding with it, is rounded too). The checkpoint keeps "
                         "scale x q in the weights and a weight_scale tensor per linear")
     p.add_argument("--blocksize", type=int, default=SparseGPTConfig.blocksize,

@@ -90,11 +90,9 @@ class PruneConfig:
         within dsnot_threshold; growth candidates are ranked by |W·E[x]| / Var(x)^dsnot_var_power; dsnot_scope:
         "attention" (the paper's code default: the attention projections only) or "all" (the MLP's too).
     quantize: None or "int8": the kept weights are also quantized, symmetric per output row (sparsefast.ops.int8_rows);
-        SparseGPT picks its mask in an fp32 sweep, then quantizes inside a second sweep on that mask so the OBS
-        updates compensate the rounding too (SparseGPT section 3.5, as GPTQ; a sweep that also picked the mask moved
-        it on rounding noise, at a cost), every other method rounds its pruned weights to the grid. The model keeps
-        the dequantized weights (scale · q, so any engine evaluates it) and each linear a `weight_scale` buffer [out]
-        (float32).
+        SparseGPT quantizes inside its sweep so the OBS updates compensate the rounding too (SparseGPT section 3.5,
+        as GPTQ), every other method rounds its pruned weights to the grid. The model keeps the dequantized
+        weights (scale · q, so any engine evaluates it) and each linear a `weight_scale` buffer [out] (float32).
         The LM head (never pruned) is rounded to its per-row grid too, and with it a tied token embedding, as
         llama.cpp's Q8_0 files hold theirs: in a small model it is a large part of the bytes a token reads
         (SmolLM2-135M: 113 of the 538 MB in fp32).

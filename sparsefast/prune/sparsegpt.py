@@ -24,7 +24,6 @@ actually used is returned in the per-linear stats.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Mapping
 
 import torch
@@ -150,24 +149,17 @@ class SparseGPTPruner(Pruner):
         cfg = self.config
         # joint int8: the grid of each row is fixed from the dense row before the sweep (GPTQ's per-channel rule)
         scales = int8_row_scales(linear.weight.data) if cfg.quantize == "int8" else None
-        sweep = functools.partial(sparsegpt_prune_weight, linear.weight.data, hessian, sparsity=self.sparsity,
-                                  nm=self.pattern.nm, blocksize=cfg.blocksize, percdamp=cfg.percdamp)
-        mask = self.fixed_mask(linear, hessian)
-        new_w = None
-        if mask is None or self.refiner is not None:
-            # SparseGPT chooses its mask in an fp32 sweep, also under --quantize int8: a joint sweep choosing its
-            # own mask moves ~0.6% of the positions on rounding noise, and those moves cost more perplexity than the
-            # rounding (SmolLM2 2:4: +2.19% against +1.28% on the fp32 mask; bench/results/
-            # 2026-12-07-cpu-smollm2-int8-fp32-mask.txt). The joint sweep then reruns on that mask.
-            new_w, notes = sweep(mask=mask)
-            mask = new_w == 0
-            if self.refiner is not None:  # refine SparseGPT's mask on the original weights, then update for it
-                refined = self.refine(name, linear.weight.data, mask)
-                if not torch.equal(refined, mask):
-                    mask, new_w = refined, None
-        if new_w is None or scales is not None:
-            new_w, notes = sweep(mask=mask, int8_scales=scales)
-        del hessian, sweep
+        new_w, notes = sparsegpt_prune_weight(linear.weight.data, hessian, sparsity=self.sparsity,
+                                              nm=self.pattern.nm, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
+                                              mask=self.fixed_mask(linear, hessian), int8_scales=scales)
+        if self.refiner is not None:  # refine SparseGPT's mask on the original weights, then update for that mask
+            chosen = new_w == 0
+            refined = self.refine(name, linear.weight.data, chosen)
+            if not torch.equal(refined, chosen):
+                new_w, notes = sparsegpt_prune_weight(linear.weight.data, hessian, sparsity=self.sparsity,
+                                                      blocksize=cfg.blocksize, percdamp=cfg.percdamp, mask=refined,
+                                                      int8_scales=scales)
+        del hessian
         if scales is not None:
             self.int8_scales[name] = scales  # new_w is on this grid: Pruner.quantize reads q off, no second rounding
         linear.weight.data.copy_(new_w)
