@@ -345,7 +345,7 @@ def _gather_seconds(engine: GenerationEngine) -> float:
 
 def test_idle_engine_prefills_a_burst_of_arrivals_in_one_forward(dense):
     model, tok = dense
-    ids = tok(PROMPT)["input_ids"]
+    ids = ids_of(tok)
     with running_engine(model, tok, max_batch=4, admit_wait=0.5) as eng:
         prefills = record_prefills(eng)
         streams = []
@@ -358,7 +358,7 @@ def test_idle_engine_prefills_a_burst_of_arrivals_in_one_forward(dense):
 
 def test_gathering_waits_admit_wait_for_a_lone_request_and_not_at_all_when_off_or_full(dense):
     model, tok = dense
-    ids = tok(PROMPT)["input_ids"]
+    ids = ids_of(tok)
     for admit_wait, requests, low, high in ((0.3, 1, 0.29, 2.0), (0.0, 1, 0.0, 0.05), (1.0, 2, 0.0, 0.5)):
         eng = GenerationEngine(model, tok, max_batch=2, admit_wait=admit_wait)
         try:
@@ -371,7 +371,7 @@ def test_gathering_waits_admit_wait_for_a_lone_request_and_not_at_all_when_off_o
 
 def test_a_steady_trickle_is_held_at_most_ten_admit_waits(dense):
     model, tok = dense
-    ids = tok(PROMPT)["input_ids"]
+    ids = ids_of(tok)
     eng = GenerationEngine(model, tok, max_batch=256, max_queue=256, max_model_len=32, admit_wait=0.1)
     stop = threading.Event()
 
@@ -396,7 +396,7 @@ def test_a_steady_trickle_is_held_at_most_ten_admit_waits(dense):
 
 def test_shutdown_while_gathering_cancels_without_a_prefill(dense):
     model, tok = dense
-    ids = tok(PROMPT)["input_ids"]
+    ids = ids_of(tok)
     eng = GenerationEngine(model, tok, max_batch=4, admit_wait=1.0)
     prefills = record_prefills(eng)
     eng.start()
