@@ -25,11 +25,21 @@ struct DecodeAttentionArgs {
   int64_t row_stride, head_stride, pos_stride;  // element strides of the cache (the last dimension is unit stride)
   float scale;
   void* out;                // [batch, heads, head_dim] contiguous, of vtype
+  int64_t head_split;       // parts each KV head's group of query heads is split into (1 .. heads / kv_heads)
 };
 
-// out for the (sequence, head) tasks [task_begin, task_end), task = b * heads + h. `scores` holds at least
-// max(positions) + 1 floats (the calling thread's scratch). isa: kAuto, kScalar, or kAvx2 / kAvx512 (both run the
-// AVX2 + FMA path; it needs head_dim % 8 == 0, else the scalar one runs).
-void decode_attention_tasks(const DecodeAttentionArgs& a, int64_t task_begin, int64_t task_end, float* scores, int isa);
+// Tasks: task = (b * kv_heads + g) * head_split + p is sequence b's query heads g * group + [p * group / head_split,
+// (p + 1) * group / head_split), group = heads / kv_heads: the heads of one KV head, which share its key and value
+// rows (head_split > 1 makes more, smaller tasks where sequences x KV heads are too few for the threads).
+//
+// Floats of scratch one thread needs for tasks of sequences whose positions are below `longest`.
+int64_t decode_attention_scratch(const DecodeAttentionArgs& a, int64_t longest, int isa);
+
+// out for the tasks [task_begin, task_end) (batch * kv_heads * head_split in all); `scratch`: the calling thread's,
+// decode_attention_scratch floats. isa: kAuto, kScalar, kAvx2 (AVX2 + FMA, one head at a time; head_dim % 8 == 0)
+// or kAvx512 (a task's heads together, each key and value row read once; head_dim % 16 == 0, else the AVX2 path).
+// Other head sizes run the scalar path.
+void decode_attention_tasks(const DecodeAttentionArgs& a, int64_t task_begin, int64_t task_end, float* scratch,
+                            int isa);
 
 }  // namespace sparsefast_cpu

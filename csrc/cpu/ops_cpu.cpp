@@ -223,14 +223,19 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& keys, con
   }
   at::Tensor out = at::empty({batch, heads, head_dim}, q.options());
   if (batch * heads == 0) return out;
+  // a KV head's query heads run as one task (its rows read once), unless sequences x KV heads are too few to give
+  // each thread 4 tasks: then the group is split (batch 1 of a small model)
+  const int64_t group = heads / kv_heads, threads = at::get_num_threads();
+  const int64_t split = std::clamp<int64_t>((4 * threads + batch * kv_heads - 1) / (batch * kv_heads), 1, group);
   const sparsefast_cpu::DecodeAttentionArgs args{
       qc.data_ptr(), keys.data_ptr(), values.data_ptr(),
       q.scalar_type() == at::kBFloat16 ? sparsefast_cpu::kBf16 : sparsefast_cpu::kFloat32, sp, pp, heads, kv_heads,
-      head_dim, keys.stride(0), keys.stride(1), keys.stride(2), static_cast<float>(scale), out.data_ptr()};
+      head_dim, keys.stride(0), keys.stride(1), keys.stride(2), static_cast<float>(scale), out.data_ptr(), split};
+  const size_t floats = sparsefast_cpu::decode_attention_scratch(args, longest, static_cast<int>(isa));
   // a thread takes at least ~16K multiply-adds of tasks: a short context runs on the calling thread alone
-  const int64_t grain = std::max<int64_t>(1, 16384 / (2 * longest * head_dim));
-  at::parallel_for(0, batch * heads, grain, [&](int64_t t0, int64_t t1) {
-    sparsefast_cpu::decode_attention_tasks(args, t0, t1, scratch(0, longest).data(), static_cast<int>(isa));
+  const int64_t grain = std::max<int64_t>(1, 16384 / (2 * longest * head_dim * ((group + split - 1) / split)));
+  at::parallel_for(0, batch * kv_heads * split, grain, [&](int64_t t0, int64_t t1) {
+    sparsefast_cpu::decode_attention_tasks(args, t0, t1, scratch(0, floats).data(), static_cast<int>(isa));
   });
   return out;
 }

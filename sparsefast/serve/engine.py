@@ -86,16 +86,19 @@ class RequestStream(TokenStream):
         self._cancel = threading.Event()
         self._engine_wakeup = None  # set by the engine: wakes its loop so a cancel is seen promptly
 
-    def _push(self, event: TokenEvent) -> None:
+    def _push(self, event: TokenEvent, wakes: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] | None = None
+              ) -> None:
+        """Queue `event` for the readers. Thread readers are notified now; async readers too, unless `wakes` is
+        given: their (loop, flag) pairs are added to it, and the engine wakes them with the rest of the step's
+        (`wake_async_readers`, once its prefills and again once its decode have pushed their events)."""
         with self._cond:
             self._events.append(event)
             self._cond.notify_all()
             waiters = list(self._waiters)
-        for loop, flag in waiters:
-            try:
-                loop.call_soon_threadsafe(flag.set)
-            except RuntimeError:  # that event loop is closed; its reader is gone
-                pass
+        if wakes is None:
+            wake_async_readers(waiters)
+        else:
+            wakes.extend(waiters)
 
     @property
     def cancelled(self) -> bool:
@@ -137,6 +140,25 @@ class RequestStream(TokenStream):
         finally:
             with self._cond:
                 self._waiters.remove((loop, flag))
+
+
+def wake_async_readers(waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]) -> None:
+    """Set the flags of async stream readers: one call_soon_threadsafe per event loop, whatever the number of flags.
+    The engine wakes a step's readers together: a call per token woke the server's event loop (a write to its
+    self-pipe, then a GIL hand-off) up to max_batch times per step."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Event]] = {}
+    for loop, flag in waiters:
+        by_loop.setdefault(loop, []).append(flag)
+    for loop, flags in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_set_flags, flags)
+        except RuntimeError:  # that event loop is closed; its readers are gone
+            pass
+
+
+def _set_flags(flags: list[asyncio.Event]) -> None:
+    for flag in flags:
+        flag.set()
 
 
 class _Request:
@@ -211,6 +233,8 @@ class GenerationEngine(EngineClient):
         self._closed = False
         self._thread: threading.Thread | None = None
         self._ids = itertools.count()
+        # async readers to wake once the current phase of a step (its prefills, its decode) has pushed its events
+        self._wakes: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] | None = None
 
     # ---- public API --------------------------------------------------------------------------------------------
     @property
@@ -351,6 +375,14 @@ class GenerationEngine(EngineClient):
             seen = depth
 
     def _step(self, admitted: list[list[_Request]]) -> None:
+        self._wakes = []
+        try:
+            self._prefill_and_decode(admitted)
+        finally:
+            wakes, self._wakes = self._wakes, None
+            wake_async_readers(wakes)
+
+    def _prefill_and_decode(self, admitted: list[list[_Request]]) -> None:
         for req in [r for r in self._running if r.stream.cancelled]:
             self._finish(req, "cancelled")
         samples: dict[_Request, list[_Request]] = {}  # the first live sample of each prompt -> all its samples
@@ -373,6 +405,9 @@ class GenerationEngine(EngineClient):
             logits = self.runner.prefill([r.slot for r in group], [r.prompt for r in group], all_positions=scoring)
             for leader, row in zip(group, logits):
                 self._start_samples(samples[leader], row, scoring)
+        if self._wakes:  # the admitted requests' first tokens go out before the decode
+            wake_async_readers(self._wakes)
+            self._wakes.clear()
         # the requests admitted above already produced this step's token
         fresh = {r for group in admitted for r in group}
         batch = [r for r in self._running if r not in fresh]
@@ -381,8 +416,8 @@ class GenerationEngine(EngineClient):
         batch.sort(key=lambda r: r.slot)  # contiguous slots → the attention reads cache views
         logits = self.runner.decode([r.slot for r in batch], [r.output[-1] for r in batch],
                                     [r.position for r in batch])
-        for req, row in zip(batch, logits):
-            self._advance(req, row)
+        for req, row, token in zip(batch, logits, _plain_greedy_tokens(batch, logits)):
+            self._advance(req, row, token)
 
     def _start_samples(self, group: list[_Request], logits: torch.Tensor, scoring: bool) -> None:
         """After the prefill of group[0]'s slot: copy its keys and values to the other samples' slots, then give
@@ -408,22 +443,26 @@ class GenerationEngine(EngineClient):
             else:
                 self._advance(req, last)
 
-    def _advance(self, req: _Request, logits: torch.Tensor) -> None:
+    def _advance(self, req: _Request, logits: torch.Tensor, argmax: int | None = None) -> None:
         """Sample `req`'s next token from its logits row [vocab], detokenize it and check the stop conditions.
 
         The order: the logit adjustments (penalties, bias, min_tokens), then the grammar's mask (structured output:
-        only the tokens it allows), then greedy or sampled choice, which the grammar then consumes.
+        only the tokens it allows), then greedy or sampled choice, which the grammar then consumes. `argmax`: the
+        row's argmax, computed with the batch's (`_plain_greedy_tokens`), for a greedy request with neither.
 
         This is the per-request part of a step: an exception here (a sampling fault, a tokenizer that cannot decode,
         a grammar that allows nothing, ...) fails `req` alone, with an "error" event, and the other requests of the
         batch go on; a failed forward is the only thing that fails a whole batch (`_loop`)."""
         try:
-            scores = adjust_logits(logits, req.params, req.prompt, req.output, self.eos_ids)
-            if req.matcher is not None:
-                scores = req.matcher.mask(scores)
-            token = sample_next(scores, req.params, req.generator)
-            if req.matcher is not None:
-                req.matcher.accept(token)
+            if argmax is not None:
+                token = argmax
+            else:
+                scores = adjust_logits(logits, req.params, req.prompt, req.output, self.eos_ids)
+                if req.matcher is not None:
+                    scores = req.matcher.mask(scores)
+                token = sample_next(scores, req.params, req.generator)
+                if req.matcher is not None:
+                    req.matcher.accept(token)
             k = req.params.logprobs
             self._accept(req, token, () if k is None else tuple(position_logprobs(logits[None], [token], k)))
         except Exception:
@@ -443,7 +482,7 @@ class GenerationEngine(EngineClient):
         """End a max_tokens 0 request after its prefill: one event with its prompt logprobs, finish "length"."""
         req.done = True
         req.stream._push(TokenEvent("", (), "length", len(req.prompt), 0, time.perf_counter(),
-                                    prompt_logprobs=req.prompt_logprobs))
+                                    prompt_logprobs=req.prompt_logprobs), self._wakes)
         self._release(req)
 
     def _accept(self, req: _Request, token: int, logprobs: tuple[TokenLogprob, ...] = ()) -> None:
@@ -460,7 +499,7 @@ class GenerationEngine(EngineClient):
             text += req.detok.flush()
             req.done = True
         req.stream._push(TokenEvent(text, (token,), reason, len(req.prompt), len(req.output), time.perf_counter(),
-                                    logprobs, req.prompt_logprobs))
+                                    logprobs, req.prompt_logprobs), self._wakes)
         req.prompt_logprobs = None  # sent with the first event only
         if reason is not None:
             self._release(req)
@@ -478,7 +517,8 @@ class GenerationEngine(EngineClient):
             self._release(req)
             return
         req.done = True
-        req.stream._push(TokenEvent("", (), reason, len(req.prompt), len(req.output), time.perf_counter()))
+        req.stream._push(TokenEvent("", (), reason, len(req.prompt), len(req.output), time.perf_counter()),
+                         self._wakes)
         self._release(req)
 
     def _finish_all(self, reason: str) -> None:
@@ -514,6 +554,18 @@ def build_in_thread(build: Callable[[], T]) -> T:
     if "error" in box:
         raise box["error"]
     return box["result"]
+
+
+def _plain_greedy_tokens(batch: list[_Request], logits: torch.Tensor) -> list[int | None]:
+    """Per request of a decode batch: its row's argmax when it decodes greedily with no logit adjustment and no
+    grammar (what sample_next would pick: ties go to the lowest id), else None. One argmax over the batch's logits
+    [B, vocab] instead of one call per request (each a dispatched op on a 49K-wide row). It belongs with the forward:
+    if it raised, the whole batch would fail, as a failed forward does."""
+    plain = [r.params.greedy and not r.params.adjusts_logits and r.matcher is None for r in batch]
+    if not any(plain):
+        return [None] * len(batch)
+    tokens = logits.argmax(-1).tolist()
+    return [t if p else None for t, p in zip(tokens, plain)]
 
 
 def _prefill_groups(requests: list[_Request]) -> list[list[_Request]]:

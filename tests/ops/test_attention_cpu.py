@@ -1,7 +1,7 @@
 """sparsefast.ops.attention_cpu: the CPU decode-attention kernel against its torch twin and against torch SDPA over
 the gathered, masked cache rows (what the batched runner computed before), on every instruction set, 1 and 2
-threads, grouped-query and plain heads, head sizes with and without the vector path, rows at different positions
-(position 0 too), poisoned outputs; opcheck; and the errors."""
+threads, grouped-query and plain heads (groups whole and split between tasks), head sizes with and without the
+vector paths, rows at different positions (position 0 too), poisoned outputs; opcheck; and the errors."""
 
 from __future__ import annotations
 
@@ -43,7 +43,10 @@ def _sdpa_over_gathered_rows(q, keys, values, slots, positions, scale):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 16), (6, 2, 12), (2, 1, 8), (3, 1, 24)])
+# (8, 2, 32) and (16, 2, 128): the AVX-512 path's groups of several heads, whole (1 thread) and split between tasks
+# (2 threads, 3 sequences x 2 KV heads: each group in 2 parts)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 16), (6, 2, 12), (2, 1, 8), (3, 1, 24),
+                                                     (8, 2, 32), (16, 2, 128)])
 def test_decode_attention_matches_twin_and_sdpa(dtype, heads, kv_heads, head_dim):
     require_cpu_kernels()
     q, keys, values, slots, positions = _case(heads, kv_heads, head_dim, dtype)
