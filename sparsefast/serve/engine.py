@@ -10,6 +10,12 @@ otherwise the first arrival is prefilled and decodes alone, and the rest of the 
 stalls it for their whole prefill (8 clients of 128-token prompts on SmolLM2, 2-core CPU: stalls of 0.17-1.1 s; with
 it, TPOT p90 at 8 concurrent 54.9 -> 46.6 ms through `serve`;
 bench/results/2026-12-07-cpu-engine-burst-admission.txt, bench/results/2026-12-07-cpu-serve-admit-wait-4rounds.json).
+The tokens of a step reach the HTTP layer's async readers through one wake-up of its event loop per step phase (the
+prefills, then the decode), and plain greedy requests take their tokens from one argmax over the batch: a wake-up
+per token (a self-pipe write, a GIL hand-off to the loop's thread) and an argmax per request cost a served c=8 step
+more than their own time on a 2-core CPU, where the step's OpenMP threads hold both cores (with the decode-attention
+change of the same commit, c=8 TPOT 43.1 -> 39.0 and 44.7 -> 40.8 ms in two runs;
+bench/results/2026-12-07-cpu-serve-engine-wakes-ab.json, -ab2.json).
 
 Why our own scheduler rather than transformers' continuous batching (`generate_batch` / `init_continuous_batching`,
 transformers 5.24, paged cache), measured on this project's CPU (2-core AMD EPYC, SmolLM2-135M fp32, 32-token random
