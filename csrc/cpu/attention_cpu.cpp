@@ -125,9 +125,11 @@ SF_AVX512 inline __m512 reduce16(const float* part) {
 }
 
 // exp(x) for x <= 0 (softmax numerators: scores minus their maximum), 16 lanes: x = n ln2 + f with |f| <= ln2 / 2,
-// e^f by its Taylor polynomial of degree 7 (truncation error < 1e-8 relative), times 2^n (scalef: underflows to 0).
+// e^f by its Taylor polynomial of degree 7 (truncation error < 1e-8 relative), times 2^n (scalef). x is clamped at
+// -87 (e^-87 ~ 1.6e-38, the smallest normal floats): no denormal results, whose arithmetic is slow, and a key that
+// far below the maximum weighs nothing next to the maximum's 1 either way.
 SF_AVX512 inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));  // e^-104 is below the smallest denormal: the result is 0 either way
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 split in two: exact n * hi
@@ -181,7 +183,7 @@ SF_AVX512 void group_avx512(const DecodeAttentionArgs& a, int64_t b, int64_t g, 
       _mm512_storeu_ps(scores + h * padded + l0, reduce16(part + h * 256));
     }
   }
-  // softmax numerators per head (the padding lanes past len are -inf: exp gives 0); 1 / their sum later
+  // softmax numerators per head (the padding lanes past len: -inf for the maximum, 0 after exp); 1 / their sum later
   for (int64_t h = 0; h < nh; ++h) {
     float* s = scores + h * padded;
     for (int64_t l = len; l < padded; ++l) s[l] = -INFINITY;
@@ -190,7 +192,8 @@ SF_AVX512 void group_avx512(const DecodeAttentionArgs& a, int64_t b, int64_t g, 
     const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
     __m512 sum = _mm512_setzero_ps();
     for (int64_t l = 0; l < padded; l += 16) {
-      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + l), m));
+      const __mmask16 keys = len - l >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (len - l)) - 1);
+      const __m512 e = _mm512_maskz_mov_ps(keys, exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + l), m)));
       _mm512_storeu_ps(s + l, e);
       sum = _mm512_add_ps(sum, e);
     }

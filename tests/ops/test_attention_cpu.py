@@ -84,6 +84,19 @@ def test_long_context_runs_on_both_threads_and_matches():
     torch.testing.assert_close(out, want, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scores_hundreds_apart_match_the_twin(dtype):
+    """Scores spread over hundreds (softmax numerators from 1 down to far below the smallest normal float): the
+    vector exponentials and their clamp give the twin's output, on every instruction set."""
+    require_cpu_kernels()
+    q, keys, values, slots, positions = _case(8, 2, 64, dtype)
+    q = (q.float() * 40).to(dtype)
+    ref = decode_attention_ref(q, keys, values, slots, positions, 0.125)
+    for isa in available_isas():
+        out = decode_attention_cpu(q, keys, values, slots, positions, 0.125, backend="cpu", isa=isa)
+        torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype], msg=lambda m: f"isa {isa}: {m}")
+
+
 def test_reads_only_each_rows_own_positions():
     """Keys beyond a row's position and other rows' entries do not change its output (poisoned with NaN/inf)."""
     require_cpu_kernels()
