@@ -28,14 +28,14 @@ inline float load_scalar(const void* p, int vtype, int64_t i) {
   return vtype == kBf16 ? bf16_to_f32(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
 }
 
-// out[task] = acc * inv in the output type (task = b * heads + h)
-inline void store_row(const DecodeAttentionArgs& a, int64_t task, const float* acc, float inv) {
+// out[bh] = acc * inv in the output type (bh = b * heads + h: sequence b's query head h)
+inline void store_row(const DecodeAttentionArgs& a, int64_t bh, const float* acc, float inv) {
   const int64_t d = a.head_dim;
   if (a.vtype == kBf16) {
-    uint16_t* out = static_cast<uint16_t*>(a.out) + task * d;
+    uint16_t* out = static_cast<uint16_t*>(a.out) + bh * d;
     for (int64_t i = 0; i < d; ++i) out[i] = f32_to_bf16(acc[i] * inv);
   } else {
-    float* out = static_cast<float*>(a.out) + task * d;
+    float* out = static_cast<float*>(a.out) + bh * d;
     for (int64_t i = 0; i < d; ++i) out[i] = acc[i] * inv;
   }
 }
@@ -52,12 +52,12 @@ inline float softmax_numerators(float* scores, int64_t len) {
   return sum;
 }
 
-void task_scalar(const DecodeAttentionArgs& a, int64_t task, float* scores) {
-  const int64_t b = task / a.heads, h = task % a.heads, d = a.head_dim;
+void head_scalar(const DecodeAttentionArgs& a, int64_t bh, float* scores) {
+  const int64_t b = bh / a.heads, h = bh % a.heads, d = a.head_dim;
   const int64_t g = h / (a.heads / a.kv_heads), len = a.positions[b] + 1;
   const int64_t base = a.slots[b] * a.row_stride + g * a.head_stride;
   float q[kMaxHeadDim], acc[kMaxHeadDim];
-  for (int64_t i = 0; i < d; ++i) q[i] = load_scalar(a.q, a.vtype, task * d + i);
+  for (int64_t i = 0; i < d; ++i) q[i] = load_scalar(a.q, a.vtype, bh * d + i);
   for (int64_t l = 0; l < len; ++l) {
     float dot = 0.f;
     for (int64_t i = 0; i < d; ++i) dot += q[i] * load_scalar(a.keys, a.vtype, base + l * a.pos_stride + i);
@@ -67,18 +67,18 @@ void task_scalar(const DecodeAttentionArgs& a, int64_t task, float* scores) {
   std::fill(acc, acc + d, 0.f);
   for (int64_t l = 0; l < len; ++l)
     for (int64_t i = 0; i < d; ++i) acc[i] += scores[l] * load_scalar(a.values, a.vtype, base + l * a.pos_stride + i);
-  store_row(a, task, acc, 1.f / sum);
+  store_row(a, bh, acc, 1.f / sum);
 }
 
 #ifdef SF_X86
 // head_dim % 8 == 0
 template <int VT>
-SF_AVX2 void task_avx2(const DecodeAttentionArgs& a, int64_t task, float* scores) {
-  const int64_t b = task / a.heads, h = task % a.heads, d = a.head_dim;
+SF_AVX2 void head_avx2(const DecodeAttentionArgs& a, int64_t bh, float* scores) {
+  const int64_t b = bh / a.heads, h = bh % a.heads, d = a.head_dim;
   const int64_t g = h / (a.heads / a.kv_heads), len = a.positions[b] + 1;
   const int64_t base = a.slots[b] * a.row_stride + g * a.head_stride;
   alignas(32) float q[kMaxHeadDim], acc[kMaxHeadDim];
-  for (int64_t i = 0; i < d; i += 8) _mm256_store_ps(q + i, load8_256<VT>(a.q, task * d + i));
+  for (int64_t i = 0; i < d; i += 8) _mm256_store_ps(q + i, load8_256<VT>(a.q, bh * d + i));
   for (int64_t l = 0; l < len; ++l) {
     const int64_t row = base + l * a.pos_stride;
     __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
@@ -98,7 +98,7 @@ SF_AVX2 void task_avx2(const DecodeAttentionArgs& a, int64_t task, float* scores
     for (int64_t i = 0; i < d; i += 8)
       _mm256_store_ps(acc + i, _mm256_fmadd_ps(p, load8_256<VT>(a.values, row + i), _mm256_load_ps(acc + i)));
   }
-  store_row(a, task, acc, 1.f / sum);
+  store_row(a, bh, acc, 1.f / sum);
 }
 
 
@@ -126,10 +126,11 @@ SF_AVX512 inline __m512 reduce16(const float* part) {
 
 // exp(x) for x <= 0 (softmax numerators: scores minus their maximum), 16 lanes: x = n ln2 + f with |f| <= ln2 / 2,
 // e^f by its Taylor polynomial of degree 7 (truncation error < 1e-8 relative), times 2^n (scalef). x is clamped at
-// -87 (e^-87 ~ 1.6e-38, the smallest normal floats): no denormal results, whose arithmetic is slow, and a key that
-// far below the maximum weighs nothing next to the maximum's 1 either way.
+// -87 (e^-87 ~ 1.6e-38, just above the smallest normal float): no denormal results, whose arithmetic is slow, and a
+// key that far below the maximum weighs nothing next to the maximum's 1 either way. NaN stays NaN (vmaxps returns its
+// second operand when one is NaN), as in the other paths.
 SF_AVX512 inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  x = _mm512_max_ps(_mm512_set1_ps(-87.f), x);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 split in two: exact n * hi
@@ -260,14 +261,14 @@ void decode_attention_tasks(const DecodeAttentionArgs& a, int64_t task_begin, in
     if (isa >= kAvx2 && a.head_dim % 8 == 0) {
       for (int64_t h = first; h < last; ++h) {
         if (a.vtype == kBf16)
-          task_avx2<kBf16>(a, b * a.heads + h, scratch);
+          head_avx2<kBf16>(a, b * a.heads + h, scratch);
         else
-          task_avx2<kFloat32>(a, b * a.heads + h, scratch);
+          head_avx2<kFloat32>(a, b * a.heads + h, scratch);
       }
       continue;
     }
 #endif
-    for (int64_t h = first; h < last; ++h) task_scalar(a, b * a.heads + h, scratch);
+    for (int64_t h = first; h < last; ++h) head_scalar(a, b * a.heads + h, scratch);
   }
 }
 

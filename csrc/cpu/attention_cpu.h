@@ -25,7 +25,7 @@ struct DecodeAttentionArgs {
   int64_t row_stride, head_stride, pos_stride;  // element strides of the cache (the last dimension is unit stride)
   float scale;
   void* out;                // [batch, heads, head_dim] contiguous, of vtype
-  int64_t head_split;       // parts each KV head's group of query heads is split into (1 .. heads / kv_heads)
+  int64_t head_split = 1;   // parts each KV head's group of query heads is split into (1 .. heads / kv_heads)
 };
 
 // Tasks: task = (b * kv_heads + g) * head_split + p is sequence b's query heads g * group + [p * group / head_split,

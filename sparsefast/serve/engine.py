@@ -10,8 +10,8 @@ otherwise the first arrival is prefilled and decodes alone, and the rest of the 
 stalls it for their whole prefill (8 clients of 128-token prompts on SmolLM2, 2-core CPU: stalls of 0.17-1.1 s; with
 it, TPOT p90 at 8 concurrent 54.9 -> 46.6 ms through `serve`;
 bench/results/2026-12-07-cpu-engine-burst-admission.txt, bench/results/2026-12-07-cpu-serve-admit-wait-4rounds.json).
-The tokens of a step reach the HTTP layer's async readers through one wake-up of its event loop per step phase (the
-prefills, then the decode), and plain greedy requests take their tokens from one argmax over the batch: a wake-up
+The tokens of a step reach the HTTP layer's async readers through one wake-up of its event loop per forward (each
+prefill group, then the decode), and plain greedy requests take their tokens from one argmax over the batch: a wake-up
 per token (a self-pipe write, a GIL hand-off to the loop's thread) and an argmax per request cost a served c=8 step
 more than their own time on a 2-core CPU, where the step's OpenMP threads hold both cores (with the decode-attention
 change of the same commit, c=8 TPOT 43.1 -> 39.0 and 44.7 -> 40.8 ms in two runs;
@@ -96,7 +96,7 @@ class RequestStream(TokenStream):
               ) -> None:
         """Queue `event` for the readers. Thread readers are notified now; async readers too, unless `wakes` is
         given: their (loop, flag) pairs are added to it, and the engine wakes them with the rest of the step's
-        (`wake_async_readers`, once its prefills and again once its decode have pushed their events)."""
+        (`wake_async_readers`, before each forward of the step and after its decode)."""
         with self._cond:
             self._events.append(event)
             self._cond.notify_all()
@@ -239,7 +239,7 @@ class GenerationEngine(EngineClient):
         self._closed = False
         self._thread: threading.Thread | None = None
         self._ids = itertools.count()
-        # async readers to wake once the current phase of a step (its prefills, its decode) has pushed its events
+        # async readers of the events a step has pushed since its last forward (woken before the next one and at its end)
         self._wakes: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] | None = None
 
     # ---- public API --------------------------------------------------------------------------------------------
@@ -388,6 +388,11 @@ class GenerationEngine(EngineClient):
             wakes, self._wakes = self._wakes, None
             wake_async_readers(wakes)
 
+    def _wake_readers_now(self) -> None:
+        """Wake the async readers of the events pushed so far in this step (before the next forward runs)."""
+        wake_async_readers(self._wakes)
+        self._wakes.clear()
+
     def _prefill_and_decode(self, admitted: list[list[_Request]]) -> None:
         for req in [r for r in self._running if r.stream.cancelled]:
             self._finish(req, "cancelled")
@@ -403,6 +408,7 @@ class GenerationEngine(EngineClient):
                 live.append(req)
             if live:
                 samples[live[0]] = live
+        self._wake_readers_now()  # the cancelled requests' last events
         decoding = len(self._running) - sum(map(len, samples.values()))
         for group in _prefill_groups(list(samples)):
             scoring = group[0].params.prompt_logprobs is not None  # such a request is prefilled alone
@@ -411,9 +417,7 @@ class GenerationEngine(EngineClient):
             logits = self.runner.prefill([r.slot for r in group], [r.prompt for r in group], all_positions=scoring)
             for leader, row in zip(group, logits):
                 self._start_samples(samples[leader], row, scoring)
-        if self._wakes:  # the admitted requests' first tokens go out before the decode
-            wake_async_readers(self._wakes)
-            self._wakes.clear()
+            self._wake_readers_now()  # this group's first tokens go out before the next forward
         # the requests admitted above already produced this step's token
         fresh = {r for group in admitted for r in group}
         batch = [r for r in self._running if r not in fresh]

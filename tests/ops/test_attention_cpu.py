@@ -43,10 +43,10 @@ def _sdpa_over_gathered_rows(q, keys, values, slots, positions, scale):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-# (8, 2, 32) and (16, 2, 128): the AVX-512 path's groups of several heads, whole (1 thread) and split between tasks
-# (2 threads, 3 sequences x 2 KV heads: each group in 2 parts)
+# (8, 2, 32), (16, 2, 128), (6, 2, 16): the AVX-512 path's groups of several heads, whole (1 thread) and split between
+# tasks (2 threads, 3 sequences x 2 KV heads: each group in 2 parts; groups of 3 heads in parts of 1 and 2)
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 16), (6, 2, 12), (2, 1, 8), (3, 1, 24),
-                                                     (8, 2, 32), (16, 2, 128)])
+                                                     (8, 2, 32), (16, 2, 128), (6, 2, 16)])
 def test_decode_attention_matches_twin_and_sdpa(dtype, heads, kv_heads, head_dim):
     require_cpu_kernels()
     q, keys, values, slots, positions = _case(heads, kv_heads, head_dim, dtype)
@@ -95,6 +95,41 @@ def test_scores_hundreds_apart_match_the_twin(dtype):
     for isa in available_isas():
         out = decode_attention_cpu(q, keys, values, slots, positions, 0.125, backend="cpu", isa=isa)
         torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype], msg=lambda m: f"isa {isa}: {m}")
+
+
+@pytest.mark.parametrize("head_dim", [16, 48, 64])
+def test_lengths_at_the_score_blocks_edges(head_dim):
+    """Rows of 16, 32, 1 and 17 keys (the AVX-512 path reduces scores 16 keys at a time; whole and partial blocks),
+    head sizes with and without the inner loop's tail, on every instruction set and 1 and 2 threads."""
+    require_cpu_kernels()
+    q, keys, values, _, _ = _case(6, 2, head_dim, torch.float32)
+    q = torch.cat([q, q[:1]])
+    slots, positions = torch.tensor([3, 0, 4, 1]), torch.tensor([15, 31, 0, 16])
+    ref = decode_attention_ref(q, keys, values, slots, positions, 0.3)
+    threads = torch.get_num_threads()
+    try:
+        for isa in available_isas():
+            for n_threads in (1, 2):
+                torch.set_num_threads(n_threads)
+                out = decode_attention_cpu(q, keys, values, slots, positions, 0.3, backend="cpu", isa=isa)
+                torch.testing.assert_close(out, ref, **TOL[torch.float32],
+                                           msg=lambda m: f"isa {isa}, {n_threads} threads: {m}")
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_nan_query_gives_nan_as_the_twin_does():
+    """A NaN in one query head makes that head's output NaN on every instruction set (never a finite average of
+    the values), and leaves the other heads alone."""
+    require_cpu_kernels()
+    q, keys, values, slots, positions = _case(8, 2, 64, torch.float32)
+    q[1, 5, 7] = float("nan")
+    ref = decode_attention_ref(q, keys, values, slots, positions, 0.125)
+    assert ref[1, 5].isnan().all()
+    for isa in available_isas():
+        out = decode_attention_cpu(q, keys, values, slots, positions, 0.125, backend="cpu", isa=isa)
+        assert out[1, 5].isnan().all(), f"isa {isa}"
+        torch.testing.assert_close(out, ref, **TOL[torch.float32], equal_nan=True, msg=lambda m: f"isa {isa}: {m}")
 
 
 def test_reads_only_each_rows_own_positions():

@@ -318,13 +318,19 @@ def test_async_iteration_streams_the_same_tokens(engine, dense):
     assert asyncio.run(run_two()) == [expected, expected]
 
 
-def test_a_steps_async_readers_are_woken_by_one_call_per_phase(dense):
+@pytest.mark.parametrize("prefills", [1, 2])
+def test_a_steps_async_readers_are_woken_by_one_call_per_forward(dense, prefills):
     """The tokens of one step reach their async readers through one call_soon_threadsafe on their event loop (after
-    the prefill, then after each decode step), not one per token; the tokens are generate's."""
+    each prefill forward, then after each decode step), not one per token; the tokens are generate's. With 2
+    prefills (a request asking for prompt logprobs is prefilled alone), the first group's tokens go out before the
+    second forward."""
     model, tok = dense
     engine = GenerationEngine(model, tok, max_batch=4, max_queue=8, max_model_len=192)
     sp = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-    streams = [engine.submit(ids_of(tok, p), sp) for p in PROMPTS[:4]]  # queued: the first step admits all 4
+    first = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True,
+                           prompt_logprobs=1 if prefills == 2 else None)
+    # queued before the engine starts: its first step admits all 4
+    streams = [engine.submit(ids_of(tok, p), first if i == 0 else sp) for i, p in enumerate(PROMPTS[:4])]
     wakes = []
 
     async def read_all():
@@ -350,7 +356,8 @@ def test_a_steps_async_readers_are_woken_by_one_call_per_phase(dense):
     finally:
         engine.shutdown()
     assert tokens == [reference(model, tok, p, 6) for p in PROMPTS[:4]]
-    assert len(wakes) == 6  # the prefill's first tokens, then 5 decode steps (24 calls when each token woke alone)
+    # each prefill's first tokens, then 5 decode steps (24 calls when each token woke alone)
+    assert len(wakes) == prefills + 5
 
 
 def test_build_in_thread_returns_or_raises_from_a_thread_that_has_ended():
