@@ -239,7 +239,7 @@ class GenerationEngine(EngineClient):
         self._closed = False
         self._thread: threading.Thread | None = None
         self._ids = itertools.count()
-        # async readers of the events a step has pushed since its last forward (woken before the next one and at its end)
+        # async readers of the events a step pushed since its last forward (woken before the next one, and at its end)
         self._wakes: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] | None = None
 
     # ---- public API --------------------------------------------------------------------------------------------
