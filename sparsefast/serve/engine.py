@@ -10,12 +10,6 @@ otherwise the first arrival is prefilled and decodes alone, and the rest of the 
 stalls it for their whole prefill (8 clients of 128-token prompts on SmolLM2, 2-core CPU: stalls of 0.17-1.1 s; with
 it, TPOT p90 at 8 concurrent 54.9 -> 46.6 ms through `serve`;
 bench/results/2026-12-07-cpu-engine-burst-admission.txt, bench/results/2026-12-07-cpu-serve-admit-wait-4rounds.json).
-The tokens of a step reach the HTTP layer's async readers through one wake-up of its event loop per forward (each
-prefill group, then the decode), and plain greedy requests take their tokens from one argmax over the batch: a wake-up
-per token (a self-pipe write, a GIL hand-off to the loop's thread) and an argmax per request cost a served c=8 step
-more than their own time on a 2-core CPU, where the step's OpenMP threads hold both cores (with the decode-attention
-change of the same commit, c=8 TPOT 43.1 -> 39.0 and 44.7 -> 40.8 ms in two runs;
-bench/results/2026-12-07-cpu-serve-engine-wakes-ab.json, -ab2.json).
 
 Why our own scheduler rather than transformers' continuous batching (`generate_batch` / `init_continuous_batching`,
 transformers 5.24, paged cache), measured on this project's CPU (2-core AMD EPYC, SmolLM2-135M fp32, 32-token random
@@ -92,19 +86,16 @@ class RequestStream(TokenStream):
         self._cancel = threading.Event()
         self._engine_wakeup = None  # set by the engine: wakes its loop so a cancel is seen promptly
 
-    def _push(self, event: TokenEvent, wakes: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] | None = None
-              ) -> None:
-        """Queue `event` for the readers. Thread readers are notified now; async readers too, unless `wakes` is
-        given: their (loop, flag) pairs are added to it, and the engine wakes them with the rest of the step's
-        (`wake_async_readers`, before each forward of the step and after its decode)."""
+    def _push(self, event: TokenEvent) -> None:
         with self._cond:
             self._events.append(event)
             self._cond.notify_all()
             waiters = list(self._waiters)
-        if wakes is None:
-            wake_async_readers(waiters)
-        else:
-            wakes.extend(waiters)
+        for loop, flag in waiters:
+            try:
+                loop.call_soon_threadsafe(flag.set)
+            except RuntimeError:  # that event loop is closed; its reader is gone
+                pass
 
     @property
     def cancelled(self) -> bool:
@@ -146,25 +137,6 @@ class RequestStream(TokenStream):
         finally:
             with self._cond:
                 self._waiters.remove((loop, flag))
-
-
-def wake_async_readers(waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]) -> None:
-    """Set the flags of async stream readers: one call_soon_threadsafe per event loop, whatever the number of flags.
-    The engine wakes a step's readers together: a call per token woke the server's event loop (a write to its
-    self-pipe, then a GIL hand-off) up to max_batch times per step."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Event]] = {}
-    for loop, flag in waiters:
-        by_loop.setdefault(loop, []).append(flag)
-    for loop, flags in by_loop.items():
-        try:
-            loop.call_soon_threadsafe(_set_flags, flags)
-        except RuntimeError:  # that event loop is closed; its readers are gone
-            pass
-
-
-def _set_flags(flags: list[asyncio.Event]) -> None:
-    for flag in flags:
-        flag.set()
 
 
 class _Request:
@@ -239,8 +211,6 @@ class GenerationEngine(EngineClient):
         self._closed = False
         self._thread: threading.Thread | None = None
         self._ids = itertools.count()
-        # async readers of the events a step pushed since its last forward (woken before the next one, and at its end)
-        self._wakes: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] | None = None
 
     # ---- public API --------------------------------------------------------------------------------------------
     @property
@@ -381,19 +351,6 @@ class GenerationEngine(EngineClient):
             seen = depth
 
     def _step(self, admitted: list[list[_Request]]) -> None:
-        self._wakes = []
-        try:
-            self._prefill_and_decode(admitted)
-        finally:
-            wakes, self._wakes = self._wakes, None
-            wake_async_readers(wakes)
-
-    def _wake_readers_now(self) -> None:
-        """Wake the async readers of the events pushed so far in this step (before the next forward runs)."""
-        wake_async_readers(self._wakes)
-        self._wakes.clear()
-
-    def _prefill_and_decode(self, admitted: list[list[_Request]]) -> None:
         for req in [r for r in self._running if r.stream.cancelled]:
             self._finish(req, "cancelled")
         samples: dict[_Request, list[_Request]] = {}  # the first live sample of each prompt -> all its samples
@@ -408,7 +365,6 @@ class GenerationEngine(EngineClient):
                 live.append(req)
             if live:
                 samples[live[0]] = live
-        self._wake_readers_now()  # the cancelled requests' last events
         decoding = len(self._running) - sum(map(len, samples.values()))
         for group in _prefill_groups(list(samples)):
             scoring = group[0].params.prompt_logprobs is not None  # such a request is prefilled alone
@@ -417,7 +373,6 @@ class GenerationEngine(EngineClient):
             logits = self.runner.prefill([r.slot for r in group], [r.prompt for r in group], all_positions=scoring)
             for leader, row in zip(group, logits):
                 self._start_samples(samples[leader], row, scoring)
-            self._wake_readers_now()  # this group's first tokens go out before the next forward
         # the requests admitted above already produced this step's token
         fresh = {r for group in admitted for r in group}
         batch = [r for r in self._running if r not in fresh]
@@ -426,8 +381,8 @@ class GenerationEngine(EngineClient):
         batch.sort(key=lambda r: r.slot)  # contiguous slots → the attention reads cache views
         logits = self.runner.decode([r.slot for r in batch], [r.output[-1] for r in batch],
                                     [r.position for r in batch])
-        for req, row, token in zip(batch, logits, _plain_greedy_tokens(batch, logits)):
-            self._advance(req, row, token)
+        for req, row in zip(batch, logits):
+            self._advance(req, row)
 
     def _start_samples(self, group: list[_Request], logits: torch.Tensor, scoring: bool) -> None:
         """After the prefill of group[0]'s slot: copy its keys and values to the other samples' slots, then give
@@ -453,26 +408,22 @@ class GenerationEngine(EngineClient):
             else:
                 self._advance(req, last)
 
-    def _advance(self, req: _Request, logits: torch.Tensor, argmax: int | None = None) -> None:
+    def _advance(self, req: _Request, logits: torch.Tensor) -> None:
         """Sample `req`'s next token from its logits row [vocab], detokenize it and check the stop conditions.
 
         The order: the logit adjustments (penalties, bias, min_tokens), then the grammar's mask (structured output:
-        only the tokens it allows), then greedy or sampled choice, which the grammar then consumes. `argmax`: the
-        row's argmax, computed with the batch's (`_plain_greedy_tokens`), for a greedy request with neither.
+        only the tokens it allows), then greedy or sampled choice, which the grammar then consumes.
 
         This is the per-request part of a step: an exception here (a sampling fault, a tokenizer that cannot decode,
         a grammar that allows nothing, ...) fails `req` alone, with an "error" event, and the other requests of the
         batch go on; a failed forward is the only thing that fails a whole batch (`_loop`)."""
         try:
-            if argmax is not None:
-                token = argmax
-            else:
-                scores = adjust_logits(logits, req.params, req.prompt, req.output, self.eos_ids)
-                if req.matcher is not None:
-                    scores = req.matcher.mask(scores)
-                token = sample_next(scores, req.params, req.generator)
-                if req.matcher is not None:
-                    req.matcher.accept(token)
+            scores = adjust_logits(logits, req.params, req.prompt, req.output, self.eos_ids)
+            if req.matcher is not None:
+                scores = req.matcher.mask(scores)
+            token = sample_next(scores, req.params, req.generator)
+            if req.matcher is not None:
+                req.matcher.accept(token)
             k = req.params.logprobs
             self._accept(req, token, () if k is None else tuple(position_logprobs(logits[None], [token], k)))
         except Exception:
@@ -492,7 +443,7 @@ class GenerationEngine(EngineClient):
         """End a max_tokens 0 request after its prefill: one event with its prompt logprobs, finish "length"."""
         req.done = True
         req.stream._push(TokenEvent("", (), "length", len(req.prompt), 0, time.perf_counter(),
-                                    prompt_logprobs=req.prompt_logprobs), self._wakes)
+                                    prompt_logprobs=req.prompt_logprobs))
         self._release(req)
 
     def _accept(self, req: _Request, token: int, logprobs: tuple[TokenLogprob, ...] = ()) -> None:
@@ -509,7 +460,7 @@ class GenerationEngine(EngineClient):
             text += req.detok.flush()
             req.done = True
         req.stream._push(TokenEvent(text, (token,), reason, len(req.prompt), len(req.output), time.perf_counter(),
-                                    logprobs, req.prompt_logprobs), self._wakes)
+                                    logprobs, req.prompt_logprobs))
         req.prompt_logprobs = None  # sent with the first event only
         if reason is not None:
             self._release(req)
@@ -527,8 +478,7 @@ class GenerationEngine(EngineClient):
             self._release(req)
             return
         req.done = True
-        req.stream._push(TokenEvent("", (), reason, len(req.prompt), len(req.output), time.perf_counter()),
-                         self._wakes)
+        req.stream._push(TokenEvent("", (), reason, len(req.prompt), len(req.output), time.perf_counter()))
         self._release(req)
 
     def _finish_all(self, reason: str) -> None:
@@ -564,18 +514,6 @@ def build_in_thread(build: Callable[[], T]) -> T:
     if "error" in box:
         raise box["error"]
     return box["result"]
-
-
-def _plain_greedy_tokens(batch: list[_Request], logits: torch.Tensor) -> list[int | None]:
-    """Per request of a decode batch: its row's argmax when it decodes greedily with no logit adjustment and no
-    grammar (what sample_next would pick: ties go to the lowest id), else None. One argmax over the batch's logits
-    [B, vocab] instead of one call per request (each a dispatched op on a 49K-wide row). It belongs with the forward:
-    if it raised, the whole batch would fail, as a failed forward does."""
-    plain = [r.params.greedy and not r.params.adjusts_logits and r.matcher is None for r in batch]
-    if not any(plain):
-        return [None] * len(batch)
-    tokens = logits.argmax(-1).tolist()
-    return [t if p else None for t, p in zip(tokens, plain)]
 
 
 def _prefill_groups(requests: list[_Request]) -> list[list[_Request]]:

@@ -318,48 +318,6 @@ def test_async_iteration_streams_the_same_tokens(engine, dense):
     assert asyncio.run(run_two()) == [expected, expected]
 
 
-@pytest.mark.parametrize("prefills", [1, 2])
-def test_a_steps_async_readers_are_woken_by_one_call_per_forward(dense, prefills):
-    """The tokens of one step reach their async readers through one call_soon_threadsafe on their event loop (after
-    each prefill forward, then after each decode step), not one per token; the tokens are generate's. With 2
-    prefills (a request asking for prompt logprobs is prefilled alone), the first group's tokens go out before the
-    second forward."""
-    model, tok = dense
-    engine = GenerationEngine(model, tok, max_batch=4, max_queue=8, max_model_len=192)
-    sp = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-    first = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True,
-                           prompt_logprobs=1 if prefills == 2 else None)
-    # queued before the engine starts: its first step admits all 4
-    streams = [engine.submit(ids_of(tok, p), first if i == 0 else sp) for i, p in enumerate(PROMPTS[:4])]
-    wakes = []
-
-    async def read_all():
-        loop = asyncio.get_running_loop()
-        real = loop.call_soon_threadsafe
-
-        def counting(callback, *args, **kwargs):
-            wakes.append(callback)
-            return real(callback, *args, **kwargs)
-
-        loop.call_soon_threadsafe = counting
-
-        async def read(stream):
-            return [t async for e in stream for t in e.token_ids]
-
-        tasks = [asyncio.ensure_future(read(s)) for s in streams]
-        await asyncio.sleep(0)  # every reader waits on its stream before the engine starts
-        engine.start()
-        return await asyncio.gather(*tasks)
-
-    try:
-        tokens = asyncio.run(read_all())
-    finally:
-        engine.shutdown()
-    assert tokens == [reference(model, tok, p, 6) for p in PROMPTS[:4]]
-    # each prefill's first tokens, then 5 decode steps (24 calls when each token woke alone)
-    assert len(wakes) == prefills + 5
-
-
 def test_build_in_thread_returns_or_raises_from_a_thread_that_has_ended():
     import threading
 

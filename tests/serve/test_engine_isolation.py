@@ -28,9 +28,6 @@ MAX_TOKENS = 24
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
 FAIL_AT = 5  # the injected fault fires on the poisoned request's 5th token: it has streamed 4 by then
 POISON_SEED = 666  # marks the poisoned request for the sampling fault (greedy ignores the seed)
-# a zero logit bias: the poisoned request still decodes greedily (the tokens it gets alone) but through the
-# per-request sampler, which the engine skips for plain greedy requests (their tokens: one argmax over the batch)
-ZERO_BIAS = ((0, 0.0),)
 POISON_STOP = "<poison>"  # marks it for the detokenizer fault (the story llama never writes this)
 
 
@@ -50,8 +47,7 @@ def _fault_in_sampling(monkeypatch) -> SamplingParams:
         return real(logits, params, generator)
 
     monkeypatch.setattr(engine_module, "sample_next", sample_next)
-    return SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, seed=POISON_SEED,
-                          logit_bias=ZERO_BIAS)
+    return SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, seed=POISON_SEED)
 
 
 def _fault_in_detokenizing(monkeypatch) -> SamplingParams:
@@ -174,8 +170,7 @@ def _poisoned_body(params: SamplingParams) -> dict:
     body = {"model": "story", "prompt": POISONED_PROMPT, "max_tokens": MAX_TOKENS, "temperature": params.temperature,
             "ignore_eos": True}
     return body | ({"seed": params.seed} if params.seed is not None else {}) | (
-        {"stop": list(params.stop)} if params.stop else {}) | (
-        {"logit_bias": {str(t): b for t, b in params.logit_bias}} if params.logit_bias else {})
+        {"stop": list(params.stop)} if params.stop else {})
 
 
 @pytest.mark.parametrize("fault", FAULTS)
