@@ -101,7 +101,6 @@ SF_AVX2 void head_avx2(const DecodeAttentionArgs& a, int64_t bh, float* scores) 
   store_row(a, bh, acc, 1.f / sum);
 }
 
-
 // 16 partial-sum vectors (part[j * 16 .. j * 16 + 16) = key j's 16 lanes) -> one vector whose lane j is the sum of
 // key j's lanes. Each level adds pairs of vectors after swapping lane groups of 1, 2, 4 and 8 lanes, and blends so
 // that lane j of the result always belongs to key j's partial sums.
@@ -240,8 +239,7 @@ bool group_path(const DecodeAttentionArgs& a, int isa) {
 int64_t decode_attention_scratch(const DecodeAttentionArgs& a, int64_t longest, int isa) {
   if (isa == kAuto) isa = best_isa();
   if (!group_path(a, isa)) return longest;
-  const int64_t group = a.heads / a.kv_heads, nh = (group + a.head_split - 1) / a.head_split;
-  return nh * ((longest + 15) / 16 * 16 + 256 + 2 * a.head_dim + 1);
+  return heads_per_task(a) * ((longest + 15) / 16 * 16 + 256 + 2 * a.head_dim + 1);
 }
 
 void decode_attention_tasks(const DecodeAttentionArgs& a, int64_t task_begin, int64_t task_end, float* scratch,

@@ -31,7 +31,10 @@ struct DecodeAttentionArgs {
 // Tasks: task = (b * kv_heads + g) * head_split + p is sequence b's query heads g * group + [p * group / head_split,
 // (p + 1) * group / head_split), group = heads / kv_heads: the heads of one KV head, which share its key and value
 // rows (head_split > 1 makes more, smaller tasks where sequences x KV heads are too few for the threads).
-//
+inline int64_t heads_per_task(const DecodeAttentionArgs& a) {  // the most query heads one task holds
+  return (a.heads / a.kv_heads + a.head_split - 1) / a.head_split;
+}
+
 // Floats of scratch one thread needs for tasks of sequences whose positions are below `longest`.
 int64_t decode_attention_scratch(const DecodeAttentionArgs& a, int64_t longest, int isa);
 

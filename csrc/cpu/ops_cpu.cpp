@@ -233,7 +233,8 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& keys, con
       head_dim, keys.stride(0), keys.stride(1), keys.stride(2), static_cast<float>(scale), out.data_ptr(), split};
   const size_t floats = sparsefast_cpu::decode_attention_scratch(args, longest, static_cast<int>(isa));
   // a thread takes at least ~16K multiply-adds of tasks: a short context runs on the calling thread alone
-  const int64_t grain = std::max<int64_t>(1, 16384 / (2 * longest * head_dim * ((group + split - 1) / split)));
+  const int64_t task_macs = 2 * longest * head_dim * sparsefast_cpu::heads_per_task(args);
+  const int64_t grain = std::max<int64_t>(1, 16384 / task_macs);
   at::parallel_for(0, batch * kv_heads * split, grain, [&](int64_t t0, int64_t t1) {
     sparsefast_cpu::decode_attention_tasks(args, t0, t1, scratch(0, floats).data(), static_cast<int>(isa));
   });
