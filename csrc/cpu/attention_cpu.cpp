@@ -5,8 +5,8 @@
 // horizontal sum per key and head took 5-6 each); the softmax's exponentials are vectorised; the weighted sum of the
 // values runs over the key rows once, into one accumulator row per head (bf16 rows are widened as they are read: a
 // widened copy in scratch was slower). The AVX2 and scalar paths run the task's heads one at a time (each reads the
-// rows again, from cache). All arithmetic is fp32. SmolLM2's shapes, 8 sequences: fp32 1.5x at ~160 positions, 1.2x
-// at ~1000, bf16 1.2-1.3x (bench/results/2026-12-07-cpu-decode-attention-gqa-ab.txt).
+// rows again, from cache). All arithmetic is fp32. SmolLM2's shapes, 8 sequences: fp32 1.46x at ~160 positions, 1.18x
+// at ~1000, bf16 1.2x (bench/results/2026-12-07-cpu-decode-attention-gqa-ab.txt).
 //
 // Why a kernel of our own: in a batch-1 decode step of a small model, torch's SDPA ran over a gathered copy of the
 // cache rows with a mask, a few hundred KB at most, and made the key count a dynamic dimension of the compiled graph.

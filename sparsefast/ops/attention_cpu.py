@@ -11,7 +11,7 @@ takes the cache, the slots and the positions instead: no copy, no mask, static s
 SmolLM2 step runs 1.05-1.12x faster than with SDPA (2-core Xeon, bench/results/2026-12-07-cpu-decode-attention-ab.json).
 With AVX-512 a task is a sequence's KV head and the query heads that read it (each key and value row read once for
 the group, 16-key score reductions, vectorised softmax exponentials): over 30 layers of SmolLM2's shapes at 8
-sequences, 2 threads, fp32 3.5 -> 2.3 ms per step at ~160 positions and 30.5 -> 25.8 ms at ~1000, bf16 1.2-1.3x,
+sequences, 2 threads, fp32 2.86 -> 1.96 ms per step at ~160 positions and 28.7 -> 24.3 ms at ~1000, bf16 1.2x,
 against one query head per task (bench/results/2026-12-07-cpu-decode-attention-gqa-ab.txt).
 """
 
