@@ -226,7 +226,7 @@ inline void task_heads(const DecodeAttentionArgs& a, int64_t task, int64_t* b, i
 
 bool group_path(const DecodeAttentionArgs& a, int isa) {
 #ifdef SF_X86
-  return isa == kAvx512 && a.head_dim % 16 == 0;
+  return isa >= kAvx512 && a.head_dim % 16 == 0;
 #else
   (void)a;
   (void)isa;

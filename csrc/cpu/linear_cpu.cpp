@@ -318,6 +318,106 @@ SF_AVX512 void tiles_u_512(const UnstructuredWeight& w, const float* x, int64_t 
   }
 }
 
+// ---------------------------------------------------------------- unstructured int8 / bf16, AVX-512 VBMI/VBMI2
+// The layout read several rows at a time: a chunk's rows have adjacent masks and adjacent values, so one expand from
+// memory (vpexpandb / vpexpandw: it reads only the masks' popcount of values) puts 4 int8 rows (2 bf16 rows) of 16
+// columns each, zeros included, into one 64-byte register, under those rows' masks taken as one 64-bit (32-bit) word.
+// Each row's lanes are then widened by one permute with zeroing (vpermb / vpermw) that moves column i's value to the
+// top of dword i: for bf16 that is the fp32 value itself; for int8 it is the int32 q * 2^24, which vcvtdq2ps makes
+// exact, and the row's sum is multiplied by 2^-24 at the end (exact: every product and partial sum is the plain
+// kernel's times a power of two, so the result bits are the same while |x| < 1e29, where neither kernel overflows).
+// Per row and chunk: one permute (+ one vcvtdq2ps for int8) and one FMA, plus a fraction of an expand, against the
+// plain path's widening + vexpandps + FMA. Ad-hoc, 2-core AMD EPYC (Zen 4), 3072 x 576 at 50%, 2 threads, M = 1: int8
+// 102 -> 78 us from DRAM, same output bits.
+constexpr float kQ24Inverse = 1.0f / 16777216.0f;  // 2^-24
+
+template <int VT>
+constexpr int kRowsPerExpand = VT == kInt8 ? 4 : 2;  // rows of 16 values in 64 bytes
+
+// permute indices that move row j's column i (of the expanded register) to the top of dword i
+template <int VT>
+SF_AVX512_VBMI inline __m512i widen_indices(int j) {
+  alignas(64) uint8_t idx8[64];
+  alignas(64) uint16_t idx16[32];
+  if (VT == kInt8) {
+    for (int b = 0; b < 64; ++b) idx8[b] = static_cast<uint8_t>(16 * j + b / 4);
+    return _mm512_load_si512(idx8);
+  }
+  for (int h = 0; h < 32; ++h) idx16[h] = static_cast<uint16_t>(16 * j + h / 2);
+  return _mm512_load_si512(idx16);
+}
+
+template <int VT, int TB>
+SF_AVX512_VBMI void tile_u_512vbmi(const UnstructuredWeight& w, int64_t tile, const float* x, int64_t t0,
+                                   const float* bias, float* y) {
+  constexpr int R = kRowsPerExpand<VT>;
+  __m512 acc[kTileRows][TB];
+#pragma GCC unroll 8
+  for (int r = 0; r < kTileRows; ++r)
+#pragma GCC unroll 8
+    for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_setzero_ps();
+  __m512i widen[R];
+#pragma GCC unroll 4
+  for (int j = 0; j < R; ++j) widen[j] = widen_indices<VT>(j);
+  const int64_t chunks = w.kp / 16;
+  const uint16_t* mk = w.masks + tile * chunks * kTileRows;
+  int64_t vi = w.tile_offsets[tile];
+  const float* xb = x + t0 * w.kp;
+  for (int64_t c = 0; c < chunks; ++c) {
+    __m512 xv[TB];
+    if (c % 4 == 0) prefetch_l2(mk, (c + 64) * kTileRows * 2);  // a line holds 4 chunks' masks
+#pragma GCC unroll 8
+    for (int t = 0; t < TB; ++t) xv[t] = _mm512_loadu_ps(xb + t * w.kp + 16 * c);
+#pragma GCC unroll 4
+    for (int g = 0; g < kTileRows / R; ++g) {
+      prefetch_l2(w.values, (vi + kPrefetchValues) * kBytes<VT>);
+      __m512i rows;
+      if constexpr (VT == kInt8) {
+        uint64_t mask;
+        std::memcpy(&mask, mk + c * kTileRows + R * g, sizeof mask);
+        rows = _mm512_maskz_expandloadu_epi8(mask, static_cast<const int8_t*>(w.values) + vi);
+        vi += __builtin_popcountll(mask);
+      } else {
+        uint32_t mask;
+        std::memcpy(&mask, mk + c * kTileRows + R * g, sizeof mask);
+        rows = _mm512_maskz_expandloadu_epi16(mask, static_cast<const uint16_t*>(w.values) + vi);
+        vi += __builtin_popcount(mask);
+      }
+#pragma GCC unroll 4
+      for (int j = 0; j < R; ++j) {
+        __m512 v;
+        if constexpr (VT == kInt8)
+          v = _mm512_cvtepi32_ps(_mm512_maskz_permutexvar_epi8(0x8888888888888888ull, widen[j], rows));
+        else
+          v = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, widen[j], rows));
+#pragma GCC unroll 8
+        for (int t = 0; t < TB; ++t) acc[R * g + j][t] = _mm512_fmadd_ps(v, xv[t], acc[R * g + j][t]);
+      }
+    }
+  }
+  float sums[kTileRows][TB];
+#pragma GCC unroll 8
+  for (int r = 0; r < kTileRows; ++r)
+#pragma GCC unroll 8
+    for (int t = 0; t < TB; ++t)
+      sums[r][t] = _mm512_reduce_add_ps(acc[r][t]) * (VT == kInt8 ? kQ24Inverse : 1.0f);
+  store_rows<kTileRows, TB>(w.n, tile * kTileRows, t0, sums, w.scales, bias, y);
+}
+
+// Token pairs and a single token through the several-row expand; from 8 tokens on, tiles_u_512's row pairs.
+template <int VT>
+SF_AVX512_VBMI void tiles_u_512vbmi(const UnstructuredWeight& w, const float* x, int64_t m, const float* bias,
+                                    float* y, int64_t t0, int64_t t1) {
+  for (int64_t tile = t0; tile < t1; ++tile) {
+    int64_t t = 0;
+    for (; t + 8 <= m; t += 8)
+#pragma GCC unroll 4
+      for (int r = 0; r < kTileRows; r += 2) tile_u_512<2, 8, VT>(w, tile, r, x, t, bias, y);
+    for (; t + 2 <= m; t += 2) tile_u_512vbmi<VT, 2>(w, tile, x, t, bias, y);
+    if (t < m) tile_u_512vbmi<VT, 1>(w, tile, x, t, bias, y);
+  }
+}
+
 // ---------------------------------------------------------------- unstructured, AVX2
 struct PermLut {  // 8-bit mask -> vpermps indices that move stored value k to the k-th set lane
   alignas(32) int32_t idx[256][8];
@@ -555,7 +655,7 @@ template <int VT>
 void run_tiles24(const Sparse24Weight& w, const float* x, int64_t m, const float* bias, float* y, int64_t t0,
                  int64_t t1, int isa) {
 #ifdef SF_X86
-  if (isa == kAvx512) return tiles24_512<VT>(w, x, m, bias, y, t0, t1);
+  if (isa >= kAvx512) return tiles24_512<VT>(w, x, m, bias, y, t0, t1);
   if (isa == kAvx2) return tiles24_256<VT>(w, x, m, bias, y, t0, t1);
 #endif
   tiles24_scalar<VT>(w, x, m, bias, y, t0, t1);
@@ -565,7 +665,10 @@ template <int VT>
 void run_tiles_u(const UnstructuredWeight& w, const float* x, int64_t m, const float* bias, float* y, int64_t t0,
                  int64_t t1, int isa) {
 #ifdef SF_X86
-  if (isa == kAvx512) return tiles_u_512<VT>(w, x, m, bias, y, t0, t1);
+  if constexpr (VT != kFloat32) {
+    if (isa == kAvx512Vbmi) return tiles_u_512vbmi<VT>(w, x, m, bias, y, t0, t1);
+  }
+  if (isa >= kAvx512) return tiles_u_512<VT>(w, x, m, bias, y, t0, t1);
   if (isa == kAvx2) return tiles_u_256<VT>(w, x, m, bias, y, t0, t1);
 #endif
   tiles_u_scalar<VT>(w, x, m, bias, y, t0, t1);
@@ -575,7 +678,7 @@ template <int VT>
 void run_tiles_dense(const DenseWeight& w, const float* x, int64_t m, const float* bias, float* y, int64_t t0,
                      int64_t t1, int isa) {
 #ifdef SF_X86
-  if (isa == kAvx512) return tiles_dense_512<VT>(w, x, m, bias, y, t0, t1);
+  if (isa >= kAvx512) return tiles_dense_512<VT>(w, x, m, bias, y, t0, t1);
   if (isa == kAvx2) return tiles_dense_256<VT>(w, x, m, bias, y, t0, t1);
 #endif
   tiles_dense_scalar<VT>(w, x, m, bias, y, t0, t1);
@@ -585,6 +688,9 @@ void run_tiles_dense(const DenseWeight& w, const float* x, int64_t m, const floa
 
 int best_isa() {
 #ifdef SF_X86
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vbmi2"))
+    return kAvx512Vbmi;
   if (__builtin_cpu_supports("avx512f")) return kAvx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
 #endif

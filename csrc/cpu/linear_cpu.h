@@ -28,7 +28,9 @@
 namespace sparsefast_cpu {
 
 // Instruction sets, best last. kAuto picks the best the running CPU supports (__builtin_cpu_supports).
-enum Isa : int { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3 };
+// kAvx512Vbmi: AVX-512 with BW, VBMI and VBMI2 (Ice Lake, Zen 4 and later); it runs the kAvx512 paths except for the
+// unstructured int8 one, which expands four rows' bytes at once (linear_cpu.cpp).
+enum Isa : int { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3, kAvx512Vbmi = 4 };
 
 // Stored value types. kInt8: symmetric per-output-row int8, W[row, :] = scales[row] * q[row, :]; the kernels widen q
 // to fp32 in registers (exact), accumulate q * x in fp32 and multiply each row's sum by its scale once.

@@ -13,6 +13,7 @@
 #include <immintrin.h>
 #define SF_X86 1
 #define SF_AVX512 __attribute__((target("avx512f,avx2,fma,popcnt")))
+#define SF_AVX512_VBMI __attribute__((target("avx512f,avx512bw,avx512vbmi,avx512vbmi2,avx2,fma,popcnt")))
 #define SF_AVX2 __attribute__((target("avx2,fma,popcnt")))
 #endif
 

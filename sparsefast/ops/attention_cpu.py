@@ -54,9 +54,9 @@ def decode_attention_cpu(q: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     """Attention of one new token per sequence. q: [B, heads, head_dim]; keys, values: the cache [rows, kv_heads,
     max_len, head_dim] (equal strides, last dimension contiguous); slots, positions: int64 [B] (the cache row of
     each sequence, and its new token's position: keys 0..positions[b] are read). Returns [B, heads, head_dim] in
-    q's dtype. backend: auto | cpu | torch (env SPARSEFAST_BACKEND); isa (cpu backend): auto | avx512 | avx2 |
-    scalar (env SPARSEFAST_CPU_ISA; avx512 runs the grouped AVX-512 path when head_dim % 16 == 0, else the AVX2
-    one). Threads: torch.get_num_threads()."""
+    q's dtype. backend: auto | cpu | torch (env SPARSEFAST_BACKEND); isa (cpu backend): auto | avx512vbmi | avx512 |
+    avx2 | scalar (env SPARSEFAST_CPU_ISA; avx512 and avx512vbmi run the grouped AVX-512 path when head_dim % 16
+    == 0, else the AVX2 one). Threads: torch.get_num_threads()."""
     if q.dim() != 3 or keys.dim() != 4 or values.shape != keys.shape:
         raise ValueError(f"decode_attention_cpu: q must be [B, heads, head_dim] and keys, values the cache [rows, "
                          f"kv_heads, max_len, head_dim]; got q {tuple(q.shape)}, keys {tuple(keys.shape)}, values "

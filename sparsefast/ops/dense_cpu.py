@@ -51,7 +51,7 @@ def dense_linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     it wins). x: [..., in] float32 | bfloat16; weight [out, in] float32 | bfloat16 | int8 with per-row `scales`
     (float32 [out], W = scales[row] · weight; sparsefast.ops.int8_rows), unit column stride; returns
     [..., out] in x's dtype, accumulated in fp32. backend: auto | cpu | torch (env SPARSEFAST_BACKEND); isa (cpu
-    backend): auto | avx512 | avx2 | scalar (env SPARSEFAST_CPU_ISA). Threads: torch.get_num_threads()."""
+    backend): auto | avx512vbmi | avx512 | avx2 | scalar (env SPARSEFAST_CPU_ISA). Threads: torch.get_num_threads()."""
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"dense_linear_cpu: x [..., {x.shape[-1]}] does not match weight {tuple(weight.shape)} "
                          "([out, in])")

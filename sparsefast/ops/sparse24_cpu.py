@@ -36,7 +36,7 @@ from sparsefast.ops.sparse24 import _kept_positions, check_sparse24
 TILE_ROWS, BLOCK_COLS = 8, 32  # the 2:4 layout's tile
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # activations, and float weights
 VALUE_DTYPES = (*KERNEL_DTYPES, torch.int8)  # stored weights: int8 with per-row scales (sparsefast.ops.int8_rows)
-ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
+ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3, "avx512vbmi": 4}  # csrc/cpu/linear_cpu.h, enum Isa
 ISA_ENV = "SPARSEFAST_CPU_ISA"
 
 
@@ -49,7 +49,8 @@ _POSITION_SHIFTS = 2 * torch.arange(16)
 
 
 def cpu_isa(isa: str | None = None) -> int:
-    """The instruction-set code the kernels get: `isa` or $SPARSEFAST_CPU_ISA (auto | avx512 | avx2 | scalar)."""
+    """The instruction-set code the kernels get: `isa` or $SPARSEFAST_CPU_ISA (auto | avx512vbmi |
+    avx512 | avx2 | scalar; avx512vbmi: AVX-512 with VBMI/VBMI2, the best level on Ice Lake, Zen 4 and later)."""
     name = isa or os.environ.get(ISA_ENV, "auto") or "auto"
     if name not in ISAS:
         raise ValueError(f"CPU kernels: unknown instruction set {name!r}; choose one of {', '.join(ISAS)}")

@@ -141,8 +141,9 @@ def sparse_unstructured_linear_cpu(x: torch.Tensor, values: torch.Tensor, mask: 
     float32 [out_features]).
 
     x: [..., in_features] float32 | bfloat16 (any float dtype on the torch path); returns [..., out_features] in
-    x's dtype, accumulated in fp32. backend: auto | cpu | torch (env SPARSEFAST_BACKEND). isa: auto | avx512 |
-    avx2 | scalar (env SPARSEFAST_CPU_ISA). Threads: torch.get_num_threads(), split over tiles of output rows.
+    x's dtype, accumulated in fp32. backend: auto | cpu | torch (env SPARSEFAST_BACKEND). isa: auto | avx512vbmi |
+    avx512 | avx2 | scalar (env SPARSEFAST_CPU_ISA; avx512vbmi expands int8 and bf16 values several rows at a
+    time). Threads: torch.get_num_threads(), split over tiles of output rows.
     """
     if x.shape[-1] != in_features:
         raise ValueError(f"sparse_unstructured_linear_cpu: x has {x.shape[-1]} features but in_features is "

@@ -3,10 +3,10 @@ twin (exact round trip, the documented layout bit by bit, rejection of weights t
 tensors; no extension needed).
 
 Tolerance rule (sparse_cpu_helpers.assert_within_rule): error vs an fp64 reference <= 2x the error of torch's
-F.linear in the same precision, plus a small atol. Every vector path this CPU has (avx512, avx2) and the scalar
-path run, with 1 and 2 threads, on fresh random inputs with odd shapes, every M that matters, and poisoned output
-memory. In CI the kernel tests fail (not
-skip) when the extension did not build; SPARSEFAST_NO_COMPILER=1 is the one way to skip them.
+F.linear in the same precision, plus a small atol. Every vector path this CPU has (avx512vbmi, avx512, avx2) and the
+scalar path run, with 1 and 2 threads, on fresh random inputs with odd shapes, every M that matters, and poisoned
+output memory. In CI the kernel tests fail (not skip) when the extension did not build; SPARSEFAST_NO_COMPILER=1 is
+the one way to skip them.
 """
 
 from __future__ import annotations
