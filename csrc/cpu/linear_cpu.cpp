@@ -5,6 +5,8 @@
 //                2-bit positions by one variable shift and one ternary-logic op) and multiplied by one 16-lane FMA;
 //   2:4, avx2:   the same per 16-column half with two vpermps and a blend;
 //   unstructured, avx512: per row, a 16-column chunk = one vexpandps of its stored values, one FMA per token;
+//   unstructured int8 / bf16, avx512vbmi: one vpexpandb / vpexpandw per 4 / 2 rows of a chunk, then per row one
+//                zeroing vpermb / vpermw that widens (int8: + vcvtdq2ps) and one FMA per token;
 //   unstructured, avx2:   two 8-column halves, each expanded with a permute table (vpermps) and a lane mask;
 //   both layouts are tiled (8 rows), so a call reads each tile's values as one sequential stream;
 //   dense, avx512 / avx2: 8 rows of W [N, K] side by side, one 16- (8-) column chunk of each per step, one FMA per row
