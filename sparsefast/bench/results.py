@@ -100,12 +100,29 @@ def load_average() -> list[float] | None:
         return None
 
 
+def kernel_isa() -> str | None:
+    """The instruction set sparsefast's CPU kernels run here: $SPARSEFAST_CPU_ISA where set, else the best this CPU
+    has (None without the CPU extension)."""
+    import torch
+
+    from sparsefast._ext import load_cpu_extension
+    from sparsefast.ops.sparse24_cpu import ISA_ENV, ISAS
+
+    if os.environ.get(ISA_ENV, "auto") not in ("", "auto"):
+        return os.environ[ISA_ENV]
+    if not load_cpu_extension():
+        return None
+    best = int(torch.ops.sparsefast.cpu_best_isa())
+    return next(name for name, code in ISAS.items() if code == best)
+
+
 def cpu_info() -> dict[str, Any]:
-    """The CPU a measurement ran on (lscpu's model name and counts) and torch's thread count."""
+    """The CPU a measurement ran on (lscpu's model name and counts), torch's thread count and the instruction set
+    of sparsefast's CPU kernels."""
     import torch
 
     info: dict[str, Any] = {"processor": platform.processor(), "nproc": os.cpu_count(),
-                            "torch_threads": torch.get_num_threads()}
+                            "torch_threads": torch.get_num_threads(), "kernel_isa": kernel_isa()}
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from sparsefast.bench.results import commit_of, gpu_slug, result_name, result_path, slug, write_result
+from sparsefast.bench.results import commit_of, gpu_slug, kernel_isa, result_name, result_path, slug, write_result
+from sparsefast.ops.sparse24_cpu import ISAS
 
 
 @pytest.mark.parametrize("name, expected", [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"),
@@ -48,6 +49,14 @@ def test_write_result_carries_the_metadata_and_copies_to_out(tmp_path, monkeypat
     # an explicit out_dir is the only destination
     only = write_result("x", {}, device="cpu", out_dir=tmp_path / "elsewhere")
     assert [p.parent.name for p in only] == ["elsewhere"]
+
+
+def test_kernel_isa_is_the_forced_one_or_the_best(monkeypatch):
+    monkeypatch.setenv("SPARSEFAST_CPU_ISA", "avx2")
+    assert kernel_isa() == "avx2"
+    monkeypatch.delenv("SPARSEFAST_CPU_ISA")
+    best = kernel_isa()  # None only where the CPU extension did not build
+    assert best is None or best in set(ISAS) - {"auto"}
 
 
 def test_commit_of_reads_new_and_old_results():
