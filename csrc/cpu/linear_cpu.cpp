@@ -336,18 +336,19 @@ constexpr float kQ24Inverse = 1.0f / 16777216.0f;  // 2^-24
 template <int VT>
 constexpr int kRowsPerExpand = VT == kInt8 ? 4 : 2;  // rows of 16 values in 64 bytes
 
-// permute indices that move row j's column i (of the expanded register) to the top of dword i
-template <int VT>
-SF_AVX512_VBMI inline __m512i widen_indices(int j) {
-  alignas(64) uint8_t idx8[64];
-  alignas(64) uint16_t idx16[32];
-  if (VT == kInt8) {
-    for (int b = 0; b < 64; ++b) idx8[b] = static_cast<uint8_t>(16 * j + b / 4);
-    return _mm512_load_si512(idx8);
+// Permute indices that move row j's column i (of the expanded register) to the top of dword i (the permutes zero
+// the other bytes / words).
+struct WidenIndices {
+  alignas(64) uint8_t int8[4][64];
+  alignas(64) uint16_t bf16[2][32];
+  WidenIndices() {
+    for (int j = 0; j < 4; ++j)
+      for (int b = 0; b < 64; ++b) int8[j][b] = static_cast<uint8_t>(16 * j + b / 4);
+    for (int j = 0; j < 2; ++j)
+      for (int h = 0; h < 32; ++h) bf16[j][h] = static_cast<uint16_t>(16 * j + h / 2);
   }
-  for (int h = 0; h < 32; ++h) idx16[h] = static_cast<uint16_t>(16 * j + h / 2);
-  return _mm512_load_si512(idx16);
-}
+};
+const WidenIndices kWiden;
 
 template <int VT, int TB>
 SF_AVX512_VBMI void tile_u_512vbmi(const UnstructuredWeight& w, int64_t tile, const float* x, int64_t t0,
@@ -360,7 +361,8 @@ SF_AVX512_VBMI void tile_u_512vbmi(const UnstructuredWeight& w, int64_t tile, co
     for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_setzero_ps();
   __m512i widen[R];
 #pragma GCC unroll 4
-  for (int j = 0; j < R; ++j) widen[j] = widen_indices<VT>(j);
+  for (int j = 0; j < R; ++j)
+    widen[j] = _mm512_load_si512(VT == kInt8 ? static_cast<const void*>(kWiden.int8[j]) : kWiden.bf16[j]);
   const int64_t chunks = w.kp / 16;
   const uint16_t* mk = w.masks + tile * chunks * kTileRows;
   int64_t vi = w.tile_offsets[tile];
