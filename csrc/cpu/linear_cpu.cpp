@@ -329,8 +329,9 @@ SF_AVX512 void tiles_u_512(const UnstructuredWeight& w, const float* x, int64_t 
 // exact, and the row's sum is multiplied by 2^-24 at the end (exact: every product and partial sum is the plain
 // kernel's times a power of two, so the result bits are the same while |x| < 1e29, where neither kernel overflows).
 // Per row and chunk: one permute (+ one vcvtdq2ps for int8) and one FMA, plus a fraction of an expand, against the
-// plain path's widening + vexpandps + FMA. Ad-hoc, 2-core AMD EPYC (Zen 4), 3072 x 576 at 50%, 2 threads, M = 1: int8
-// 102 -> 78 us from DRAM, same output bits.
+// plain path's widening + vexpandps + FMA. On a 2-core AMD EPYC (Zen 4), SmolLM2's 4 linear shapes at 50%, M = 1,
+// from DRAM, same output bits: int8 1.31-1.39x, bf16 1.20-1.54x the avx512 path; int8 still 1.2-1.7x the 2:4 int8
+// kernel's time at the same bytes (bench/results/2026-12-08-cpu-unstructured-vbmi-kernel-ab.txt).
 constexpr float kQ24Inverse = 1.0f / 16777216.0f;  // 2^-24
 
 template <int VT>
