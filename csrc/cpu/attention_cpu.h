@@ -40,7 +40,8 @@ int64_t decode_attention_scratch(const DecodeAttentionArgs& a, int64_t longest, 
 
 // out for the tasks [task_begin, task_end) (batch * kv_heads * head_split in all); `scratch`: the calling thread's,
 // decode_attention_scratch floats. isa: kAuto, kScalar, kAvx2 (AVX2 + FMA, one head at a time; head_dim % 8 == 0)
-// or kAvx512 (a task's heads together, each key and value row read once; head_dim % 16 == 0, else the AVX2 path).
+// or kAvx512 / kAvx512Vbmi (a task's heads together, each key and value row read once; head_dim % 16 == 0, else the
+// AVX2 path).
 // Other head sizes run the scalar path.
 void decode_attention_tasks(const DecodeAttentionArgs& a, int64_t task_begin, int64_t task_end, float* scratch,
                             int isa);

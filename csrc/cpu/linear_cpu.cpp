@@ -326,8 +326,9 @@ SF_AVX512 void tiles_u_512(const UnstructuredWeight& w, const float* x, int64_t 
 // columns each, zeros included, into one 64-byte register, under those rows' masks taken as one 64-bit (32-bit) word.
 // Each row's lanes are then widened by one permute with zeroing (vpermb / vpermw) that moves column i's value to the
 // top of dword i: for bf16 that is the fp32 value itself; for int8 it is the int32 q * 2^24, which vcvtdq2ps makes
-// exact, and the row's sum is multiplied by 2^-24 at the end (exact: every product and partial sum is the plain
-// kernel's times a power of two, so the result bits are the same while |x| < 1e29, where neither kernel overflows).
+// exact, and the row's sum is multiplied by 2^-24 at the end: every product and partial sum is the plain kernel's
+// times a power of two, so the result bits are the plain kernel's unless a partial sum passes FLT_MAX * 2^-24 (~2e31:
+// inf here, finite there) or products fall below FLT_MIN (subnormal there, exact here) — fp32's edges, not activations.
 // Per row and chunk: one permute (+ one vcvtdq2ps for int8) and one FMA, plus a fraction of an expand, against the
 // plain path's widening + vexpandps + FMA. On a 2-core AMD EPYC (Zen 4), SmolLM2's 4 linear shapes at 50%, M = 1,
 // from DRAM, same output bits: int8 1.31-1.39x, bf16 1.20-1.54x the avx512 path; int8 still 1.2-1.7x the 2:4 int8

@@ -17,7 +17,8 @@
 //   values flat, fp32|bf16|int8: the nonzeros in the order tile, chunk, row, column, then 16 zero elements of padding
 //          (the vector loads read up to 16 elements past a chunk's start);
 //   tile_offsets [Np/8 + 1] int64: tile t's values are values[tile_offsets[t] .. tile_offsets[t+1]).
-//   A chunk's stored values are expanded into a 16-lane register (AVX-512 vexpandps / an AVX2 permute table).
+//   A chunk's stored values are expanded into a 16-lane register (AVX-512 vexpandps / an AVX2 permute table; int8 and
+//   bf16 at kAvx512Vbmi: one vpexpandb / vpexpandw for a chunk's 4 / 2 adjacent rows, then one permute per row).
 // Dense: W itself, [N, K] row-major with a row stride (no packing, so any nn.Linear weight or a tied embedding runs
 //   as it is stored); 8 rows at a time, each an 8-stream read of 16-column chunks (a zero-padded copy for the last
 //   K % 16 columns of a row).
@@ -29,7 +30,7 @@ namespace sparsefast_cpu {
 
 // Instruction sets, best last. kAuto picks the best the running CPU supports (__builtin_cpu_supports).
 // kAvx512Vbmi: AVX-512 with BW, VBMI and VBMI2 (Ice Lake, Zen 4 and later); it runs the kAvx512 paths except for the
-// unstructured int8 one, which expands four rows' bytes at once (linear_cpu.cpp).
+// unstructured int8 / bf16 ones, which expand four int8 (two bf16) rows of a chunk at once (linear_cpu.cpp).
 enum Isa : int { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3, kAvx512Vbmi = 4 };
 
 // Stored value types. kInt8: symmetric per-output-row int8, W[row, :] = scales[row] * q[row, :]; the kernels widen q
@@ -70,7 +71,7 @@ struct DenseWeight {
 
 // The best instruction set this CPU supports.
 int best_isa();
-// Whether `isa` (kScalar, kAvx2, kAvx512) can run on this CPU and was compiled in.
+// Whether `isa` (kScalar, kAvx2, kAvx512, kAvx512Vbmi) can run on this CPU and was compiled in.
 bool isa_supported(int isa);
 
 // y[t, row] = sum_k x[t, k] W[row, k] (+ bias[row]) for the rows of tiles [tile_begin, tile_end) and every token t < m.

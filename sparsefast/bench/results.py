@@ -18,6 +18,7 @@ the file into $OUT when that is set (the device runner returns what a command wr
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.util
 import os
 import platform
 import re
@@ -110,7 +111,8 @@ def kernel_isa() -> str | None:
 
     if os.environ.get(ISA_ENV, "auto") not in ("", "auto"):
         return os.environ[ISA_ENV]
-    if not load_cpu_extension():
+    # the prebuilt extension only: metadata must not start a JIT build of the kernels
+    if importlib.util.find_spec("sparsefast._cpu") is None or not load_cpu_extension():
         return None
     best = int(torch.ops.sparsefast.cpu_best_isa())
     return next(name for name, code in ISAS.items() if code == best)

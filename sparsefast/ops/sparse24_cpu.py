@@ -145,7 +145,8 @@ def sparse24_linear_cpu(x: torch.Tensor, values: torch.Tensor, meta: torch.Tenso
 
     x: [..., in_features] float32 | bfloat16 (any float dtype on the torch path); returns [..., out_features] in
     x's dtype, accumulated in fp32. backend: auto | cpu | torch (env SPARSEFAST_BACKEND). isa (cpu backend): auto |
-    avx512 | avx2 | scalar (env SPARSEFAST_CPU_ISA). Threads: torch.get_num_threads(), split over output rows.
+    avx512vbmi | avx512 | avx2 | scalar (env SPARSEFAST_CPU_ISA). Threads: torch.get_num_threads(), split over
+    output rows.
     """
     if x.shape[-1] != in_features:
         raise ValueError(f"sparse24_linear_cpu: x has {x.shape[-1]} features but in_features is {in_features}")

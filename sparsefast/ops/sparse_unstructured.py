@@ -21,7 +21,8 @@ chunks of 16 input columns (K_p = round_up(K, 16)); padding rows and columns are
   0.53 of fp32 at 50%, 0.33 at 70%, 0.13 at 90%; int8 at 50%: 0.625 bytes per weight.
 
 The kernels expand a chunk's stored values into one 16-lane register per row (AVX-512 vexpandps, or an AVX2 permute
-table per 8 columns). Entries equal to zero are not stored, so -0.0 unpacks as +0.0 (equal under ==, as F.linear
+table per 8 columns; int8 / bf16 with AVX-512 VBMI: one expand for 4 / 2 adjacent rows, then one widening permute per
+row). Entries equal to zero are not stored, so -0.0 unpacks as +0.0 (equal under ==, as F.linear
 sees it).
 """
 

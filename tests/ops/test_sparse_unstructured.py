@@ -26,6 +26,7 @@ from tests.ops.sparse_cpu_helpers import (
     WEIGHT_DTYPES,
     as_stored,
     assert_same_from_threads,
+    available_isas,
     opcheck_linear_op,
     random_24,
     random_unstructured,
@@ -48,6 +49,27 @@ def test_unstructured_linear_cpu_matches_torch(sparsity, shape, wdtype):
         x = torch.randn(max(TOKENS), in_f, generator=gen).to(xdtype)
         run_all(lambda xm, isa: sparse_unstructured_linear_cpu(xm, *packed, bias, out_f, in_f, scales=scales,
                                                                backend="cpu", isa=isa), x, w, bias)
+
+
+@pytest.mark.parametrize("wdtype", [torch.int8, torch.bfloat16])
+def test_vbmi_path_returns_the_avx512_paths_bits(wdtype):
+    """avx512vbmi's several-rows expand (int8 widened as q * 2^24, the sum scaled back) gives the avx512 path's output
+    bits: every shape, including rows < 8 and columns < 16, every token count, fp32 and bf16 activations."""
+    require_cpu_kernels()
+    if "avx512vbmi" not in available_isas():
+        pytest.skip("this CPU has no AVX-512 VBMI/VBMI2")
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(("vbmi-bits", wdtype)).encode()))
+    for out_f, in_f in (*SHAPES, (3, 15), (40, 1536)):
+        stored, scales, _ = as_stored(random_unstructured(out_f, in_f, 0.5, gen), wdtype)
+        packed = pack_sparse_unstructured(stored)
+        bias = torch.randn(out_f, generator=gen)
+        for xdtype in (torch.float32, torch.bfloat16):
+            x_full = torch.randn(max(TOKENS), in_f, generator=gen).to(xdtype)
+            for m in TOKENS:
+                plain, vbmi = (sparse_unstructured_linear_cpu(x_full[:m], *packed, bias, out_f, in_f, scales=scales,
+                                                              backend="cpu", isa=isa)
+                               for isa in ("avx512", "avx512vbmi"))
+                assert torch.equal(plain, vbmi), f"{wdtype} {out_f}x{in_f} M={m} x {xdtype}"
 
 
 def test_auto_dispatch_and_forced_backend_errors():
