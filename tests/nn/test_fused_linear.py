@@ -11,6 +11,7 @@ from torch import nn
 
 from sparsefast.nn import DenseCpuLinear, DispatchTable, SparseLinear, SparsifyConfig, sparsify_
 from sparsefast.nn.fused_linear import fuse_linears
+from sparsefast.ops.dense_cpu import DENSE_KERNEL_MAX_TOKENS
 from sparsefast.ops.int8_rows import SCALE_BUFFER, dequantize_int8_rows, quantize_int8_rows
 from sparsefast.serve.engine import GenerationEngine, SamplingParams, build_in_thread
 from tests.nn.model_helpers import greedy_generate, prune_linears, pruned_linear
@@ -69,8 +70,12 @@ def test_fused_layer_equals_its_parts_side_by_side(kind, bias, dtype):
             assert q.dtype == torch.int8 and scales.shape == (sum(ROWS),)
         assert fused.out_features == sum(ROWS) and fused.in_features == 40
         for x, want in zip(xs, before):
-            # each output row is computed as in its part (same kernel, same row order of the sums): equal
-            torch.testing.assert_close(fused(x), want, atol=0, rtol=0)
+            # sparsefast's kernels (M <= 8) compute each output row as in its part (same kernel, same row order of the
+            # sums): equal. F.linear (plain layers, and M = 70) is oneDNN/MKL's GEMM, which may block a fused weight's
+            # rows differently from its parts' (1 ulp apart on a Zen 4 in fp32): close.
+            exact = kind != "linear" and x.shape[0] <= DENSE_KERNEL_MAX_TOKENS
+            tol = {"atol": 0, "rtol": 0} if exact else {}
+            torch.testing.assert_close(fused(x), want, **tol)
             torch.testing.assert_close(torch.cat([p(x) for p in parts], -1), want, atol=0, rtol=0)
     for p, saved in zip(parts, state):  # the model's view of its layers: the same tensors' values
         assert p.state_dict().keys() == saved.keys()
