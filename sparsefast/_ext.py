@@ -88,9 +88,10 @@ def _jit_build_cpu() -> None:
          extra_ldflags=["-fopenmp"], is_python_module=False, verbose=os.environ.get("SPARSEFAST_JIT_VERBOSE") == "1")
 
 
-# every op the CPU extension registers (a prebuilt library missing one was built from older sources)
-CPU_OPS = ("sparse24_linear_cpu", "sparse_unstructured_linear_cpu", "dense_linear_cpu", "decode_attention_cpu",
-           "cpu_best_isa")
+# every op the CPU extension registers (a prebuilt library missing one was built from older sources), and the
+# linear ops, whose schemas must have this version's last argument
+CPU_LINEAR_OPS = ("sparse24_linear_cpu", "sparse_unstructured_linear_cpu", "dense_linear_cpu")
+CPU_OPS = (*CPU_LINEAR_OPS, "decode_attention_cpu", "cpu_best_isa")
 
 
 def _register_cpu_fakes() -> None:
@@ -99,21 +100,23 @@ def _register_cpu_fakes() -> None:
     import torch
 
     torch.library.register_fake("sparsefast::sparse24_linear_cpu")(
-        lambda x, values, meta, bias, out_features, in_features, isa, scales=None:
+        lambda x, values, meta, bias, out_features, in_features, isa, scales=None, int8_activations=False:
         x.new_empty((*x.shape[:-1], out_features)))
     torch.library.register_fake("sparsefast::sparse_unstructured_linear_cpu")(
-        lambda x, values, mask, tile_offsets, bias, out_features, in_features, isa, scales=None:
-        x.new_empty((*x.shape[:-1], out_features)))
+        lambda x, values, mask, tile_offsets, bias, out_features, in_features, isa, scales=None,
+        int8_activations=False: x.new_empty((*x.shape[:-1], out_features)))
     torch.library.register_fake("sparsefast::dense_linear_cpu")(
-        lambda x, weight, bias, isa, scales=None: x.new_empty((*x.shape[:-1], weight.shape[0])))
+        lambda x, weight, bias, isa, scales=None, int8_activations=False:
+        x.new_empty((*x.shape[:-1], weight.shape[0])))
     torch.library.register_fake("sparsefast::decode_attention_cpu")(
         lambda q, keys, values, slots, positions, scale, isa: q.new_empty(q.shape))
 
 
 @functools.lru_cache(maxsize=None)
-def load_cpu_extension() -> bool:
-    """True when the CPU sparse ops (torch.ops.sparsefast.sparse24_linear_cpu, ...) are registered. On False it has
-    warned once, with the reason, that sparse layers fall back to dense F.linear on CPU."""
+def load_cpu_extension(jit: bool = True) -> bool:
+    """True when the CPU sparse ops (torch.ops.sparsefast.sparse24_linear_cpu, ...) are registered: from the prebuilt
+    library, else (`jit`) from a JIT build of the sources. On False it has warned once, with the reason, that sparse
+    layers fall back to dense F.linear on CPU (with `jit=False` it returns False silently where a build would run)."""
     global _CPU_ERROR
     import torch
 
@@ -126,6 +129,8 @@ def load_cpu_extension() -> bool:
             _CPU_ERROR = f"prebuilt {spec.origin} does not load: {exc}"
         else:
             missing = [op for op in CPU_OPS if not hasattr(torch.ops.sparsefast, op)]
+            missing += [f"{op}(int8_activations)" for op in CPU_LINEAR_OPS if op not in missing
+                        and "int8_activations" not in str(getattr(torch.ops.sparsefast, op).default._schema)]
             if not missing:
                 _register_cpu_fakes()
                 _CPU_ERROR = None
@@ -138,6 +143,8 @@ def load_cpu_extension() -> bool:
     else:
         _CPU_ERROR = "sparsefast._cpu was not built (no C++ compiler at install time?)"
     compiler = os.environ.get("CXX", "c++")
+    if not jit and not stale:
+        return False
     if stale:
         pass
     elif os.environ.get(NO_COMPILER_ENV) == "1":

@@ -33,7 +33,8 @@ def compute_device(name: str) -> torch.device:
 
 
 def load(path: str | os.PathLike, *, device: str | torch.device = "cpu",
-         dtype: torch.dtype | str | None = None, sparse: str = "off") -> tuple[Any, Any]:
+         dtype: torch.dtype | str | None = None, sparse: str = "off",
+         int8_activations: bool = False) -> tuple[Any, Any]:
     """(model, tokenizer) of any checkpoint sparsefast reads or writes: a dense, mask-pruned (sparsefast prune) or
     structurally pruned (prune-structured; structure.json) directory, a `.gguf` file, a hub id or "smollm2".
 
@@ -46,11 +47,12 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu",
 
     sparse: "off" (as loaded), "auto" (sparse linears where they are faster: on CPU each linear with >= 30% zeros
     gets the fastest of dense / 2:4 / unstructured as timed on this machine, on CUDA 2:4 linears become
-    Sparse24Linear) or "sparse24"; see sparsefast.nn.sparsify_."""
+    Sparse24Linear) or "sparse24"; see sparsefast.nn.sparsify_. int8_activations (sparse "auto", an int8 checkpoint
+    from prune --quantize int8, CPU): each linear's input quantized to int8 too (SparsifyConfig.int8_activations)."""
     from sparsefast.models import load_model
     from sparsefast.nn import SparsifyConfig, sparsify_
 
-    sparsify = SparsifyConfig(mode=sparse)  # a bad mode is refused before anything is read
+    sparsify = SparsifyConfig(mode=sparse, int8_activations=int8_activations)  # refused before anything is read
     model, tokenizer = load_model(os.fspath(path), dtype=resolve_dtype(dtype), device=device)
     sparsify_(model, sparsify)
     return model, tokenizer

@@ -47,16 +47,6 @@ inline float value_at(const void* values, int64_t i) {
 // (symmetric, per output row), so the scale multiplies the fp32 sum once instead of every value.
 inline float scaled(const float* scales, int64_t row, float sum) { return scales ? sum * scales[row] : sum; }
 
-#ifdef SF_X86
-// Software prefetch into L2 of the cache line `offset` bytes after `base`, issued a fixed distance ahead of the
-// stream being read. The hardware prefetcher alone left the weight streams at 15-25 GB/s where a plain read of the
-// same buffer runs at 28 (ad-hoc layer walks on a 2-core Xeon); with it the kernels read at the plain-read rate.
-// The address is computed as an integer: it may lie past the end of the array (a prefetch never faults).
-inline void prefetch_l2(const void* base, int64_t offset) {
-  _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(base) + offset), _MM_HINT_T1);
-}
-#endif
-
 // y[t0 + t, row] = sums[r][t] + bias[row] for the rows first_row + r < n (the last tile's padding rows are dropped).
 template <int RN, int TB>
 inline void store_rows(int64_t n, int64_t first_row, int64_t t0, const float (&sums)[RN][TB], const float* scales,
@@ -307,19 +297,6 @@ SF_AVX512 void tile_u_512(const UnstructuredWeight& w, int64_t tile, int r0, con
   store_rows<RN, TB>(w.n, tile * kTileRows + r0, t0, sums, w.scales, bias, y);
 }
 
-template <int VT>
-SF_AVX512 void tiles_u_512(const UnstructuredWeight& w, const float* x, int64_t m, const float* bias, float* y,
-                           int64_t t0, int64_t t1) {
-  for (int64_t tile = t0; tile < t1; ++tile) {
-    int64_t t = 0;
-    for (; t + 8 <= m; t += 8)  // each row pair once per 8 tokens, as the dense kernel
-#pragma GCC unroll 4
-      for (int r = 0; r < kTileRows; r += 2) tile_u_512<2, 8, VT>(w, tile, r, x, t, bias, y);
-    for (; t + 2 <= m; t += 2) tile_u_512<kTileRows, 2, VT>(w, tile, 0, x, t, bias, y);
-    if (t < m) tile_u_512<kTileRows, 1, VT>(w, tile, 0, x, t, bias, y);
-  }
-}
-
 // ---------------------------------------------------------------- unstructured int8 / bf16, AVX-512 VBMI/VBMI2
 // The layout read several rows at a time: a chunk's rows have adjacent masks and adjacent values, so one expand from
 // memory (vpexpandb / vpexpandw: it reads only the masks' popcount of values) puts 4 int8 rows (2 bf16 rows) of 16
@@ -410,17 +387,28 @@ SF_AVX512_VBMI void tile_u_512vbmi(const UnstructuredWeight& w, int64_t tile, co
   store_rows<kTileRows, TB>(w.n, tile * kTileRows, t0, sums, w.scales, bias, y);
 }
 
-// Token pairs and a single token through the several-row expand; from 8 tokens on, tiles_u_512's row pairs.
-template <int VT>
-SF_AVX512_VBMI void tiles_u_512vbmi(const UnstructuredWeight& w, const float* x, int64_t m, const float* bias,
-                                    float* y, int64_t t0, int64_t t1) {
+// Every tile of [t0, t1) at AVX-512: from 8 tokens on, each row pair once per 8 tokens (as the dense kernel); token
+// pairs and a single token all 8 rows at once, with the several-row expand where kVbmi. No target attribute: it only
+// calls the tile functions (one call per tile and token block), so the avx512 instantiation never meets VBMI code.
+template <int VT, bool kVbmi>
+void tiles_u_512(const UnstructuredWeight& w, const float* x, int64_t m, const float* bias, float* y, int64_t t0,
+                 int64_t t1) {
   for (int64_t tile = t0; tile < t1; ++tile) {
     int64_t t = 0;
     for (; t + 8 <= m; t += 8)
-#pragma GCC unroll 4
       for (int r = 0; r < kTileRows; r += 2) tile_u_512<2, 8, VT>(w, tile, r, x, t, bias, y);
-    for (; t + 2 <= m; t += 2) tile_u_512vbmi<VT, 2>(w, tile, x, t, bias, y);
-    if (t < m) tile_u_512vbmi<VT, 1>(w, tile, x, t, bias, y);
+    for (; t + 2 <= m; t += 2) {
+      if constexpr (kVbmi)
+        tile_u_512vbmi<VT, 2>(w, tile, x, t, bias, y);
+      else
+        tile_u_512<kTileRows, 2, VT>(w, tile, 0, x, t, bias, y);
+    }
+    if (t < m) {
+      if constexpr (kVbmi)
+        tile_u_512vbmi<VT, 1>(w, tile, x, t, bias, y);
+      else
+        tile_u_512<kTileRows, 1, VT>(w, tile, 0, x, t, bias, y);
+    }
   }
 }
 
@@ -672,9 +660,9 @@ void run_tiles_u(const UnstructuredWeight& w, const float* x, int64_t m, const f
                  int64_t t1, int isa) {
 #ifdef SF_X86
   if constexpr (VT != kFloat32) {
-    if (isa == kAvx512Vbmi) return tiles_u_512vbmi<VT>(w, x, m, bias, y, t0, t1);
+    if (isa == kAvx512Vbmi) return tiles_u_512<VT, true>(w, x, m, bias, y, t0, t1);
   }
-  if (isa >= kAvx512) return tiles_u_512<VT>(w, x, m, bias, y, t0, t1);
+  if (isa >= kAvx512) return tiles_u_512<VT, false>(w, x, m, bias, y, t0, t1);
   if (isa == kAvx2) return tiles_u_256<VT>(w, x, m, bias, y, t0, t1);
 #endif
   tiles_u_scalar<VT>(w, x, m, bias, y, t0, t1);
@@ -695,7 +683,8 @@ void run_tiles_dense(const DenseWeight& w, const float* x, int64_t m, const floa
 int best_isa() {
 #ifdef SF_X86
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vbmi2"))
+      __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vbmi2") &&
+      __builtin_cpu_supports("avx512vnni"))
     return kAvx512Vbmi;
   if (__builtin_cpu_supports("avx512f")) return kAvx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;

@@ -29,8 +29,9 @@
 namespace sparsefast_cpu {
 
 // Instruction sets, best last. kAuto picks the best the running CPU supports (__builtin_cpu_supports).
-// kAvx512Vbmi: AVX-512 with BW, VBMI and VBMI2 (Ice Lake, Zen 4 and later); it runs the kAvx512 paths except for the
-// unstructured int8 / bf16 ones, which expand four int8 (two bf16) rows of a chunk at once (linear_cpu.cpp).
+// kAvx512Vbmi: AVX-512 with BW, VBMI, VBMI2 and VNNI (Ice Lake, Zen 4 and later); it runs the kAvx512 paths except for
+// the unstructured int8 / bf16 ones, which expand four int8 (two bf16) rows of a chunk at once (linear_cpu.cpp), and
+// it is the level of the int8-activation kernels (linear_int8_act_cpu.cpp).
 enum Isa : int { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3, kAvx512Vbmi = 4 };
 
 // Stored value types. kInt8: symmetric per-output-row int8, W[row, :] = scales[row] * q[row, :]; the kernels widen q
@@ -87,5 +88,26 @@ void unstructured_linear_tiles(const UnstructuredWeight& w, const float* x, int6
 // The same for a dense weight; tiles are groups of 8 rows (the last one may be shorter); x: [m, kp].
 void dense_linear_tiles(const DenseWeight& w, const float* x, int64_t m, const float* bias, float* y,
                         int64_t tile_begin, int64_t tile_end, int isa);
+
+// ---------------------------------------------------------------- int8 activations (linear_int8_act_cpu.cpp)
+// Opt-in numerics for int8 weights (sparsefast/ops/int8_rows.py): x is quantized per token and 32-column block, as
+// llama.cpp's Q8_0: xs[t, b] = max |x[t, 32b .. 32b + 31]| / 127 (1 for a zero block), q = round half to even
+// (x / xs) in [-127, 127]; each output is ws[row] * sum_b xs[t, b] * (float) (sum over the block of q_x q_w) (+ bias):
+// exact int32 dot products per block (AVX-512 VNNI vpdpbusd on q_x + 128 as unsigned bytes, minus the block's
+// 128 * sum q_w), the block sums accumulated in fp32. Kernels at kAvx512Vbmi only.
+constexpr int64_t kActBlock = 32;  // input columns per activation scale
+
+// q [m, kq] = q_x + 128 as bytes, xs [m, kq / 32]; columns k..kq are 128 (q_x = 0), blocks wholly beyond k scale 1.
+// kq: a multiple of 32 >= k.
+void quantize_input_int8(const float* x, int64_t m, int64_t k, int64_t ldx, int64_t kq, uint8_t* q, float* xs);
+
+// y[t, row] for the rows of tiles [tile_begin, tile_end), every token t < m, from the quantized input (q [m, kq],
+// xs [m, kq / 32]); int8 values only. kq: 2:4 w.kp; unstructured w.kp rounded up to 32; dense k rounded up to 64.
+void sparse24_linear_tiles_int8_act(const Sparse24Weight& w, const uint8_t* q, const float* xs, int64_t kq, int64_t m,
+                                    const float* bias, float* y, int64_t tile_begin, int64_t tile_end);
+void unstructured_linear_tiles_int8_act(const UnstructuredWeight& w, const uint8_t* q, const float* xs, int64_t kq,
+                                        int64_t m, const float* bias, float* y, int64_t tile_begin, int64_t tile_end);
+void dense_linear_tiles_int8_act(const DenseWeight& w, const uint8_t* q, const float* xs, int64_t kq, int64_t m,
+                                 const float* bias, float* y, int64_t tile_begin, int64_t tile_end);
 
 }  // namespace sparsefast_cpu

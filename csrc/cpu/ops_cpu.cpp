@@ -130,9 +130,37 @@ at::Tensor run_tiles(const at::Tensor& x, const Weight& w, int64_t in_features, 
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
+// y [..., out] in x's dtype with x quantized per token and 32-column block to int8 (linear_cpu.h, "int8
+// activations"), on torch's intra-op threads; kq: the bytes of a quantized row (linear_cpu.h: per layout).
+template <typename Weight, typename Kernel>
+at::Tensor run_tiles_int8_act(const at::Tensor& x, const Weight& w, int64_t in_features, int64_t kq, int64_t tiles,
+                              const std::optional<at::Tensor>& bias, int64_t isa, Kernel kernel) {
+  constexpr int64_t kGrain = 2;
+  TORCH_CHECK_VALUE(w.vtype == sparsefast_cpu::kInt8, "cpu linear: int8 activations need int8 values (with scales)");
+  const int64_t level = isa == sparsefast_cpu::kAuto ? sparsefast_cpu::best_isa() : isa;
+  TORCH_CHECK_VALUE(level == sparsefast_cpu::kAvx512Vbmi, "cpu linear: int8 activations run at instruction set ",
+                    sparsefast_cpu::kAvx512Vbmi, " (avx512vbmi: AVX-512 VNNI + VBMI, Ice Lake / Zen 4 or later), not ",
+                    level);
+  const at::Tensor bf = float_bias(bias, w.n);
+  const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
+  const int64_t m = x.numel() / in_features;
+  const at::Tensor xf = x.reshape({m, in_features}).to(at::kFloat).contiguous();
+  thread_local std::vector<uint8_t> q;
+  thread_local std::vector<float> xs;
+  if (q.size() < static_cast<size_t>(m * kq)) q.resize(m * kq);
+  if (xs.size() < static_cast<size_t>(m * kq / sparsefast_cpu::kActBlock)) xs.resize(m * kq / sparsefast_cpu::kActBlock);
+  sparsefast_cpu::quantize_input_int8(xf.data_ptr<float>(), m, in_features, in_features, kq, q.data(), xs.data());
+  at::Tensor y = output_like(x, w.n);
+  float* yp = y.data_ptr<float>();
+  const uint8_t* qp = q.data();
+  const float* sp = xs.data();
+  at::parallel_for(0, tiles, kGrain, [&](int64_t t0, int64_t t1) { kernel(w, qp, sp, kq, m, bp, yp, t0, t1); });
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
 at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
                                const std::optional<at::Tensor>& bias, int64_t out_features, int64_t in_features,
-                               int64_t isa, const std::optional<at::Tensor>& scales) {
+                               int64_t isa, const std::optional<at::Tensor>& scales, bool int8_activations) {
   check_common(x, values, in_features, isa);
   const int64_t kp = round_up(in_features, kBlockCols), tiles = round_up(out_features, kTileRows) / kTileRows;
   TORCH_CHECK_VALUE(values.dim() == 4 && values.size(0) == tiles && values.size(1) == kp / kBlockCols &&
@@ -145,13 +173,15 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, co
   const auto [vtype, sp] = value_type(values, scales, out_features);
   const sparsefast_cpu::Sparse24Weight w{values.data_ptr(), vtype, sp,
                                          reinterpret_cast<const uint32_t*>(meta.data_ptr<int32_t>()), out_features, kp};
+  if (int8_activations)
+    return run_tiles_int8_act(x, w, in_features, kp, tiles, bias, isa, sparsefast_cpu::sparse24_linear_tiles_int8_act);
   return run_tiles(x, w, in_features, tiles, bias, isa, sparsefast_cpu::sparse24_linear_tiles);
 }
 
 at::Tensor sparse_unstructured_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& mask,
                                           const at::Tensor& tile_offsets, const std::optional<at::Tensor>& bias,
                                           int64_t out_features, int64_t in_features, int64_t isa,
-                                          const std::optional<at::Tensor>& scales) {
+                                          const std::optional<at::Tensor>& scales, bool int8_activations) {
   check_common(x, values, in_features, isa);
   const int64_t kp = round_up(in_features, 16), tiles = round_up(out_features, kTileRows) / kTileRows;
   TORCH_CHECK_VALUE(mask.scalar_type() == at::kShort && mask.is_contiguous() && mask.device().is_cpu() &&
@@ -168,12 +198,15 @@ at::Tensor sparse_unstructured_linear_cpu(const at::Tensor& x, const at::Tensor&
   const sparsefast_cpu::UnstructuredWeight w{values.data_ptr(), vtype, sp,
                                              reinterpret_cast<const uint16_t*>(mask.data_ptr<int16_t>()),
                                              tile_offsets.data_ptr<int64_t>(), out_features, kp};
+  if (int8_activations)
+    return run_tiles_int8_act(x, w, in_features, round_up(kp, sparsefast_cpu::kActBlock), tiles, bias, isa,
+                              sparsefast_cpu::unstructured_linear_tiles_int8_act);
   return run_tiles(x, w, in_features, tiles, bias, isa, sparsefast_cpu::unstructured_linear_tiles);
 }
 
 // y = x Wᵀ (+ bias) with W [out, in] as it is stored (row-major rows, any row stride: a view of a larger matrix too).
 at::Tensor dense_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                            int64_t isa, const std::optional<at::Tensor>& scales) {
+                            int64_t isa, const std::optional<at::Tensor>& scales, bool int8_activations) {
   TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(0) > 0 && weight.size(1) > 0 &&
                         (weight.stride(1) == 1 || weight.size(1) == 1) && weight.stride(0) >= weight.size(1),
                     "dense linear: weight must be a 2-D [out, in] tensor with unit column stride");
@@ -182,6 +215,9 @@ at::Tensor dense_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const
   const int64_t kp = round_up(in_features, 16), tiles = round_up(out_features, kTileRows) / kTileRows;
   const auto [vtype, sp] = value_type(weight, scales, out_features);
   const sparsefast_cpu::DenseWeight w{weight.data_ptr(), vtype, sp, out_features, in_features, weight.stride(0), kp};
+  if (int8_activations)
+    return run_tiles_int8_act(x, w, in_features, round_up(in_features, 64), tiles, bias, isa,
+                              sparsefast_cpu::dense_linear_tiles_int8_act);
   return run_tiles(x, w, in_features, tiles, bias, isa, sparsefast_cpu::dense_linear_tiles);
 }
 
@@ -247,12 +283,15 @@ int64_t cpu_best_isa() { return sparsefast_cpu::best_isa(); }
 
 TORCH_LIBRARY_FRAGMENT(sparsefast, m) {
   // x [..., in_features] float32 | bfloat16 -> y [..., out_features] in x's dtype; values/weight float32, bfloat16
-  // or int8 with scales (float32 [out_features], W[row] = scales[row] * values[row])
+  // or int8 with scales (float32 [out_features], W[row] = scales[row] * values[row]); int8_activations (int8 values
+  // only, instruction set avx512vbmi): x quantized to int8 per token and 32-column block, integer dot products
+  // (linear_cpu.h)
   m.def("sparse24_linear_cpu(Tensor x, Tensor values, Tensor meta, Tensor? bias, int out_features, "
-        "int in_features, int isa, Tensor? scales=None) -> Tensor");
+        "int in_features, int isa, Tensor? scales=None, bool int8_activations=False) -> Tensor");
   m.def("sparse_unstructured_linear_cpu(Tensor x, Tensor values, Tensor mask, Tensor tile_offsets, Tensor? bias, "
-        "int out_features, int in_features, int isa, Tensor? scales=None) -> Tensor");
-  m.def("dense_linear_cpu(Tensor x, Tensor weight, Tensor? bias, int isa, Tensor? scales=None) -> Tensor");
+        "int out_features, int in_features, int isa, Tensor? scales=None, bool int8_activations=False) -> Tensor");
+  m.def("dense_linear_cpu(Tensor x, Tensor weight, Tensor? bias, int isa, Tensor? scales=None, "
+        "bool int8_activations=False) -> Tensor");
   // q [B, heads, head_dim] -> out [B, heads, head_dim] (q's dtype); keys, values: a KV cache [rows, kv_heads,
   // max_len, head_dim] read in place at rows `slots`, positions 0..positions[b]
   m.def("decode_attention_cpu(Tensor q, Tensor keys, Tensor values, Tensor slots, Tensor positions, float scale, "

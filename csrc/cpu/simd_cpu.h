@@ -1,7 +1,8 @@
 // Small helpers shared by the torch-free CPU kernels (linear_cpu.cpp, attention_cpu.cpp): the per-function
 // instruction-set attributes (one binary carries every path and picks at run time), the exact bf16 -> fp32 widening
 // and the fp32 -> bf16 rounding (ops_cpu.cpp, the torch file, converts with c10::BFloat16, which rounds the same way),
-// the loads of 16 (AVX-512) or 8 (AVX2) stored values as fp32, and the horizontal sum of 8 lanes.
+// the L2 prefetch of a weight stream, the loads of 16 (AVX-512) or 8 (AVX2) stored values as fp32, and the
+// horizontal sum of 8 lanes.
 #pragma once
 
 #include <cstdint>
@@ -13,7 +14,8 @@
 #include <immintrin.h>
 #define SF_X86 1
 #define SF_AVX512 __attribute__((target("avx512f,avx2,fma,popcnt")))
-#define SF_AVX512_VBMI __attribute__((target("avx512f,avx512bw,avx512vbmi,avx512vbmi2,avx2,fma,popcnt")))
+#define SF_AVX512_VBMI \
+  __attribute__((target("avx512f,avx512bw,avx512vbmi,avx512vbmi2,avx512vnni,avx2,fma,popcnt")))
 #define SF_AVX2 __attribute__((target("avx2,fma,popcnt")))
 #endif
 
@@ -37,6 +39,14 @@ inline uint16_t f32_to_bf16(float f) {
 }
 
 #ifdef SF_X86
+// Software prefetch into L2 of the cache line `offset` bytes after `base`, issued a fixed distance ahead of the
+// stream being read. The hardware prefetcher alone left the weight streams at 15-25 GB/s where a plain read of the
+// same buffer runs at 28 (ad-hoc layer walks on a 2-core Xeon); with it the kernels read at the plain-read rate.
+// The address is computed as an integer: it may lie past the end of the array (a prefetch never faults).
+inline void prefetch_l2(const void* base, int64_t offset) {
+  _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(base) + offset), _MM_HINT_T1);
+}
+
 // values[i .. i+16) of value type VT (fp32, bf16 or int8) as 16 fp32 lanes
 template <int VT>
 SF_AVX512 inline __m512 load16_512(const void* values, int64_t i) {

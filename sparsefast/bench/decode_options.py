@@ -8,6 +8,9 @@ Examples:
   # sparse + int8 against llama.cpp's 8- and 4-bit files (issue 24)
   sparsefast bench decode --llama-cpp ../peers/llama-cpp --variants dense,dense-int8,2:4,2:4-int8,50%,50%-int8 \
       --dtypes float32 --compile on --gguf-types f32,q8_0,q4_1
+  # ... and the same int8 checkpoints with int8 activations too (dynamic W8A8, serve --int8-activations)
+  sparsefast bench decode --llama-cpp ../peers/llama-cpp --variants dense-int8,dense-w8a8,2:4-int8,2:4-w8a8,50%-int8,\
+50%-w8a8 --dtypes float32 --compile on --gguf-types q8_0,q4_1
   # under load: a process spinning on core 1 throughout, the kernel choice checked in 3 more timed swaps
   sparsefast bench decode --busy-core 1 --dtypes float32
   # the harness in a minute or two (tiny random model; its timings mean nothing)
@@ -23,10 +26,13 @@ from dataclasses import dataclass, field, replace
 # variant name -> prune pattern. "dense" runs sparsefast's dense CPU kernel for few tokens (sparsify_ mode auto, what
 # serve and generate do by default); "dense-torch" is the same dense checkpoint with torch's F.linear everywhere
 # (mode off): what the kernel adds. A name ending in INT8_SUFFIX is the same model quantized too (`prune --quantize
-# int8`: per-row int8 weights, read as int8 by the CPU kernels; "dense-int8" is quantized without pruning).
+# int8`: per-row int8 weights, read as int8 by the CPU kernels; "dense-int8" is quantized without pruning). A name
+# ending in W8A8_SUFFIX runs the -int8 checkpoint with int8 activations too (SparsifyConfig.int8_activations).
 INT8_SUFFIX = "-int8"
+W8A8_SUFFIX = "-w8a8"
 SPARSITIES = {"dense": None, "dense-torch": None, "2:4": "2:4", "50%": "unstructured",
-              "dense-int8": None, "2:4-int8": "2:4", "50%-int8": "unstructured"}
+              "dense-int8": None, "2:4-int8": "2:4", "50%-int8": "unstructured",
+              "dense-w8a8": None, "2:4-w8a8": "2:4", "50%-w8a8": "unstructured"}
 DEFAULT_VARIANTS = ("dense", "dense-torch", "2:4", "50%")
 GGUF_TYPES = ("f32", "bf16", "q8_0", "q4_1")
 DEFAULT_GGUF_TYPES = ("f32", "bf16", "q8_0")
@@ -34,13 +40,21 @@ DTYPES = ("float32", "bfloat16")
 
 
 def checkpoint_name(variant: str) -> str:
-    """The checkpoint a variant runs: "dense" for both float dense variants, else its own."""
-    return "dense" if variant == "dense-torch" else variant
+    """The checkpoint a variant runs: "dense" for both float dense variants, the -int8 one for a -w8a8 variant, else
+    its own."""
+    if variant == "dense-torch":
+        return "dense"
+    return variant.removesuffix(W8A8_SUFFIX) + INT8_SUFFIX if int8_activations(variant) else variant
 
 
 def is_int8(variant: str) -> bool:
     """Whether a variant's weights are int8-quantized."""
-    return variant.endswith(INT8_SUFFIX)
+    return variant.endswith(INT8_SUFFIX) or int8_activations(variant)
+
+
+def int8_activations(variant: str) -> bool:
+    """Whether a variant quantizes its activations to int8 too."""
+    return variant.endswith(W8A8_SUFFIX)
 
 
 def _choices(name: str, values: tuple[str, ...], allowed) -> None:
@@ -134,7 +148,8 @@ def add_decode_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--layers", type=int, default=None, help="decoder layers of a *-random model (default 2)")
     q.add_argument("--variants", type=_csv, default=DEFAULT_VARIANTS,
                    help=f"comma list of {', '.join(SPARSITIES)} (default {','.join(DEFAULT_VARIANTS)}; *-int8: "
-                        "quantized with prune --quantize int8)".replace("%", "%%"))
+                        "quantized with prune --quantize int8; *-w8a8: that checkpoint with int8 activations "
+                        "too)".replace("%", "%%"))
     q.add_argument("--dtypes", type=_csv, default=DTYPES, help="float32,bfloat16 (default both)")
     q.add_argument("--compile", type=_csv, default=("on", "off"),
                    help="on,off: the compiled and the eager step (default both)")

@@ -154,16 +154,16 @@ def goals(summary: dict[str, dict], sf: dict[tuple, str], variants: list, concur
     for sparsity in ("2:4", "50%"):
         out[f"{sparsity}_vs_compiled_dense_fp32_b1"] = check(_ratio(b1(best(sparsity, "float32")), b1(dense32)),
                                                              GOALS["sparse_vs_compiled_dense_fp32_b1"])
-    dense_int8 = best("dense-int8", "float32")
     q8 = next((summary[v.name] for v in variants if v.kind == "llama_cpp" and v.precision.upper() == "Q8_0"), None)
-    for sparsity in ("2:4-int8", "50%-int8"):
+    for sparsity in ("2:4-int8", "50%-int8", "2:4-w8a8", "50%-w8a8"):
         ours = best(sparsity, "float32")
         if ours is None:
             continue
+        dense = "dense-" + sparsity.split("-")[1]  # the dense model with the same numerics
         out[f"{sparsity} float32 b1 vs llama.cpp Q8_0"] = check(_ratio(b1(ours), b1(q8)),
                                                                 GOALS["sparse_int8_vs_llama_cpp_q8_0_b1"])
-        out[f"{sparsity} float32 b1 vs dense-int8"] = check(_ratio(b1(ours), b1(dense_int8)),
-                                                            GOALS["sparse_int8_vs_dense_int8_b1"])
+        out[f"{sparsity} float32 b1 vs {dense}"] = check(_ratio(b1(ours), b1(best(dense, "float32"))),
+                                                         GOALS["sparse_int8_vs_dense_int8_b1"])
     if dense32 and "concurrent_vs_b1" in dense32:
         out["dense_fp32_concurrent_vs_b1"] = check(dense32["concurrent_vs_b1"],
                                                    GOALS["concurrent_vs_b1_output_throughput"])

@@ -40,7 +40,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sparsefast.bench.decode_options import SPARSITIES, DecodeBenchConfig, checkpoint_name, is_int8
+from sparsefast.bench.decode_options import (
+    SPARSITIES,
+    DecodeBenchConfig,
+    checkpoint_name,
+    int8_activations,
+    is_int8,
+)
 
 PEER_WORKER = Path(__file__).resolve().parent / "peer_worker.py"
 READY_TIMEOUT_S = 1800.0  # a cold compile of every bucket, or vLLM's own compile, on a busy 2-core machine
@@ -141,7 +147,8 @@ def sparsefast_variants(cfg: DecodeBenchConfig, checkpoints: dict[str, str]) -> 
                 argv = [sys.executable, "-m", "sparsefast.bench.decode_worker", ckpt, "--dtype", dtype,
                         "--compile", mode, "--threads", str(cfg.threads or "auto"), "--max-batch",
                         str(cfg.concurrency), "--max-len", str(max_len), "--device", cfg.device,
-                        "--sparse", "off" if sparsity == "dense-torch" else "auto"]
+                        "--sparse", "off" if sparsity == "dense-torch" else "auto",
+                        *(["--int8-activations"] if int8_activations(sparsity) else [])]
                 variants.append(Variant(name, argv, "sparsefast", dtype, sparsity, compiled=mode == "on"))
     return variants
 

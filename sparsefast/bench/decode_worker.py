@@ -28,11 +28,12 @@ from sparsefast.serve.compiled import COMPILE_MODES
 from sparsefast.serve.engine import build_in_thread
 
 
-def _swap(model, sparse: str) -> dict[str, str]:
+def _swap(model, sparse: str, int8_activations: bool = False) -> dict[str, str]:
     """sparsify_ in `sparse` mode: {layer: chosen} for every candidate layer ({} for "off")."""
     from sparsefast.nn import SparsifyConfig, sparsify_
 
-    return {name: rec["chosen"] for name, rec in sparsify_(model, SparsifyConfig(mode=sparse)).items()}
+    config = SparsifyConfig(mode=sparse, int8_activations=int8_activations)
+    return {name: rec["chosen"] for name, rec in sparsify_(model, config).items()}
 
 
 def load_variant(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
@@ -48,7 +49,7 @@ def load_variant(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
     t0 = time.perf_counter()
     model, _ = load(args.checkpoint, dtype=args.dtype, device=args.device)
     loaded = time.perf_counter() - t0
-    chosen = _swap(model, args.sparse)
+    chosen = _swap(model, args.sparse, args.int8_activations)
     swapped = time.perf_counter() - t0 - loaded
     engine = GenerationEngine(model, IdTokenizer(), max_batch=args.max_batch, max_queue=args.max_batch,
                               max_model_len=args.max_len, device=args.device, compile=args.compile)
@@ -72,7 +73,7 @@ def kernel_choices(args: argparse.Namespace, loads: int) -> list[list[str]]:
     for _ in range(loads):
         clear_calibration_cache()
         model, _ = load(args.checkpoint, dtype=args.dtype, device=args.device)
-        runs.append(sorted(n for n, c in _swap(model, args.sparse).items() if c != "dense"))
+        runs.append(sorted(n for n, c in _swap(model, args.sparse, args.int8_activations).items() if c != "dense"))
         del model
     return runs
 
@@ -98,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoint", help="a checkpoint sparsefast.load reads (dense or mask-pruned)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--sparse", default="auto", help="sparsify_ mode: auto (timed CPU swap), sparse24, off")
+    p.add_argument("--int8-activations", action="store_true",
+                   help="quantize activations to int8 too (an int8 checkpoint; SparsifyConfig.int8_activations)")
     p.add_argument("--compile", default="off", choices=COMPILE_MODES)
     p.add_argument("--threads", default="auto", help=THREADS_HELP)
     p.add_argument("--max-batch", type=int, default=8)

@@ -18,7 +18,6 @@ the file into $OUT when that is set (the device runner returns what a command wr
 from __future__ import annotations
 
 import datetime as _dt
-import importlib.util
 import os
 import platform
 import re
@@ -102,20 +101,19 @@ def load_average() -> list[float] | None:
 
 
 def kernel_isa() -> str | None:
-    """The instruction set sparsefast's CPU kernels run here: $SPARSEFAST_CPU_ISA where set, else the best this CPU
-    has (None without the CPU extension)."""
+    """The instruction set sparsefast's CPU kernels run here: $SPARSEFAST_CPU_ISA where set (validated), else the
+    best this CPU has (None without a prebuilt CPU extension: metadata never starts a JIT build of the kernels)."""
     import torch
 
     from sparsefast._ext import load_cpu_extension
-    from sparsefast.ops.sparse24_cpu import ISA_ENV, ISAS
+    from sparsefast.ops.sparse24_cpu import ISA_NAMES, cpu_isa
 
-    if os.environ.get(ISA_ENV, "auto") not in ("", "auto"):
-        return os.environ[ISA_ENV]
-    # the prebuilt extension only: metadata must not start a JIT build of the kernels
-    if importlib.util.find_spec("sparsefast._cpu") is None or not load_cpu_extension():
+    forced = cpu_isa()
+    if forced:
+        return ISA_NAMES[forced]
+    if not load_cpu_extension(jit=False):
         return None
-    best = int(torch.ops.sparsefast.cpu_best_isa())
-    return next(name for name, code in ISAS.items() if code == best)
+    return ISA_NAMES[int(torch.ops.sparsefast.cpu_best_isa())]
 
 
 def cpu_info() -> dict[str, Any]:

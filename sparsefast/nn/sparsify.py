@@ -32,19 +32,22 @@ from sparsefast.nn.dense_linear import use_dense_cpu_kernels_
 from sparsefast.nn.dispatch import DispatchTable, calibrate_cpu_dispatch, fastest_cpu_layout, load_dispatch_table
 from sparsefast.nn.sparse24_linear import Sparse24Linear
 from sparsefast.nn.sparse_linear import SparseLinear
+from sparsefast.ops.int8_rows import quantized_modules
 from sparsefast.ops.sparse24 import check_sparse24, is_sparse24
 from sparsefast.ops.sparse_unstructured import weight_sparsity
 
 MIN_SPARSITY = 0.3  # below this neither CPU layout moves fewer bytes enough to be worth timing (0.7 + 1/32 of dense)
 
 
-def choose_sparse_layer(linear: nn.Linear, *, calibrate: bool = True) -> tuple[nn.Module, dict]:
+def choose_sparse_layer(linear: nn.Linear, *, calibrate: bool = True,
+                        int8_activations: bool = False) -> tuple[nn.Module, dict]:
     """The fastest of dense (the layer itself) / 2:4 / unstructured for a CPU `linear`, by timings on this machine.
 
     Returns (module, record): module is `linear` unchanged when no sparse layout beats dense at any calibrated M;
     record: {"sparsity", "candidates": {layout: {"table", "timings"}}, "chosen": "dense" | "2:4" | "unstructured",
     and for a swap "dense_ms_sum", "keeps_dense"}. calibrate=False skips timing: 2:4 where the weight fits it, else
-    unstructured, with DEFAULT_CPU_DISPATCH.
+    unstructured, with DEFAULT_CPU_DISPATCH. int8_activations (an int8-quantized linear): every candidate, dense
+    included, with x quantized to int8.
     """
     weight = linear.weight.detach()
     sparsity = weight_sparsity(weight)
@@ -52,11 +55,11 @@ def choose_sparse_layer(linear: nn.Linear, *, calibrate: bool = True) -> tuple[n
     record: dict = {"sparsity": round(sparsity, 4), "candidates": {}}
     if not calibrate:
         record["chosen"] = layouts[0]
-        return SparseLinear.from_dense(linear, layouts[0]), record
+        return SparseLinear.from_dense(linear, layouts[0], int8_activations=int8_activations), record
     layers: dict[str, SparseLinear] = {}
     measured: dict[str, tuple[DispatchTable, dict]] = {}
     for layout in layouts:
-        layer = layers[layout] = SparseLinear.from_dense(linear, layout)
+        layer = layers[layout] = SparseLinear.from_dense(linear, layout, int8_activations=int8_activations)
         packed = layer.packed()
 
         def kernel_copy(packed=packed, layout=layout, bias=layer.bias,
@@ -64,13 +67,15 @@ def choose_sparse_layer(linear: nn.Linear, *, calibrate: bool = True) -> tuple[n
             # A new layer over clones of the packed weight (the calibration times each copy from DRAM), called as a
             # swapped layer's forward calls it; the torch twin where the kernels cannot run.
             copy = SparseLinear(linear.in_features, linear.out_features, layout, tuple(t.clone() for t in packed),
-                                bias, scales=scales)
+                                bias, scales=scales, int8_activations=int8_activations)
             return copy.kernel_call() if load_cpu_extension() else copy.kernel
 
-        values = str(weight.dtype) if layer.scales is None else "int8"  # the stored values a kernel reads
+        # the stored values a kernel reads (and how it reads x)
+        values = str(weight.dtype) if layer.scales is None else "int8+int8 activations" if int8_activations else "int8"
         key = (tuple(weight.shape), values, layout, round(sparsity, 2))
         measured[layout] = calibrate_cpu_dispatch(kernel_copy, sum(t.numel() * t.element_size() for t in packed),
-                                                  weight, key=key, dense_scales=layer.scales)
+                                                  weight, key=key, dense_scales=layer.scales,
+                                                  int8_activations=int8_activations)
         table, timings = measured[layout]
         record["candidates"][layout] = {"table": [list(r) for r in table.rows], "timings": timings}
     chosen = fastest_cpu_layout(measured)
@@ -81,7 +86,7 @@ def choose_sparse_layer(linear: nn.Linear, *, calibrate: bool = True) -> tuple[n
     keep_dense = any(b == "dense" for _, b in table.rows)
     record.update(chosen=chosen, dense_ms_sum=sum(t["dense_ms"] for t in timings.values()), keeps_dense=keep_dense)
     return SparseLinear(linear.in_features, linear.out_features, chosen, layer.packed(), layer.bias, table,
-                        weight if keep_dense else None, layer.scales), record
+                        weight if keep_dense else None, layer.scales, int8_activations), record
 
 
 def _swap_kind(name: str, linear: nn.Linear, mode: str) -> str:
@@ -107,6 +112,8 @@ def sparsify_(model: nn.Module, config: SparsifyConfig | None = None,
     plus the CPU timings (see choose_sparse_layer).
     """
     config = config if config is not None else SparsifyConfig()
+    if config.int8_activations:
+        check_int8_activations(model)
     if config.mode == "off":
         return {}
     table = load_dispatch_table(config.dispatch_table) if config.dispatch_table is not None else None
@@ -133,13 +140,27 @@ def sparsify_(model: nn.Module, config: SparsifyConfig | None = None,
             new = Sparse24Linear.from_dense(mod, table)
             records[name] = {"sparsity": round(weight_sparsity(mod.weight.detach()), 4), "chosen": "sparse24"}
         else:
-            new, records[name] = choose_sparse_layer(mod, calibrate=config.calibrate)
+            new, records[name] = choose_sparse_layer(mod, calibrate=config.calibrate,
+                                                     int8_activations=config.int8_activations)
         if new is not mod:
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     if config.mode == "auto":
-        use_dense_cpu_kernels_(model)
+        use_dense_cpu_kernels_(model, int8_activations=config.int8_activations)
     return records
+
+
+def check_int8_activations(model: nn.Module) -> None:
+    """ValueError unless int8 activations can apply to `model`: an int8-quantized model (prune --quantize int8) on
+    the CPU (the mode, "auto", is SparsifyConfig's check)."""
+    if not quantized_modules(model):
+        raise ValueError("int8 activations need an int8-quantized model (weights with per-row scales): prune it "
+                         "with --quantize int8 first, or drop --int8-activations")
+    elsewhere = [name for name, mod in model.named_modules()
+                 if isinstance(mod, nn.Linear) and mod.weight.device.type != "cpu"]
+    if elsewhere:
+        raise ValueError(f"int8 activations are a CPU path; layer {elsewhere[0]!r} is on "
+                         f"{model.get_submodule(elsewhere[0]).weight.device}: load the model on the CPU")
 
 
 def swapped_layer_names(records: dict[str, dict]) -> list[str]:

@@ -25,7 +25,15 @@ import torch
 
 from sparsefast._ext import load_cpu_extension
 from sparsefast.ops._dispatch import select_backend
-from sparsefast.ops.sparse24_cpu import KERNEL_DTYPES, VALUE_DTYPES, check_scales, cpu_isa, linear_ref
+from sparsefast.ops.int8_rows import int8_activation_linear
+from sparsefast.ops.sparse24_cpu import (
+    KERNEL_DTYPES,
+    VALUE_DTYPES,
+    check_scales,
+    cpu_isa,
+    int8_activation_kernels,
+    linear_ref,
+)
 
 DENSE_KERNEL_MAX_TOKENS = 8  # M above this runs F.linear (oneDNN / MKL GEMMs win there; module docstring)
 
@@ -45,29 +53,32 @@ def dense_kernel_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def dense_linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                     scales: torch.Tensor | None = None, backend: str | None = None,
+                     scales: torch.Tensor | None = None, int8_activations: bool = False, backend: str | None = None,
                      isa: str | None = None) -> torch.Tensor:
     """y = x Wᵀ + bias through the dense CPU kernel, any M (`linear_cpu` is the route that limits it to the M where
     it wins). x: [..., in] float32 | bfloat16; weight [out, in] float32 | bfloat16 | int8 with per-row `scales`
-    (float32 [out], W = scales[row] · weight; sparsefast.ops.int8_rows), unit column stride; returns
+    (float32 [out], W = scales[row] · weight; sparsefast.ops.int8_rows; `int8_activations`: x quantized per token
+    and block, int8_rows.int8_activation_linear), unit column stride; returns
     [..., out] in x's dtype, accumulated in fp32. backend: auto | cpu | torch (env SPARSEFAST_BACKEND); isa (cpu
     backend): auto | avx512vbmi | avx512 | avx2 | scalar (env SPARSEFAST_CPU_ISA). Threads: torch.get_num_threads()."""
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"dense_linear_cpu: x [..., {x.shape[-1]}] does not match weight {tuple(weight.shape)} "
                          "([out, in])")
-    check_scales(weight, scales, weight.shape[0])
+    check_scales(weight, scales, weight.shape[0], int8_activations)
     ok = (x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype in KERNEL_DTYPES
-          and weight.dtype in VALUE_DTYPES and weight.stride(1) == 1)
+          and weight.dtype in VALUE_DTYPES and weight.stride(1) == 1
+          and (not int8_activations or int8_activation_kernels(isa)))
     chosen = select_backend("dense_linear_cpu", x, backend, has=("cpu", "torch"), cuda_ok=ok)
     if chosen == "torch":
-        return dense_linear_cpu_ref(x, weight, bias, scales)
-    return torch.ops.sparsefast.dense_linear_cpu(x, weight, bias, cpu_isa(isa), scales)
+        return dense_linear_cpu_ref(x, weight, bias, scales, int8_activations)
+    return torch.ops.sparsefast.dense_linear_cpu(x, weight, bias, cpu_isa(isa), scales, int8_activations)
 
 
 def dense_linear_cpu_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                         scales: torch.Tensor | None = None) -> torch.Tensor:
-    """Torch twin: F.linear in x's dtype (an int8 weight dequantized with its per-row scales first)."""
-    return linear_ref(x, weight, bias, scales)
+                         scales: torch.Tensor | None = None, int8_activations: bool = False) -> torch.Tensor:
+    """Torch twin: `linear_ref` (F.linear in x's dtype, an int8 weight dequantized with its per-row scales first;
+    int8 activations: int8_rows.int8_activation_linear)."""
+    return linear_ref(x, weight, bias, scales, int8_activations)
 
 
 DenseCall = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -89,21 +100,28 @@ def dense_route(x: torch.Tensor, weight: torch.Tensor) -> DenseCall:
 
 
 def dense_layer_route(x: torch.Tensor, weight: torch.Tensor, q: torch.Tensor | None = None,
-                      scales: torch.Tensor | None = None) -> DenseCall:
+                      scales: torch.Tensor | None = None, int8_activations: bool = False) -> DenseCall:
     """The dense route of a layer whose float weight is `weight` and, for an int8-quantized layer, whose int8 values
     are `q` with per-row `scales` (weight = scales · q): (x, weight, bias) -> y for inputs like `x`, decided now. The
     int8 kernel on q (the captured q, not the weight passed) where `dense_kernel_takes` it, else `dense_route` on the
-    float weight: the one rule of DenseCpuLinear, SparseLinear's dense rows and the calibration's dense baseline."""
-    if q is not None and dense_kernel_takes(x, q):
+    float weight: the one rule of DenseCpuLinear, SparseLinear's dense rows and the calibration's dense baseline.
+    `int8_activations` (an int8 layer): x quantized per token and block, through the kernel where it runs, else the
+    torch twin (int8_rows.int8_activation_linear) on q, never the float weight."""
+    if int8_activations and q is None:
+        raise ValueError("dense_layer_route: int8 activations need an int8 layer (q and scales)")
+    if q is not None and dense_kernel_takes(x, q) and (not int8_activations or int8_activation_kernels()):
         op, isa, row_scales = torch.ops.sparsefast.dense_linear_cpu.default, cpu_isa(), scales.float()
-        return lambda x, weight, bias: op(x, q, bias, isa, row_scales)
+        return lambda x, weight, bias: op(x, q, bias, isa, row_scales, int8_activations)
+    if int8_activations:
+        row_scales = scales.float()
+        return lambda x, weight, bias: int8_activation_linear(x, q, row_scales, bias)
     return dense_route(x, weight)
 
 
 def dense_layer_reads(x: torch.Tensor, weight: torch.Tensor, q: torch.Tensor | None = None,
-                      scales: torch.Tensor | None = None) -> list[torch.Tensor]:
+                      scales: torch.Tensor | None = None, int8_activations: bool = False) -> list[torch.Tensor]:
     """The weight tensors `dense_layer_route` reads for inputs like `x` (decode bandwidth accounting)."""
-    return [q, scales] if q is not None and dense_kernel_takes(x, q) else [weight]
+    return [q, scales] if q is not None and (int8_activations or dense_kernel_takes(x, q)) else [weight]
 
 
 def linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -7,6 +7,9 @@ take q as they take a float weight (a zero stays a zero: q = 0 exactly where W =
 
 Scale: max |W[row, :]| / 127 (the symmetric absmax rule of LLM.int8() / GPTQ's per-channel 8-bit grid); a row of
 zeros gets scale 1 (q = 0). -128 is never used, so the grid is symmetric and negation commutes with quantization.
+Activations (opt-in, `int8_activation_linear`): x quantized by the same rule per token and 32-column block (as
+llama.cpp's Q8_0), integer dot products per block (the CPU kernels' AVX-512 VNNI path), blocks summed in fp32:
+dynamic W8A8.
 Bytes per weight: 1 (dense), 0.5 + 1/16 at 2:4 (values + 2-bit positions), 0.5 + 1/8 at 50% unstructured
 (values + bitmask), against llama.cpp Q8_0's 34 bytes per 32 weights (1.0625).
 """
@@ -14,9 +17,11 @@ Bytes per weight: 1 (dense), 0.5 + 1/16 at 2:4 (values + 2-bit positions), 0.5 +
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 INT8_MAX = 127
+ACTIVATION_BLOCK = 32  # input columns per activation scale (csrc/cpu/linear_cpu.h kActBlock)
 SCALE_BUFFER = "weight_scale"  # a quantized nn.Linear's scales: a float32 buffer [out], saved as NAME.weight_scale
 
 
@@ -44,6 +49,36 @@ def dequantize_int8_rows(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dty
         raise ValueError(f"int8 rows: need q int8 [out, in] and scales [out], got {q.dtype} {tuple(q.shape)} and "
                          f"{tuple(scales.shape)}")
     return (q.float() * scales.float()[:, None]).to(dtype)
+
+
+def quantize_int8_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 [M, in], scales float32 [M, ceil(in / 32)]) of activations x [M, in]: `quantize_int8_rows`' rule per
+    token and block of ACTIVATION_BLOCK columns (the last block padded with zeros), as llama.cpp's Q8_0 quantizes the
+    activations it multiplies."""
+    if x.dim() != 2:
+        raise ValueError(f"int8 activations: x must be 2-D [tokens, in], got shape {tuple(x.shape)}")
+    tokens, cols = x.shape
+    blocks = -(-cols // ACTIVATION_BLOCK)
+    padded = F.pad(x.detach().float(), (0, blocks * ACTIVATION_BLOCK - cols))
+    q, scales = quantize_int8_rows(padded.reshape(tokens * blocks, ACTIVATION_BLOCK))
+    return q.view(tokens, -1)[:, :cols], scales.view(tokens, blocks)
+
+
+def int8_activation_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
+                           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x Wᵀ (+ bias) with W = scales · q and x quantized by `quantize_int8_activations` (dynamic W8A8), in x's
+    dtype: the torch twin of the CPU kernels' int8-activation path (csrc/cpu/linear_int8_act_cpu.cpp), as F.linear of
+    the dequantized activations and weight in fp32. The kernels sum the same products exactly per block (int32) and
+    the blocks in fp32, so the two differ by fp32 rounding only."""
+    cols = q.shape[1]
+    if x.shape[-1] != cols:
+        raise ValueError(f"int8 activations: x has {x.shape[-1]} features, the weight {cols}")
+    xq, xs = quantize_int8_activations(x.reshape(-1, cols))
+    blocks = xs.shape[1]
+    xq = F.pad(xq.float(), (0, blocks * ACTIVATION_BLOCK - cols)).view(-1, blocks, ACTIVATION_BLOCK)
+    xd = (xq * xs[..., None]).view(-1, blocks * ACTIVATION_BLOCK)[:, :cols]
+    y = F.linear(xd, dequantize_int8_rows(q, scales), None if bias is None else bias.float())
+    return y.reshape(*x.shape[:-1], q.shape[0]).to(x.dtype)
 
 
 def quantized_modules(model: nn.Module) -> list[str]:

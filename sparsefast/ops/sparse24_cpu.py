@@ -29,14 +29,16 @@ import os
 import torch
 import torch.nn.functional as F
 
+from sparsefast._ext import load_cpu_extension
 from sparsefast.ops._dispatch import select_backend
-from sparsefast.ops.int8_rows import dequantize_int8_rows
+from sparsefast.ops.int8_rows import dequantize_int8_rows, int8_activation_linear
 from sparsefast.ops.sparse24 import _kept_positions, check_sparse24
 
 TILE_ROWS, BLOCK_COLS = 8, 32  # the 2:4 layout's tile
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # activations, and float weights
 VALUE_DTYPES = (*KERNEL_DTYPES, torch.int8)  # stored weights: int8 with per-row scales (sparsefast.ops.int8_rows)
 ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3, "avx512vbmi": 4}  # csrc/cpu/linear_cpu.h, enum Isa
+ISA_NAMES = {code: name for name, code in ISAS.items()}
 ISA_ENV = "SPARSEFAST_CPU_ISA"
 
 
@@ -104,23 +106,32 @@ def unpack_sparse24_cpu(values: torch.Tensor, meta: torch.Tensor, out_features: 
 
 
 def sparse24_linear_cpu_ref(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,
-                            out_features: int, in_features: int, scales: torch.Tensor | None = None) -> torch.Tensor:
-    """Torch twin: F.linear of x [..., in] with the unpacked (dense-with-zeros, int8 dequantized) weight → [..., out],
-    x's dtype."""
-    return linear_ref(x, unpack_sparse24_cpu(values, meta, out_features, in_features), bias, scales)
+                            out_features: int, in_features: int, scales: torch.Tensor | None = None,
+                            int8_activations: bool = False) -> torch.Tensor:
+    """Torch twin: `linear_ref` of x [..., in] with the unpacked (dense-with-zeros) weight → [..., out], x's dtype."""
+    return linear_ref(x, unpack_sparse24_cpu(values, meta, out_features, in_features), bias, scales,
+                      int8_activations)
 
 
 def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-               scales: torch.Tensor | None = None) -> torch.Tensor:
+               scales: torch.Tensor | None = None, int8_activations: bool = False) -> torch.Tensor:
     """The CPU kernels' torch twin on a dense-with-zeros weight [out, in]: F.linear in x's dtype, an int8 weight
-    dequantized with its per-row `scales` first."""
-    check_scales(weight, scales, weight.shape[0])
+    dequantized with its per-row `scales` first; with `int8_activations` (int8 weights only) x quantized per token
+    and block first (sparsefast.ops.int8_rows.int8_activation_linear)."""
+    check_scales(weight, scales, weight.shape[0], int8_activations)
+    if int8_activations:
+        return int8_activation_linear(x, weight, scales, bias)
     w = dequantize_int8_rows(weight, scales) if scales is not None else weight
     return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
-def check_scales(values: torch.Tensor, scales: torch.Tensor | None, out_features: int) -> None:
-    """ValueError unless int8 `values` come with float32 `scales` [out_features] and float values with none."""
+def check_scales(values: torch.Tensor, scales: torch.Tensor | None, out_features: int,
+                 int8_activations: bool = False) -> None:
+    """ValueError unless int8 `values` come with float32 `scales` [out_features] and float values with none (and
+    without int8 activations, which need int8 weights)."""
+    if int8_activations and values.dtype != torch.int8:
+        raise ValueError(f"CPU linear: int8 activations need int8 weights (prune --quantize int8); these values are "
+                         f"{values.dtype}")
     if values.dtype != torch.int8:
         if scales is not None:
             raise ValueError(f"CPU linear: scales are for int8 values only; these values are {values.dtype}")
@@ -131,17 +142,31 @@ def check_scales(values: torch.Tensor, scales: torch.Tensor | None, out_features
                          f"{got}; quantize with sparsefast.ops.int8_rows.quantize_int8_rows")
 
 
-def kernel_supported(x: torch.Tensor, values: torch.Tensor) -> bool:
-    """Whether the CPU kernels take this case (CPU tensors, fp32/bf16 activations, fp32/bf16/int8 weights)."""
+def kernel_supported(x: torch.Tensor, values: torch.Tensor, int8_activations: bool = False) -> bool:
+    """Whether the CPU kernels take this case (CPU tensors, fp32/bf16 activations, fp32/bf16/int8 weights; int8
+    activations at the avx512vbmi level only), the extension aside."""
     return (x.device.type == "cpu" and values.device.type == "cpu" and x.dtype in KERNEL_DTYPES
-            and values.dtype in VALUE_DTYPES)
+            and values.dtype in VALUE_DTYPES and (not int8_activations or int8_activation_kernels()))
+
+
+def int8_activation_kernels(isa: str | None = None) -> bool:
+    """Whether the int8-activation kernels run at `isa` (default $SPARSEFAST_CPU_ISA, else this CPU's best): they
+    exist at avx512vbmi only (AVX-512 VNNI + VBMI: Ice Lake, Zen 4 and later); elsewhere the torch twin runs.
+    False without the CPU extension."""
+    code = cpu_isa(isa)
+    if code == ISAS["auto"]:
+        if not load_cpu_extension():
+            return False
+        code = int(torch.ops.sparsefast.cpu_best_isa())
+    return code == ISAS["avx512vbmi"]
 
 
 def sparse24_linear_cpu(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,
                         out_features: int, in_features: int, *, scales: torch.Tensor | None = None,
-                        backend: str | None = None, isa: str | None = None) -> torch.Tensor:
+                        int8_activations: bool = False, backend: str | None = None,
+                        isa: str | None = None) -> torch.Tensor:
     """y = x Wᵀ + bias with W packed by `pack_sparse24_cpu` (int8 values: W = scales[row] · values, `scales` float32
-    [out_features]).
+    [out_features]; `int8_activations`: x quantized per token and block, int8_rows.int8_activation_linear).
 
     x: [..., in_features] float32 | bfloat16 (any float dtype on the torch path); returns [..., out_features] in
     x's dtype, accumulated in fp32. backend: auto | cpu | torch (env SPARSEFAST_BACKEND). isa (cpu backend): auto |
@@ -151,10 +176,10 @@ def sparse24_linear_cpu(x: torch.Tensor, values: torch.Tensor, meta: torch.Tenso
     if x.shape[-1] != in_features:
         raise ValueError(f"sparse24_linear_cpu: x has {x.shape[-1]} features but in_features is {in_features}")
     check_packed_sparse24_cpu(values, meta, out_features, in_features)
-    check_scales(values, scales, out_features)
+    check_scales(values, scales, out_features, int8_activations)
     chosen = select_backend("sparse24_linear_cpu", x, backend, has=("cpu", "torch"),
-                            cuda_ok=kernel_supported(x, values))
+                            cuda_ok=kernel_supported(x, values, int8_activations))
     if chosen == "torch":
-        return sparse24_linear_cpu_ref(x, values, meta, bias, out_features, in_features, scales)
+        return sparse24_linear_cpu_ref(x, values, meta, bias, out_features, in_features, scales, int8_activations)
     return torch.ops.sparsefast.sparse24_linear_cpu(x, values, meta, bias, out_features, in_features, cpu_isa(isa),
-                                                    scales)
+                                                    scales, int8_activations)

@@ -127,19 +127,20 @@ def unpack_sparse_unstructured(values: torch.Tensor, mask: torch.Tensor, tile_of
 
 def sparse_unstructured_linear_cpu_ref(x: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                                        tile_offsets: torch.Tensor, bias: torch.Tensor | None, out_features: int,
-                                       in_features: int, scales: torch.Tensor | None = None) -> torch.Tensor:
-    """Torch twin: F.linear of x [..., in] with the unpacked (dense-with-zeros, int8 dequantized) weight → [..., out],
-    x's dtype."""
+                                       in_features: int, scales: torch.Tensor | None = None,
+                                       int8_activations: bool = False) -> torch.Tensor:
+    """Torch twin: `linear_ref` of x [..., in] with the unpacked (dense-with-zeros) weight → [..., out], x's dtype."""
     return linear_ref(x, unpack_sparse_unstructured(values, mask, tile_offsets, out_features, in_features), bias,
-                      scales)
+                      scales, int8_activations)
 
 
 def sparse_unstructured_linear_cpu(x: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                                    tile_offsets: torch.Tensor, bias: torch.Tensor | None, out_features: int,
                                    in_features: int, *, scales: torch.Tensor | None = None,
-                                   backend: str | None = None, isa: str | None = None) -> torch.Tensor:
+                                   int8_activations: bool = False, backend: str | None = None,
+                                   isa: str | None = None) -> torch.Tensor:
     """y = x Wᵀ + bias with W packed by `pack_sparse_unstructured` (int8 values: W = scales[row] · values, `scales`
-    float32 [out_features]).
+    float32 [out_features]; `int8_activations`: x quantized per token and block, int8_rows.int8_activation_linear).
 
     x: [..., in_features] float32 | bfloat16 (any float dtype on the torch path); returns [..., out_features] in
     x's dtype, accumulated in fp32. backend: auto | cpu | torch (env SPARSEFAST_BACKEND). isa: auto | avx512vbmi |
@@ -150,11 +151,11 @@ def sparse_unstructured_linear_cpu(x: torch.Tensor, values: torch.Tensor, mask: 
         raise ValueError(f"sparse_unstructured_linear_cpu: x has {x.shape[-1]} features but in_features is "
                          f"{in_features}")
     check_packed_unstructured(values, mask, tile_offsets, out_features, in_features)
-    check_scales(values, scales, out_features)
+    check_scales(values, scales, out_features, int8_activations)
     chosen = select_backend("sparse_unstructured_linear_cpu", x, backend, has=("cpu", "torch"),
-                            cuda_ok=kernel_supported(x, values))
+                            cuda_ok=kernel_supported(x, values, int8_activations))
     if chosen == "torch":
         return sparse_unstructured_linear_cpu_ref(x, values, mask, tile_offsets, bias, out_features, in_features,
-                                                  scales)
+                                                  scales, int8_activations)
     return torch.ops.sparsefast.sparse_unstructured_linear_cpu(x, values, mask, tile_offsets, bias, out_features,
-                                                               in_features, cpu_isa(isa), scales)
+                                                               in_features, cpu_isa(isa), scales, int8_activations)

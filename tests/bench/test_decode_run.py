@@ -138,6 +138,30 @@ def test_summary_of_int8_variants_against_llama_cpp_q8_0():
     assert not any("Q4_1" in g for g in goals)
 
 
+def test_w8a8_variants_run_the_int8_checkpoint_with_int8_activations(tmp_path):
+    """A -w8a8 variant needs no checkpoint of its own (the -int8 one), its worker gets --int8-activations, and its
+    goals compare it with the dense model of the same numerics and with llama.cpp's Q8_0."""
+    from sparsefast.bench.decode_options import checkpoint_name, int8_activations, is_int8
+    from sparsefast.bench.decode_run import sparsefast_variants
+
+    assert [checkpoint_name(v) for v in ("2:4-w8a8", "50%-w8a8", "dense-w8a8", "2:4-int8")] == [
+        "2:4-int8", "50%-int8", "dense-int8", "2:4-int8"]
+    assert is_int8("2:4-w8a8") and int8_activations("dense-w8a8") and not int8_activations("2:4-int8")
+    cfg = DecodeBenchConfig(sparsities=("2:4-int8", "2:4-w8a8"), dtypes=("float32",), compile_modes=("on",))
+    argvs = {v.sparsity: v.argv for v in sparsefast_variants(cfg, {"2:4-int8": str(tmp_path)})}
+    assert "--int8-activations" in argvs["2:4-w8a8"] and "--int8-activations" not in argvs["2:4-int8"]
+    assert argvs["2:4-w8a8"][3] == str(tmp_path)
+    variants = [Variant("dw", [], "sparsefast", "float32", "dense-w8a8", compiled=True),
+                Variant("sw", [], "sparsefast", "float32", "2:4-w8a8", compiled=True),
+                Variant("q8", [], "llama_cpp", "q8_0", concurrent=False)]
+    raw = {"dw": {"b1": [_reply(0.02)], "concurrent": []}, "sw": {"b1": [_reply(0.0125)], "concurrent": []},
+           "q8": {"b1": [{"result": {"tpot_s": 0.0125}}], "concurrent": []}}
+    readies = {"dw": {"weight_bytes_per_token": 1}, "sw": {"weight_bytes_per_token": 1}, "q8": {}}
+    goals = summarize(variants, raw, readies, {"copy_gbs": 20.0}, concurrency=8)["goals"]
+    assert goals["2:4-w8a8 float32 b1 vs dense-w8a8"]["value"] == pytest.approx(1.6)
+    assert goals["2:4-w8a8 float32 b1 vs llama.cpp Q8_0"]["value"] == pytest.approx(1.0)
+
+
 def test_whole_run_with_fake_peers(story_llama_dir, fake_peer_python, tmp_path):
     out = tmp_path / "decode.json"
     cfg = DecodeBenchConfig(model=str(story_llama_dir), sparsities=("dense", "dense-torch", "2:4"), dtypes=("float32",),

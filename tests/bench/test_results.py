@@ -57,6 +57,9 @@ def test_kernel_isa_is_the_forced_one_or_the_best(monkeypatch):
     monkeypatch.delenv("SPARSEFAST_CPU_ISA")
     best = kernel_isa()  # None only where the CPU extension did not build
     assert best is None or best in set(ISAS) - {"auto"}
+    monkeypatch.setenv("SPARSEFAST_CPU_ISA", "avx1024")
+    with pytest.raises(ValueError, match="unknown instruction set 'avx1024'"):
+        kernel_isa()
 
 
 def test_commit_of_reads_new_and_old_results():

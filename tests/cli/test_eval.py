@@ -81,6 +81,8 @@ def test_llm_pruner_protocol_default_seqlen(story_llama_dir, data_dir, tmp_path)
     (["--ppl", "none"], "nothing to evaluate"),
     (["--ppl", "wikitext2", "--limit", "5"], "--limit applies to zero-shot tasks only"),
     (["--ppl", "", "--tasks", "nosuchtask"], "unknown zero-shot task"),
+    (["--ppl", "", "--tasks", "piqa", "--server", "http://127.0.0.1:9", "--int8-activations"],
+     "--int8-activations is the served model's setting"),
 ])
 def test_bad_arguments_fail_before_loading(story_llama_dir, data_dir, no_model_load, argv, message):
     with pytest.raises(ValueError, match=message):
@@ -180,3 +182,9 @@ def test_missing_data_dir_is_an_error_before_loading(tmp_path, story_llama_dir, 
     code, _, err = run_main(["eval", str(story_llama_dir), "--ppl", "wikitext2", "--device", "cpu", "--data-dir",
                         str(nowhere)], capsys)
     assert code == 2 and f"--data-dir {nowhere} does not exist" in one_error_line(err, "eval")
+
+
+def test_int8_activations_need_an_int8_checkpoint(story_llama_dir, data_dir):
+    with pytest.raises(ValueError, match="need an int8-quantized model"):
+        run_eval([str(story_llama_dir), "--data-dir", str(data_dir), "--ppl", "wikitext2", "--int8-activations",
+                  "--max-windows", "1", "--no-progress"])

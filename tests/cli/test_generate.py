@@ -27,6 +27,7 @@ def test_generate_streams_the_greedy_completion(story_llama_dir, capsys):
     (["--prompt", "hi", "--max-tokens", "0"], "max_tokens: must be an integer >= 1"),
     (["--prompt", "hi", "--temperature", "-1"], "temperature:"),
     (["--prompt", ""], "--prompt is empty"),
+    (["--prompt", "hi", "--sparse", "off", "--int8-activations"], "int8 activations run in the CPU modules of sparse"),
 ])
 def test_bad_input_is_one_line_exit_2_before_loading(argv, message, capsys):
     # the model path does not exist: the request checks must fire first

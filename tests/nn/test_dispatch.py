@@ -191,8 +191,8 @@ class _Recorder:
 
     def dense_route(self, real_route):
         """Wraps dense_layer_route: each dense call records the weight copy it reads."""
-        def route(x, w, q=None, scales=None):
-            inner = real_route(x, w, q, scales)
+        def route(x, w, q=None, scales=None, int8_activations=False):
+            inner = real_route(x, w, q, scales, int8_activations)
 
             def call(x, w, b=None):
                 self.dense_ptrs.append(w.data_ptr())

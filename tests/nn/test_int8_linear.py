@@ -134,3 +134,63 @@ def test_an_int8_layer_is_timed_and_run_against_the_int8_dense_route(monkeypatch
     assert layer.tensors_read(x)[:2] == [layer.dense_q, layer.scales]
     x = torch.randn(9, 48)  # above the dense kernel's token limit: F.linear on the float weight
     assert torch.equal(layer(x), F.linear(x, lin.weight, layer.bias))
+
+
+def _twin_model(int8_checkpoint, dtype=torch.float32):
+    """The checkpoint with every int8 linear's forward replaced by the torch twin of int8 activations."""
+    from sparsefast.ops.int8_rows import SCALE_BUFFER, int8_activation_linear, quantize_int8_rows
+
+    model, tok = sparsefast.load(int8_checkpoint, dtype=dtype)
+    for mod in model.modules():
+        scales = getattr(mod, SCALE_BUFFER, None)
+        if isinstance(mod, torch.nn.Linear) and scales is not None:
+            q = quantize_int8_rows(mod.weight.detach(), scales)[0]
+            mod.forward = lambda x, q=q, s=scales.float(), b=mod.bias: int8_activation_linear(x, q, s, b)
+    return model, tok
+
+
+def test_int8_activations_through_load_equal_the_twin_model(int8_checkpoint):
+    """`load(sparse="auto", int8_activations=True)`: every int8 layer (sparse kernels, dense kernel, LM head) runs
+    with x quantized per token and block, and the logits match those of the model whose int8 linears are the torch
+    twin within fp32 rounding, for a prefill and a decode-sized step (kernels where this CPU has them, the twin
+    elsewhere); the weight-only model differs by far more."""
+    from sparsefast.nn import DenseCpuLinear
+
+    model, tok = sparsefast.load(int8_checkpoint, sparse="auto", int8_activations=True)
+    layers = [m for m in model.modules() if isinstance(m, (SparseLinear, DenseCpuLinear))]
+    assert layers and all(m.int8_activations for m in layers)
+    assert any(isinstance(m, SparseLinear) for m in layers) and isinstance(model.lm_head, DenseCpuLinear)
+    twin, _ = _twin_model(int8_checkpoint)
+    plain, _ = sparsefast.load(int8_checkpoint)
+    ids = tok("Once upon a time there was a fox", return_tensors="pt").input_ids
+    with torch.no_grad():
+        for n in (ids.shape[1], 1):
+            got, want = model(ids[:, :n]).logits, twin(ids[:, :n]).logits
+            weight_only = plain(ids[:, :n]).logits  # a different model: the activations really were rounded
+            off = (got - want).abs().max()
+            assert off <= 1e-4 * want.abs().max()
+            assert 10 * off < (got - weight_only).abs().max() <= 0.1 * weight_only.abs().max()
+
+
+def test_int8_activations_are_refused_where_they_cannot_apply(story_llama_dir):
+    from sparsefast.nn import SparsifyConfig, sparsify_
+
+    with pytest.raises(ValueError, match="sparse mode 'auto', not 'sparse24'"):
+        SparsifyConfig(mode="sparse24", int8_activations=True)
+    model, _ = sparsefast.load(story_llama_dir)
+    with pytest.raises(ValueError, match="need an int8-quantized model"):
+        sparsify_(model, SparsifyConfig(int8_activations=True))
+    with pytest.raises(ValueError, match="int8 activations need int8 weights"):
+        SparseLinear.from_dense(torch.nn.Linear(32, 8), "unstructured", int8_activations=True)
+
+
+def test_compiled_step_equals_eager_with_int8_activations(int8_checkpoint):
+    """The compiled decode step with the int8-activation ops inside the graph: greedy output token for token."""
+    require_cpu_kernels()
+    from tests.serve.test_compiled import MAX_TOKENS, PROMPTS, served
+
+    model, tok = sparsefast.load(int8_checkpoint, sparse="auto", int8_activations=True)
+    args = dict(max_batch=2, prompts=PROMPTS[:3], max_tokens=MAX_TOKENS[:3])
+    eager, _ = served(model, tok, "off", **args)
+    compiled, engine = served(model, tok, "on", **args)
+    assert compiled == eager and engine.runner.graphs == 2

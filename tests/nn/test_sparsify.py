@@ -58,8 +58,8 @@ def test_choose_sparse_layer_gives_the_calibration_new_packed_copies(monkeypatch
 
     monkeypatch.setattr(SparseLinear, "__init__", recording_init)
 
-    def spy(kernel_copy, kernel_bytes, dense_weight, *, key, dense_scales):
-        assert dense_scales is None  # a float layer: the float dense baseline
+    def spy(kernel_copy, kernel_bytes, dense_weight, *, key, dense_scales, int8_activations):
+        assert dense_scales is None and not int8_activations  # a float layer: the float dense baseline
         before = len(created)
         kernels = [kernel_copy() for _ in range(3)]
         layers = created[before:]  # the layer each kernel_copy() made

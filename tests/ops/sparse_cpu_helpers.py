@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from sparsefast._ext import NO_COMPILER_ENV, cpu_extension_error, load_cpu_extension
 from sparsefast.ops.int8_rows import dequantize_int8_rows, quantize_int8_rows
-from sparsefast.ops.sparse24_cpu import ISAS
+from sparsefast.ops.sparse24_cpu import ISA_NAMES
 
 TOKENS = (1, 2, 3, 8, 11, 16, 33, 64)
 SHAPES = ((1, 4), (7, 37), (13, 100), (33, 260), (64, 576))  # (out, in): 1, primes, non-multiples of 8/16
@@ -41,7 +41,7 @@ def require_cpu_kernels() -> None:
 
 def available_isas() -> list[str]:
     best = int(torch.ops.sparsefast.cpu_best_isa())
-    return [name for name, code in ISAS.items() if 0 < code <= best]
+    return [ISA_NAMES[code] for code in range(1, best + 1)]
 
 
 def random_24(out_features: int, in_features: int, gen: torch.Generator) -> torch.Tensor:
