@@ -143,8 +143,8 @@ def load_cpu_extension(jit: bool = True) -> bool:
     else:
         _CPU_ERROR = "sparsefast._cpu was not built (no C++ compiler at install time?)"
     compiler = os.environ.get("CXX", "c++")
-    if not jit and not stale:
-        return False
+    if not jit and not stale:  # registered by a JIT build earlier in this process, or not at all
+        return all(hasattr(torch.ops.sparsefast, op) for op in CPU_OPS)
     if stale:
         pass
     elif os.environ.get(NO_COMPILER_ENV) == "1":

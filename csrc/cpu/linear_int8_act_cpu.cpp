@@ -92,8 +92,8 @@ SF_AVX512_VBMI void tile24_int8_act(const Sparse24Weight& w, int64_t tile, const
     }
 #pragma GCC unroll 2
     for (int g = 0; g < 2; ++g) {
-      const __m512i words = _mm512_permutexvar_epi32(
-          row_of_qword, _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(meta + 8 * b + 4 * g))));
+      const __m128i four_words = _mm_loadu_si128(reinterpret_cast<const __m128i*>(meta + 8 * b + 4 * g));
+      const __m512i words = _mm512_permutexvar_epi32(row_of_qword, _mm512_castsi128_si512(four_words));
       const __m512i idx = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(shift, words), two_bits, base, 0xEA);
       const int8_t* at = values + 128 * b + 64 * g;
       prefetch_l2(at, blocks * kTileRows * 16);  // the same block of the next tile

@@ -147,8 +147,9 @@ at::Tensor run_tiles_int8_act(const at::Tensor& x, const Weight& w, int64_t in_f
   const at::Tensor xf = x.reshape({m, in_features}).to(at::kFloat).contiguous();
   thread_local std::vector<uint8_t> q;
   thread_local std::vector<float> xs;
+  const int64_t blocks = m * kq / sparsefast_cpu::kActBlock;
   if (q.size() < static_cast<size_t>(m * kq)) q.resize(m * kq);
-  if (xs.size() < static_cast<size_t>(m * kq / sparsefast_cpu::kActBlock)) xs.resize(m * kq / sparsefast_cpu::kActBlock);
+  if (xs.size() < static_cast<size_t>(blocks)) xs.resize(blocks);
   sparsefast_cpu::quantize_input_int8(xf.data_ptr<float>(), m, in_features, in_features, kq, q.data(), xs.data());
   at::Tensor y = output_like(x, w.n);
   float* yp = y.data_ptr<float>();

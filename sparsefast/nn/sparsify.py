@@ -34,6 +34,7 @@ from sparsefast.nn.sparse24_linear import Sparse24Linear
 from sparsefast.nn.sparse_linear import SparseLinear
 from sparsefast.ops.int8_rows import quantized_modules
 from sparsefast.ops.sparse24 import check_sparse24, is_sparse24
+from sparsefast.ops.sparse24_cpu import KERNEL_DTYPES, int8_activation_kernels
 from sparsefast.ops.sparse_unstructured import weight_sparsity
 
 MIN_SPARSITY = 0.3  # below this neither CPU layout moves fewer bytes enough to be worth timing (0.7 + 1/32 of dense)
@@ -68,7 +69,8 @@ def choose_sparse_layer(linear: nn.Linear, *, calibrate: bool = True,
             # swapped layer's forward calls it; the torch twin where the kernels cannot run.
             copy = SparseLinear(linear.in_features, linear.out_features, layout, tuple(t.clone() for t in packed),
                                 bias, scales=scales, int8_activations=int8_activations)
-            return copy.kernel_call() if load_cpu_extension() else copy.kernel
+            runs = load_cpu_extension() and (not int8_activations or int8_activation_kernels())
+            return copy.kernel_call() if runs else copy.kernel
 
         # the stored values a kernel reads (and how it reads x)
         values = str(weight.dtype) if layer.scales is None else "int8+int8 activations" if int8_activations else "int8"
@@ -151,11 +153,16 @@ def sparsify_(model: nn.Module, config: SparsifyConfig | None = None,
 
 
 def check_int8_activations(model: nn.Module) -> None:
-    """ValueError unless int8 activations can apply to `model`: an int8-quantized model (prune --quantize int8) on
-    the CPU (the mode, "auto", is SparsifyConfig's check)."""
-    if not quantized_modules(model):
+    """ValueError unless int8 activations can apply to `model`: an int8-quantized model (prune --quantize int8) in
+    float32 or bfloat16 on the CPU (the mode, "auto", is SparsifyConfig's check)."""
+    names = quantized_modules(model)
+    if not names:
         raise ValueError("int8 activations need an int8-quantized model (weights with per-row scales): prune it "
                          "with --quantize int8 first, or drop --int8-activations")
+    dtype = model.get_submodule(names[0]).weight.dtype
+    if dtype not in KERNEL_DTYPES:
+        raise ValueError(f"int8 activations run on float32 or bfloat16 models (the CPU modules that carry them), not "
+                         f"{dtype}; load with --dtype float32 or bfloat16")
     elsewhere = [name for name, mod in model.named_modules()
                  if isinstance(mod, nn.Linear) and mod.weight.device.type != "cpu"]
     if elsewhere:

@@ -24,6 +24,7 @@ padding are zeros. A block of 32 columns holds 8 groups of 4; each group keeps 2
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -142,11 +143,12 @@ def check_scales(values: torch.Tensor, scales: torch.Tensor | None, out_features
                          f"{got}; quantize with sparsefast.ops.int8_rows.quantize_int8_rows")
 
 
-def kernel_supported(x: torch.Tensor, values: torch.Tensor, int8_activations: bool = False) -> bool:
+def kernel_supported(x: torch.Tensor, values: torch.Tensor, int8_activations: bool = False,
+                     isa: str | None = None) -> bool:
     """Whether the CPU kernels take this case (CPU tensors, fp32/bf16 activations, fp32/bf16/int8 weights; int8
-    activations at the avx512vbmi level only), the extension aside."""
+    activations at the avx512vbmi level only: `isa`, else $SPARSEFAST_CPU_ISA or the best), the extension aside."""
     return (x.device.type == "cpu" and values.device.type == "cpu" and x.dtype in KERNEL_DTYPES
-            and values.dtype in VALUE_DTYPES and (not int8_activations or int8_activation_kernels()))
+            and values.dtype in VALUE_DTYPES and (not int8_activations or int8_activation_kernels(isa)))
 
 
 def int8_activation_kernels(isa: str | None = None) -> bool:
@@ -155,10 +157,15 @@ def int8_activation_kernels(isa: str | None = None) -> bool:
     False without the CPU extension."""
     code = cpu_isa(isa)
     if code == ISAS["auto"]:
-        if not load_cpu_extension():
-            return False
-        code = int(torch.ops.sparsefast.cpu_best_isa())
+        code = best_cpu_isa()
     return code == ISAS["avx512vbmi"]
+
+
+@functools.lru_cache(maxsize=None)
+def best_cpu_isa() -> int:
+    """The best instruction-set code this CPU runs the kernels at (csrc/cpu/linear_cpu.cpp best_isa); 0 without the
+    CPU extension."""
+    return int(torch.ops.sparsefast.cpu_best_isa()) if load_cpu_extension() else ISAS["auto"]
 
 
 def sparse24_linear_cpu(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,
@@ -178,7 +185,7 @@ def sparse24_linear_cpu(x: torch.Tensor, values: torch.Tensor, meta: torch.Tenso
     check_packed_sparse24_cpu(values, meta, out_features, in_features)
     check_scales(values, scales, out_features, int8_activations)
     chosen = select_backend("sparse24_linear_cpu", x, backend, has=("cpu", "torch"),
-                            cuda_ok=kernel_supported(x, values, int8_activations))
+                            cuda_ok=kernel_supported(x, values, int8_activations, isa))
     if chosen == "torch":
         return sparse24_linear_cpu_ref(x, values, meta, bias, out_features, in_features, scales, int8_activations)
     return torch.ops.sparsefast.sparse24_linear_cpu(x, values, meta, bias, out_features, in_features, cpu_isa(isa),

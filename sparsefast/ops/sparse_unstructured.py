@@ -153,7 +153,7 @@ def sparse_unstructured_linear_cpu(x: torch.Tensor, values: torch.Tensor, mask: 
     check_packed_unstructured(values, mask, tile_offsets, out_features, in_features)
     check_scales(values, scales, out_features, int8_activations)
     chosen = select_backend("sparse_unstructured_linear_cpu", x, backend, has=("cpu", "torch"),
-                            cuda_ok=kernel_supported(x, values, int8_activations))
+                            cuda_ok=kernel_supported(x, values, int8_activations, isa))
     if chosen == "torch":
         return sparse_unstructured_linear_cpu_ref(x, values, mask, tile_offsets, bias, out_features, in_features,
                                                   scales, int8_activations)

@@ -190,7 +190,30 @@ def test_compiled_step_equals_eager_with_int8_activations(int8_checkpoint):
     from tests.serve.test_compiled import MAX_TOKENS, PROMPTS, served
 
     model, tok = sparsefast.load(int8_checkpoint, sparse="auto", int8_activations=True)
+    assert all(m.int8_activations for m in model.modules() if hasattr(m, "int8_activations"))
     args = dict(max_batch=2, prompts=PROMPTS[:3], max_tokens=MAX_TOKENS[:3])
     eager, _ = served(model, tok, "off", **args)
     compiled, engine = served(model, tok, "on", **args)
     assert compiled == eager and engine.runner.graphs == 2
+
+
+def test_int8_activations_without_their_kernels_run_the_twin_even_while_timing(int8_checkpoint, monkeypatch):
+    """On a CPU below avx512vbmi (simulated) the load-time timing and every route take the torch twin: the swap
+    works and the model equals the twin model."""
+    from sparsefast.nn import sparsify as sparsify_module
+    from sparsefast.ops import dense_cpu, sparse24_cpu
+
+    for module in (sparsify_module, dense_cpu, sparse24_cpu):
+        monkeypatch.setattr(module, "int8_activation_kernels", lambda isa=None: False)
+    model, tok = sparsefast.load(int8_checkpoint, sparse="auto", int8_activations=True)
+    assert any(isinstance(m, SparseLinear) for m in model.modules())
+    twin, _ = _twin_model(int8_checkpoint)
+    ids = tok("Once upon a time there was a fox", return_tensors="pt").input_ids
+    with torch.no_grad():
+        for n in (ids.shape[1], 1):
+            torch.testing.assert_close(model(ids[:, :n]).logits, twin(ids[:, :n]).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_activations_refuse_a_float16_model(int8_checkpoint):
+    with pytest.raises(ValueError, match="float32 or bfloat16 models"):
+        sparsefast.load(int8_checkpoint, dtype="float16", sparse="auto", int8_activations=True)

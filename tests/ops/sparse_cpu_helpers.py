@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from sparsefast._ext import NO_COMPILER_ENV, cpu_extension_error, load_cpu_extension
 from sparsefast.ops.int8_rows import dequantize_int8_rows, quantize_int8_rows
-from sparsefast.ops.sparse24_cpu import ISA_NAMES
+from sparsefast.ops.sparse24_cpu import ISA_NAMES, best_cpu_isa
 
 TOKENS = (1, 2, 3, 8, 11, 16, 33, 64)
 SHAPES = ((1, 4), (7, 37), (13, 100), (33, 260), (64, 576))  # (out, in): 1, primes, non-multiples of 8/16
@@ -40,8 +40,7 @@ def require_cpu_kernels() -> None:
 
 
 def available_isas() -> list[str]:
-    best = int(torch.ops.sparsefast.cpu_best_isa())
-    return [ISA_NAMES[code] for code in range(1, best + 1)]
+    return [ISA_NAMES[code] for code in range(1, best_cpu_isa() + 1)]
 
 
 def random_24(out_features: int, in_features: int, gen: torch.Generator) -> torch.Tensor:
