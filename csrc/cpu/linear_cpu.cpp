@@ -43,22 +43,6 @@ inline float value_at(const void* values, int64_t i) {
   return static_cast<const float*>(values)[i];
 }
 
-// A row's sum of value x input times the row's scale: int8 values are q with W[row, :] = scales[row] * q[row, :]
-// (symmetric, per output row), so the scale multiplies the fp32 sum once instead of every value.
-inline float scaled(const float* scales, int64_t row, float sum) { return scales ? sum * scales[row] : sum; }
-
-// y[t0 + t, row] = sums[r][t] + bias[row] for the rows first_row + r < n (the last tile's padding rows are dropped).
-template <int RN, int TB>
-inline void store_rows(int64_t n, int64_t first_row, int64_t t0, const float (&sums)[RN][TB], const float* scales,
-                       const float* bias, float* y) {
-  for (int r = 0; r < RN; ++r) {
-    const int64_t row = first_row + r;
-    if (row >= n) break;
-    const float bv = bias ? bias[row] : 0.f;
-    for (int t = 0; t < TB; ++t) y[(t0 + t) * n + row] = scaled(scales, row, sums[r][t]) + bv;
-  }
-}
-
 // ================================================================ 2:4
 constexpr int64_t kTileValues = kTileRows * 16;  // stored values of one tile's 32-column block
 
@@ -129,12 +113,7 @@ SF_AVX512 void tile24_512(const Sparse24Weight& w, int64_t tile, int r0, const f
         acc[r][t] = _mm512_fmadd_ps(v, _mm512_permutex2var_ps(xlo[t], idx, xhi[t]), acc[r][t]);
     }
   }
-  float sums[RN][TB];
-#pragma GCC unroll 8
-  for (int r = 0; r < RN; ++r)
-#pragma GCC unroll 8
-    for (int t = 0; t < TB; ++t) sums[r][t] = _mm512_reduce_add_ps(acc[r][t]);
-  store_rows<RN, TB>(w.n, tile * kTileRows + r0, t0, sums, w.scales, bias, y);
+  store_reduced_rows<RN, TB>(acc, w.n, tile * kTileRows + r0, t0, w.scales, bias, y);
 }
 
 // Token pairs with all 8 rows of the tile in registers (16 accumulators + 4 x registers + the decode constants), then
@@ -289,12 +268,7 @@ SF_AVX512 void tile_u_512(const UnstructuredWeight& w, int64_t tile, int r0, con
       vi += __builtin_popcountll(static_cast<uint64_t>(words & after)) +
             __builtin_popcountll(static_cast<uint64_t>((words & after) >> 64));
   }
-  float sums[RN][TB];
-#pragma GCC unroll 8
-  for (int r = 0; r < RN; ++r)
-#pragma GCC unroll 8
-    for (int t = 0; t < TB; ++t) sums[r][t] = _mm512_reduce_add_ps(acc[r][t]);
-  store_rows<RN, TB>(w.n, tile * kTileRows + r0, t0, sums, w.scales, bias, y);
+  store_reduced_rows<RN, TB>(acc, w.n, tile * kTileRows + r0, t0, w.scales, bias, y);
 }
 
 // ---------------------------------------------------------------- unstructured int8 / bf16, AVX-512 VBMI/VBMI2
@@ -545,12 +519,7 @@ SF_AVX512 void rows_dense_512(const DenseWeight& w, int64_t row0, const float* x
         acc[r][t] = _mm512_fmadd_ps(v, _mm512_loadu_ps(xb + t * w.kp + 16 * full), acc[r][t]);
     }
   }
-  float sums[RN][TB];
-#pragma GCC unroll 8
-  for (int r = 0; r < RN; ++r)
-#pragma GCC unroll 8
-    for (int t = 0; t < TB; ++t) sums[r][t] = _mm512_reduce_add_ps(acc[r][t]);
-  store_rows<RN, TB>(w.n, row0, t0, sums, w.scales, bias, y);
+  store_reduced_rows<RN, TB>(acc, w.n, row0, t0, w.scales, bias, y);
 }
 
 // Whole tiles: 8 tokens at a time over row pairs (16 accumulators), then 8 rows x token pairs, then a single token;

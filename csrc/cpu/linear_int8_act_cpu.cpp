@@ -14,6 +14,7 @@
 // Each block's int32 sums are converted once and multiplied into fp32 accumulators by the token's block scale.
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #include "cpu/linear_cpu.h"
 #include "cpu/simd_cpu.h"
@@ -23,24 +24,21 @@ namespace {
 
 constexpr float kInt8Max = 127.f;
 
-// y[t0 + t, row] = sums[r][t] * ws[row] + bias[row] for rows first_row + r < n.
-template <int RN, int TB>
-inline void store_scaled_rows(int64_t n, int64_t first_row, int64_t t0, const float (&sums)[RN][TB], const float* ws,
-                              const float* bias, float* y) {
-  for (int r = 0; r < RN; ++r) {
-    const int64_t row = first_row + r;
-    if (row >= n) break;
-    const float bv = bias ? bias[row] : 0.f;
-    for (int t = 0; t < TB; ++t) y[(t0 + t) * n + row] = sums[r][t] * ws[row] + bv;
-  }
-}
-
 #ifdef SF_X86
-// The fp32 sums of the 4 rows of a register whose lane i belongs to row i / 4.
-SF_AVX512_VBMI inline void four_row_sums(__m512 acc, float* rows) {
-  alignas(64) float lanes[16];
-  _mm512_store_ps(lanes, acc);
-  for (int r = 0; r < 4; ++r) rows[r] = (lanes[4 * r] + lanes[4 * r + 1]) + (lanes[4 * r + 2] + lanes[4 * r + 3]);
+// y for the 8 rows of a tile from 2 registers of 4 rows per token (lane i of acc[g][t] belongs to row 4g + i / 4).
+template <int TB>
+SF_AVX512_VBMI void store_tile_rows(const __m512 (&acc)[2][TB], int64_t n, int64_t row0, int64_t t0, const float* ws,
+                                    const float* bias, float* y) {
+  float sums[kTileRows][TB];
+  for (int t = 0; t < TB; ++t) {
+    for (int g = 0; g < 2; ++g) {
+      alignas(64) float lanes[16];
+      _mm512_store_ps(lanes, acc[g][t]);
+      for (int r = 0; r < 4; ++r)
+        sums[4 * g + r][t] = (lanes[4 * r] + lanes[4 * r + 1]) + (lanes[4 * r + 2] + lanes[4 * r + 3]);
+    }
+  }
+  store_rows<kTileRows, TB>(n, row0, t0, sums, ws, bias, y);
 }
 
 // acc += (float) (dots - offset) * scale: one block's int32 sums into the fp32 accumulator.
@@ -105,14 +103,7 @@ SF_AVX512_VBMI void tile24_int8_act(const Sparse24Weight& w, int64_t tile, const
                               scale[t]);
     }
   }
-  float sums[kTileRows][TB];
-  for (int t = 0; t < TB; ++t) {
-    float rows[kTileRows];
-    four_row_sums(acc[0][t], rows);
-    four_row_sums(acc[1][t], rows + 4);
-    for (int r = 0; r < kTileRows; ++r) sums[r][t] = rows[r];
-  }
-  store_scaled_rows<kTileRows, TB>(w.n, tile * kTileRows, t0, sums, w.scales, bias, y);
+  store_tile_rows<TB>(acc, w.n, tile * kTileRows, t0, w.scales, bias, y);
 }
 
 // Tokens t0..t0+TB-1 of one unstructured tile: per 16-column chunk, 2 expands of 4 rows each; a block's two chunks
@@ -166,14 +157,7 @@ SF_AVX512_VBMI void tile_u_int8_act(const UnstructuredWeight& w, int64_t tile, c
       for (int g = 0; g < 2; ++g) acc[g][t] = add_block(acc[g][t], dots[g][t], offset[g], scale);
     }
   }
-  float sums[kTileRows][TB];
-  for (int t = 0; t < TB; ++t) {
-    float rows[kTileRows];
-    four_row_sums(acc[0][t], rows);
-    four_row_sums(acc[1][t], rows + 4);
-    for (int r = 0; r < kTileRows; ++r) sums[r][t] = rows[r];
-  }
-  store_scaled_rows<kTileRows, TB>(w.n, tile * kTileRows, t0, sums, w.scales, bias, y);
+  store_tile_rows<TB>(acc, w.n, tile * kTileRows, t0, w.scales, bias, y);
 }
 
 // Rows row0..row0+RN-1 (all < n) of a dense int8 weight for tokens t0..t0+TB-1, 64 columns (two blocks) per step, the
@@ -213,12 +197,7 @@ SF_AVX512_VBMI void rows_dense_int8_act(const DenseWeight& w, int64_t row0, cons
         acc[r][t] = add_block(acc[r][t], _mm512_dpbusd_epi32(zero, xv[t], wv), offset, scale[t]);
     }
   }
-  float sums[RN][TB];
-#pragma GCC unroll 8
-  for (int r = 0; r < RN; ++r)
-#pragma GCC unroll 8
-    for (int t = 0; t < TB; ++t) sums[r][t] = _mm512_reduce_add_ps(acc[r][t]);
-  store_scaled_rows<RN, TB>(w.n, row0, t0, sums, w.scales, bias, y);
+  store_reduced_rows<RN, TB>(acc, w.n, row0, t0, w.scales, bias, y);
 }
 // quantize_input_int8 (linear_cpu.h) 16 columns at a time: the same division, round half to even (vcvtps2dq in the
 // default rounding mode, as nearbyint) and clamp as the rule, so the bytes equal sparsefast.ops.int8_rows'.
@@ -260,28 +239,35 @@ void quantize_input_int8(const float* x, int64_t m, int64_t k, int64_t ldx, int6
 #endif
 }
 
-// Tokens 4 at a time, then a pair, then a single token; every tile's 8 rows in registers.
+namespace {
+// tile(block, tile index, first token) for every tile of [tile_begin, tile_end): tokens 4 at a time, then a pair, then
+// a single token (block: std::integral_constant of the token count), every tile's 8 rows in registers.
+template <typename Tile>
+void token_blocks(int64_t m, int64_t tile_begin, int64_t tile_end, Tile tile) {
+  for (int64_t i = tile_begin; i < tile_end; ++i) {
+    int64_t t = 0;
+    for (; t + 4 <= m; t += 4) tile(std::integral_constant<int, 4>{}, i, t);
+    for (; t + 2 <= m; t += 2) tile(std::integral_constant<int, 2>{}, i, t);
+    if (t < m) tile(std::integral_constant<int, 1>{}, i, t);
+  }
+}
+}  // namespace
+
 void sparse24_linear_tiles_int8_act(const Sparse24Weight& w, const uint8_t* q, const float* xs, int64_t kq, int64_t m,
                                     const float* bias, float* y, int64_t tile_begin, int64_t tile_end) {
 #ifdef SF_X86
-  for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
-    int64_t t = 0;
-    for (; t + 4 <= m; t += 4) tile24_int8_act<4>(w, tile, q, xs, kq, t, bias, y);
-    for (; t + 2 <= m; t += 2) tile24_int8_act<2>(w, tile, q, xs, kq, t, bias, y);
-    if (t < m) tile24_int8_act<1>(w, tile, q, xs, kq, t, bias, y);
-  }
+  token_blocks(m, tile_begin, tile_end, [&](auto tb, int64_t tile, int64_t t) {
+    tile24_int8_act<decltype(tb)::value>(w, tile, q, xs, kq, t, bias, y);
+  });
 #endif
 }
 
 void unstructured_linear_tiles_int8_act(const UnstructuredWeight& w, const uint8_t* q, const float* xs, int64_t kq,
                                         int64_t m, const float* bias, float* y, int64_t tile_begin, int64_t tile_end) {
 #ifdef SF_X86
-  for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
-    int64_t t = 0;
-    for (; t + 4 <= m; t += 4) tile_u_int8_act<4>(w, tile, q, xs, kq, t, bias, y);
-    for (; t + 2 <= m; t += 2) tile_u_int8_act<2>(w, tile, q, xs, kq, t, bias, y);
-    if (t < m) tile_u_int8_act<1>(w, tile, q, xs, kq, t, bias, y);
-  }
+  token_blocks(m, tile_begin, tile_end, [&](auto tb, int64_t tile, int64_t t) {
+    tile_u_int8_act<decltype(tb)::value>(w, tile, q, xs, kq, t, bias, y);
+  });
 #endif
 }
 

@@ -1,8 +1,8 @@
-// Small helpers shared by the torch-free CPU kernels (linear_cpu.cpp, attention_cpu.cpp): the per-function
-// instruction-set attributes (one binary carries every path and picks at run time), the exact bf16 -> fp32 widening
-// and the fp32 -> bf16 rounding (ops_cpu.cpp, the torch file, converts with c10::BFloat16, which rounds the same way),
-// the L2 prefetch of a weight stream, the loads of 16 (AVX-512) or 8 (AVX2) stored values as fp32, and the
-// horizontal sum of 8 lanes.
+// Small helpers shared by the torch-free CPU kernels (linear_cpu.cpp, linear_int8_act_cpu.cpp, attention_cpu.cpp): the
+// per-function instruction-set attributes (one binary carries every path and picks at run time), the exact bf16 -> fp32
+// widening and the fp32 -> bf16 rounding (ops_cpu.cpp, the torch file, converts with c10::BFloat16, which rounds the
+// same way), the scaled stores of a tile's row sums, the L2 prefetch of a weight stream, the loads of 16 (AVX-512) or
+// 8 (AVX2) stored values as fp32, and the horizontal sum of 8 lanes.
 #pragma once
 
 #include <cstdint>
@@ -38,6 +38,22 @@ inline uint16_t f32_to_bf16(float f) {
   return static_cast<uint16_t>(u >> 16);
 }
 
+// A row's sum of value x input times the row's scale: int8 values are q with W[row, :] = scales[row] * q[row, :]
+// (symmetric, per output row), so the scale multiplies the fp32 sum once instead of every value.
+inline float scaled(const float* scales, int64_t row, float sum) { return scales ? sum * scales[row] : sum; }
+
+// y[t0 + t, row] = sums[r][t] + bias[row] for the rows first_row + r < n (the last tile's padding rows are dropped).
+template <int RN, int TB>
+inline void store_rows(int64_t n, int64_t first_row, int64_t t0, const float (&sums)[RN][TB], const float* scales,
+                       const float* bias, float* y) {
+  for (int r = 0; r < RN; ++r) {
+    const int64_t row = first_row + r;
+    if (row >= n) break;
+    const float bv = bias ? bias[row] : 0.f;
+    for (int t = 0; t < TB; ++t) y[(t0 + t) * n + row] = scaled(scales, row, sums[r][t]) + bv;
+  }
+}
+
 #ifdef SF_X86
 // Software prefetch into L2 of the cache line `offset` bytes after `base`, issued a fixed distance ahead of the
 // stream being read. The hardware prefetcher alone left the weight streams at 15-25 GB/s where a plain read of the
@@ -45,6 +61,18 @@ inline uint16_t f32_to_bf16(float f) {
 // The address is computed as an integer: it may lie past the end of the array (a prefetch never faults).
 inline void prefetch_l2(const void* base, int64_t offset) {
   _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(base) + offset), _MM_HINT_T1);
+}
+
+// store_rows of the horizontal sums of RN x TB 16-lane accumulators (row r, token t).
+template <int RN, int TB>
+SF_AVX512 inline void store_reduced_rows(const __m512 (&acc)[RN][TB], int64_t n, int64_t first_row, int64_t t0,
+                                         const float* scales, const float* bias, float* y) {
+  float sums[RN][TB];
+#pragma GCC unroll 8
+  for (int r = 0; r < RN; ++r)
+#pragma GCC unroll 8
+    for (int t = 0; t < TB; ++t) sums[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+  store_rows<RN, TB>(n, first_row, t0, sums, scales, bias, y);
 }
 
 // values[i .. i+16) of value type VT (fp32, bf16 or int8) as 16 fp32 lanes
