@@ -100,14 +100,13 @@ def _register_cpu_fakes() -> None:
     import torch
 
     torch.library.register_fake("sparsefast::sparse24_linear_cpu")(
-        lambda x, values, meta, bias, out_features, in_features, isa, scales=None, int8_activations=False:
+        lambda x, values, meta, bias, out_features, in_features, isa, scales, int8_activations:
         x.new_empty((*x.shape[:-1], out_features)))
     torch.library.register_fake("sparsefast::sparse_unstructured_linear_cpu")(
-        lambda x, values, mask, tile_offsets, bias, out_features, in_features, isa, scales=None,
-        int8_activations=False: x.new_empty((*x.shape[:-1], out_features)))
+        lambda x, values, mask, tile_offsets, bias, out_features, in_features, isa, scales, int8_activations:
+        x.new_empty((*x.shape[:-1], out_features)))
     torch.library.register_fake("sparsefast::dense_linear_cpu")(
-        lambda x, weight, bias, isa, scales=None, int8_activations=False:
-        x.new_empty((*x.shape[:-1], weight.shape[0])))
+        lambda x, weight, bias, isa, scales, int8_activations: x.new_empty((*x.shape[:-1], weight.shape[0])))
     torch.library.register_fake("sparsefast::decode_attention_cpu")(
         lambda q, keys, values, slots, positions, scale, isa: q.new_empty(q.shape))
 

@@ -205,10 +205,10 @@ class SparsefastLinearMethod(LinearMethodBase):
         out_features, in_features = layer.sparsefast_shape
         if self.layout == "2:4":
             return torch.ops.sparsefast.sparse24_linear_cpu(x, layer.values, layer.meta, bias, out_features,
-                                                            in_features, layer.sparsefast_isa)
+                                                            in_features, layer.sparsefast_isa, None, False)
         return torch.ops.sparsefast.sparse_unstructured_linear_cpu(x, layer.values, layer.mask, layer.tile_offsets,
                                                                    bias, out_features, in_features,
-                                                                   layer.sparsefast_isa)
+                                                                   layer.sparsefast_isa, None, False)
 
 
 def _keep(layer: torch.nn.Module, name: str, param: Parameter, loaded_weight: torch.Tensor,

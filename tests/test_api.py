@@ -207,7 +207,7 @@ def test_top_level_load_reads_every_checkpoint_kind(tmp_path, story_llama_dir):
 
     params = inspect.signature(sparsefast.load).parameters
     assert [p.kind for p in params.values()] == [inspect.Parameter.POSITIONAL_OR_KEYWORD] + [
-        inspect.Parameter.KEYWORD_ONLY] * 3 and list(params)[1:] == ["device", "dtype", "sparse"]
+        inspect.Parameter.KEYWORD_ONLY] * 4 and list(params)[1:] == ["device", "dtype", "sparse", "int8_activations"]
     dense, tok = sparsefast.load(story_llama_dir)
     assert not dense.training and next(dense.parameters()).device.type == "cpu"
     prompt = tok("Once upon a time", return_tensors="pt")["input_ids"]

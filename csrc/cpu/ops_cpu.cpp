@@ -286,13 +286,14 @@ TORCH_LIBRARY_FRAGMENT(sparsefast, m) {
   // x [..., in_features] float32 | bfloat16 -> y [..., out_features] in x's dtype; values/weight float32, bfloat16
   // or int8 with scales (float32 [out_features], W[row] = scales[row] * values[row]); int8_activations (int8 values
   // only, instruction set avx512vbmi): x quantized to int8 per token and 32-column block, integer dot products
-  // (linear_cpu.h)
+  // (linear_cpu.h). No argument has a default: inductor's C++ wrapper drops a defaulted bool from the calls it
+  // generates (torch 2.13), and sparsefast/serve/compiled.py relies on every call passing every argument.
   m.def("sparse24_linear_cpu(Tensor x, Tensor values, Tensor meta, Tensor? bias, int out_features, "
-        "int in_features, int isa, Tensor? scales=None, bool int8_activations=False) -> Tensor");
+        "int in_features, int isa, Tensor? scales, bool int8_activations) -> Tensor");
   m.def("sparse_unstructured_linear_cpu(Tensor x, Tensor values, Tensor mask, Tensor tile_offsets, Tensor? bias, "
-        "int out_features, int in_features, int isa, Tensor? scales=None, bool int8_activations=False) -> Tensor");
-  m.def("dense_linear_cpu(Tensor x, Tensor weight, Tensor? bias, int isa, Tensor? scales=None, "
-        "bool int8_activations=False) -> Tensor");
+        "int out_features, int in_features, int isa, Tensor? scales, bool int8_activations) -> Tensor");
+  m.def("dense_linear_cpu(Tensor x, Tensor weight, Tensor? bias, int isa, Tensor? scales, bool int8_activations) "
+        "-> Tensor");
   // q [B, heads, head_dim] -> out [B, heads, head_dim] (q's dtype); keys, values: a KV cache [rows, kv_heads,
   // max_len, head_dim] read in place at rows `slots`, positions 0..positions[b]
   m.def("decode_attention_cpu(Tensor q, Tensor keys, Tensor values, Tensor slots, Tensor positions, float scale, "

@@ -117,7 +117,7 @@ class Sparse24Linear(nn.Module):
             return y if self.bias is None else y + self.bias.to(y.dtype)
         if backend == "cpu":  # the registered op: the packed tensors were checked when packed, the case by dispatch
             return torch.ops.sparsefast.sparse24_linear_cpu(x, *self._cpu_layout(), self.bias, self.out_features,
-                                                            self.in_features, cpu_isa())
+                                                            self.in_features, cpu_isa(), None, False)
         if backend == "semi_structured":
             x2 = x.reshape(-1, self.in_features)
             y = F.linear(x2, self._semi_structured_weight(), self.bias)

@@ -95,7 +95,7 @@ def dense_route(x: torch.Tensor, weight: torch.Tensor) -> DenseCall:
                          "scales=...) (sparsefast.nn.dense_linear.DenseCpuLinear runs int8 layers)")
     if dense_kernel_takes(x, weight):
         op, isa = torch.ops.sparsefast.dense_linear_cpu.default, cpu_isa()
-        return lambda x, weight, bias: op(x, weight, bias, isa)
+        return lambda x, weight, bias: op(x, weight, bias, isa, None, False)
     return dense_linear_cpu_ref
 
 

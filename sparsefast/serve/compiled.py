@@ -29,7 +29,13 @@ through `torch.compile` with inductor: C++/OpenMP kernels on CPU, the whole step
   (72% of an 8 x 128-token fp32 SmolLM2 prefill is matmul; compiled with dynamic shapes it ran 1.05-1.17x faster for
   94 s more cold compile: bench/results/2026-12-07-cpu-prefill-profile-compile.txt).
 * The compiled kernels are cached on disk by inductor's FX graph cache (`inductor_cache_dir()`: TORCHINDUCTOR_CACHE_DIR,
-  else inductor's default under the temp directory), so a second load of the same model compiles in seconds.
+  else inductor's default under the temp directory), so a second load of the same model compiles in seconds. That
+  key is the graph, which names our ops but not their schemas: after an upgrade that changed a schema, a graph of the
+  same calls would load an artifact whose C++ wrapper calls the op with the old argument list (it happened when the
+  linear ops gained `int8_activations`: "aoti_torch_call_dispatcher ... failed"). So the compile runs with
+  torch.compiler.config.cache_key_tag extended by a hash of every registered sparsefast schema (`ops_cache_tag`).
+  The ops' arguments have no defaults either: inductor's C++ wrapper drops a defaulted bool from the calls it
+  generates (torch 2.13).
 
 Greedy output equals the eager step's token for token on the test models (tests/serve/test_compiled.py). What the
 compiled step is worth is measured by `sparsefast bench decode` (bench/RESULTS.md, "Decode side by side"): on a 2-core
@@ -76,6 +82,19 @@ def inductor_cache_dir() -> str:
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     return os.path.abspath(cache_dir())
+
+
+def ops_cache_tag() -> str:
+    """torch.compiler's cache_key_tag ($TORCH_COMPILE_CACHE_KEY_TAG, if any) + a hash of the schemas of every
+    registered sparsefast op: compiled steps are cached per version of our ops' signatures."""
+    import hashlib
+
+    import torch
+    import torch.compiler.config
+
+    schemas = sorted(str(s) for s in torch._C._jit_get_all_schemas() if s.name.startswith("sparsefast::"))
+    digest = hashlib.sha256("\n".join(schemas).encode()).hexdigest()[:16]
+    return "+".join(t for t in (torch.compiler.config.cache_key_tag, f"sparsefast-ops-{digest}") if t)
 
 
 def check_compile_mode(mode: str) -> str:
@@ -179,10 +198,11 @@ class CompiledRunner:
         so every sparse linear has decided its route for this M (tracing then reads it). The steps write only to the
         spare row, or to slot 0 at position 0 when there is no spare row (max_batch 1: no request holds it yet)."""
         import torch
+        import torch.compiler.config
 
         seconds: dict[int, float] = {}
         spare = self.spare_slot if self.spare_slot is not None else 0
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.compiler.config.patch(cache_key_tag=ops_cache_tag()):
             for size in self.buckets:
                 inputs = self.step_inputs([spare] * size, [0] * size, [1] * size)
                 self.runner.decode_static(*inputs)

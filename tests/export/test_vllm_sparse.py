@@ -117,7 +117,7 @@ def test_tensor_parallel_rule_matches_the_unsharded_layer(layout):
     def kernel(w, x):
         op = (torch.ops.sparsefast.sparse24_linear_cpu if layout == "2:4"
               else torch.ops.sparsefast.sparse_unstructured_linear_cpu)
-        return op(x, *pack(w, layout), None, w.shape[0], w.shape[1], 0)
+        return op(x, *pack(w, layout), None, w.shape[0], w.shape[1], 0, None, False)
 
     x = torch.randn(3, 128, generator=gen)
     q, k, v = weight(64, 128), weight(16, 128), weight(16, 128)

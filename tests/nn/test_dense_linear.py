@@ -91,7 +91,7 @@ def test_an_int8_layer_runs_its_q_for_few_tokens_and_the_float_weight_above(dtyp
     with torch.no_grad():
         for m in (1, 5, DENSE_KERNEL_MAX_TOKENS):
             x = torch.randn(m, 48, generator=gen).to(dtype)
-            want = torch.ops.sparsefast.dense_linear_cpu(x, q, linear.bias, 0, scales)
+            want = torch.ops.sparsefast.dense_linear_cpu(x, q, linear.bias, 0, scales, False)
             assert torch.equal(layer(x), want), m
             assert [t.dtype for t in layer.tensors_read(x)][:2] == [torch.int8, torch.float32]
         x = torch.randn(DENSE_KERNEL_MAX_TOKENS + 1, 48, generator=gen).to(dtype)

@@ -130,7 +130,7 @@ def test_an_int8_layer_is_timed_and_run_against_the_int8_dense_route(monkeypatch
     layer = SparseLinear.from_dense(lin, "2:4", dispatch=DispatchTable(((2**62, "dense"),)), keep_dense=True)
     assert torch.equal(layer.dense_q, q) and "dense_q" not in layer.state_dict()
     x = torch.randn(1, 48)
-    assert torch.equal(layer(x), torch.ops.sparsefast.dense_linear_cpu(x, q, layer.bias, 0, scales))
+    assert torch.equal(layer(x), torch.ops.sparsefast.dense_linear_cpu(x, q, layer.bias, 0, scales, False))
     assert layer.tensors_read(x)[:2] == [layer.dense_q, layer.scales]
     x = torch.randn(9, 48)  # above the dense kernel's token limit: F.linear on the float weight
     assert torch.equal(layer(x), F.linear(x, lin.weight, layer.bias))

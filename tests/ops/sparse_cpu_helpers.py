@@ -121,10 +121,9 @@ def assert_same_from_threads(call: Callable[[torch.Tensor], torch.Tensor], xs: l
 
 def opcheck_linear_op(op, packed: tuple[torch.Tensor, ...], out_features: int, in_features: int,
                       gen: torch.Generator, scales: torch.Tensor | None = None) -> None:
-    """torch.library.opcheck of a CPU linear op (x, *packed, bias, out, in, isa[, scales]) on fp32 [2, 3, in] and
+    """torch.library.opcheck of a CPU linear op (x, *packed, bias, out, in, isa, scales, False) on fp32 [2, 3, in] and
     bf16 [1, in] inputs: schema, fake (shape) function and dispatcher registration agree with the kernel, so
     FakeTensor tracing and torch.compile see through the op."""
-    extra = () if scales is None else (scales,)
     for x in (torch.randn(2, 3, in_features, generator=gen), torch.randn(1, in_features, generator=gen).bfloat16()):
         bias = torch.randn(out_features, generator=gen)
-        torch.library.opcheck(op, (x, *packed, bias, out_features, in_features, 0, *extra))
+        torch.library.opcheck(op, (x, *packed, bias, out_features, in_features, 0, scales, False))

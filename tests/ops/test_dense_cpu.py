@@ -67,10 +67,10 @@ def test_op_passes_opcheck():
     for w, x in ((torch.randn(24, 48, generator=gen), torch.randn(2, 3, 48, generator=gen)),
                  (torch.randn(24, 48, generator=gen).bfloat16(), torch.randn(1, 48, generator=gen).bfloat16())):
         torch.library.opcheck(torch.ops.sparsefast.dense_linear_cpu.default,
-                              (x, w, torch.randn(24, generator=gen), 0))
+                              (x, w, torch.randn(24, generator=gen), 0, None, False))
     q, scales = quantize_int8_rows(torch.randn(24, 48, generator=gen))
     torch.library.opcheck(torch.ops.sparsefast.dense_linear_cpu.default,
-                          (torch.randn(2, 48, generator=gen), q, None, 0, scales))
+                          (torch.randn(2, 48, generator=gen), q, None, 0, scales, False))
 
 
 def test_bad_inputs_are_refused_with_the_shape_named():
@@ -78,7 +78,7 @@ def test_bad_inputs_are_refused_with_the_shape_named():
     with pytest.raises(ValueError, match=r"x \[\.\.\., 5\] does not match weight \(3, 4\)"):
         dense_linear_cpu(torch.randn(2, 5), torch.randn(3, 4))
     with pytest.raises(ValueError, match="unit column stride"):
-        torch.ops.sparsefast.dense_linear_cpu(torch.randn(2, 4), torch.randn(4, 3).t(), None, 0)
+        torch.ops.sparsefast.dense_linear_cpu(torch.randn(2, 4), torch.randn(4, 3).t(), None, 0, None, False)
     with pytest.raises(ValueError, match="CPU kernel does not support"):
         dense_linear_cpu(torch.randn(2, 4).half(), torch.randn(3, 4).half(), backend="cpu")
     assert dense_linear_cpu(torch.randn(2, 4).half(), torch.randn(3, 4).half()).dtype == torch.float16  # torch twin
@@ -93,7 +93,7 @@ def test_linear_cpu_runs_the_kernel_only_up_to_the_token_limit():
     w = torch.randn(24, 40, generator=gen)
     for shape, kernel in (((1, 40), True), ((2, 4, 40), True), ((DENSE_KERNEL_MAX_TOKENS + 1, 40), False)):
         x = torch.randn(*shape, generator=gen)
-        by_kernel, by_torch = torch.ops.sparsefast.dense_linear_cpu(x, w, None, 0), F.linear(x, w)
+        by_kernel, by_torch = torch.ops.sparsefast.dense_linear_cpu(x, w, None, 0, None, False), F.linear(x, w)
         assert not torch.equal(by_kernel, by_torch)
         assert dense_kernel_takes(x, w) == kernel
         assert torch.equal(linear_cpu(x, w), by_kernel if kernel else by_torch), shape

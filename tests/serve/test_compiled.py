@@ -174,3 +174,18 @@ def test_compiled_equals_eager_bf16(story_llama_dir):
     eager, _ = served(model, tok, "off", max_batch=2, prompts=PROMPTS[:3], max_tokens=MAX_TOKENS[:3])
     compiled, engine = served(model, tok, "on", max_batch=2, prompts=PROMPTS[:3], max_tokens=MAX_TOKENS[:3])
     assert compiled == eager and engine.runner.graphs == 2
+
+
+def test_the_cache_key_tag_names_our_op_schemas():
+    """Compiled steps are cached per version of the sparsefast op schemas (an artifact compiled for another argument
+    list would call the op wrongly), next to any tag the user set."""
+    import torch.compiler.config
+
+    from sparsefast._ext import load_cpu_extension
+    from sparsefast.serve.compiled import ops_cache_tag
+
+    load_cpu_extension()
+    tag = ops_cache_tag()
+    assert tag.startswith("sparsefast-ops-") and len(tag) == len("sparsefast-ops-") + 16
+    with torch.compiler.config.patch(cache_key_tag="mine"):
+        assert ops_cache_tag() == "mine+" + tag
