@@ -32,8 +32,10 @@ through `torch.compile` with inductor: C++/OpenMP kernels on CPU, the whole step
   else inductor's default under the temp directory), so a second load of the same model compiles in seconds. That
   key is the graph, which names our ops but not their schemas: after an upgrade that changed a schema, a graph of the
   same calls would load an artifact whose C++ wrapper calls the op with the old argument list (it happened when the
-  linear ops gained `int8_activations`: "aoti_torch_call_dispatcher ... failed"). So the compile runs with
-  torch.compiler.config.cache_key_tag extended by a hash of every registered sparsefast schema (`ops_cache_tag`).
+  linear ops gained `int8_activations`: "aoti_torch_call_dispatcher ... failed"). So a CompiledRunner extends
+  torch.compiler.config.cache_key_tag, process-wide and before its first compile, by a hash of every registered
+  sparsefast schema (`ops_cache_tag`); process-wide because dynamo guards on that setting: a tag set only around the
+  compile made every later call recompile.
   The ops' arguments have no defaults either: inductor's C++ wrapper drops a defaulted bool from the calls it
   generates (torch 2.13).
 
@@ -86,15 +88,17 @@ def inductor_cache_dir() -> str:
 
 def ops_cache_tag() -> str:
     """torch.compiler's cache_key_tag ($TORCH_COMPILE_CACHE_KEY_TAG, if any) + a hash of the schemas of every
-    registered sparsefast op: compiled steps are cached per version of our ops' signatures."""
+    registered sparsefast op (once: a tag that has it is returned as it is): compiled steps are cached per version of
+    our ops' signatures."""
     import hashlib
 
     import torch
     import torch.compiler.config
 
     schemas = sorted(str(s) for s in torch._C._jit_get_all_schemas() if s.name.startswith("sparsefast::"))
-    digest = hashlib.sha256("\n".join(schemas).encode()).hexdigest()[:16]
-    return "+".join(t for t in (torch.compiler.config.cache_key_tag, f"sparsefast-ops-{digest}") if t)
+    ours = "sparsefast-ops-" + hashlib.sha256("\n".join(schemas).encode()).hexdigest()[:16]
+    tag = torch.compiler.config.cache_key_tag
+    return tag if ours in tag.split("+") else "+".join(t for t in (tag, ours) if t)
 
 
 def check_compile_mode(mode: str) -> str:
@@ -123,7 +127,9 @@ class CompiledRunner:
         self.graphs = 0
         self.cache_dir = inductor_cache_dir()
         import torch
+        import torch.compiler.config
 
+        torch.compiler.config.cache_key_tag = ops_cache_tag()  # process-wide (module docstring: why)
         # No guards on the model's modules: the model is fixed once the engine holds it (its linears' routes for
         # each bucket are decided before capture), and checking their attributes before every step cost ~1 ms of a
         # 15 ms bf16 SmolLM2 step on a 2-core Xeon (ad-hoc, 4 x 64 tokens each way). The inputs' shapes are still
@@ -198,11 +204,10 @@ class CompiledRunner:
         so every sparse linear has decided its route for this M (tracing then reads it). The steps write only to the
         spare row, or to slot 0 at position 0 when there is no spare row (max_batch 1: no request holds it yet)."""
         import torch
-        import torch.compiler.config
 
         seconds: dict[int, float] = {}
         spare = self.spare_slot if self.spare_slot is not None else 0
-        with torch.inference_mode(), torch.compiler.config.patch(cache_key_tag=ops_cache_tag()):
+        with torch.inference_mode():
             for size in self.buckets:
                 inputs = self.step_inputs([spare] * size, [0] * size, [1] * size)
                 self.runner.decode_static(*inputs)

@@ -185,7 +185,10 @@ def test_the_cache_key_tag_names_our_op_schemas():
     from sparsefast.serve.compiled import ops_cache_tag
 
     load_cpu_extension()
-    tag = ops_cache_tag()
+    with torch.compiler.config.patch(cache_key_tag=""):
+        tag = ops_cache_tag()
     assert tag.startswith("sparsefast-ops-") and len(tag) == len("sparsefast-ops-") + 16
     with torch.compiler.config.patch(cache_key_tag="mine"):
+        assert ops_cache_tag() == "mine+" + tag
+    with torch.compiler.config.patch(cache_key_tag="mine+" + tag):  # once
         assert ops_cache_tag() == "mine+" + tag
