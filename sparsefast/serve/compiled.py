@@ -33,9 +33,8 @@ through `torch.compile` with inductor: C++/OpenMP kernels on CPU, the whole step
   key is the graph, which names our ops but not their schemas: after an upgrade that changed a schema, a graph of the
   same calls would load an artifact whose C++ wrapper calls the op with the old argument list (it happened when the
   linear ops gained `int8_activations`: "aoti_torch_call_dispatcher ... failed"). So a CompiledRunner extends
-  torch.compiler.config.cache_key_tag, process-wide and before its first compile, by a hash of every registered
-  sparsefast schema (`ops_cache_tag`); process-wide because dynamo guards on that setting: a tag set only around the
-  compile made every later call recompile.
+  torch.compiler.config.cache_key_tag, process-wide (every compile and cache lookup of the step sees one tag) and
+  before its first compile, by a hash of every registered sparsefast schema (`ops_cache_tag`).
   The ops' arguments have no defaults either: inductor's C++ wrapper drops a defaulted bool from the calls it
   generates (torch 2.13).
 
