@@ -64,6 +64,12 @@ def quantize_int8_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return q.view(tokens, -1)[:, :cols], scales.view(tokens, blocks)
 
 
+def dequantize_int8_activations(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """float32 [M, in]: each q times its block's scale (`quantize_int8_activations`' output back as the values the
+    kernels multiply)."""
+    return q.float() * scales.repeat_interleave(ACTIVATION_BLOCK, dim=1)[:, :q.shape[1]]
+
+
 def int8_activation_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
                            bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x Wᵀ (+ bias) with W = scales · q and x quantized by `quantize_int8_activations` (dynamic W8A8), in x's
@@ -73,10 +79,7 @@ def int8_activation_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tenso
     cols = q.shape[1]
     if x.shape[-1] != cols:
         raise ValueError(f"int8 activations: x has {x.shape[-1]} features, the weight {cols}")
-    xq, xs = quantize_int8_activations(x.reshape(-1, cols))
-    blocks = xs.shape[1]
-    xq = F.pad(xq.float(), (0, blocks * ACTIVATION_BLOCK - cols)).view(-1, blocks, ACTIVATION_BLOCK)
-    xd = (xq * xs[..., None]).view(-1, blocks * ACTIVATION_BLOCK)[:, :cols]
+    xd = dequantize_int8_activations(*quantize_int8_activations(x.reshape(-1, cols)))
     y = F.linear(xd, dequantize_int8_rows(q, scales), None if bias is None else bias.float())
     return y.reshape(*x.shape[:-1], q.shape[0]).to(x.dtype)
 

@@ -10,7 +10,12 @@ import pytest
 import torch
 
 from sparsefast.ops.dense_cpu import dense_linear_cpu
-from sparsefast.ops.int8_rows import int8_activation_linear, quantize_int8_activations, quantize_int8_rows
+from sparsefast.ops.int8_rows import (
+    dequantize_int8_activations,
+    int8_activation_linear,
+    quantize_int8_activations,
+    quantize_int8_rows,
+)
 from sparsefast.ops.sparse24_cpu import int8_activation_kernels, pack_sparse24_cpu, sparse24_linear_cpu
 from sparsefast.ops.sparse_unstructured import pack_sparse_unstructured, sparse_unstructured_linear_cpu
 from tests.ops.sparse_cpu_helpers import (
@@ -57,9 +62,8 @@ def require_int8_activation_kernels() -> None:
 
 
 def _dequantized_activations(x: torch.Tensor) -> torch.Tensor:
-    """x [M, in] as the kernels see it: quantize_int8_activations' q times its block scales, fp32."""
-    q, xs = quantize_int8_activations(x)
-    return q.float() * xs.repeat_interleave(32, dim=1)[:, :x.shape[1]]
+    """x [M, in] as the kernels see it."""
+    return dequantize_int8_activations(*quantize_int8_activations(x))
 
 
 def test_quantizer_is_the_row_rule_per_32_column_block():
